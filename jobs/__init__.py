@@ -1,0 +1,1 @@
+"""Thin entry points (`python -m jobs.<name>`): argument parsing, no logic."""

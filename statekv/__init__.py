@@ -1,0 +1,29 @@
+"""statekv: linear-time streaming prefill of long videos into reusable KV caches, and answering from them.
+
+    engine = statekv.Engine.from_pretrained(path, policy=statekv.policies.StateKV(capacity=4096))
+    cache = engine.prefill("video.mp4")
+    answer = engine.ask(cache, "What happens after the dog enters?")
+"""
+
+from statekv import policies
+from statekv.cache import ChunkKV, VideoKVCache
+from statekv.engine import Answer, Engine, TokenEvent
+from statekv.errors import (
+    EmptyVideoError,
+    ModelMismatchError,
+    StateKVError,
+    UnsupportedModelError,
+    VideoDecodeError,
+    VideoError,
+    VideoNotFoundError,
+)
+from statekv.policies import Full, StateKV, Window
+from statekv.video import SamplingConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Answer", "ChunkKV", "EmptyVideoError", "Engine", "Full", "ModelMismatchError", "SamplingConfig", "StateKV",
+    "StateKVError", "TokenEvent", "UnsupportedModelError", "VideoDecodeError", "VideoError", "VideoKVCache",
+    "VideoNotFoundError", "Window", "policies", "__version__",
+]

@@ -1,0 +1,50 @@
+"""Exceptions raised by statekv: each names the input at fault and the reason, so a caller can act on it."""
+
+from __future__ import annotations
+
+
+class StateKVError(Exception):
+    """Base class of every error statekv raises on purpose."""
+
+
+class VideoError(StateKVError, ValueError):
+    """A video could not be used; `source` names it, `reason` says why."""
+
+    def __init__(self, source: object, reason: str) -> None:
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"video {self.source!r}: {reason}")
+
+
+class VideoNotFoundError(VideoError, FileNotFoundError):
+    """The video does not exist at the given path or URL."""
+
+
+class VideoDecodeError(VideoError):
+    """The bytes are not a decodable video (corrupt, truncated, not a video, unsupported codec)."""
+
+
+class EmptyVideoError(VideoError):
+    """The video decodes but has no frames."""
+
+
+class UnsupportedModelError(StateKVError, ValueError):
+    """No adapter handles this checkpoint's model type."""
+
+    def __init__(self, model: object, model_type: str | None, supported: list[str]) -> None:
+        self.model = str(model)
+        self.model_type = model_type
+        self.supported = supported
+        super().__init__(
+            f"model {self.model!r}: model_type {model_type!r} is not supported; "
+            f"supported model types: {', '.join(supported)}"
+        )
+
+
+class ModelMismatchError(StateKVError, ValueError):
+    """A cache was made by a different model (or policy) than the one asked to use it."""
+
+    def __init__(self, what: str, cache_side: str, engine_side: str) -> None:
+        self.cache_side = cache_side
+        self.engine_side = engine_side
+        super().__init__(f"{what} mismatch: the cache was made with {cache_side}, this engine has {engine_side}")

@@ -1,0 +1,146 @@
+"""Chunk-prefill attention that can also return the attention mass each key receives.
+
+Boundary: tensors in, tensors out. The torch reference and the SDPA fast path live here; the Triton kernels live in
+`triton_attention.py` and are imported only when that backend is chosen, so this module works without triton.
+
+Masking rule (one rule for text prefix, video chunks and decoding): query i sits at absolute key position
+kv - q + i and sees key j iff j <= kv - q + i. Keys before the last q (prefix | carried state) are open to every
+query; the last q keys (the chunk itself) are causal.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_attention_shapes(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[int, int, int, int, int, int]:
+    """Validate query [B, H, q, D], key/value [B, Hkv, kv, D]; return (B, H, Hkv, q, kv, D)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, len, head_dim], got shape {tuple(t.shape)}")
+    if key.shape != value.shape:
+        raise ValueError(f"key and value shapes differ: {tuple(key.shape)} vs {tuple(value.shape)}")
+    B, H, q_len, D = query.shape
+    Bk, Hkv, kv_len, Dk = key.shape
+    if Bk != B:
+        raise ValueError(f"batch sizes differ: query {B}, key/value {Bk}")
+    if Dk != D:
+        raise ValueError(f"head_dim differs: query {D}, key/value {Dk}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    if q_len < 1:
+        raise ValueError(f"query length must be >= 1, got {q_len}")
+    if kv_len < q_len:
+        raise ValueError(f"key length ({kv_len}) must be >= query length ({q_len}): the chunk's own keys come last")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"dtypes differ: query {query.dtype}, key {key.dtype}, value {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"devices differ: query {query.device}, key {key.device}, value {value.device}")
+    return B, H, Hkv, q_len, kv_len, D
+
+
+def visible_mask(q_start: int, q_end: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean mask [q_end - q_start, kv], True where query row i (of q_len) may see key j."""
+    rows = torch.arange(q_start, q_end, device=device)
+    cols = torch.arange(kv_len, device=device)
+    return cols[None, :] <= (kv_len - q_len + rows)[:, None]
+
+
+def attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scaling: float,
+    key_scores: bool = False,
+    block_q: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float32 attention by query blocks; never holds more than one block's [B, H, block_q, kv] scores."""
+    B, H, Hkv, q_len, kv_len, D = check_attention_shapes(query, key, value)
+    if block_q < 1:
+        raise ValueError(f"block_q must be >= 1, got {block_q}")
+    G = H // Hkv
+    q5 = query.unflatten(1, (Hkv, G))  # (B, Hkv, G, q, D): head h uses KV head h // G
+    k = key.float()  # (B, Hkv, kv, D)
+    v = value.float()  # (B, Hkv, kv, D)
+    out = torch.empty(B, q_len, H, D, dtype=query.dtype, device=query.device)
+    scores = torch.zeros(B, Hkv, kv_len, dtype=torch.float32, device=query.device) if key_scores else None
+    for start in range(0, q_len, block_q):
+        end = min(start + block_q, q_len)
+        n = end - start
+        # Fold the group's heads into rows so K is shared, not repeated.
+        qb = q5[:, :, :, start:end].float().reshape(B, Hkv, G * n, D)  # (B, Hkv, G*n, D)
+        s = torch.matmul(qb, k.transpose(-1, -2)).mul_(scaling)  # (B, Hkv, G*n, kv)
+        mask = visible_mask(start, end, q_len, kv_len, query.device)  # (n, kv)
+        s.view(B, Hkv, G, n, kv_len).masked_fill_(~mask, float("-inf"))
+        p = torch.softmax(s, dim=-1)  # (B, Hkv, G*n, kv)
+        o = torch.matmul(p, v)  # (B, Hkv, G*n, D)
+        out[:, start:end] = o.view(B, Hkv, G, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, H, D).to(query.dtype)
+        if scores is not None:
+            scores += p.sum(dim=2)  # (B, Hkv, kv)
+    return out, scores
+
+
+def attention_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling: float) -> torch.Tensor:
+    """Output [B, q, H, D] from torch SDPA with the bottom-right-aligned mask (no key scores)."""
+    B, H, Hkv, q_len, kv_len, D = check_attention_shapes(query, key, value)
+    if q_len == 1:
+        mask, causal = None, False  # one query sees every key
+    elif q_len == kv_len:
+        mask, causal = None, True  # top-left == bottom-right alignment only when q == kv
+    else:
+        mask, causal = visible_mask(0, q_len, q_len, kv_len, query.device), False  # (q, kv)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=H != Hkv
+    )  # (B, H, q, D)
+    return out.transpose(1, 2).contiguous()
+
+
+def triton_interpret_requested() -> bool:
+    """True when TRITON_INTERPRET asks triton to run kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def _triton_available() -> bool:
+    """True when triton imports."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scaling: float,
+    key_scores: bool = False,
+    block_q: int = 128,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return (out [B, q, H, D], key scores [B, Hkv, kv] float32 or None); see the module docstring for the mask."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    check_attention_shapes(query, key, value)
+    if backend == "auto":
+        backend = "triton" if query.is_cuda and _triton_available() else "torch"
+    if backend == "triton":
+        if not query.is_cuda and not triton_interpret_requested():
+            raise ValueError("backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
+        from statekv.ops.triton_attention import attention_triton
+
+        return attention_triton(query, key, value, scaling=scaling, key_scores=key_scores)
+    if key_scores:
+        return attention_reference(query, key, value, scaling=scaling, key_scores=True, block_q=block_q)
+    return attention_sdpa(query, key, value, scaling=scaling), None

@@ -1,0 +1,150 @@
+"""Carried-state policies: which earlier keys a new chunk attends to during streaming prefill.
+
+A policy is a small object that knows nothing of the model (StreamingLLM's `kv_cache.py` is the model): per layer
+it takes the carried state and the chunk just prefilled, and returns the next state. Every approximate policy has a
+setting where it carries everything and so equals `Full()` exactly (capacity >= all video tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class LayerState:
+    """One layer's carried keys and values, per KV head, in temporal order."""
+
+    keys: torch.Tensor  # (Hkv, S, D), post-RoPE
+    values: torch.Tensor  # (Hkv, S, D)
+    token_index: torch.Tensor  # (Hkv, S) int64: position of each key among the video's tokens
+    scores: torch.Tensor | None = None  # (Hkv, S) float32 accumulated importance, kept only with a decay
+
+    @property
+    def size(self) -> int:
+        return self.keys.shape[1]
+
+    def to(self, device: torch.device | str) -> "LayerState":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return LayerState(move(self.keys), move(self.values), move(self.token_index), move(self.scores))
+
+    @staticmethod
+    def concat(first: "LayerState | None", second: "LayerState") -> "LayerState":
+        """[first; second] along the token axis (first may be None: no state yet)."""
+        if first is None:
+            return second
+        return LayerState(
+            torch.cat([first.keys, second.keys], dim=1),
+            torch.cat([first.values, second.values], dim=1),
+            torch.cat([first.token_index, second.token_index], dim=1),
+        )
+
+    def gather(self, index: torch.Tensor, scores: torch.Tensor | None = None) -> "LayerState":
+        """Keep, per KV head, the tokens at `index` (Hkv, K), which must be sorted to keep temporal order."""
+        kv_index = index.unsqueeze(-1).expand(-1, -1, self.keys.shape[-1])
+        return LayerState(
+            self.keys.gather(1, kv_index),
+            self.values.gather(1, kv_index),
+            self.token_index.gather(1, index),
+            scores,
+        )
+
+
+class Policy:
+    """Base class: `update` returns the state carried into the next chunk."""
+
+    name: ClassVar[str]
+    needs_scores: ClassVar[bool] = False
+
+    def update(self, state: LayerState | None, chunk: LayerState, scores: torch.Tensor | None) -> LayerState:
+        """`scores` (Hkv, S + n) is the attention mass [state; chunk] received from the chunk's queries."""
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """The policy's name and settings, as recorded with a cache."""
+        return {"name": self.name, **asdict(self)}  # type: ignore[call-overload]
+
+
+@dataclass
+class Full(Policy):
+    """Carry every earlier token: exact full attention, quadratic in video length. The reference."""
+
+    name: ClassVar[str] = "full"
+
+    def update(self, state: LayerState | None, chunk: LayerState, scores: torch.Tensor | None) -> LayerState:
+        return LayerState.concat(state, chunk)
+
+
+@dataclass
+class Window(Policy):
+    """Carry the most recent `capacity` tokens: the sliding-window / recency baseline (ReKV's prefill)."""
+
+    capacity: int
+    name: ClassVar[str] = "window"
+
+    def __post_init__(self) -> None:
+        _check_capacity(self.capacity)
+
+    def update(self, state: LayerState | None, chunk: LayerState, scores: torch.Tensor | None) -> LayerState:
+        merged = LayerState.concat(state, chunk)
+        if merged.size <= self.capacity:
+            return merged
+        keep = slice(merged.size - self.capacity, merged.size)
+        return LayerState(merged.keys[:, keep], merged.values[:, keep], merged.token_index[:, keep])
+
+
+@dataclass
+class StateKV(Policy):
+    """Carry the `capacity` keys per layer and KV head that received the most attention mass from the chunk.
+
+    Mass is summed over the chunk's queries and the query heads of each KV group. With `decay` set, scores
+    accumulate across chunks (`score = decay * previous + new`); by default (None) they are recomputed every
+    chunk, as in the paper's code.
+    """
+
+    capacity: int = 4096
+    decay: float | None = None
+    name: ClassVar[str] = "statekv"
+    needs_scores: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_capacity(self.capacity)
+        if self.decay is not None and not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"StateKV decay must be in [0, 1] or None, got {self.decay!r}")
+
+    def update(self, state: LayerState | None, chunk: LayerState, scores: torch.Tensor | None) -> LayerState:
+        if scores is None:
+            raise ValueError("StateKV.update needs the key scores of [state; chunk]")
+        merged = LayerState.concat(state, chunk)
+        if scores.shape != merged.token_index.shape:
+            raise ValueError(f"key scores {tuple(scores.shape)} do not match [state; chunk] "
+                             f"{tuple(merged.token_index.shape)}")
+        scores = scores.float()
+        if self.decay is not None and state is not None and state.scores is not None:
+            carried = torch.cat([state.scores * self.decay, torch.zeros_like(scores[:, state.size:])], dim=1)
+            scores = scores + carried.to(scores.device)
+        kept_scores = scores if self.decay is not None else None
+        if merged.size <= self.capacity:
+            merged.scores = kept_scores
+            return merged
+        top = scores.topk(self.capacity, dim=1).indices.sort(dim=1).values  # (Hkv, capacity), temporal order
+        return merged.gather(top, None if kept_scores is None else kept_scores.gather(1, top))
+
+
+POLICIES: dict[str, type[Policy]] = {"full": Full, "window": Window, "statekv": StateKV}
+
+
+def make_policy(name: str, **settings: Any) -> Policy:
+    """Build a policy from its name (as given on a command line or in a manifest)."""
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}") from None
+    return cls(**settings)
+
+
+def _check_capacity(capacity: int) -> None:
+    if not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be a positive integer, got {capacity!r}")

@@ -1,0 +1,272 @@
+"""Streaming prefill and answering against one full forward pass of the whole sequence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import statekv
+from statekv import Engine, Full, StateKV, Window
+from statekv.errors import EmptyVideoError, ModelMismatchError, UnsupportedModelError, VideoDecodeError, VideoNotFoundError
+from statekv.profiling import count_flops, peak_memory
+from statekv.testing.videos import synthetic_frames, write_video
+from statekv.video import SamplingConfig, preprocess_frames
+
+# 56x84 frames stay 56x84: a 4x6 patch grid, 6 LLM tokens per chunk (two frames)
+SMALL = SamplingConfig(fps=2.0, min_pixels=28 * 28, max_pixels=56 * 84)
+FPS = 2.0
+QUESTION = "What happens after the dog enters?"
+
+
+def make_engine(path: str, policy, **kwargs) -> Engine:
+    return Engine.from_pretrained(path, policy=policy, device="cpu", dtype=torch.float32, sampling=SMALL, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def frames() -> np.ndarray:
+    return synthetic_frames(12, 56, 84, seed=3)  # 6 chunks of 6 tokens
+
+
+def reference_model(path: str):
+    """The same checkpoint with transformers' own SDPA attention, for one-shot forwards."""
+    from statekv.models import ADAPTERS
+    from transformers import AutoConfig
+
+    cls = ADAPTERS[AutoConfig.from_pretrained(path).model_type].model_class
+    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def full_forward(model, cache: statekv.VideoKVCache, frames: np.ndarray, suffix_ids: torch.Tensor):
+    """One forward of prefix + whole video + suffix with explicit positions: (logits (L, V), DynamicCache)."""
+    pre = preprocess_frames(frames, min_pixels=SMALL.min_pixels, max_pixels=SMALL.max_pixels)
+    grid = torch.tensor([pre.grid_thw])
+    video = model.model.get_video_features(pre.pixel_values, grid).pooler_output[0]
+    embed = model.get_input_embeddings()
+    embeds = torch.cat([embed(cache.prefix_ids), video, embed(suffix_ids)])
+    text_pos = torch.arange(len(suffix_ids)).view(1, -1).expand(3, -1) + cache.next_position
+    positions = torch.cat([cache.position_ids, text_pos], dim=1)
+    out = model.model.language_model(inputs_embeds=embeds[None], position_ids=positions[:, None], use_cache=True)
+    return model.lm_head(out.last_hidden_state[0]), out.past_key_values
+
+
+@torch.inference_mode()
+def test_full_policy_equals_one_forward(tiny_checkpoint, frames):
+    engine = make_engine(tiny_checkpoint, Full())
+    cache = engine.prefill(frames, fps=FPS)
+    answer = engine.ask(cache, QUESTION, max_new_tokens=6, output_scores=True)
+    model = reference_model(tiny_checkpoint)
+    prompt = torch.tensor(answer.prompt_ids)
+    logits, ref_cache = full_forward(model, cache, frames, prompt)
+    # per-frame K/V (and the prefix's) equal the one-shot pass at every layer
+    n_ctx = cache.prefix_len + cache.num_video_tokens
+    for layer in range(engine.adapter.layout.num_layers):
+        keys, values = cache.layer_kv(layer)
+        ref = ref_cache.layers[layer]
+        assert (keys - ref.keys[0, :, :n_ctx]).abs().max() <= 1e-4
+        assert (values - ref.values[0, :, :n_ctx]).abs().max() <= 1e-4
+    # the answer's first-step logits equal the last question position's logits
+    assert (answer.scores[0] - logits[-1]).abs().max() <= 1e-4
+    # greedy decoding through the one-shot model gives the same tokens
+    ids = prompt
+    for token in answer.token_ids:
+        logits, _ = full_forward(model, cache, frames, ids)
+        assert int(logits[-1].argmax()) == token
+        ids = torch.cat([ids, torch.tensor([token])])
+
+
+@torch.inference_mode()
+def test_vision_per_chunk_equals_whole_video(tiny_checkpoint, frames):
+    adapter = make_engine(tiny_checkpoint, Full()).adapter
+    pre = preprocess_frames(frames, min_pixels=SMALL.min_pixels, max_pixels=SMALL.max_pixels)
+    whole = adapter.video_features(pre.pixel_values, pre.grid_thw)
+    per_chunk = []
+    for t in range(0, len(frames), 2):
+        part = preprocess_frames(frames[t:t + 2], min_pixels=SMALL.min_pixels, max_pixels=SMALL.max_pixels)
+        per_chunk.append(adapter.video_features(part.pixel_values, part.grid_thw))
+    assert (torch.cat(per_chunk) - whole).abs().max() <= 1e-5 * whole.abs().max()
+
+
+def _assert_same_cache(a: statekv.VideoKVCache, b: statekv.VideoKVCache, atol: float = 1e-5) -> None:
+    assert a.grid_t == b.grid_t and torch.equal(a.position_ids, b.position_ids)
+    for layer in range(a.model.num_layers):
+        for x, y in zip(a.layer_kv(layer), b.layer_kv(layer)):
+            assert (x - y).abs().max() <= atol
+
+
+@pytest.mark.parametrize("policy", [StateKV(capacity=10_000), Window(capacity=10_000), StateKV(capacity=36, decay=0.5)])
+@torch.inference_mode()
+def test_policies_with_room_for_everything_equal_full(tiny_checkpoint, frames, policy):
+    full_engine = make_engine(tiny_checkpoint, Full())
+    full = full_engine.prefill(frames, fps=FPS)
+    engine = make_engine(tiny_checkpoint, policy)
+    cache = engine.prefill(frames, fps=FPS)
+    assert cache.num_video_tokens <= policy.capacity
+    _assert_same_cache(full, cache)
+    want = full_engine.ask(full, QUESTION, max_new_tokens=6, output_scores=True)
+    got = engine.ask(cache, QUESTION, max_new_tokens=6, output_scores=True)
+    assert got.token_ids == want.token_ids
+    assert max((x - y).abs().max() for x, y in zip(got.scores, want.scores)) <= 1e-4
+
+
+@pytest.mark.parametrize("policy", [StateKV(capacity=8), Window(capacity=8), StateKV(capacity=8, decay=0.9)])
+@torch.inference_mode()
+def test_small_capacity_bounds_the_state(tiny_checkpoints, frames, policy):
+    engine = make_engine(tiny_checkpoints["qwen2_vl"], policy)
+    seen: list[int] = []
+    cache = engine.prefill(frames, fps=FPS, progress=lambda done, total: seen.append(done))
+    assert seen == list(range(1, 7))
+    assert cache.state_sizes() == [8] * engine.adapter.layout.num_layers
+    for state in cache.state:
+        assert state.keys.shape[:2] == (engine.adapter.layout.num_kv_heads, 8)
+        assert bool((state.token_index.diff(dim=1) > 0).all())  # temporal order, no duplicates
+    # every chunk's own KV is kept in full for answering
+    assert len(cache.chunks) == cache.grid_t == 6
+    assert cache.frame_keys(0).shape[1] == cache.num_video_tokens == 36
+
+
+@torch.inference_mode()
+def test_chunks_per_step_equals_one_chunk_per_step_for_full(tiny_checkpoints, frames):
+    one = make_engine(tiny_checkpoints["qwen2_5_vl"], Full()).prefill(frames, fps=FPS)
+    three = make_engine(tiny_checkpoints["qwen2_5_vl"], Full(), chunks_per_step=3).prefill(frames, fps=FPS)
+    _assert_same_cache(one, three)
+    assert [c.frame_range for c in three.chunks] == [(i, i + 2) for i in range(0, 12, 2)]
+
+
+@torch.inference_mode()
+def test_asking_does_not_change_the_cache_and_stream_matches(tiny_checkpoints, frames):
+    engine = make_engine(tiny_checkpoints["qwen2_vl"], StateKV(capacity=8))
+    cache = engine.prefill(frames, fps=FPS)
+    before = [t.clone() for layer in range(2) for t in cache.layer_kv(layer)]
+    first = engine.ask(cache, QUESTION, max_new_tokens=8)
+    other = engine.ask(cache, "Describe the video.", max_new_tokens=8)
+    again = engine.ask(cache, QUESTION, max_new_tokens=8)
+    after = [t for layer in range(2) for t in cache.layer_kv(layer)]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    assert first.token_ids == again.token_ids and first.text == again.text
+    assert other.prompt_ids != first.prompt_ids
+    events = list(engine.stream(cache, QUESTION, max_new_tokens=8))
+    assert [e.token_id for e in events] == first.token_ids
+    assert "".join(e.text for e in events) == first.text
+    assert len(first.token_ids) == 8 or first.finish_reason == "eos"
+
+
+@torch.inference_mode()
+def test_sampling_is_seeded_and_top_p_one_token_is_greedy(tiny_checkpoints, frames):
+    engine = make_engine(tiny_checkpoints["qwen2_vl"], StateKV(capacity=8))
+    cache = engine.prefill(frames[:4], fps=FPS)
+    greedy = engine.ask(cache, QUESTION, max_new_tokens=6)
+    a = engine.ask(cache, QUESTION, max_new_tokens=6, temperature=1.0, seed=7)
+    b = engine.ask(cache, QUESTION, max_new_tokens=6, temperature=1.0, seed=7)
+    assert a.token_ids == b.token_ids
+    nucleus = engine.ask(cache, QUESTION, max_new_tokens=6, temperature=1.0, top_p=1e-6, seed=1)
+    assert nucleus.token_ids == greedy.token_ids
+
+
+@torch.inference_mode()
+def test_eos_stops_generation(tiny_checkpoints, frames):
+    engine = make_engine(tiny_checkpoints["qwen2_vl"], StateKV(capacity=8))
+    cache = engine.prefill(frames[:4], fps=FPS)
+    greedy = engine.ask(cache, QUESTION, max_new_tokens=3)
+    engine.adapter.eos_token_ids = {greedy.token_ids[1]}
+    stopped = engine.ask(cache, QUESTION, max_new_tokens=3)
+    assert stopped.token_ids == greedy.token_ids[:2] and stopped.finish_reason == "eos"
+
+
+def test_prefill_from_a_video_file_samples_at_fps(tiny_checkpoints, tmp_path):
+    path = tmp_path / "clip.mp4"
+    write_video(path, synthetic_frames(20, 56, 84), fps=4.0)  # 5 s at 4 fps → 10 frames at 2 fps
+    engine = make_engine(tiny_checkpoints["qwen2_5_vl"], StateKV(capacity=8))
+    cache = engine.prefill(str(path))
+    assert len(cache.video.frame_indices) == 10 and cache.grid_t == 5
+    assert cache.video.sampled_fps == pytest.approx(2.0)
+    assert cache.video.second_per_grid_t == pytest.approx(1.0)
+    assert cache.chunks[1].timestamps == pytest.approx([cache.video.frame_indices[2] / 4.0,
+                                                        cache.video.frame_indices[3] / 4.0])
+    assert engine.ask(cache, QUESTION, max_new_tokens=2).token_ids
+
+
+def test_qwen2_5_vl_temporal_positions_follow_time(tiny_checkpoints, frames):
+    """Qwen2.5-VL: temporal patch t sits at start + ⌊t · seconds-per-patch · tokens-per-second⌋."""
+    engine = make_engine(tiny_checkpoints["qwen2_5_vl"], Full())
+    cache = engine.prefill(frames, fps=1.0)  # 2 s per temporal patch, 2 tokens per second → step 4
+    start = cache.prefix_len
+    t_pos = [int(c.position_ids[0, 0]) for c in cache.chunks]
+    assert t_pos == [start + 4 * t for t in range(6)]
+    assert cache.next_position == start + 4 * 5 + 1  # max(T, H, W) + 1, T dominates here
+    qwen2 = make_engine(tiny_checkpoints["qwen2_vl"], Full()).prefill(frames, fps=1.0)
+    assert [int(c.position_ids[0, 0]) for c in qwen2.chunks] == [qwen2.prefix_len + t for t in range(6)]
+    assert qwen2.next_position == qwen2.prefix_len + 5 + 1  # W axis: 3 merged columns, T: 6 patches
+
+
+def _prefill_peak(engine: Engine, frames: np.ndarray) -> int:
+    with torch.inference_mode(), peak_memory(engine.device) as report:
+        engine.prefill(frames, fps=FPS, sink=lambda chunk: None, keep_chunks=False)
+    return report.peak_bytes
+
+
+def test_prefill_peak_memory_does_not_grow_with_video_length(tiny_checkpoints):
+    short, long = synthetic_frames(8, 56, 84), synthetic_frames(32, 56, 84)  # 4 and 16 chunks
+    statekv_engine = make_engine(tiny_checkpoints["qwen2_vl"], StateKV(capacity=8))
+    layout = statekv_engine.adapter.layout
+    token_kv_bytes = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * 4  # K and V, float32
+    extra_tokens = (32 - 8) // 2 * 6
+    short_peak, long_peak = _prefill_peak(statekv_engine, short), _prefill_peak(statekv_engine, long)
+    # less than one chunk's KV of difference: nothing on the device scales with the video
+    assert abs(long_peak - short_peak) < 6 * token_kv_bytes, (short_peak, long_peak)
+    full_engine = make_engine(tiny_checkpoints["qwen2_vl"], Full())
+    full_short, full_long = _prefill_peak(full_engine, short), _prefill_peak(full_engine, long)
+    # the same measurement sees Full's carried state grow by (at least) the KV of the extra tokens
+    assert full_long - full_short >= extra_tokens * token_kv_bytes, (full_short, full_long)
+
+
+def _prefill_flops(engine: Engine, frames: np.ndarray) -> int:
+    with torch.inference_mode(), count_flops() as counter:
+        engine.prefill(frames, fps=FPS, keep_chunks=False)
+    return counter.get_total_flops()
+
+
+def test_statekv_flops_grow_linearly_full_faster(tiny_checkpoints):
+    sizes = [8, 16, 32]  # frames → 4, 8, 16 chunks
+    statekv_engine = make_engine(tiny_checkpoints["qwen2_vl"], StateKV(capacity=8))
+    full_engine = make_engine(tiny_checkpoints["qwen2_vl"], Full())
+    s = [_prefill_flops(statekv_engine, synthetic_frames(n, 56, 84)) for n in sizes]
+    f = [_prefill_flops(full_engine, synthetic_frames(n, 56, 84)) for n in sizes]
+    # linear: the cost of chunks 8..16 is twice the cost of chunks 4..8
+    assert (s[2] - s[1]) == pytest.approx(2 * (s[1] - s[0]), rel=1e-3)
+    # quadratic part: the same doubling costs Full clearly more than twice
+    assert (f[2] - f[1]) > 2.05 * (f[1] - f[0])
+    assert f[2] > s[2]
+
+
+def test_bad_inputs_raise_clear_errors(tiny_checkpoints, tmp_path):
+    engine = make_engine(tiny_checkpoints["qwen2_vl"], StateKV(capacity=8))
+    missing = tmp_path / "nope.mp4"
+    with pytest.raises(VideoNotFoundError, match="nope.mp4"):
+        engine.prefill(str(missing))
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"this is not a video" * 50)
+    with pytest.raises(VideoDecodeError, match="junk.mp4"):
+        engine.prefill(str(junk))
+    with pytest.raises(EmptyVideoError, match="no frames"):
+        engine.prefill(np.zeros((0, 56, 84, 3), np.uint8), fps=2.0)
+    with pytest.raises(statekv.VideoError, match="fps"):
+        engine.prefill(synthetic_frames(4, 56, 84))
+
+
+def test_unsupported_model_type_is_named(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                vocab_size=100).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"'llama'.*qwen2_5_vl, qwen2_vl") as info:
+        Engine.from_pretrained(tmp_path, device="cpu")
+    assert str(tmp_path) in str(info.value)
+
+
+def test_cache_from_another_model_is_refused(tiny_checkpoints, frames):
+    engine = make_engine(tiny_checkpoints["qwen2_vl"], StateKV(capacity=8))
+    other = make_engine(tiny_checkpoints["qwen2_5_vl"], StateKV(capacity=8))
+    cache = engine.prefill(frames[:4], fps=FPS)
+    with pytest.raises(ModelMismatchError, match="fingerprint"):
+        other.ask(cache, QUESTION)

@@ -1,0 +1,243 @@
+"""Video readers: decord and PyAV agree, sources of every kind open, batches are bounded, failures are typed."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import av
+import fsspec
+import numpy as np
+import pytest
+
+from statekv.errors import EmptyVideoError, VideoDecodeError, VideoError, VideoNotFoundError
+from statekv.testing.videos import synthetic_frames, write_video
+from statekv.video import FramesSource, iter_frame_batches, open_video
+from statekv.video.pyav_reader import PyAVReader
+
+NUM_FRAMES, FPS = 24, 8.0
+ALL_BACKENDS = ["auto", "decord", "pyav"]
+
+
+@pytest.fixture(scope="module")
+def frames() -> np.ndarray:
+    return synthetic_frames(NUM_FRAMES, 56, 84, seed=1)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory, frames: np.ndarray) -> dict[str, Path]:
+    """The same clip as MP4 (frame count in the header) and Matroska (no count: packets are counted)."""
+    root = tmp_path_factory.mktemp("videos")
+    paths = {"mp4": root / "clip.mp4", "mkv": root / "clip.mkv"}
+    for path in paths.values():
+        write_video(path, frames, FPS)
+    paths["zero"] = root / "zero.mp4"
+    paths["zero"].write_bytes(b"")
+    paths["random"] = root / "random.mp4"
+    paths["random"].write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    paths["no_stream"] = root / "no_stream.mp4"
+    with av.open(str(paths["no_stream"]), mode="w") as container:  # header only: the empty track is dropped
+        stream = container.add_stream("libx264", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 84, 56, "yuv420p"
+        container.start_encoding()
+    return paths
+
+
+def nearest_source_frame(decoded: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """Index of the source frame closest to each decoded frame."""
+    diff = np.abs(decoded[:, None].astype(np.int16) - frames[None].astype(np.int16))  # (n, T, H, W, 3)
+    return diff.reshape(len(decoded), len(frames), -1).mean(-1).argmin(1)
+
+
+def test_mkv_really_lacks_a_frame_count(videos: dict[str, Path]) -> None:
+    """Guards the test below: Matroska must exercise the packet-counting path."""
+    with av.open(str(videos["mkv"])) as container:
+        assert container.streams.video[0].frames == 0
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+def test_backends_agree_with_each_other_and_the_source(
+    videos: dict[str, Path], frames: np.ndarray, container: str
+) -> None:
+    indices = np.array([0, 1, 5, 5, 12, 23])
+    results = {}
+    for backend in ALL_BACKENDS:
+        with open_video(videos[container], backend=backend) as video:
+            assert (video.num_frames, video.fps, video.height, video.width) == (NUM_FRAMES, FPS, 56, 84)
+            assert video.source == str(videos[container])
+            results[backend] = video.read(indices)
+    for backend, got in results.items():
+        assert got.dtype == np.uint8 and got.shape == (len(indices), 56, 84, 3), backend
+        assert np.abs(got.astype(int) - frames[indices]).mean() < 4.0, backend  # lossy codec
+        np.testing.assert_array_equal(nearest_source_frame(got, frames), indices)
+    diff = np.abs(results["decord"].astype(int) - results["pyav"].astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05
+
+
+def test_unsorted_and_repeated_indices(videos: dict[str, Path]) -> None:
+    indices = np.array([20, 3, 3, 0, 20, 7])
+    with open_video(videos["mp4"], backend="pyav") as pyav, open_video(videos["mp4"], backend="decord") as dec:
+        got = pyav.read(indices)
+        np.testing.assert_array_equal(got[1], got[2])
+        assert np.abs(got.astype(int) - dec.read(indices).astype(int)).max() <= 2
+        assert pyav.read(np.array([], dtype=np.int64)).shape == (0, 56, 84, 3)
+        assert dec.read(np.array([], dtype=np.int64)).shape == (0, 56, 84, 3)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_out_of_range_index(videos: dict[str, Path], backend: str) -> None:
+    with open_video(videos["mp4"], backend=backend) as video, pytest.raises(IndexError, match="clip.mp4"):
+        video.read(np.array([0, NUM_FRAMES]))
+
+
+def test_file_objects(videos: dict[str, Path], frames: np.ndarray) -> None:
+    data = videos["mp4"].read_bytes()
+    with open(videos["mp4"], "rb") as f, open_video(f) as video:
+        assert isinstance(video, PyAVReader)  # "auto" streams file objects
+        assert video.source == str(videos["mp4"])
+        first = video.read(np.array([0, 23]))
+    for backend in ALL_BACKENDS:
+        with open_video(io.BytesIO(data), backend=backend) as video:
+            assert video.num_frames == NUM_FRAMES and video.source == "<file object>"
+            assert np.abs(video.read(np.array([0, 23])).astype(int) - first.astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_fsspec_url(
+    videos: dict[str, Path], backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote URL (memory:// standing in for s3://): decord reads a temporary copy that close() removes."""
+    url = f"memory://bucket/{uuid.uuid4().hex}/clip.mp4"
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.pipe(path, videos["mp4"].read_bytes())
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with open_video(videos["mp4"], backend=backend) as local:
+        expected = local.read(np.arange(NUM_FRAMES))
+    video = open_video(url, backend=backend, storage_options={"skip_instance_cache": True})
+    try:
+        assert video.source == url and video.num_frames == NUM_FRAMES
+        np.testing.assert_array_equal(video.read(np.arange(NUM_FRAMES)), expected)
+        assert len(os.listdir(scratch)) == (0 if backend == "pyav" else 1)
+    finally:
+        video.close()
+    assert os.listdir(scratch) == []
+    fs.rm(path)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_missing_remote_object(backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    url = f"memory://bucket/{uuid.uuid4().hex}/missing.mp4"
+    with pytest.raises(VideoNotFoundError, match="missing.mp4"):
+        open_video(url, backend=backend)
+    assert os.listdir(tmp_path) == []  # no temporary file left behind
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_failed_remote_decode_removes_temporary_file(
+    videos: dict[str, Path], backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    url = f"memory://bucket/{uuid.uuid4().hex}/random.mp4"
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.pipe(path, videos["random"].read_bytes())
+    with pytest.raises(VideoDecodeError, match="random.mp4"):
+        open_video(url, backend=backend)
+    assert os.listdir(tmp_path) == []
+    fs.rm(path)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("batch_frames", [1, 4, 7, 100])
+def test_batches_are_bounded_and_equal_one_read(videos: dict[str, Path], backend: str, batch_frames: int) -> None:
+    indices = np.linspace(0, NUM_FRAMES - 1, 10).round().astype(np.int64)
+    with open_video(videos["mp4"], backend=backend) as video:
+        batches = list(iter_frame_batches(video, indices, batch_frames))
+        assert all(0 < len(b) <= batch_frames for b in batches)
+        assert [len(b) for b in batches[:-1]] == [batch_frames] * (len(batches) - 1)
+        np.testing.assert_array_equal(np.concatenate(batches), video.read(indices))
+
+
+def test_pyav_batches_come_from_one_decoding_pass(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression guard: batch iteration must not re-open and re-decode from the start for every batch."""
+    with open_video(videos["mp4"], backend="pyav") as video:
+        opened = []
+        original = PyAVReader._open
+        monkeypatch.setattr(PyAVReader, "_open", lambda self: opened.append(1) or original(self))
+        batches = list(iter_frame_batches(video, np.arange(NUM_FRAMES), 3))
+        assert len(batches) == 8 and len(opened) == 1
+
+
+def test_frames_source(frames: np.ndarray) -> None:
+    video = FramesSource(frames, fps=4.0, source="array")
+    assert (video.num_frames, video.fps, video.height, video.width) == (NUM_FRAMES, 4.0, 56, 84)
+    np.testing.assert_array_equal(video.read(np.array([3, 1])), frames[[3, 1]])
+    batches = list(iter_frame_batches(video, np.arange(NUM_FRAMES), 5))
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 4]
+    np.testing.assert_array_equal(np.concatenate(batches), frames)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (np.zeros((2, 8, 8, 3), np.float32), VideoError),
+        (np.zeros((2, 8, 8), np.uint8), VideoError),
+        (np.zeros((2, 8, 8, 4), np.uint8), VideoError),
+        (np.zeros((0, 8, 8, 3), np.uint8), EmptyVideoError),
+    ],
+)
+def test_frames_source_validation(bad: np.ndarray, error: type[Exception]) -> None:
+    with pytest.raises(error, match="array"):
+        FramesSource(bad, fps=4.0, source="array")
+
+
+def test_frames_source_rejects_bad_fps(frames: np.ndarray) -> None:
+    with pytest.raises(VideoError, match="fps"):
+        FramesSource(frames, fps=0.0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_missing_file(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "nope.mp4"
+    with pytest.raises(VideoNotFoundError, match="nope.mp4") as info:
+        open_video(path, backend=backend)
+    assert info.value.source == str(path)
+    assert isinstance(info.value, FileNotFoundError)
+    with pytest.raises(VideoNotFoundError, match="nope.mp4"):
+        open_video(f"file://{path}", backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("kind", ["zero", "random"])
+def test_undecodable_bytes(videos: dict[str, Path], backend: str, kind: str) -> None:
+    with pytest.raises(VideoDecodeError) as info:
+        open_video(videos[kind], backend=backend)
+    assert str(videos[kind]) in str(info.value)
+    assert ("decord" if backend == "decord" else "pyav") in info.value.reason
+    with pytest.raises(VideoDecodeError, match="file object"):
+        open_video(io.BytesIO(videos[kind].read_bytes()), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+def test_container_without_frames_is_empty(videos: dict[str, Path], backend: str) -> None:
+    with pytest.raises(EmptyVideoError, match="no_stream.mp4"):
+        open_video(videos["no_stream"], backend=backend)
+
+
+def test_auto_falls_back_to_pyav_without_decord(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
+    with open_video(videos["mp4"]) as video:
+        assert isinstance(video, PyAVReader)
+    with pytest.raises(ImportError):
+        open_video(videos["mp4"], backend="decord")
+
+
+def test_unknown_backend_lists_valid_names(videos: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="auto, decord, pyav"):
+        open_video(videos["mp4"], backend="opencv")
