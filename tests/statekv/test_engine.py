@@ -270,3 +270,28 @@ def test_cache_from_another_model_is_refused(tiny_checkpoints, frames):
     cache = engine.prefill(frames[:4], fps=FPS)
     with pytest.raises(ModelMismatchError, match="fingerprint"):
         other.ask(cache, QUESTION)
+
+
+@pytest.mark.parametrize("policy", [StateKV(capacity=8), Full(), Window(capacity=8)])
+@torch.inference_mode()
+def test_resuming_a_stream_equals_one_prefill(tiny_checkpoints, frames, policy):
+    """Frames [0, 2n) in one go == [0, n) then resume with [n, 2n): same chunks, state, positions, answers."""
+    engine = make_engine(tiny_checkpoints["qwen2_5_vl"], policy)
+    whole = engine.prefill(frames, fps=FPS)
+    first = engine.prefill(frames[:6], fps=FPS)
+    resumed = engine.prefill(frames[6:], fps=FPS, resume_from=first)
+    assert first.grid_t == 3 and len(first.chunks) == 3  # the cache resumed from is left as it was
+    _assert_same_cache(whole, resumed, atol=0.0)
+    assert resumed.video.frame_indices == whole.video.frame_indices
+    assert resumed.video.timestamps == pytest.approx(whole.video.timestamps)
+    assert [c.frame_range for c in resumed.chunks] == [c.frame_range for c in whole.chunks]
+    for a, b in zip(whole.state, resumed.state):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.token_index, b.token_index)
+    assert resumed.next_position == whole.next_position
+    assert engine.ask(resumed, QUESTION, max_new_tokens=5).token_ids == engine.ask(whole, QUESTION, max_new_tokens=5).token_ids
+
+
+def test_resume_refuses_another_policy(tiny_checkpoints, frames):
+    first = make_engine(tiny_checkpoints["qwen2_vl"], StateKV(capacity=8)).prefill(frames[:4], fps=FPS)
+    with pytest.raises(ModelMismatchError, match="policy"):
+        make_engine(tiny_checkpoints["qwen2_vl"], StateKV(capacity=16)).prefill(frames[4:], fps=FPS, resume_from=first)

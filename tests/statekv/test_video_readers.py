@@ -164,6 +164,14 @@ def test_batches_are_bounded_and_equal_one_read(videos: dict[str, Path], backend
         np.testing.assert_array_equal(np.concatenate(batches), video.read(indices))
 
 
+def test_batch_arguments_are_checked_at_call_time(frames: np.ndarray) -> None:
+    video = FramesSource(frames, fps=4.0)
+    with pytest.raises(ValueError, match="batch_frames"):
+        iter_frame_batches(video, np.arange(4), 0)
+    with pytest.raises(IndexError):
+        iter_frame_batches(video, np.array([NUM_FRAMES]), 4)
+
+
 def test_pyav_batches_come_from_one_decoding_pass(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression guard: batch iteration must not re-open and re-decode from the start for every batch."""
     with open_video(videos["mp4"], backend="pyav") as video:
