@@ -25,8 +25,8 @@ from statekv.errors import ModelMismatchError, VideoError
 from statekv.generation import next_token
 from statekv.models import VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
-from statekv.video import FramesSource, SamplingConfig, iter_frame_batches, open_video, preprocess_frames, sample_frames
-from statekv.video import smart_resize
+from statekv.video import (FramesSource, SamplingConfig, iter_frame_batches, open_video, preprocess_frames,
+                           sample_frames, smart_resize)
 
 logger = logging.getLogger(__name__)
 
@@ -130,16 +130,16 @@ class Engine:
         if len(indices) == 0:
             source.close()
             raise VideoError(source.source, "no frames to prefill")
+        a = self.adapter
+        frame_size = smart_resize(source.height, source.width, factor=a.patch_size * a.merge_size,
+                                  min_pixels=self.sampling.min_pixels, max_pixels=self.sampling.max_pixels)
         info = VideoInfo(
             source=source.source, video_fps=float(source.fps), total_frames=int(source.num_frames),
-            sampled_fps=sampled_fps, second_per_grid_t=self.adapter.temporal_patch_size / sampled_fps,
-            frame_size=smart_resize(source.height, source.width, factor=self.adapter.patch_size * self.adapter.merge_size,
-                                    min_pixels=self.sampling.min_pixels, max_pixels=self.sampling.max_pixels),
-            grid_hw=(0, 0),
+            sampled_fps=sampled_fps, second_per_grid_t=a.temporal_patch_size / sampled_fps,
+            frame_size=frame_size, grid_hw=(frame_size[0] // a.patch_size, frame_size[1] // a.patch_size),
             frame_indices=[int(i) for i in indices],
             timestamps=[float(i) / float(source.fps) for i in indices],
         )
-        info.grid_hw = (info.frame_size[0] // self.adapter.patch_size, info.frame_size[1] // self.adapter.patch_size)
         return source, indices, info
 
     def _new_cache(self, info: VideoInfo) -> tuple[VideoKVCache, list[tuple[torch.Tensor, torch.Tensor]]]:
