@@ -151,3 +151,18 @@ class VideoKVCache:
         if len(self.chunks) != self.grid_t:
             raise ValueError(f"this cache holds {len(self.chunks)} of its {self.grid_t} chunks in memory "
                              "(chunks were streamed to a sink); load it from its store to answer")
+
+    # --- store ----------------------------------------------------------------------------------------------
+
+    def save(self, uri: str, **opts: Any) -> dict[str, Any]:
+        """Write this (in-memory, complete) cache to `uri` = `<root>/<video_id>`; see `statekv.store.save_cache`."""
+        from statekv.store import save_cache
+
+        return save_cache(self, uri, **opts)
+
+    @classmethod
+    def load(cls, uri: str, **opts: Any) -> "VideoKVCache":
+        """Load a committed cache (lazily by default); see `statekv.store.load_cache`."""
+        from statekv.store import load_cache
+
+        return load_cache(uri, **opts)

@@ -1,0 +1,181 @@
+"""Cache store benchmark: write/read throughput (local disk, loopback S3), bytes per chunk native vs int8, the
+effect of int8 K/V on answers, and load-and-answer vs prefill-again-and-answer time. Returns a JSON-able dict."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+QUESTIONS = ["What happens after the dog enters?", "Is there a cat?", "What colour is the car?",
+             "How many people are there?", "Where does the video take place?", "What is on the table?"]
+
+
+@contextmanager
+def loopback_s3() -> Iterator[dict[str, Any]]:
+    """A moto S3 server on 127.0.0.1 with a bucket "bench"; yields storage options for it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x",
+                 region_name="us-east-1").create_bucket(Bucket="bench")
+    try:
+        yield {"endpoint_url": endpoint, "key": "x", "secret": "x", "region": "us-east-1"}
+    finally:
+        server.stop()
+
+
+def _distances(p_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[float, float]:
+    """(KL(p || q), total variation) of the next-token distributions of two logit vectors."""
+    lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+    kl = float((lp.exp() * (lp - lq)).sum())
+    tv = float(0.5 * (lp.exp() - lq.exp()).abs().sum())
+    return kl, tv
+
+
+def _mb(n: int) -> float:
+    return n / 1e6
+
+
+def run(checkpoint: str | None = None, *, num_chunks: int = 200, frame_hw: tuple[int, int] = (56, 84),
+        large_chunks: int = 24, s3: bool = True, max_new_tokens: int = 8, workdir: str | None = None,
+        ) -> dict[str, Any]:
+    """Run every measurement; `checkpoint` None builds the tiny random Qwen2-VL (no download)."""
+    from statekv import Engine, StateKV
+    from statekv.store import load_cache, prefill_to_store, save_cache
+    from statekv.testing.videos import synthetic_frames
+    from statekv.video import SamplingConfig
+
+    work = workdir or tempfile.mkdtemp(prefix="bench_store_")
+    if checkpoint is None:
+        from statekv.testing.checkpoints import save_tiny_checkpoint
+
+        checkpoint = str(save_tiny_checkpoint(f"{work}/tiny", "qwen2_vl"))
+    h, w = frame_hw
+    engine = Engine.from_pretrained(checkpoint, policy=StateKV(capacity=256), device="cpu", dtype=torch.float32,
+                                    sampling=SamplingConfig(min_pixels=28 * 28, max_pixels=h * w))
+    frames = synthetic_frames(2 * num_chunks, h, w, seed=0)
+    result: dict[str, Any] = {"checkpoint": checkpoint, "num_chunks": num_chunks, "frame_hw": [h, w]}
+
+    # baseline: prefill in memory (and answer)
+    t0 = time.perf_counter()
+    cache = engine.prefill(frames, fps=2.0)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine.ask(cache, QUESTIONS[0], max_new_tokens=max_new_tokens)
+    answer_s = time.perf_counter() - t0
+    result["prefill_s"] = prefill_s
+
+    roots = {"local": (f"{work}/caches", None)}
+    s3_ctx = loopback_s3() if s3 else None
+    try:
+        if s3_ctx is not None:
+            opts = s3_ctx.__enter__()
+            roots["s3_loopback"] = (f"s3://bench/{uuid.uuid4().hex}", opts)
+        result["throughput"] = {}
+        for name, (root, opts) in roots.items():
+            row: dict[str, Any] = {}
+            for storage in ("native", "int8"):
+                uri = f"{root}/video-{storage}"
+                t0 = time.perf_counter()
+                m = save_cache(cache, uri, int8=storage == "int8", storage_options=opts)
+                write_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                loaded = load_cache(uri, lazy=False, storage_options=opts)
+                read_s = time.perf_counter() - t0
+                n = m["totals"]["bytes"]
+                row[storage] = {"bytes": n, "bytes_per_chunk": n / num_chunks, "write_s": write_s,
+                                "read_s": read_s, "write_MBps": _mb(n) / write_s, "read_MBps": _mb(n) / read_s}
+                t0 = time.perf_counter()
+                part = load_cache(uri, chunks=range(10), storage_options=opts)
+                list(part.chunks)
+                row[storage]["read_10_chunks_s"] = time.perf_counter() - t0
+                del loaded
+            t0 = time.perf_counter()
+            prefill_to_store(engine, frames, f"{root}/video-streamed", storage_options=opts, fps=2.0)
+            row["prefill_to_store_s"] = time.perf_counter() - t0
+            result["throughput"][name] = row
+
+        # headline: load the stored cache and answer vs prefill again and answer (local disk)
+        root, opts = roots["local"]
+        t0 = time.perf_counter()
+        stored = load_cache(f"{root}/video-native", lazy=False, storage_options=opts)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine.ask(stored, QUESTIONS[0], max_new_tokens=max_new_tokens)
+        stored_answer_s = time.perf_counter() - t0
+        result["load_vs_prefill"] = {
+            "load_s": load_s, "answer_from_loaded_s": stored_answer_s, "prefill_s": prefill_s,
+            "answer_after_prefill_s": answer_s,
+            "speedup": (prefill_s + answer_s) / (load_s + stored_answer_s),
+        }
+
+        # int8 effect on answers
+        q8 = load_cache(f"{root}/video-int8", lazy=False, storage_options=opts)
+        kls, tvs, agree, first_same = [], [], [], []
+        for q in QUESTIONS:
+            a = engine.ask(stored, q, max_new_tokens=max_new_tokens, output_scores=True)
+            b = engine.ask(q8, q, max_new_tokens=max_new_tokens, output_scores=True)
+            kl, tv = _distances(a.scores[0], b.scores[0])
+            kls.append(kl)
+            tvs.append(tv)
+            same = sum(x == y for x, y in zip(a.token_ids, b.token_ids))
+            agree.append(same / max(len(a.token_ids), 1))
+            first_same.append(a.token_ids == b.token_ids)
+        result["int8_effect"] = {
+            "questions": len(QUESTIONS), "first_token_kl_mean": sum(kls) / len(kls), "first_token_kl_max": max(kls),
+            "first_token_tv_mean": sum(tvs) / len(tvs), "greedy_token_agreement": sum(agree) / len(agree),
+            "identical_answers": sum(first_same),
+        }
+
+        # a 7B-like layout (28 layers, 4 KV heads, head dim 128, 64 tokens/chunk, bf16) for realistic MB/s
+        if large_chunks > 0:
+            from statekv.cache import ChunkKV, ModelInfo, VideoInfo, VideoKVCache
+            from statekv.policies import LayerState
+
+            L, H, D, N = 28, 4, 128, 64
+            g = torch.Generator().manual_seed(0)
+            r = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16)  # noqa: E731
+            fr = list(range(2 * large_chunks))
+            video = VideoInfo("<frames>", 2.0, len(fr), 2.0, 1.0, (224, 448), (16, 32), fr, [i / 2 for i in fr])
+            shared_k = [r(H, N, D) for _ in range(L)]  # reuse tensors: the store does not care
+            chunks = [ChunkKV(i, (2 * i, 2 * i + 2), fr[2 * i:2 * i + 2], video.timestamps[2 * i:2 * i + 2],
+                              torch.zeros(3, N, dtype=torch.long), shared_k, shared_k) for i in range(large_chunks)]
+            big = VideoKVCache(ModelInfo("7b-like", "qwen2_vl", "x", L, H, D, 1), {"name": "full"}, torch.bfloat16,
+                               video, torch.arange(20), [r(H, 20, D) for _ in range(L)], [r(H, 20, D) for _ in range(L)],
+                               chunks, [LayerState(r(H, 8, D), r(H, 8, D), torch.zeros(H, 8, dtype=torch.long))] * L,
+                               large_chunks, 20 + large_chunks)
+            result["large_layout"] = {"layout": {"layers": L, "kv_heads": H, "head_dim": D, "tokens_per_chunk": N,
+                                                 "dtype": "bfloat16", "chunks": large_chunks}}
+            for name, (root, opts) in roots.items():
+                row = {}
+                for storage in ("native", "int8"):
+                    uri = f"{root}/large-{storage}"
+                    t0 = time.perf_counter()
+                    m = save_cache(big, uri, int8=storage == "int8", storage_options=opts)
+                    write_s = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    load_cache(uri, lazy=False, storage_options=opts)
+                    read_s = time.perf_counter() - t0
+                    n = m["totals"]["bytes"]
+                    row[storage] = {"bytes_per_chunk": n / large_chunks, "write_MBps": _mb(n) / write_s,
+                                    "read_MBps": _mb(n) / read_s}
+                result["large_layout"][name] = row
+    finally:
+        if s3_ctx is not None:
+            s3_ctx.__exit__(None, None, None)
+    return result
+
+
