@@ -302,7 +302,7 @@ class Engine:
             inputs = prompt
             generated: list[int] = []
             emitted = ""
-            for _ in range(max_new_tokens):
+            for step in range(max_new_tokens):
                 hidden = a.decode(a.embed(inputs), a.text_positions(position, len(inputs)), dyn,
                                   statekv_backend=self.attention_backend)
                 step_logits = a.logits(hidden[-1])
@@ -310,8 +310,9 @@ class Engine:
                 token = next_token(step_logits, temperature=temperature, top_p=top_p, generator=generator)
                 generated.append(token)
                 text = tokenizer.decode(generated, skip_special_tokens=True)
+                last = token in a.eos_token_ids or step == max_new_tokens - 1
                 delta = ""
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                if last or not text.endswith("\ufffd"):  # else wait for the rest of a multi-byte character
                     delta, emitted = text[len(emitted):], text
                 yield TokenEvent(token, delta, step_logits.cpu() if output_logits else None)
                 if token in a.eos_token_ids:
