@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random checkpoints written with save_pretrained, short synthetic videos."""
+"""Shared fixtures: tiny random checkpoints written with save_pretrained, a loopback S3 server (moto), store roots."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU; must be set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import uuid  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -27,3 +29,31 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
 def tiny_checkpoint(request, tiny_checkpoints) -> str:
     """Each tiny checkpoint in turn."""
     return tiny_checkpoints[request.param]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """(endpoint_url, StorageOptions) of a moto S3 server on 127.0.0.1, with one bucket "caches"."""
+    import boto3
+    from moto import server as moto_server
+
+    from statekv.store import StorageOptions
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()  # returns once the server accepts connections
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    options = StorageOptions(endpoint_url=endpoint, key="testing", secret="testing", region="us-east-1")
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket="caches")
+    yield endpoint, options
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_root(request, tmp_path):
+    """(root URI, storage options): a fresh local directory or a fresh prefix in the moto bucket."""
+    if request.param == "local":
+        return str(tmp_path / "caches"), None
+    _, options = request.getfixturevalue("s3_server")
+    return f"s3://caches/{uuid.uuid4().hex}", options

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from statekv.cli import main
+from jobs.cli import main
 from statekv.store import load_cache
 from statekv.testing.videos import synthetic_frames, write_video
 
@@ -102,7 +102,7 @@ def test_every_command_has_help(capsys, command):
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "statekv.cli", "inspect", str(tmp_path / "none")],
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "inspect", str(tmp_path / "none")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "statekv inspect: error:" in done.stderr and "Traceback" not in done.stderr
@@ -113,7 +113,7 @@ def test_demo_runs_the_main_job_on_embedded_defaults(tmp_path):
     import os
 
     env = {**os.environ, "STATEKV_HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "statekv.cli", "demo", "--capacity", "64"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--capacity", "64"], capture_output=True,
                           text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert "state:    64 tokens per layer" in done.stdout and "answer:" in done.stdout

@@ -1,6 +1,7 @@
-"""The `statekv` command line: prefill a video into a stored cache, ask it questions, inspect and list caches.
+"""The `statekv` command line: prefill a video into a stored cache, ask it questions, inspect and list caches,
+index a video archive with Ray (`index`) and serve questions over HTTP (`serve`).
 
-An entry point only: it parses arguments, calls the library and prints. Errors a user can act on (a missing
+An entry point only: it parses arguments, calls the library (or the Ray glue in `pipelines/`) and prints. Errors a user can act on (a missing
 video or cache, a corrupt object, a model mismatch, bad arguments) are one line on stderr and exit status 1 or 2,
 never a traceback.
 """
@@ -85,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", metavar="ROOT")
     _add_storage_args(p)
 
+    from jobs import index_videos, serve
+
+    p = commands.add_parser("index", help="index a video archive into caches with Ray",
+                            description=index_videos.__doc__.split("\n")[0])
+    index_videos.add_arguments(p)
+    p = commands.add_parser("serve", help="answer questions over stored caches over HTTP (Ray Serve)",
+                            description=serve.__doc__.split("\n")[0])
+    serve.add_arguments(p)
+
     p = commands.add_parser("demo", help="the main job on embedded defaults",
                             description="Prefill a sample video into a local store with a tiny model (or --model), "
                                         "then answer a question from the stored cache.")
@@ -109,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # weight-loading bars would drown the command's own output
     from statekv.errors import StateKVError
 
-    handler = {"prefill": cmd_prefill, "ask": cmd_ask, "inspect": cmd_inspect, "ls": cmd_ls, "demo": cmd_demo}
+    from jobs import index_videos, serve
+
+    handler = {"prefill": cmd_prefill, "ask": cmd_ask, "inspect": cmd_inspect, "ls": cmd_ls, "demo": cmd_demo,
+               "index": index_videos.run, "serve": serve.run}
     try:
         return handler[args.command](args)
     except (StateKVError, FileNotFoundError, ValueError, OSError) as err:

@@ -1,0 +1,64 @@
+"""The prefill benchmark's library function on the tiny random model: output shape and FLOP growth."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from statekv.benchmarks.prefill import POLICY_NAMES, BenchConfig, format_table, run_benchmark
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_prefill")
+    # 6 tokens per chunk, capacity 12: reached after 2 chunks; 8 and 16 frames = 4 and 8 chunks
+    run_benchmark(BenchConfig(size="tiny", frames=[8, 16], capacity=12, repeats=1, device="cpu", dtype="float32"),
+                  out)
+    return out, json.loads((out / "prefill.json").read_text())
+
+
+def test_json_has_config_versions_and_per_policy_entries(report):
+    _, data = report
+    assert {"config", "environment", "results", "growth"} <= data.keys()
+    cfg = data["config"]
+    assert cfg["size"] == "tiny" and cfg["frames"] == [8, 16] and cfg["capacity"] == 12 and cfg["repeats"] == 1
+    assert cfg["tokens_per_chunk"] == 6 and cfg["device"] == "cpu" and cfg["dtype"] == "float32"
+    assert {"torch", "transformers", "device"} <= data["environment"].keys()
+    assert set(data["results"]) == set(POLICY_NAMES) == set(data["growth"])
+    for name in POLICY_NAMES:
+        entries = data["results"][name]
+        assert [e["frames"] for e in entries] == [8, 16]
+        for e, chunks in zip(entries, [4, 8]):
+            assert e["chunks"] == chunks and e["video_tokens"] == 6 * chunks
+            assert len(e["total_s_runs"]) == 1 and e["total_s"] > 0
+            assert len(e["chunk_s"]) == chunks and all(s > 0 for s in e["chunk_s"])
+            assert sum(e["chunk_s"]) <= e["total_s"] * 1.001
+            assert len(e["chunk_flops"]) == chunks and sum(e["chunk_flops"]) == e["flops"] > 0
+            assert e["peak_bytes"] > 0
+        assert {"flops_ratio", "loglog_slope", "marginal_flops_start", "marginal_flops_end"} <= data["growth"][name].keys()
+    assert "statekv" in format_table(data)
+
+
+def test_statekv_flops_linear_full_faster(report):
+    _, data = report
+    full, statekv = data["results"]["full"][-1]["chunk_flops"], data["results"]["statekv"][-1]["chunk_flops"]
+    # once capacity is reached (chunk 2 on), every StateKV chunk costs the same: total FLOPs linear in length
+    assert statekv[-1] == statekv[len(statekv) // 2] == statekv[2]
+    assert statekv[2] > statekv[1]  # before that the state is still filling up
+    # Full's chunks keep getting dearer: each attends to everything before it
+    assert full[-1] > full[len(full) // 2] > full[2]
+    assert data["growth"]["statekv"]["marginal_end_over_middle"] == 1.0
+    assert data["growth"]["full"]["marginal_end_over_middle"] > 1.0
+    assert data["growth"]["full"]["flops_ratio"] > data["growth"]["statekv"]["flops_ratio"]
+    # same prefix and vision work: StateKV never costs more than Full, and the same while under capacity
+    assert statekv[:2] == full[:2]
+    assert data["results"]["full"][-1]["flops"] > data["results"]["statekv"][-1]["flops"]
+
+
+def test_png_written(report):
+    out, data = report
+    png = out / "prefill.png"
+    assert png.exists() and png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["files"]["png"] == str(png)
