@@ -57,3 +57,15 @@ def store_root(request, tmp_path):
         return str(tmp_path / "caches"), None
     _, options = request.getfixturevalue("s3_server")
     return f"s3://caches/{uuid.uuid4().hex}", options
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster shared by the whole session (pipeline and Serve tests); logical CPUs oversubscribed."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

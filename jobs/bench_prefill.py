@@ -1,0 +1,57 @@
+"""Prefill benchmark: `python -m jobs.bench_prefill --out DIR [--size tiny|mid] [--frames 8 16 ...] [--capacity N]
+[--repeats N] [--device cpu|cuda] [--dtype float32|bfloat16]`.
+
+Prefills synthetic videos of growing length with Full, Window and StateKV on a random Qwen2-VL, writes
+DIR/prefill.json (raw numbers, config, versions) and DIR/prefill.png, and prints a summary table. The logic lives
+in `statekv.benchmarks.prefill`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from statekv.benchmarks.prefill import DEFAULT_FRAMES, MODEL_SIZES, BenchConfig, format_table, run_benchmark
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output directory (prefill.json, prefill.png)")
+    parser.add_argument("--size", choices=sorted(MODEL_SIZES), default="tiny", help="random model size")
+    parser.add_argument("--frames", type=int, nargs="+", default=list(DEFAULT_FRAMES),
+                        help="sampled frames per video (even; two frames per chunk)")
+    parser.add_argument("--capacity", type=int, default=None,
+                        help="Window/StateKV capacity in tokens (default: four chunks' tokens)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--height", type=int, default=None, help="frame height (default per size)")
+    parser.add_argument("--width", type=int, default=None, help="frame width (default per size)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 on cpu, steady on a shared machine; 0: torch's default)")
+    parser.add_argument("--checkpoint", default=None, help="benchmark this Qwen2-VL checkpoint instead")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting runs")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config = BenchConfig(size=args.size, frames=args.frames, capacity=args.capacity, repeats=args.repeats,
+                         device=args.device, dtype=args.dtype, height=args.height, width=args.width, threads=args.threads,
+                         checkpoint=args.checkpoint, measure_flops=not args.no_flops,
+                         measure_memory=not args.no_memory)
+    report = run_benchmark(config, args.out, log=lambda msg: print(f"[bench_prefill] {msg}", flush=True))
+    print(format_table(report))
+    print(f"json: {report['files']['json']}")
+    print(f"png:  {report['files']['png']}")
+    return report
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

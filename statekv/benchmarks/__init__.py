@@ -1,0 +1,1 @@
+"""Benchmarks of statekv (figures, not timed tests): `statekv.benchmarks.prefill` compares prefill policies."""
