@@ -229,9 +229,6 @@ class Engine:
                 layer_scores = None if scores is None else scores[layer][0, :, cache.prefix_len:]
                 states[layer] = self.policy.update(states[layer], chunk_state, layer_scores)
             # the chunk's own KV leaves the device now, one record per temporal patch
-            host_k = [k.to("cpu", copy=True) for k in keys]
-            host_v = [v.to("cpu", copy=True) for v in values]
-            del dyn, keys, values
             for j in range(grid_t):
                 rows = slice(j * tokens_per_chunk, (j + 1) * tokens_per_chunk)
                 frame_lo = first_frame + (step * step_frames) + j * a.temporal_patch_size
@@ -241,12 +238,14 @@ class Engine:
                     source_frames=cache.video.frame_indices[frame_lo:frame_hi],
                     timestamps=cache.video.timestamps[frame_lo:frame_hi],
                     position_ids=positions[:, rows].clone(),
-                    keys=[k[:, rows].clone() for k in host_k], values=[v[:, rows].clone() for v in host_v],
+                    keys=[k[:, rows].to("cpu", copy=True) for k in keys],
+                    values=[v[:, rows].to("cpu", copy=True) for v in values],
                 )
                 if sink is not None:
                     sink(chunk)
                 if keep_chunks:
                     cache.chunks.append(chunk)
+            del dyn, keys, values  # nothing of this step stays on the device but the carried state
             cache.grid_t += grid_t
             cache.max_position = max(cache.max_position, int(positions.max()))
             done += grid_t
