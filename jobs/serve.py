@@ -1,13 +1,89 @@
-"""Placeholder wiring for `statekv serve`: replaced by the serve work (add_arguments / run / main)."""
+"""Serve questions over stored caches over HTTP: a Ray Serve deployment on a local Ray cluster (blocks until Ctrl-C).
+
+    statekv serve --caches s3://bucket/caches --model Qwen/Qwen2.5-VL-7B-Instruct --port 8000 --num-gpus 1
+    curl -s localhost:8000/v1/ask -H 'content-type: application/json' -d '{"video_id": "clip", "question": "..."}'
+
+The same application is built from infra/serve/config.yaml by `serve run` / `serve deploy`
+(import path `pipelines.serving.app:app_builder`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register this command's flags on `parser`."""
+    parser.add_argument("--caches", required=True, metavar="ROOT",
+                        help="cache root: local directory or s3://bucket/prefix (only caches directly under it)")
+    parser.add_argument("--model", required=True, help="checkpoint directory or hub id the caches were made with")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (0 on CPU)")
+    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas (each loads the model once)")
+    parser.add_argument("--lru-bytes", type=int, default=4 << 30, help="host memory for loaded caches, per replica")
+    parser.add_argument("--max-question-chars", type=int, default=4000, help="longer questions get 413")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=512, help="largest max_new_tokens accepted")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, a local S3 server, ...)")
+    parser.add_argument("--region", help="S3 region (default: from the AWS environment)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (default: start a local one)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from pipelines.serving.config import ServiceConfig
+
+    return ServiceConfig(
+        model=args.model, caches_root=args.caches, endpoint_url=args.endpoint_url, region=args.region,
+        device=args.device, dtype=args.dtype, lru_bytes=args.lru_bytes, max_question_chars=args.max_question_chars,
+        max_new_tokens_limit=args.max_new_tokens_limit, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
+        autoscaling={"min_replicas": args.replicas, "max_replicas": args.replicas, "target_ongoing_requests": 8})
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("statekv serve: not available yet")
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from pipelines.serving.app import build_app
+
+    config = config_from_args(args)  # bad settings fail here, before any cluster starts
+
+    def stop(signum, frame):  # SIGTERM (kill, a container stop) shuts down like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    ray.init(address=args.address, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(config), name="statekv", route_prefix="/", blocking=False)
+        print(f"statekv serve: answering questions over {config.caches_root} with {config.model} at "
+              f"http://{args.host}:{args.port} (OpenAPI at /docs); Ctrl-C stops", file=sys.stderr, flush=True)
+        threading.Event().wait()  # until Ctrl-C (KeyboardInterrupt)
+    except KeyboardInterrupt:
+        print("statekv serve: stopping", file=sys.stderr)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as err:
+        print(f"statekv serve: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

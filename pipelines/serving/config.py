@@ -1,0 +1,64 @@
+"""Settings of the query service: one dataclass, built from CLI flags or from a Serve config's `args`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from statekv.store import StorageOptions
+
+
+@dataclass
+class ServiceConfig:
+    """What one query-service application needs: the model, the cache root, limits and resources."""
+
+    model: str  # checkpoint directory or hub id, loaded once per replica
+    caches_root: str  # local directory or s3://bucket/prefix; only caches directly under it are served
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, a loopback server)
+    region: str | None = None
+    storage_options: dict[str, Any] | None = None  # extra fsspec/s3fs options (key, secret, config_kwargs, ...)
+    device: str | None = None  # default: cuda when available
+    dtype: str | None = None  # float32 / bfloat16 / float16 (default: bfloat16 on cuda, float32 on cpu)
+    lru_bytes: int = 4 << 30  # host memory for loaded caches, per replica
+    max_question_chars: int = 4000
+    max_new_tokens_limit: int = 512
+    retry_after_s: int = 5  # Retry-After of a 503 when the store is unreachable
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    max_ongoing_requests: int = 16
+    autoscaling: dict[str, Any] = field(default_factory=lambda: {
+        "min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8})
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model is required (checkpoint directory or hub id)")
+        if not self.caches_root:
+            raise ValueError("caches_root is required (local directory or s3://bucket/prefix)")
+        for name in ("lru_bytes", "max_question_chars", "max_new_tokens_limit", "max_ongoing_requests"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise ValueError("num_gpus and num_cpus must be >= 0")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ServiceConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown query-service settings {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def storage(self) -> dict[str, Any] | None:
+        """fsspec options for the cache root (None for local roots with no settings)."""
+        opts = StorageOptions(endpoint_url=self.endpoint_url, region=self.region).to_fsspec()
+        if self.storage_options:
+            extra = dict(self.storage_options)
+            client = {**opts.get("client_kwargs", {}), **extra.pop("client_kwargs", {})}
+            opts.update(extra)
+            if client:
+                opts["client_kwargs"] = client
+        return opts or None
