@@ -25,12 +25,12 @@ from statekv.errors import ModelMismatchError, VideoError
 from statekv.generation import next_token
 from statekv.models import VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
-from statekv.video import (FramesSource, SamplingConfig, iter_frame_batches, open_video, preprocess_frames,
-                           sample_frames, smart_resize)
+from statekv.video import (FramesSource, SamplingConfig, VideoSource, iter_frame_batches, open_video,
+                           preprocess_frames, sample_frames, smart_resize)
 
 logger = logging.getLogger(__name__)
 
-VideoInput = str | os.PathLike | BinaryIO | np.ndarray
+VideoInput = str | os.PathLike | BinaryIO | np.ndarray | VideoSource
 ChunkSink = Callable[[ChunkKV], None]
 
 
@@ -99,21 +99,29 @@ class Engine:
                 sink: ChunkSink | None = None, keep_chunks: bool = True,
                 progress: Callable[[int, int], None] | None = None,
                 storage_options: dict[str, Any] | None = None) -> VideoKVCache:
-        """Prefill a video (path, URL, file object, or uint8 frames (T, H, W, 3) with their `fps`).
+        """Prefill a video (path, URL, file object, an opened `VideoSource`, or uint8 frames (T, H, W, 3) with
+        their `fps`).
 
-        Files and URLs are sampled at `sampling.fps`; frame arrays are taken as already sampled, at `fps`.
+        Files, URLs and sources are sampled at `sampling.fps`; frame arrays are taken as already sampled, at `fps`.
+        A `VideoSource` passed in stays open: its caller owns it.
         With `resume_from`, the frames continue that cache's video (its carried state and positions).
         Each chunk is passed to `sink` as soon as it is made; `keep_chunks=False` keeps none in the result.
         """
+        owned = not isinstance(video, VideoSource)
         source, indices, video_info = self._open(video, fps, storage_options)
         try:
             with torch.inference_mode():
                 return self._prefill(source, indices, video_info, resume_from, sink, keep_chunks, progress)
         finally:
-            source.close()
+            if owned:
+                source.close()
 
     def _open(self, video: VideoInput, fps: float | None, storage_options: dict[str, Any] | None):
-        if isinstance(video, np.ndarray):
+        if isinstance(video, VideoSource):
+            source = video
+            sampling = sample_frames(source.num_frames, source.fps, self.sampling, source=source.source)
+            indices, sampled_fps = sampling.indices, sampling.sampled_fps
+        elif isinstance(video, np.ndarray):
             if fps is None or fps <= 0:
                 raise VideoError("<frames>", "frames given as an array need their fps (fps=...)")
             source = FramesSource(video, fps)
@@ -128,7 +136,8 @@ class Engine:
                 raise
             indices, sampled_fps = sampling.indices, sampling.sampled_fps
         if len(indices) == 0:
-            source.close()
+            if not isinstance(video, VideoSource):
+                source.close()
             raise VideoError(source.source, "no frames to prefill")
         a = self.adapter
         frame_size = smart_resize(source.height, source.width, factor=a.patch_size * a.merge_size,

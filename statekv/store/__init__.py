@@ -37,6 +37,8 @@ def prefill_to_store(engine, video, uri: str | os.PathLike, *, mode: str = "over
     this call wrote anything.
     """
     writer_kwargs = dict(writer_kwargs or {})
+    # the video is stat-ed (size, etag) with the options it is read with, else the store's
+    writer_kwargs.setdefault("source_storage_options", prefill_kwargs.get("storage_options") or storage_options)
     if resume:
         base = load_cache(uri, storage_options=storage_options, filesystem=filesystem,
                           expect_fingerprint=engine.model_info().fingerprint)

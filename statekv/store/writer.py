@@ -113,7 +113,8 @@ class CacheWriter:
 
     def __init__(self, uri: str | os.PathLike, *, mode: str = "overwrite", int8: bool | None = None,
                  storage_options: StorageOptionsLike = None, filesystem: fsspec.AbstractFileSystem | None = None,
-                 chunks_per_row_group: int = 1, chunks_per_file: int = 256) -> None:
+                 chunks_per_row_group: int = 1, chunks_per_file: int = 256,
+                 source_storage_options: StorageOptionsLike = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown write mode {mode!r}; valid modes: {', '.join(MODES)}")
         if chunks_per_row_group < 1 or chunks_per_file < chunks_per_row_group:
@@ -124,6 +125,7 @@ class CacheWriter:
         self.fs, self.path = resolve(self.uri, storage_options, filesystem)
         self.video_id = self.path.rstrip("/").rsplit("/", 1)[-1]
         self.mode = mode
+        self.source_storage_options = source_storage_options  # to stat the source video (size, etag)
         self.chunks_per_row_group = chunks_per_row_group
         self.chunks_per_file = chunks_per_file
         try:
@@ -295,7 +297,7 @@ class CacheWriter:
             "format": "statekv-cache",
             "format_version": F.FORMAT_VERSION,
             "video_id": self.video_id,
-            "source": source_info(v.source),
+            "source": source_info(v.source, self.source_storage_options),
             "model": {"name_or_path": m.name_or_path, "model_type": m.model_type, "fingerprint": m.fingerprint,
                       "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
                       "video_token_id": m.video_token_id},
@@ -373,14 +375,14 @@ def meta_crc(row: dict[str, Any]) -> int:
     return serde.crc32(head, row["position_ids"])
 
 
-def source_info(source: str) -> dict[str, Any] | None:
+def source_info(source: str, storage_options: StorageOptionsLike = None) -> dict[str, Any] | None:
     """URI, size and etag/mtime of a video stat-able through fsspec; None for frame arrays and unknown sources."""
     if not source or source.startswith("<"):
         return None
     try:
-        fs, path = fsspec.core.url_to_fs(source)
+        fs, path = resolve(source, storage_options)
         info = fs.info(path)
-    except (OSError, ValueError, ImportError):
+    except (OSError, ValueError, ImportError):  # not stat-able (a tar member, a file object): the URI alone
         return {"uri": source}
     out: dict[str, Any] = {"uri": source, "size": info.get("size")}
     etag = info.get("ETag") or info.get("etag")

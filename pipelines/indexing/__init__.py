@@ -1,0 +1,14 @@
+"""Distributed indexing: video archives (prefix, glob, manifest, .tar shards) → StateKV caches, with Ray Data.
+
+    from pipelines.indexing import IndexConfig, run_index
+    summary = run_index(IndexConfig(input="s3://videos/", output="s3://caches/", model="Qwen/Qwen2-VL-2B-Instruct"))
+"""
+
+from pipelines.indexing.actor import IndexActor, PrefetchSource, prefill_source
+from pipelines.indexing.config import IndexConfig
+from pipelines.indexing.inputs import list_inputs
+from pipelines.indexing.pipeline import build, run_index
+from pipelines.indexing.report import Summary, read_report, write_report
+
+__all__ = ["IndexActor", "IndexConfig", "PrefetchSource", "Summary", "build", "list_inputs", "prefill_source",
+           "read_report", "run_index", "write_report"]

@@ -1,0 +1,323 @@
+"""The model actor: one engine per actor, one video at a time, decoding overlapped with the model.
+
+`IndexActor` is a plain class (model built in `__init__`, work in `__call__`), so tests call it on a hand-made
+batch with no Ray running; `pipeline.build` wraps it in `map_batches(..., compute=ActorPoolStrategy(...))`.
+
+Overlap: a background thread decodes frame batches (decord/PyAV, through `statekv.video.open_video`) into a
+bounded queue while the engine runs the model on the previous batch (`PrefetchSource`). Memory per video is
+bounded by the queue depth times one batch, whatever the video's length; the time the model waits on the queue
+is measured and reported (`decode_wait_s`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import resource
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from pipelines.indexing.config import IndexConfig
+from pipelines.indexing.inputs import fetch_file, fetch_member
+from statekv.errors import EmptyVideoError, VideoError, VideoNotFoundError
+from statekv.store import CacheStoreError, CacheWriter, read_manifest
+from statekv.store.errors import CacheNotFoundError
+from statekv.store.fs import resolve
+from statekv.video import iter_frame_batches, open_video
+
+logger = logging.getLogger(__name__)
+
+REPORT_COLUMNS = ("video_id", "source", "status", "chunks", "tokens", "frames", "bytes_written", "seconds",
+                  "decode_wait_s", "peak_bytes", "maxrss_delta_bytes", "error")
+
+
+def report_row(row: dict[str, Any], status: str, *, error: str = "", **fields: Any) -> dict[str, Any]:
+    source = row["uri"] + (f"#{row['member']}" if row.get("member") else "")
+    out = {"video_id": row["video_id"], "source": source, "status": status, "chunks": 0, "tokens": 0,
+           "frames": 0, "bytes_written": 0, "seconds": 0.0, "decode_wait_s": 0.0, "peak_bytes": 0,
+           "maxrss_delta_bytes": 0, "error": error}
+    out.update(fields)
+    return out
+
+
+# --- frame sources ---------------------------------------------------------------------------------------------
+
+
+class ClipSource:
+    """The frames of `base` within [start, end) seconds, presented as a video of its own (timestamps from 0)."""
+
+    def __init__(self, base, start: float, end: float) -> None:
+        self.base, self.source, self.fps = base, base.source, base.fps
+        self.height, self.width = base.height, base.width
+        first = 0 if math.isnan(start) else max(0, math.ceil(start * base.fps - 1e-6))
+        last = base.num_frames if math.isnan(end) else min(base.num_frames, math.ceil(end * base.fps - 1e-6))
+        if last <= first:
+            raise EmptyVideoError(base.source, f"no frames in [{start}, {end}) s of a {base.num_frames}-frame video")
+        self.offset, self.num_frames = first, last - first
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        return self.base.read(np.asarray(indices, dtype=np.int64) + self.offset)
+
+    def iter_batches(self, indices: np.ndarray, batch_frames: int) -> Iterator[np.ndarray]:
+        return iter_frame_batches(self.base, np.asarray(indices, dtype=np.int64) + self.offset, batch_frames)
+
+    def close(self) -> None:
+        self.base.close()
+
+
+_DONE = object()
+
+
+class PrefetchSource:
+    """Decode `base`'s frame batches on a background thread, at most `depth` batches ahead of the consumer.
+
+    `wait_s` adds up the time the consumer (the model) spent waiting for a decoded batch.
+    """
+
+    def __init__(self, base, depth: int = 4) -> None:
+        self.base, self.depth = base, max(1, depth)
+        self.source, self.fps, self.num_frames = base.source, base.fps, base.num_frames
+        self.height, self.width = base.height, base.width
+        self.wait_s = 0.0
+        self.frames = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        return self.base.read(indices)
+
+    def iter_batches(self, indices: np.ndarray, batch_frames: int) -> Iterator[np.ndarray]:
+        q: queue.Queue = queue.Queue(maxsize=self.depth)
+
+        def put(item) -> bool:
+            while not self._stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for batch in iter_frame_batches(self.base, indices, batch_frames):
+                    if not put(batch):
+                        return
+                put(_DONE)
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
+                put(err)
+
+        self._thread = threading.Thread(target=produce, name=f"decode-{os.getpid()}", daemon=True)
+        self._thread.start()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = q.get()
+                self.wait_s += time.perf_counter() - t0
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                self.frames += len(item)
+                yield item
+        finally:
+            self._stop.set()
+            self._thread.join()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.base.close()
+
+
+def prefill_source(engine, source, *, sink, progress=None):
+    """Prefill an opened `VideoSource` (clipped, prefetching) into `sink`; returns the chunk-less cache."""
+    return engine.prefill(source, sink=sink, keep_chunks=False, progress=progress)
+
+
+# --- the probe stage (CPU tasks) -----------------------------------------------------------------------------
+
+
+def probe_rows(batch: dict[str, np.ndarray], *, config: IndexConfig) -> dict[str, np.ndarray]:
+    """Cheap checks before a video takes an actor: missing or zero-length inputs fail, committed caches skip."""
+    rows = _rows(batch)
+    for row in rows:
+        if row["status"]:
+            continue
+        if not config.overwrite:
+            try:
+                m = read_manifest(cache_uri(config, row["video_id"]), storage_options=config.storage_options)
+            except CacheNotFoundError:
+                m = None
+            if m is not None:
+                row.update(status="skipped", error="committed cache exists")
+                continue
+        if row["member"]:
+            size = row["size"]
+        else:
+            fs, path = resolve(row["uri"], config.storage_options)
+            try:
+                size = int(fs.info(path).get("size") or 0)
+            except FileNotFoundError:
+                row.update(status="failed", error="missing: no such file")
+                continue
+        if size == 0:
+            row.update(status="failed", error="zero-length file")
+        row["size"] = size
+    return _columns(rows, list(batch))
+
+
+def cache_uri(config: IndexConfig, video_id: str) -> str:
+    return f"{config.output.rstrip('/')}/{video_id}"
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    names = list(batch)
+    n = len(batch[names[0]]) if names else 0
+    return [{k: _py(batch[k][i]) for k in names} for i in range(n)]
+
+
+def _py(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _columns(rows: list[dict[str, Any]], names) -> dict[str, np.ndarray]:
+    return {k: np.array([r[k] for r in rows], dtype=object if isinstance(rows[0][k], str) else None)
+            for k in names} if rows else {k: np.array([]) for k in names}
+
+
+# --- the model actor ---------------------------------------------------------------------------------------------
+
+
+class IndexActor:
+    """Holds one engine; `__call__` indexes each row of a batch and returns one report row per video."""
+
+    def __init__(self, config: IndexConfig | dict[str, Any]) -> None:
+        import torch
+
+        from statekv import Engine
+        from statekv.policies import make_policy
+        from statekv.video import SamplingConfig
+
+        self.config = config if isinstance(config, IndexConfig) else IndexConfig(**config)
+        c = self.config
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("pipelines").setLevel(logging.INFO)
+        settings = {} if c.policy == "full" else {"capacity": c.capacity}
+        pixels = {k: v for k, v in (("min_pixels", c.min_pixels), ("max_pixels", c.max_pixels)) if v is not None}
+        self.engine = Engine.from_pretrained(
+            c.model, policy=make_policy(c.policy, **settings), device=c.device,
+            dtype=getattr(torch, c.dtype) if c.dtype else None, sampling=SamplingConfig(fps=c.fps, **pixels),
+            chunks_per_step=c.chunks_per_step)
+        logger.info("actor %d ready: %s on %s", os.getpid(), c.model, self.engine.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = [self.index_one(row) for row in _rows(batch)]
+        return _columns(out, REPORT_COLUMNS)
+
+    def index_one(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Index one video row; expected per-video failures become a failed report row."""
+        if row["status"] == "skipped":
+            return report_row(row, "skipped", error=row["error"])
+        if row["status"] == "failed":
+            return report_row(row, "failed", error=row["error"])
+        start = time.perf_counter()
+        try:
+            return self._index(row, start)
+        except (VideoError, CacheStoreError, EOFError) as err:
+            logger.warning("%s failed: %s", row["video_id"], err)
+            return report_row(row, "failed", error=f"{type(err).__name__}: {err}",
+                              seconds=time.perf_counter() - start)
+
+    def _index(self, row: dict[str, Any], start: float) -> dict[str, Any]:
+        c = self.config
+        scratch = None
+        try:
+            if row["member"]:  # a tar member: its bytes go to local scratch, then to the decoder
+                suffix = os.path.splitext(row["member"])[1]
+                fd, scratch = tempfile.mkstemp(prefix="statekv-index-", suffix=suffix, dir=c.scratch_dir)
+                os.close(fd)
+                try:
+                    fetch_member(row, scratch, c.storage_options)
+                except FileNotFoundError as err:
+                    raise VideoNotFoundError(row["uri"], "shard not found") from err
+                local = scratch
+            elif "://" in row["uri"] and not row["uri"].startswith("file://"):
+                suffix = os.path.splitext(row["uri"])[1]
+                fd, scratch = tempfile.mkstemp(prefix="statekv-index-", suffix=suffix, dir=c.scratch_dir)
+                os.close(fd)
+                try:
+                    fetch_file(row["uri"], scratch, c.storage_options)
+                except FileNotFoundError as err:
+                    raise VideoNotFoundError(row["uri"], "no such file") from err
+                local = scratch
+            else:
+                local = row["uri"]
+            return self._prefill(row, local, start)
+        finally:
+            if scratch is not None and os.path.exists(scratch):
+                os.remove(scratch)
+
+    def _prefill(self, row: dict[str, Any], local: str, start: float) -> dict[str, Any]:
+        from statekv.profiling import peak_memory
+
+        c = self.config
+        video_id = row["video_id"]
+        base = open_video(local, backend=c.backend)
+        try:
+            source = PrefetchSource(ClipSource(base, row["start"], row["end"]), depth=c.prefetch_batches)
+        except BaseException:
+            base.close()
+            raise
+        source.source = _source_name(row, c)
+        progress = self._progress(video_id)
+        rss0 = _maxrss()
+        mode = "overwrite" if c.overwrite else "skip"
+        try:
+            with CacheWriter(cache_uri(c, video_id), mode=mode, int8=c.int8, storage_options=c.storage_options,
+                             source_storage_options=c.storage_options) as writer:
+                if writer.skipped:  # committed after the probe looked (a retried or concurrent task)
+                    return report_row(row, "skipped", error="committed cache exists")
+                if c.track_memory:
+                    with peak_memory(self.engine.device) as mem:
+                        cache = prefill_source(self.engine, source, sink=writer.write_chunk, progress=progress)
+                    peak = mem.peak_bytes
+                else:
+                    cache = prefill_source(self.engine, source, sink=writer.write_chunk, progress=progress)
+                    peak = 0
+                manifest = writer.commit(cache)
+        finally:
+            source.close()
+        totals = manifest["totals"]
+        seconds = time.perf_counter() - start
+        logger.info("%s committed: %d chunks, %d tokens, %d bytes in %.1f s (waited %.2f s on decoding)",
+                    video_id, totals["chunks"], totals["tokens"], totals["bytes"], seconds, source.wait_s)
+        return report_row(row, "ok", chunks=totals["chunks"], tokens=totals["tokens"], frames=source.frames,
+                          bytes_written=totals["bytes"], seconds=seconds, decode_wait_s=source.wait_s,
+                          peak_bytes=int(peak), maxrss_delta_bytes=_maxrss() - rss0)
+
+    def _progress(self, video_id: str):
+        every = max(1, self.config.log_every)
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done % every == 0:
+                logger.info("%s: %d/%d chunks", video_id, done, total)
+
+        return progress
+
+
+def _source_name(row: dict[str, Any], config: IndexConfig) -> str:
+    """The video's name in the cache's manifest: its URI, and the member's name for a tar shard."""
+    return row["uri"] + (f"#{row['member']}" if row["member"] else "")
+
+
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

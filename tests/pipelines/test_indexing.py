@@ -1,0 +1,217 @@
+"""The Ray Data indexing pipeline: inputs, end to end on S3, resume after a killed driver, bounded actor memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.indexing import IndexActor, IndexConfig, list_inputs, read_report, run_index
+from pipelines.indexing.inputs import expand_shard
+from statekv.store import list_caches, load_cache, read_manifest
+from statekv.testing.videos import synthetic_frames, write_video
+from statekv.video_ids import validate_video_id, video_id_from_path
+
+PIXELS = {"min_pixels": 28 * 28, "max_pixels": 56 * 84}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(model: str, input: str, output: str, **kw) -> IndexConfig:
+    return IndexConfig(input=input, output=output, model=model, capacity=24, fps=4.0, **PIXELS, **kw)
+
+
+def _videos(folder: Path, lengths: dict[str, int]) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for i, (name, n) in enumerate(lengths.items()):
+        out[name] = folder / f"{name}.mp4"
+        write_video(out[name], synthetic_frames(n, seed=i), fps=4.0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoints):
+    from statekv import Engine
+    from statekv.policies import make_policy
+    from statekv.video import SamplingConfig
+
+    return Engine.from_pretrained(tiny_checkpoints["qwen2_vl"], policy=make_policy("statekv", capacity=24),
+                                  device="cpu", sampling=SamplingConfig(fps=4.0, **PIXELS))
+
+
+def _answer(engine, cache) -> list[int]:
+    return engine.ask(cache, "What happens?", max_new_tokens=6).token_ids
+
+
+def test_video_ids_are_stable_and_safe():
+    assert video_id_from_path("a.mp4") == "a"
+    assert video_id_from_path("x/y/z.mkv") == "x--y--z"
+    odd = video_id_from_path("dir/clip 1 (final).mp4")
+    assert odd == video_id_from_path("dir/clip 1 (final).mp4") and validate_video_id(odd)
+    assert odd.startswith("dir--clip_1_final_-")
+    assert validate_video_id(video_id_from_path("../parts-1.mp4"))
+    with pytest.raises(ValueError):
+        validate_video_id("../etc")
+
+
+def test_actor_on_a_hand_made_batch_without_ray(tiny_checkpoints, tmp_path, engine):
+    """The actor is a plain class: one call on a batch of two rows (one good, one zero bytes) gives two rows."""
+    videos = _videos(tmp_path / "in", {"a": 8})
+    (tmp_path / "in" / "empty.mp4").write_bytes(b"")
+    config = _config(tiny_checkpoints["qwen2_vl"], str(tmp_path / "in"), str(tmp_path / "out"), track_memory=True)
+    rows = list_inputs(config.input)
+    from pipelines.indexing.actor import _columns, probe_rows
+
+    batch = probe_rows(_columns(rows, list(rows[0])), config=config)
+    out = IndexActor(config)(batch)
+    by_id = dict(zip(out["video_id"], out["status"]))
+    assert by_id == {"a": "ok", "empty": "failed"}
+    assert "zero-length" in out["error"][list(out["video_id"]).index("empty")]
+    assert out["peak_bytes"][list(out["video_id"]).index("a")] > 0
+    direct = engine.prefill(str(videos["a"]))
+    assert _answer(engine, load_cache(str(tmp_path / "out" / "a"))) == _answer(engine, direct)
+
+
+def test_end_to_end_on_s3(ray_cluster, tiny_checkpoints, s3_server, tmp_path, engine):
+    """Five videos on S3, one corrupt and one empty: three committed caches equal to direct prefill, two failures."""
+    import s3fs
+
+    endpoint, options = s3_server
+    videos = _videos(tmp_path / "src", {"v0": 8, "v1": 12, "v2": 16})
+    (tmp_path / "src" / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "src" / "empty.mp4").write_bytes(b"")
+    fs = s3fs.S3FileSystem(**options.to_fsspec(), skip_instance_cache=True)
+    for p in sorted((tmp_path / "src").iterdir()):
+        fs.put_file(str(p), f"caches/e2e-in/sub/{p.name}")
+    config = _config(tiny_checkpoints["qwen2_vl"], "s3://caches/e2e-in/", "s3://caches/e2e-out",
+                     storage_options=options, actors=2)
+    summary = run_index(config, echo=lambda s: None)
+    assert (summary.ok, summary.failed, summary.skipped) == (3, 2, 0)
+    report = {r["video_id"]: r for r in read_report(summary.report_uri, options)}
+    assert {k: r["status"] for k, r in report.items()} == {
+        "sub--v0": "ok", "sub--v1": "ok", "sub--v2": "ok", "sub--corrupt": "failed", "sub--empty": "failed"}
+    assert "zero-length" in report["sub--empty"]["error"]
+    assert "VideoDecodeError" in report["sub--corrupt"]["error"]
+    entries = list_caches("s3://caches/e2e-out", storage_options=options)
+    assert [e.video_id for e in entries] == ["sub--v0", "sub--v1", "sub--v2"]
+    for name, path in videos.items():
+        stored = load_cache(f"s3://caches/e2e-out/sub--{name}", storage_options=options)
+        assert report[f"sub--{name}"]["chunks"] == stored.grid_t
+        assert _answer(engine, stored) == _answer(engine, engine.prefill(str(path)))
+    # the same job again skips everything committed
+    again = run_index(config, echo=lambda s: None)
+    assert (again.ok, again.skipped, again.failed) == (0, 3, 2)
+
+
+def test_manifest_input_with_ids_and_time_ranges(ray_cluster, tiny_checkpoints, tmp_path, engine):
+    videos = _videos(tmp_path / "in", {"long": 16, "short": 8})
+    manifest = tmp_path / "in" / "list.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in [
+        {"uri": "long.mp4", "video_id": "first-half", "start": 0.0, "end": 2.0},
+        {"uri": str(videos["short"])},
+        {"uri": "missing.mp4", "video_id": "gone"},
+        {"uri": "short.mp4", "video_id": "../bad"},
+    ]))
+    config = _config(tiny_checkpoints["qwen2_vl"], str(manifest), str(tmp_path / "out"))
+    summary = run_index(config, echo=lambda s: None)
+    statuses = {r["video_id"]: (r["status"], r["error"]) for r in summary.rows}
+    assert statuses["first-half"][0] == "ok" and statuses["short"][0] == "ok"
+    assert statuses["gone"] == ("failed", "missing: no such file")
+    assert [s for s, _ in statuses.values()].count("failed") == 2
+    clip = load_cache(str(tmp_path / "out" / "first-half"))
+    assert clip.video.total_frames == 8  # 2 s at 4 fps
+    frames = synthetic_frames(16, seed=0)[:8]
+    assert clip.grid_t == engine.prefill(frames, fps=4.0).grid_t
+
+
+def test_tar_shard_input(ray_cluster, tiny_checkpoints, tmp_path, engine):
+    videos = _videos(tmp_path / "src", {"a": 8, "b": 12})
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "shard-000.tar", "w") as tar:
+        for name, path in videos.items():
+            tar.add(path, arcname=f"clips/{name}.mp4")
+            info = tarfile.TarInfo(f"clips/{name}.json")
+            payload = b'{"caption": "x"}'
+            info.size = len(payload)
+            import io
+
+            tar.addfile(info, io.BytesIO(payload))
+    rows = list_inputs(str(shards))
+    assert [r["member"] for r in rows] == ["*"]
+    members = expand_shard(rows[0])
+    assert [r["video_id"] for r in members] == ["shard-000--clips--a", "shard-000--clips--b"]
+    config = _config(tiny_checkpoints["qwen2_vl"], str(shards / "*.tar"), str(tmp_path / "out"))
+    summary = run_index(config, echo=lambda s: None)
+    assert (summary.ok, summary.failed) == (2, 0)
+    for name, path in videos.items():
+        stored = load_cache(str(tmp_path / "out" / f"shard-000--clips--{name}"))
+        assert _answer(engine, stored) == _answer(engine, engine.prefill(str(path)))
+
+
+def _index_cmd(model: str, input: str, output: str, address: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.index_videos", "--input", input, "--output", output, "--model", model,
+            "--address", address, "--capacity", "24", "--fps", "4", "--min-pixels", str(PIXELS["min_pixels"]),
+            "--max-pixels", str(PIXELS["max_pixels"]), "--decode-cpus", "1", *extra]
+
+
+def _fingerprint(uri: str) -> tuple:
+    m = read_manifest(uri)
+    cache = load_cache(uri)
+    keys = torch.stack([torch.cat([c.keys[0].flatten() for c in cache.chunks])]).sum().item()
+    return m["totals"]["chunks"], m["totals"]["tokens"], round(keys, 4)
+
+
+def test_killed_driver_then_rerun_commits_each_cache_once(ray_cluster, tiny_checkpoints, tmp_path):
+    """SIGKILL of the driver mid-run, then the same job again: every cache committed once, like a clean run."""
+    names = {f"k{i}": 16 for i in range(3)}
+    _videos(tmp_path / "in", names)
+    address = ray_cluster.get_runtime_context().gcs_address
+    model = tiny_checkpoints["qwen2_vl"]
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(_index_cmd(model, str(tmp_path / "in"), str(out), address), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*/manifest.json")):
+        assert proc.poll() is None, "the job ended before it was killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed_before = len(list(out.glob("*/manifest.json")))
+    assert 1 <= committed_before <= len(names)
+    rerun = subprocess.run(_index_cmd(model, str(tmp_path / "in"), str(out), address), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    clean = tmp_path / "clean"
+    run_index(_config(model, str(tmp_path / "in"), str(clean)), echo=lambda s: None)
+    entries = list_caches(str(out))
+    assert sorted(e.video_id for e in entries) == sorted(names)
+    for name in names:
+        folder = out / name
+        m = read_manifest(str(folder))
+        named = {f["path"].split("/")[0] for f in m["files"]}
+        on_disk = {p.name for p in folder.iterdir() if p.name != "manifest.json"}
+        assert on_disk == named, "leftover attempt folders"
+        assert _fingerprint(str(folder)) == _fingerprint(str(clean / name))
+
+
+def test_actor_memory_does_not_grow_with_video_length(ray_cluster, tiny_checkpoints, tmp_path):
+    """Peak tensor memory of a model actor for a 4x longer video stays within a small margin of the short one's."""
+    _videos(tmp_path / "in", {"short": 16, "long": 64})
+    config = _config(tiny_checkpoints["qwen2_vl"], str(tmp_path / "in"), str(tmp_path / "out"), track_memory=True,
+                     prefetch_batches=2)
+    summary = run_index(config, echo=lambda s: None)
+    rows = {r["video_id"]: r for r in summary.rows}
+    assert rows["long"]["chunks"] == 4 * rows["short"]["chunks"]
+    short, long = rows["short"]["peak_bytes"], rows["long"]["peak_bytes"]
+    assert 0 < short and long <= 1.25 * short, (short, long)
