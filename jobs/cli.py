@@ -14,6 +14,8 @@ import logging
 import sys
 from typing import Any
 
+from jobs.options import add_prefill_options
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -50,13 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("video", metavar="VIDEO", help="video path or URL (s3://...)")
     _add_model_args(p, required=True)
     p.add_argument("--out", required=True, metavar="URI", help="cache location: <root>/<video_id> (local or s3://)")
-    p.add_argument("--policy", default="statekv", choices=["statekv", "window", "full"], help="carried-state policy")
-    p.add_argument("--capacity", type=int, default=4096, help="carried tokens per layer (statekv, window)")
-    p.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
-    p.add_argument("--min-pixels", type=int, default=None, help="minimum pixels per frame after resizing")
-    p.add_argument("--max-pixels", type=int, default=None, help="maximum pixels per frame after resizing")
-    p.add_argument("--chunks-per-step", type=int, default=1, help="temporal chunks (frame pairs) per model call")
-    p.add_argument("--int8", action="store_true", help="store K/V as int8 with scales")
+    add_prefill_options(p)
     p.add_argument("--mode", choices=["overwrite", "skip"], default="overwrite",
                    help="what to do when a committed cache exists at --out")
     p.add_argument("--resume", action="store_true", help="append VIDEO's frames to the committed cache at --out")

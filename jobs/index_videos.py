@@ -16,6 +16,8 @@ import argparse
 import logging
 import sys
 
+from jobs.options import add_prefill_options
+
 
 def add_arguments(parser: argparse.ArgumentParser, *, positional: bool = True) -> None:
     """Register this command's flags on `parser` (INPUT and OUTPUT positional, or --input/--output)."""
@@ -31,14 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, positional: bool = True) -
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (0: CPU actors)")
     parser.add_argument("--decode-cpus", type=float, default=1.0,
                         help="CPUs reserved per actor for its decode thread (and the model on CPU actors)")
-    parser.add_argument("--policy", default="statekv", choices=["statekv", "window", "full"],
-                        help="carried-state policy")
-    parser.add_argument("--capacity", type=int, default=4096, help="carried tokens per layer (statekv, window)")
-    parser.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
-    parser.add_argument("--min-pixels", type=int, default=None, help="minimum pixels per frame after resizing")
-    parser.add_argument("--max-pixels", type=int, default=None, help="maximum pixels per frame after resizing")
-    parser.add_argument("--chunks-per-step", type=int, default=1, help="temporal chunks per model call")
-    parser.add_argument("--int8", action="store_true", help="store K/V as int8 with scales")
+    add_prefill_options(parser)
     parser.add_argument("--overwrite", action="store_true", help="redo committed caches (default: skip them)")
     parser.add_argument("--backend", default="auto", choices=["auto", "decord", "pyav"], help="video decoder")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when the actor has a GPU)")
