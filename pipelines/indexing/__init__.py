@@ -4,11 +4,11 @@
     summary = run_index(IndexConfig(input="s3://videos/", output="s3://caches/", model="Qwen/Qwen2-VL-2B-Instruct"))
 """
 
-from pipelines.indexing.actor import IndexActor, PrefetchSource, prefill_source
+from pipelines.indexing.actor import IndexActor, PrefetchSource
 from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import list_inputs
 from pipelines.indexing.pipeline import build, run_index
 from pipelines.indexing.report import Summary, read_report, write_report
 
-__all__ = ["IndexActor", "IndexConfig", "PrefetchSource", "Summary", "build", "list_inputs", "prefill_source",
+__all__ = ["IndexActor", "IndexConfig", "PrefetchSource", "Summary", "build", "list_inputs",
            "read_report", "run_index", "write_report"]

@@ -11,6 +11,7 @@ is measured and reported (`decode_wait_s`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ import numpy as np
 from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import fetch_file, fetch_member
 from statekv.errors import EmptyVideoError, VideoError, VideoNotFoundError
-from statekv.store import CacheStoreError, CacheWriter, read_manifest
+from statekv.store import CacheStoreError, prefill_to_store, read_manifest
 from statekv.store.errors import CacheNotFoundError
 from statekv.store.fs import resolve
 from statekv.video import iter_frame_batches, open_video
@@ -136,11 +137,6 @@ class PrefetchSource:
         if self._thread is not None:
             self._thread.join()
         self.base.close()
-
-
-def prefill_source(engine, source, *, sink, progress=None):
-    """Prefill an opened `VideoSource` (clipped, prefetching) into `sink`; returns the chunk-less cache."""
-    return engine.prefill(source, sink=sink, keep_chunks=False, progress=progress)
 
 
 # --- the probe stage (CPU tasks) -----------------------------------------------------------------------------
@@ -282,20 +278,14 @@ class IndexActor:
         rss0 = _maxrss()
         mode = "overwrite" if c.overwrite else "skip"
         try:
-            with CacheWriter(cache_uri(c, video_id), mode=mode, int8=c.int8, storage_options=c.storage_options,
-                             source_storage_options=c.storage_options) as writer:
-                if writer.skipped:  # committed after the probe looked (a retried or concurrent task)
-                    return report_row(row, "skipped", error="committed cache exists")
-                if c.track_memory:
-                    with peak_memory(self.engine.device) as mem:
-                        cache = prefill_source(self.engine, source, sink=writer.write_chunk, progress=progress)
-                    peak = mem.peak_bytes
-                else:
-                    cache = prefill_source(self.engine, source, sink=writer.write_chunk, progress=progress)
-                    peak = 0
-                manifest = writer.commit(cache)
+            with peak_memory(self.engine.device) if c.track_memory else contextlib.nullcontext() as mem:
+                manifest = prefill_to_store(self.engine, source, cache_uri(c, video_id), mode=mode, int8=c.int8,
+                                            storage_options=c.storage_options, progress=progress)
         finally:
             source.close()
+        if manifest["skipped"]:  # committed after the probe looked (a retried or concurrent task)
+            return report_row(row, "skipped", error="committed cache exists")
+        peak = mem.peak_bytes if mem is not None else 0
         totals = manifest["totals"]
         seconds = time.perf_counter() - start
         logger.info("%s committed: %d chunks, %d tokens, %d bytes in %.1f s (waited %.2f s on decoding)",
