@@ -89,12 +89,7 @@ def run(checkpoint: str | None = None, *, num_chunks: int = 200, frame_hw: tuple
             row: dict[str, Any] = {}
             for storage in ("native", "int8"):
                 uri = f"{root}/video-{storage}"
-                t0 = time.perf_counter()
-                m = save_cache(cache, uri, int8=storage == "int8", storage_options=opts)
-                write_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                loaded = load_cache(uri, lazy=False, storage_options=opts)
-                read_s = time.perf_counter() - t0
+                m, write_s, read_s = _timed_round_trip(cache, uri, storage == "int8", opts)
                 n = m["totals"]["bytes"]
                 row[storage] = {"bytes": n, "bytes_per_chunk": n / num_chunks, "write_s": write_s,
                                 "read_s": read_s, "write_MBps": _mb(n) / write_s, "read_MBps": _mb(n) / read_s}
@@ -102,7 +97,6 @@ def run(checkpoint: str | None = None, *, num_chunks: int = 200, frame_hw: tuple
                 part = load_cache(uri, chunks=range(10), storage_options=opts)
                 list(part.chunks)
                 row[storage]["read_10_chunks_s"] = time.perf_counter() - t0
-                del loaded
             t0 = time.perf_counter()
             prefill_to_store(engine, frames, f"{root}/video-streamed", storage_options=opts, fps=2.0)
             row["prefill_to_store_s"] = time.perf_counter() - t0
@@ -163,12 +157,7 @@ def run(checkpoint: str | None = None, *, num_chunks: int = 200, frame_hw: tuple
                 row = {}
                 for storage in ("native", "int8"):
                     uri = f"{root}/large-{storage}"
-                    t0 = time.perf_counter()
-                    m = save_cache(big, uri, int8=storage == "int8", storage_options=opts)
-                    write_s = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    load_cache(uri, lazy=False, storage_options=opts)
-                    read_s = time.perf_counter() - t0
+                    m, write_s, read_s = _timed_round_trip(big, uri, storage == "int8", opts)
                     n = m["totals"]["bytes"]
                     row[storage] = {"bytes_per_chunk": n / large_chunks, "write_MBps": _mb(n) / write_s,
                                     "read_MBps": _mb(n) / read_s}
@@ -179,3 +168,13 @@ def run(checkpoint: str | None = None, *, num_chunks: int = 200, frame_hw: tuple
     return result
 
 
+def _timed_round_trip(cache: "VideoKVCache", uri: str, int8: bool, opts: Any) -> tuple[dict[str, Any], float, float]:
+    """Save `cache` to `uri`, load it back eagerly: (manifest, write seconds, read seconds)."""
+    from statekv.store import load_cache, save_cache
+
+    t0 = time.perf_counter()
+    manifest = save_cache(cache, uri, int8=int8, storage_options=opts)
+    write_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    load_cache(uri, lazy=False, storage_options=opts)
+    return manifest, write_s, time.perf_counter() - t0
