@@ -13,34 +13,23 @@ import httpx
 import pytest
 
 from pipelines.serving.config import ServiceConfig
-from pipelines.serving.service import BadRequest, CacheLRU, Conflict, NotFound, PayloadTooLarge, QueryService
-from statekv import Engine
+from pipelines.serving.service import (BadRequest, CacheLRU, Conflict, NotFound, PayloadTooLarge, QueryService,
+                                       Unprocessable)
 from statekv.store import load_cache, prefill_to_store
 from statekv.testing.videos import synthetic_frames
-from statekv.video import SamplingConfig
 
-SAMPLING = SamplingConfig(min_pixels=28 * 28, max_pixels=56 * 84)
 QUESTIONS = ["What happens?", "Which colour is the square?"]
 TOKENS = 8
 
 
-def _engine(path: str) -> Engine:
-    return Engine.from_pretrained(path, device="cpu", sampling=SAMPLING)
-
-
 @pytest.fixture(scope="module")
-def engine(tiny_checkpoints) -> Engine:
-    return _engine(tiny_checkpoints["qwen2_vl"])
-
-
-@pytest.fixture(scope="module")
-def store(s3_server, tiny_checkpoints, engine):
+def store(s3_server, tiny_checkpoints, engine, make_engine):
     """(root, storage options) on the loopback S3 server: clip_a, clip_b (qwen2_vl) and other_model (qwen2_5_vl)."""
     endpoint, options = s3_server
     root = f"s3://caches/serving-{uuid.uuid4().hex[:8]}"
     prefill_to_store(engine, synthetic_frames(8, 56, 84, seed=0), f"{root}/clip_a", fps=2.0, storage_options=options)
     prefill_to_store(engine, synthetic_frames(8, 56, 84, seed=1), f"{root}/clip_b", fps=2.0, storage_options=options)
-    other = _engine(tiny_checkpoints["qwen2_5_vl"])
+    other = make_engine(tiny_checkpoints["qwen2_5_vl"])
     prefill_to_store(other, synthetic_frames(8, 56, 84, seed=2), f"{root}/other_model", fps=2.0,
                      storage_options=options)
     return root, options
