@@ -393,9 +393,11 @@ def test_statekv_serve_arguments():
     from jobs.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--caches", "s3://b/caches", "--model", "m", "--port", "9000",
-                                      "--num-gpus", "1", "--lru-bytes", "1000", "--endpoint-url", "http://s3:9000"])
+                                      "--num-gpus", "1", "--lru-bytes", "1000", "--endpoint-url", "http://s3:9000",
+                                      "--max-question-tokens", "300", "--revalidate-s", "0"])
     config = serve_job.config_from_args(args)
     assert (config.caches_root, config.model, config.num_gpus, config.lru_bytes) == ("s3://b/caches", "m", 1.0, 1000)
+    assert (config.max_question_tokens, config.revalidate_s) == (300, 0.0)
     assert config.storage() == {"client_kwargs": {"endpoint_url": "http://s3:9000"}}
     with pytest.raises(ValueError, match="unknown query-service settings"):
         ServiceConfig.from_dict({"model": "m", "caches_root": "r", "lru": 1})
