@@ -217,11 +217,12 @@ class QueryService:
         uri = self.uri_of(video_id)
         what = f"video {video_id!r}"
         identity = self._store_call(what, lambda: self.manifest_identity(video_id))
-        manifest = self._store_call(what, lambda: read_manifest(uri, storage_options=self.storage_options))
+        fs, _ = self.filesystem()  # one client for every read (a new S3 client per call costs more than the read)
+        manifest = self._store_call(what, lambda: read_manifest(uri, filesystem=fs))
         self._check_model(video_id, manifest)
         self._count("store_loads")
         cache = self._store_call(what, lambda: load_cache(
-            uri, lazy=False, storage_options=self.storage_options, expect_fingerprint=self.model_info.fingerprint))
+            uri, lazy=False, filesystem=fs, expect_fingerprint=self.model_info.fingerprint))
         return _Loaded(cache, identity, time.monotonic()), cache.nbytes
 
     def _check_model(self, video_id: str, manifest: dict[str, Any]) -> None:
@@ -415,7 +416,8 @@ class QueryService:
         """What `statekv inspect` shows for one cache, as JSON (plus its text and whether this model can use it)."""
         vid = self.check_video_id(video_id)
         what = f"video {vid!r}"
-        m = self._store_call(what, lambda: read_manifest(self.uri_of(vid), storage_options=self.storage_options))
+        fs, _ = self.filesystem()
+        m = self._store_call(what, lambda: read_manifest(self.uri_of(vid), filesystem=fs))
         try:
             return describe_manifest(self.public_uri(vid) or vid, m, self.model_info.fingerprint,
                                      public_uri=self.public_uri(vid))
