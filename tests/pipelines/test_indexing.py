@@ -172,8 +172,25 @@ def _fingerprint(uri: str) -> tuple:
     return m["totals"]["chunks"], m["totals"]["tokens"], round(keys, 4)
 
 
+def _job_actor_pids() -> list[int]:
+    """Processes of this machine that are indexing actors (their title is Ray's `ray::MapWorker(...IndexActor)`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and b"ray::" in cmdline and b"IndexActor" in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
 def test_killed_driver_then_rerun_commits_each_cache_once(ray_cluster, tiny_checkpoints, tmp_path):
-    """SIGKILL of the driver mid-run, then the same job again: every cache committed once, like a clean run."""
+    """SIGKILL of the driver mid-run: its report so far survives (rows are written as videos finish), Ray ends the
+    killed job's actors, and the same job again commits every cache once, like a clean run.
+
+    The killed run's report used to be lost, so the videos it finished showed only as "skipped" on the rerun.
+    """
     names = {f"k{i}": 16 for i in range(3)}
     _videos(tmp_path / "in", names)
     address = ray_cluster.get_runtime_context().gcs_address
@@ -182,12 +199,24 @@ def test_killed_driver_then_rerun_commits_each_cache_once(ray_cluster, tiny_chec
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(_index_cmd(model, str(tmp_path / "in"), str(out), address), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("*/manifest.json")):
+    deadline = time.time() + 300
+    partial: list[dict] = []
+    while time.time() < deadline and not any(r["status"] == "ok" for r in partial):
         assert proc.poll() is None, "the job ended before it was killed"
+        runs = list((out / "_reports").glob("run-*"))
+        partial = read_report(str(runs[0])) if runs and list(runs[0].glob("parts/part-*.parquet")) else []
         time.sleep(0.05)
+    assert _job_actor_pids(), "the killed job's actors should be running"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    (run,) = list((out / "_reports").glob("run-*"))
+    partial = read_report(str(run))  # what the killed driver had received, read from its parts
+    ok = [r["video_id"] for r in partial if r["status"] == "ok"]
+    assert ok and all((out / vid / "manifest.json").exists() for vid in ok)
+    deadline = time.time() + 120  # Ray ends a dead driver's actors once it notices the driver is gone
+    while _job_actor_pids() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _job_actor_pids(), "actors of the killed job are still running"
     committed_before = len(list(out.glob("*/manifest.json")))
     assert 1 <= committed_before <= len(names)
     rerun = subprocess.run(_index_cmd(model, str(tmp_path / "in"), str(out), address), cwd=REPO, env=env,
