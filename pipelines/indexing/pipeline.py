@@ -66,6 +66,16 @@ def run_index(config: IndexConfig, *, address: str | None = None, echo=print) ->
     Per-video failures are report rows. IndexRunError when the run cannot proceed; the report of what was done
     is still written (and named in the error).
     """
+    from botocore.exceptions import NoCredentialsError
+
+    try:
+        return _run(config, address, echo)
+    except NoCredentialsError as err:  # listing the input, or writing the report to an s3:// output
+        raise IndexRunError(f"no AWS credentials to list {config.input!r} or write {config.output!r} ({err}); "
+                            f"{CREDENTIALS_HINT}") from err
+
+
+def _run(config: IndexConfig, address: str | None, echo) -> Summary:
     started = time.time()
     rows = _list(config)
     report = ReportWriter(config.output, config.storage_options, started=started)
@@ -101,13 +111,9 @@ def run_index(config: IndexConfig, *, address: str | None = None, echo=print) ->
 
 
 def _list(config: IndexConfig) -> list[dict[str, Any]]:
-    """The input rows; a listing that fails for want of credentials or permission is the run's error."""
-    from botocore.exceptions import NoCredentialsError
-
+    """The input rows; a listing that fails for want of permission is the run's error."""
     try:
         return list_inputs(config.input, config.storage_options)
-    except NoCredentialsError as err:
-        raise IndexRunError(f"no AWS credentials to list {config.input!r} ({err}); {CREDENTIALS_HINT}") from err
     except PermissionError as err:
         raise IndexRunError(f"permission denied listing {config.input!r}: {err}") from err
 
