@@ -172,17 +172,26 @@ def _fingerprint(uri: str) -> tuple:
     return m["totals"]["chunks"], m["totals"]["tokens"], round(keys, 4)
 
 
-def _job_actor_pids() -> list[int]:
-    """Processes of this machine that are indexing actors (their title is Ray's `ray::MapWorker(...IndexActor)`)."""
-    pids = []
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """{pid: (parent pid, command line)} of this machine's processes."""
+    out = {}
     for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except (OSError, ValueError):
+        if not proc.name.isdigit():
             continue
-        if proc.name.isdigit() and b"ray::" in cmdline and b"IndexActor" in cmdline:
-            pids.append(int(proc.name))
-    return pids
+        try:
+            stat = (proc / "stat").read_text()
+            out[int(proc.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), (proc / "cmdline").read_bytes())
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _job_actor_pids() -> list[int]:
+    """Indexing actors of this session's Ray (workers are children of its raylet, a child of this process)."""
+    procs = _processes()
+    raylets = {pid for pid, (ppid, cmd) in procs.items() if ppid == os.getpid() and b"raylet" in cmd}
+    return [pid for pid, (ppid, cmd) in procs.items()
+            if ppid in raylets and b"ray::" in cmd and b"IndexActor" in cmd]
 
 
 def test_killed_driver_then_rerun_commits_each_cache_once(ray_cluster, tiny_checkpoints, tmp_path):
@@ -191,7 +200,7 @@ def test_killed_driver_then_rerun_commits_each_cache_once(ray_cluster, tiny_chec
 
     The killed run's report used to be lost, so the videos it finished showed only as "skipped" on the rerun.
     """
-    names = {f"k{i}": 16 for i in range(3)}
+    names = {f"k{i}": 48 for i in range(4)}  # long enough that the run is still going when the first row lands
     _videos(tmp_path / "in", names)
     address = ray_cluster.get_runtime_context().gcs_address
     model = tiny_checkpoints["qwen2_vl"]
