@@ -5,9 +5,11 @@ Two spellings, same flags:
     ray job submit --working-dir . -- python -m jobs.index_videos --input s3://videos/ --output s3://caches/ --model M
     statekv index s3://videos/ s3://caches/ --model M [--address auto]
 
-Starts a local Ray cluster unless --address names one to join. Prints one line per video and a summary; the
-per-video report is written as Parquet under <output>/_reports/. Exit status 0 when the run finished (failed
-videos are report rows, not a failed job), 1 when the job itself could not run.
+Starts a local Ray cluster unless --address names one to join (and none at all when every input is already
+committed or failed its probe). Prints one line per video and a summary; the per-video report is written as
+Parquet under <output>/_reports/ as videos finish. Exit status 0 when the run finished (a video that failed, for
+whatever reason, is a report row, not a failed job), 1 when the job itself could not run (its report, if any,
+is still written and named on the error line).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, positional: bool = True) -
     parser.add_argument("--prefetch", type=int, default=4, help="decoded frame batches queued ahead, per actor")
     parser.add_argument("--scratch-dir", help="local folder for fetched videos (default: system temp)")
     parser.add_argument("--track-memory", action="store_true", help="record peak tensor memory per video")
+    parser.add_argument("--probe-threads", type=int, default=16,
+                        help="driver threads listing shards and probing inputs before the actors start")
     if not any(a.dest == "endpoint_url" for a in parser._actions):
         parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, a local S3 server, ...)")
         parser.add_argument("--region", help="S3 region (default: from the AWS environment)")
@@ -60,7 +64,7 @@ def config_from_args(args: argparse.Namespace):
         capacity=args.capacity, fps=args.fps, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         chunks_per_step=args.chunks_per_step, int8=args.int8, overwrite=args.overwrite, storage_options=storage,
         backend=args.backend, device=args.device, dtype=args.dtype, prefetch_batches=args.prefetch,
-        scratch_dir=args.scratch_dir, track_memory=args.track_memory)
+        scratch_dir=args.scratch_dir, track_memory=args.track_memory, probe_threads=args.probe_threads)
 
 
 def run(args: argparse.Namespace) -> int:

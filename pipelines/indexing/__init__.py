@@ -7,8 +7,9 @@
 from pipelines.indexing.actor import IndexActor, PrefetchSource
 from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import list_inputs
-from pipelines.indexing.pipeline import build, run_index
-from pipelines.indexing.report import Summary, read_report, write_report
+from pipelines.indexing.pipeline import IndexRunError, build, run_index
+from pipelines.indexing.probe import probe_inputs
+from pipelines.indexing.report import ReportWriter, Summary, read_report, write_report
 
-__all__ = ["IndexActor", "IndexConfig", "PrefetchSource", "Summary", "build", "list_inputs",
-           "read_report", "run_index", "write_report"]
+__all__ = ["IndexActor", "IndexConfig", "IndexRunError", "PrefetchSource", "ReportWriter", "Summary", "build",
+           "list_inputs", "probe_inputs", "read_report", "run_index", "write_report"]

@@ -27,19 +27,16 @@ import numpy as np
 
 from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import fetch_file, fetch_member
-from statekv.errors import EmptyVideoError, VideoError, VideoNotFoundError
-from statekv.store import CacheStoreError, prefill_to_store, read_manifest
-from statekv.store.errors import CacheNotFoundError
-from statekv.store.fs import resolve
+from pipelines.indexing.probe import cache_uri
+from pipelines.indexing.report import REPORT_COLUMNS
+from statekv.errors import EmptyVideoError, VideoNotFoundError
+from statekv.store import prefill_to_store
 from statekv.video import iter_frame_batches, open_video
 
 logger = logging.getLogger(__name__)
 
-REPORT_COLUMNS = ("video_id", "source", "status", "chunks", "tokens", "frames", "bytes_written", "seconds",
-                  "decode_wait_s", "peak_bytes", "maxrss_delta_bytes", "error")
-
-
 def report_row(row: dict[str, Any], status: str, *, error: str = "", **fields: Any) -> dict[str, Any]:
+    """The report row of input `row`: its id, source and `status`, zeros for the figures `fields` leaves out."""
     source = row["uri"] + (f"#{row['member']}" if row.get("member") else "")
     out = {"video_id": row["video_id"], "source": source, "status": status, "chunks": 0, "tokens": 0,
            "frames": 0, "bytes_written": 0, "seconds": 0.0, "decode_wait_s": 0.0, "peak_bytes": 0,
@@ -139,40 +136,7 @@ class PrefetchSource:
         self.base.close()
 
 
-# --- the probe stage (CPU tasks) -----------------------------------------------------------------------------
-
-
-def probe_rows(batch: dict[str, np.ndarray], *, config: IndexConfig) -> dict[str, np.ndarray]:
-    """Cheap checks before a video takes an actor: missing or zero-length inputs fail, committed caches skip."""
-    rows = _rows(batch)
-    for row in rows:
-        if row["status"]:
-            continue
-        if not config.overwrite:
-            try:
-                m = read_manifest(cache_uri(config, row["video_id"]), storage_options=config.storage_options)
-            except CacheNotFoundError:
-                m = None
-            if m is not None:
-                row.update(status="skipped", error="committed cache exists")
-                continue
-        if row["member"]:
-            size = row["size"]
-        else:
-            fs, path = resolve(row["uri"], config.storage_options)
-            try:
-                size = int(fs.info(path).get("size") or 0)
-            except FileNotFoundError:
-                row.update(status="failed", error="missing: no such file")
-                continue
-        if size == 0:
-            row.update(status="failed", error="zero-length file")
-        row["size"] = size
-    return _columns(rows, list(batch))
-
-
-def cache_uri(config: IndexConfig, video_id: str) -> str:
-    return f"{config.output.rstrip('/')}/{video_id}"
+# --- batches <-> rows ----------------------------------------------------------------------------------------
 
 
 def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -213,6 +177,7 @@ class IndexActor:
             c.model, policy=make_policy(c.policy, **settings), device=c.device,
             dtype=getattr(torch, c.dtype) if c.dtype else None, sampling=SamplingConfig(fps=c.fps, **pixels),
             chunks_per_step=c.chunks_per_step)
+        self._hook = _load_hook(c.video_hook) if c.video_hook else None
         logger.info("actor %d ready: %s on %s", os.getpid(), c.model, self.engine.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -220,18 +185,37 @@ class IndexActor:
         return _columns(out, REPORT_COLUMNS)
 
     def index_one(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Index one video row; expected per-video failures become a failed report row."""
+        """Index one video row; whatever goes wrong with this video becomes its failed report row.
+
+        Any exception is caught here, not only the expected video and store errors: a missing decoder, a
+        permission error on one object or an accelerator out-of-memory on one long video must not end a run over
+        thousands of videos and lose its report. The row keeps the exception's type and message, the actor's log
+        the traceback. What makes the whole run impossible (the model does not load) fails in `__init__` instead.
+        """
         if row["status"] == "skipped":
             return report_row(row, "skipped", error=row["error"])
         if row["status"] == "failed":
             return report_row(row, "failed", error=row["error"])
         start = time.perf_counter()
         try:
+            if self._hook is not None:
+                self._hook(row, **self.config.video_hook_args)
             return self._index(row, start)
-        except (VideoError, CacheStoreError, EOFError) as err:
-            logger.warning("%s failed: %s", row["video_id"], err)
+        except Exception as err:  # noqa: BLE001 - one video's failure, of any type, is that video's row
+            logger.warning("%s failed: %s: %s", row["video_id"], type(err).__name__, err, exc_info=True)
+            self._recover()
             return report_row(row, "failed", error=f"{type(err).__name__}: {err}",
                               seconds=time.perf_counter() - start)
+
+    def _recover(self) -> None:
+        """Give back what a failed video held on the accelerator (an out-of-memory leaves its tensors cached)."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.device(self.engine.device).type == "cuda":
+            torch.cuda.empty_cache()
 
     def _index(self, row: dict[str, Any], start: float) -> dict[str, Any]:
         c = self.config
@@ -307,6 +291,16 @@ class IndexActor:
 def _source_name(row: dict[str, Any], config: IndexConfig) -> str:
     """The video's name in the cache's manifest: its URI, and the member's name for a tar shard."""
     return row["uri"] + (f"#{row['member']}" if row["member"] else "")
+
+
+def _load_hook(spec: str):
+    """The function named `module:function` (IndexConfig.video_hook)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"video_hook {spec!r}: expected 'module:function'")
+    return getattr(importlib.import_module(module), name)
 
 
 def _maxrss() -> int:

@@ -30,6 +30,11 @@ class IndexConfig:
     scratch_dir: str | None = None  # local folder for fetched videos (default: the system temp dir)
     track_memory: bool = False  # measure peak tensor memory per video (costly on CPU)
     log_every: int = 16  # log a video's chunk count every N chunks
+    probe_threads: int = 16  # driver threads listing shards and probing inputs (metadata I/O only)
+    video_hook: str | None = None  # "module:function" the actor calls as fn(row, **video_hook_args) before
+    #                                indexing each row (fault injection: pipelines.indexing.faults); what it raises
+    #                                fails that row
+    video_hook_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if hasattr(self.storage_options, "to_fsspec"):  # a statekv.store.StorageOptions
@@ -37,6 +42,8 @@ class IndexConfig:
         self.storage_options = dict(self.storage_options or {})
         if self.actors < 1:
             raise ValueError(f"actors must be >= 1, got {self.actors}")
+        if self.probe_threads < 1:
+            raise ValueError(f"probe_threads must be >= 1, got {self.probe_threads}")
         if self.gpus_per_actor < 0 or self.decode_cpus <= 0:
             raise ValueError("gpus_per_actor must be >= 0 and decode_cpus > 0")
         if self.policy not in ("statekv", "window", "full"):

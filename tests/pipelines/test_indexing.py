@@ -9,13 +9,15 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines.indexing import IndexActor, IndexConfig, list_inputs, read_report, run_index
+from pipelines.indexing import (IndexActor, IndexConfig, IndexRunError, list_inputs, probe_inputs, read_report,
+                                run_index)
 from pipelines.indexing.inputs import expand_shard
 from statekv.store import list_caches, load_cache, read_manifest
 from statekv.testing.videos import synthetic_frames, write_video
@@ -68,11 +70,10 @@ def test_actor_on_a_hand_made_batch_without_ray(tiny_checkpoints, tmp_path, engi
     videos = _videos(tmp_path / "in", {"a": 8})
     (tmp_path / "in" / "empty.mp4").write_bytes(b"")
     config = _config(tiny_checkpoints["qwen2_vl"], str(tmp_path / "in"), str(tmp_path / "out"), track_memory=True)
-    rows = list_inputs(config.input)
-    from pipelines.indexing.actor import _columns, probe_rows
+    rows = probe_inputs(list_inputs(config.input), config)
+    from pipelines.indexing.actor import _columns
 
-    batch = probe_rows(_columns(rows, list(rows[0])), config=config)
-    out = IndexActor(config)(batch)
+    out = IndexActor(config)(_columns(rows, list(rows[0])))
     by_id = dict(zip(out["video_id"], out["status"]))
     assert by_id == {"a": "ok", "empty": "failed"}
     assert "zero-length" in out["error"][list(out["video_id"]).index("empty")]
@@ -171,9 +172,35 @@ def _fingerprint(uri: str) -> tuple:
     return m["totals"]["chunks"], m["totals"]["tokens"], round(keys, 4)
 
 
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """{pid: (parent pid, command line)} of this machine's processes."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            out[int(proc.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), (proc / "cmdline").read_bytes())
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _job_actor_pids() -> list[int]:
+    """Indexing actors of this session's Ray (workers are children of its raylet, a child of this process)."""
+    procs = _processes()
+    raylets = {pid for pid, (ppid, cmd) in procs.items() if ppid == os.getpid() and b"raylet" in cmd}
+    return [pid for pid, (ppid, cmd) in procs.items()
+            if ppid in raylets and b"ray::" in cmd and b"IndexActor" in cmd]
+
+
 def test_killed_driver_then_rerun_commits_each_cache_once(ray_cluster, tiny_checkpoints, tmp_path):
-    """SIGKILL of the driver mid-run, then the same job again: every cache committed once, like a clean run."""
-    names = {f"k{i}": 16 for i in range(3)}
+    """SIGKILL of the driver mid-run: its report so far survives (rows are written as videos finish), Ray ends the
+    killed job's actors, and the same job again commits every cache once, like a clean run.
+
+    The killed run's report used to be lost, so the videos it finished showed only as "skipped" on the rerun.
+    """
+    names = {f"k{i}": 48 for i in range(4)}  # long enough that the run is still going when the first row lands
     _videos(tmp_path / "in", names)
     address = ray_cluster.get_runtime_context().gcs_address
     model = tiny_checkpoints["qwen2_vl"]
@@ -181,12 +208,24 @@ def test_killed_driver_then_rerun_commits_each_cache_once(ray_cluster, tiny_chec
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(_index_cmd(model, str(tmp_path / "in"), str(out), address), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("*/manifest.json")):
+    deadline = time.time() + 300
+    partial: list[dict] = []
+    while time.time() < deadline and not any(r["status"] == "ok" for r in partial):
         assert proc.poll() is None, "the job ended before it was killed"
+        runs = list((out / "_reports").glob("run-*"))
+        partial = read_report(str(runs[0])) if runs and list(runs[0].glob("parts/part-*.parquet")) else []
         time.sleep(0.05)
+    assert _job_actor_pids(), "the killed job's actors should be running"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    (run,) = list((out / "_reports").glob("run-*"))
+    partial = read_report(str(run))  # what the killed driver had received, read from its parts
+    ok = [r["video_id"] for r in partial if r["status"] == "ok"]
+    assert ok and all((out / vid / "manifest.json").exists() for vid in ok)
+    deadline = time.time() + 120  # Ray ends a dead driver's actors once it notices the driver is gone
+    while _job_actor_pids() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _job_actor_pids(), "actors of the killed job are still running"
     committed_before = len(list(out.glob("*/manifest.json")))
     assert 1 <= committed_before <= len(names)
     rerun = subprocess.run(_index_cmd(model, str(tmp_path / "in"), str(out), address), cwd=REPO, env=env,
@@ -215,3 +254,76 @@ def test_actor_memory_does_not_grow_with_video_length(ray_cluster, tiny_checkpoi
     assert rows["long"]["chunks"] == 4 * rows["short"]["chunks"]
     short, long = rows["short"]["peak_bytes"], rows["long"]["peak_bytes"]
     assert 0 < short and long <= 1.25 * short, (short, long)
+
+
+# --- one video's failure, of any kind, is that video's row (issue 9, point 4) ---------------------------------
+
+
+def test_one_failure_of_any_kind_fails_only_that_video(ray_cluster, tiny_checkpoints, s3_server, tmp_path, engine):
+    """A missing decoder, an S3 permission error on one object, an out-of-memory and a plain bug on one video each:
+    four failed rows naming the exception, the fifth video committed, the run finished and its report written.
+
+    Each of these used to end the whole run with a traceback and no report (only the expected video and store
+    errors were caught). The unreadable object is a real one: archived to the GLACIER storage class, S3 answers
+    its GET with 403 InvalidObjectState, which s3fs raises as PermissionError (its HEAD still works, so the
+    failure happens in the actor, where the object is read).
+    """
+    import boto3
+    import s3fs
+
+    endpoint, options = s3_server
+    prefix = f"faults-{uuid.uuid4().hex[:8]}"
+    _videos(tmp_path / "src", {"ok": 8, "oom": 8, "nodecoder": 8, "denied": 8, "bug": 8})
+    fs = s3fs.S3FileSystem(**options.to_fsspec(), skip_instance_cache=True)
+    for p in sorted((tmp_path / "src").iterdir()):
+        fs.put_file(str(p), f"caches/{prefix}/in/{p.name}")
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").put_object(Bucket="caches", Key=f"{prefix}/in/denied.mp4",
+                                                     Body=(tmp_path / "src" / "denied.mp4").read_bytes(),
+                                                     StorageClass="GLACIER")
+    with pytest.raises(PermissionError):
+        fs.cat_file(f"caches/{prefix}/in/denied.mp4")
+    config = _config(tiny_checkpoints["qwen2_vl"], f"s3://caches/{prefix}/in/", f"s3://caches/{prefix}/out",
+                     storage_options=options, backend="decord", video_hook="pipelines.indexing.faults:inject",
+                     video_hook_args={"faults": {"oom": "oom", "nodecoder": "no_decoder", "bug": "error"}})
+    summary = run_index(config, echo=lambda s: None)
+    rows = {r["video_id"]: r for r in read_report(summary.report_uri, options)}
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "ok": "ok", "oom": "failed", "nodecoder": "failed", "denied": "failed", "bug": "failed"}
+    assert rows["oom"]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert rows["nodecoder"]["error"] == "ModuleNotFoundError: import of decord halted; None in sys.modules"
+    assert rows["denied"]["error"].startswith("PermissionError: ")
+    assert rows["bug"]["error"] == "ValueError: injected bug for bug"
+    assert [e.video_id for e in list_caches(f"s3://caches/{prefix}/out", storage_options=options)] == ["ok"]
+    stored = load_cache(f"s3://caches/{prefix}/out/ok", storage_options=options)
+    assert _answer(engine, stored) == _answer(engine, engine.prefill(str(tmp_path / "src" / "ok.mp4")))
+
+
+def test_a_run_that_cannot_proceed_still_writes_its_report(ray_cluster, tiny_checkpoints, tmp_path):
+    """Model actors that cannot start (the video hook names no function) end the run with IndexRunError, after the
+    report — probe failures included, the unindexed videos as failed rows — has been written."""
+    _videos(tmp_path / "in", {"a": 8})
+    (tmp_path / "in" / "empty.mp4").write_bytes(b"")
+    config = _config(tiny_checkpoints["qwen2_vl"], str(tmp_path / "in"), str(tmp_path / "out"),
+                     video_hook="pipelines.indexing.faults:no_such_hook")
+    with pytest.raises(IndexRunError, match=r"the run stopped after 0 of 1 video\(s\).*report: ") as err:
+        run_index(config, echo=lambda s: None)
+    report = str(err.value).rsplit("report: ", 1)[1]
+    rows = {r["video_id"]: (r["status"], r["error"]) for r in read_report(report)}
+    assert rows["empty"] == ("failed", "zero-length file")
+    assert rows["a"][0] == "failed" and rows["a"][1].startswith("not indexed: the run stopped")
+
+
+def test_missing_credentials_are_one_clear_line(tmp_path):
+    """No AWS credentials in the job's environment: exit 1 and one line that says how to pass them, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(PYTHONPATH=str(REPO), AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    proc = subprocess.run([sys.executable, "-m", "jobs.index_videos", "--input", "s3://archive/videos/",
+                           "--output", str(tmp_path / "out"), "--model", "unused", "--endpoint-url",
+                           "http://127.0.0.1:9"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("index_videos: error: no AWS credentials to list 's3://archive/videos/'")
+    assert "runtime env's env_vars" in lines[0]
