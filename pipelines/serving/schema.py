@@ -132,6 +132,8 @@ class VideoInfo(BaseModel):
     model: dict[str, str]
     compatible: bool
     policy: dict[str, Any]
+    prefill: dict[str, Any] = Field(description="the prefill config the cache was made with")
+    family: dict[str, Any] = Field(description="the model family and its position cursor")
     frames: dict[str, int | float]
     duration_s: float
     tokens: dict[str, Any]

@@ -32,6 +32,7 @@ from statekv.cache import VideoKVCache
 from statekv.engine import Engine
 from statekv.errors import ModelMismatchError
 from statekv.store import CacheCorruptError, CacheNotFoundError, load_cache, read_manifest
+from statekv.store import describe as store_describe
 from statekv.store import format as store_format
 from statekv.store.fs import is_local, join, resolve
 
@@ -274,13 +275,15 @@ class QueryService:
         if not req.question.strip():
             raise Unprocessable("question: the question is empty")
         try:
-            prompt_len = len(self.engine.adapter.question_ids(req.question))
+            prompt_len = len(self.engine.adapter.question_ids(req.question, self.engine.layout))
         except UnicodeEncodeError:
             raise Unprocessable("question: not valid Unicode text (lone surrogate)") from None
         if prompt_len > self.max_question_tokens:
             raise PayloadTooLarge(f"the question is {prompt_len} tokens long with the chat template; this service "
                                   f"takes at most {self.max_question_tokens} tokens")
         cache, hit, load_s = self.get_cache(vid)
+        if cache.config.layout != self.engine.layout:  # the prompt follows the cache's layout
+            prompt_len = len(self.engine.adapter.question_ids(req.question, cache.config.layout))
         return req, vid, cache, hit, load_s, prompt_len
 
     def _generate(self, req, cache: VideoKVCache) -> Iterator[Any]:
@@ -454,35 +457,16 @@ def _public_manifest(m: dict[str, Any]) -> dict[str, Any]:
     m = copy.deepcopy(m)
     if isinstance(m.get("source"), dict) and m["source"].get("uri"):
         m["source"]["uri"] = public_location(m["source"]["uri"])
-    if isinstance(m.get("sampling"), dict) and isinstance(m["sampling"].get("source"), str):
-        m["sampling"]["source"] = public_location(m["sampling"]["source"])
+    if isinstance(m.get("video"), dict) and isinstance(m["video"].get("source"), str):
+        m["video"]["source"] = public_location(m["video"]["source"])
     m["model"]["name_or_path"] = public_name(m["model"]["name_or_path"])
     return m
 
 
 def describe_manifest(uri: str, m: dict[str, Any], fingerprint: str | None = None, *,
                       public_uri: str | None = None) -> dict[str, Any]:
-    """The fields `statekv inspect` prints, structured, and its text as `summary`, without host paths."""
-    from jobs.cli import _describe_manifest, _state_tokens
-
-    m = _public_manifest(m)
-    sampling, grid, totals, model = m["sampling"], m["grid"], m["totals"], m["model"]
-    duration = sampling["total_frames"] / sampling["video_fps"] if sampling["video_fps"] else 0.0
-    return {
-        "video_id": m["video_id"], "uri": public_uri,
-        "source": (m.get("source") or {}).get("uri") or sampling["source"],
-        "model": {k: str(model[k]) for k in ("name_or_path", "model_type", "fingerprint")},
-        "compatible": model["fingerprint"] == fingerprint,
-        "policy": m["policy"],
-        "frames": {"sampled": len(sampling["frame_indices"]), "sampled_fps": sampling["sampled_fps"],
-                   "total": sampling["total_frames"], "width": sampling["frame_size"][1],
-                   "height": sampling["frame_size"][0]},
-        "duration_s": duration,
-        "tokens": {"video": totals["tokens"], "chunks": totals["chunks"], "prefix": m["prefix_len"],
-                   "grid": [grid["grid_t"], grid["grid_h"], grid["grid_w"]]},
-        "state_tokens": _state_tokens(m) if m.get("has_state") else None,
-        "storage": m["storage"], "dtype": m["dtype"],
-        "bytes": totals["bytes"], "files": len(m["files"]),
-        "created": m["created"], "statekv_version": m["statekv_version"],
-        "summary": _describe_manifest(uri, m),
-    }
+    """The store's description of a cache (`statekv inspect`'s fields and text), without host paths."""
+    out = store_describe.describe_manifest(uri, _public_manifest(m), fingerprint)
+    out["uri"] = public_uri
+    out["model"] = {k: str(v) for k, v in out["model"].items()}
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from statekv import Engine, Full, StateKV
-from statekv.cache import ChunkKV, ModelInfo, VideoInfo, VideoKVCache
+from statekv.cache import ChunkKV, ModelInfo, PrefillConfig, VideoInfo, VideoKVCache
 from statekv.errors import ModelMismatchError, StateKVError
 from statekv.policies import LayerState
 from statekv.store import (CacheCorruptError, CacheNotFoundError, CacheWriter, list_caches, load_cache,
@@ -37,16 +39,19 @@ def fake_cache(num_chunks: int = 8, *, layers: int = 3, heads: int = 2, tokens: 
     rand = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     p = 5
     frames = list(range(2 * num_chunks))
-    video = VideoInfo("<frames>", 2.0, len(frames), 2.0, 1.0, (56, 84), (4, 6), frames, [i / 2 for i in frames])
+    video = VideoInfo("<frames>", 2.0, len(frames), 2.0, (56, 84), frames, [i / 2 for i in frames])
     chunks = [ChunkKV(i, (2 * i, 2 * i + 2), frames[2 * i:2 * i + 2], video.timestamps[2 * i:2 * i + 2],
                       torch.arange(3 * tokens).view(3, tokens) + p + i * tokens,
                       [rand(heads, tokens, dim) for _ in range(layers)], [rand(heads, tokens, dim) for _ in range(layers)])
               for i in range(num_chunks)]
     state = [LayerState(rand(heads, 4, dim), rand(heads, 4, dim), torch.arange(4).expand(heads, -1).clone(),
                         torch.rand(heads, 4, generator=g)) for _ in range(layers)]
-    return VideoKVCache(ModelInfo("fake", "qwen2_vl", "f00d", layers, heads, dim, 7), {"name": "full"}, dtype, video,
+    config = PrefillConfig(policy={"name": "full"}, chunks_per_step=1, layout="prefix-first", sampling={"fps": 2.0},
+                           adapter={}, attention_backend="auto")
+    return VideoKVCache(ModelInfo("fake", "qwen2_vl", "f00d", layers, heads, dim), config, dtype, video,
                         torch.arange(p), [rand(heads, p, dim) for _ in range(layers)],
-                        [rand(heads, p, dim) for _ in range(layers)], chunks, state, num_chunks, p + num_chunks * tokens)
+                        [rand(heads, p, dim) for _ in range(layers)], chunks, state, num_chunks,
+                        [tokens] * num_chunks, {"next": p + num_chunks * tokens})
 
 
 def cast(cache: VideoKVCache, dtype: torch.dtype) -> VideoKVCache:
@@ -54,13 +59,14 @@ def cast(cache: VideoKVCache, dtype: torch.dtype) -> VideoKVCache:
     chunks = [ChunkKV(x.index, x.frame_range, x.source_frames, x.timestamps, x.position_ids, c(x.keys), c(x.values))
               for x in cache.chunks]
     state = [LayerState(s.keys.to(dtype), s.values.to(dtype), s.token_index, s.scores) for s in cache.state]
-    return VideoKVCache(cache.model, cache.policy, dtype, cache.video, cache.prefix_ids, c(cache.prefix_keys),
-                        c(cache.prefix_values), chunks, state, cache.grid_t, cache.max_position)
+    return dataclasses.replace(cache, dtype=dtype, prefix_keys=c(cache.prefix_keys),
+                               prefix_values=c(cache.prefix_values), chunks=chunks, state=state)
 
 
 def assert_identical(a: VideoKVCache, b: VideoKVCache) -> None:
-    assert a.dtype == b.dtype and a.model == b.model and a.policy == b.policy and a.video == b.video
-    assert (a.grid_t, a.max_position, a.prefix_len) == (b.grid_t, b.max_position, b.prefix_len)
+    assert a.dtype == b.dtype and a.model == b.model and a.config == b.config and a.video == b.video
+    assert (a.num_chunks, a.chunk_tokens, a.cursor, a.prefix_len) == (b.num_chunks, b.chunk_tokens, b.cursor,
+                                                                      b.prefix_len)
     assert torch.equal(a.prefix_ids, b.prefix_ids)
     assert len(a.chunks) == len(b.chunks)
     for x, y in zip(a.chunks, b.chunks):
@@ -146,7 +152,9 @@ def test_round_trip_is_bit_identical(store_root, prefilled, dtype):
     assert manifest["dtype"] == str(dtype).removeprefix("torch.") and manifest["storage"] == "native"
     assert manifest["totals"]["chunks"] == 6 and manifest["totals"]["tokens"] == 36
     assert manifest["model"]["fingerprint"] == cache.model.fingerprint
-    assert manifest["grid"] == {"grid_t": 6, "grid_h": 4, "grid_w": 6}
+    assert manifest["chunks"] == {"count": 6, "tokens": [6] * 6} and manifest["layout"]["position_rows"] == 3
+    assert manifest["family"] == {"model_type": "qwen2_vl", "cursor": cache.cursor}
+    assert manifest["prefill"] == cache.config.to_dict() and manifest["format_version"] == 2
     lazy = VideoKVCache.load(uri, storage_options=options)
     assert lazy.chunks.loaded == []  # nothing read before first access
     assert_identical(cache, lazy)
@@ -374,3 +382,24 @@ def test_s3_through_environment_credentials(s3_server, monkeypatch):
     cache = fake_cache(3, dtype=torch.bfloat16)
     cache.save("s3://caches/env/vid", storage_options={"endpoint_url": endpoint})
     assert_identical(cache, load_cache("s3://caches/env/vid", storage_options={"endpoint_url": endpoint}))
+
+
+def test_a_version_1_cache_is_refused_with_a_reindex_message(store_root, engine, frames):
+    """Format v1 (statekv 0.1: Qwen grid and 3 position rows in the generic manifest, no prefill config, no
+    cursor) is not read: load, list and append all say to re-index with statekv >= 0.2."""
+    from statekv.store import CacheVersionError
+    from statekv.store.format import MANIFEST
+
+    root, options = store_root
+    uri = f"{root}/old"
+    manifest = prefill_to_store(engine, frames[:4], uri, storage_options=options, fps=FPS)
+    v1 = {k: v for k, v in manifest.items() if k not in ("prefill", "family", "chunks", "video", "skipped")}
+    v1.update(format_version=1, statekv_version="0.1.0", grid={"grid_t": 2, "grid_h": 4, "grid_w": 6},
+              max_position=24, policy={"name": "statekv", "capacity": 8, "decay": None})
+    fs, path = resolve(uri, options)
+    fs.pipe_file(f"{path}/{MANIFEST}", json.dumps(v1).encode())
+    for call in (lambda: load_cache(uri, storage_options=options), lambda: read_manifest(uri, storage_options=options),
+                 lambda: CacheWriter(uri, mode="append", storage_options=options)):
+        with pytest.raises(CacheVersionError, match=r"format version 1 \(written by statekv 0.1.0\) is no longer "
+                                                    r"read; re-index the video with statekv >= 0.2"):
+            call()
