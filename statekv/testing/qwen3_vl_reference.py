@@ -79,28 +79,54 @@ class ReferenceInputs:
     pixel_values_videos: torch.Tensor  # (patches, 3·tp·ps²)
     video_grid_thw: torch.Tensor  # (1, 3)
     prompt_len: int  # tokens before any appended answer tokens
+    patch_size: int = 16
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """The (height, width) the processor resized the frames to."""
+        _, grid_h, grid_w = self.video_grid_thw[0].tolist()
+        return grid_h * self.patch_size, grid_w * self.patch_size
+
+    def as_model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's forward."""
+        return {"input_ids": self.input_ids, "attention_mask": torch.ones_like(self.input_ids),
+                "mm_token_type_ids": self.mm_token_type_ids, "pixel_values_videos": self.pixel_values_videos,
+                "video_grid_thw": self.video_grid_thw}
 
     def with_answer(self, answer_ids: list[int]) -> "ReferenceInputs":
         """The same sequence followed by generated (text) tokens."""
         extra = torch.tensor([answer_ids], dtype=self.input_ids.dtype)
         return ReferenceInputs(torch.cat([self.input_ids, extra], 1),
                                torch.cat([self.mm_token_type_ids, torch.zeros_like(extra)], 1),
-                               self.pixel_values_videos, self.video_grid_thw, self.prompt_len)
+                               self.pixel_values_videos, self.video_grid_thw, self.prompt_len, self.patch_size)
+
+
+def chat_text(processor, question: str, layout: str = "prefix-first") -> str:
+    """The chat template's text for [video, question]; "video-first" moves the text before the video block after it
+    (the StateKV paper's layout: the sequence opens with the video)."""
+    text = processor.apply_chat_template(video_messages(question), add_generation_prompt=True, tokenize=False)
+    if layout == "prefix-first":
+        return text
+    if layout != "video-first":
+        raise ValueError(f"unknown layout {layout!r}")
+    block = processor.vision_start_token + processor.video_token + processor.vision_end_token
+    before, after = text.split(block)
+    return block + before + after
 
 
 def processor_inputs(processor, frames: np.ndarray, frame_indices: list[int], video_fps: float,
-                     question: str) -> ReferenceInputs:
+                     question: str, *, layout: str = "prefix-first") -> ReferenceInputs:
     """Run the processor on uint8 (T, H, W, 3) frames sampled at `frame_indices` of a `video_fps` video."""
     from transformers.video_utils import VideoMetadata
 
-    text = processor.apply_chat_template(video_messages(question), add_generation_prompt=True, tokenize=False)
+    text = chat_text(processor, question, layout)
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
     metadata = VideoMetadata(total_num_frames=int(max(frame_indices)) + 1, fps=float(video_fps),
                              frames_indices=[int(i) for i in frame_indices])
     out = processor(text=[text], videos=[video], video_metadata=[metadata], do_sample_frames=False,
                     do_convert_rgb=False, cap_pixels_per_frame=False, return_tensors="pt")
     return ReferenceInputs(out["input_ids"], out["mm_token_type_ids"], out["pixel_values_videos"],
-                           out["video_grid_thw"], int(out["input_ids"].shape[1]))
+                           out["video_grid_thw"], int(out["input_ids"].shape[1]), processor.video_processor.patch_size)
 
 
 def load_reference_model(checkpoint: str | os.PathLike):

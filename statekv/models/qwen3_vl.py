@@ -1,0 +1,172 @@
+"""Qwen3-VL: two-frame temporal patches, each its own timestamped block, and DeepStack features in early layers.
+
+Token layout (what `Qwen3VLProcessor` makes of the template's `<|vision_start|><|video_pad|><|vision_end|>`):
+the template's outer `<|vision_start|>` ends the prefix, then every temporal patch (= one chunk, 2 sampled frames)
+is `<{t:.1f} seconds><|vision_start|><|video_pad|>·n<|vision_end|>` with t the mean time of its two frames (an
+odd last frame is paired with itself), then the template's outer `<|vision_end|>` opens what follows the video.
+The timestamp text and the inner start/end tokens are part of the chunk's tokens (and KV).
+
+Positions (`Qwen3VLModel.get_rope_index`): text tokens advance one position each on all three rows; a temporal
+patch starting at p puts merged cell (h, w) at (T, H, W) = (p, p + h, p + w) and the next token at
+p + max(h_cells, w_cells). The cursor carries only that next position, so chunks (and resumed streams) continue
+exactly where the whole-sequence computation would be.
+
+DeepStack: the vision tower also returns merged features of some of its layers; the decoder adds the i-th to the
+hidden states of the visual tokens after text layer i. They are passed per chunk as decoder kwargs
+(`visual_pos_masks`, `deepstack_visual_embeds`), so they reach exactly the chunk's own visual tokens.
+
+Preprocessing follows the checkpoint's `video_preprocessor_config.json` (`Qwen3VLVideoProcessor`): mean/std,
+patch 16, merge 2; its `size` is a budget of pixels over the whole video (T·H·W), so the frame size depends on the
+number of sampled frames (transformers' own `smart_resize` is used for it).
+
+The cursor: {"next_position", "frames" (sampled frames so far), "sampled_fps", "frame_size"}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from transformers import Qwen3VLForConditionalGeneration
+
+from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter
+from statekv.video.preprocess import VisionLayout, preprocess_frames
+
+# Qwen3VLVideoProcessor's class defaults, used only when a checkpoint ships no preprocessor config
+DEFAULT_MEAN_STD = (0.5, 0.5, 0.5)
+DEFAULT_MIN_PIXELS = 128 * 32 * 32  # over the whole video
+DEFAULT_MAX_PIXELS = 768 * 32 * 32
+
+
+class Qwen3VLAdapter(VideoLMAdapter):
+    model_type = "qwen3_vl"
+    model_class = Qwen3VLForConditionalGeneration
+    frames_per_chunk: ClassVar[int] = 2
+    position_rows: ClassVar[int] = 3
+    video_open_tokens: ClassVar[int] = 1  # the template's outer <|vision_start|>
+    video_close_tokens: ClassVar[int] = 1  # the template's outer <|vision_end|>
+
+    def __init__(self, model: Any, tokenizer: Any, *, name_or_path: str,
+                 preprocessor: dict[str, Any] | None = None) -> None:
+        super().__init__(model, tokenizer, name_or_path=name_or_path, preprocessor=preprocessor)
+        cfg = self.config
+        self.video_token_id = cfg.video_token_id
+        self.vision_start_id = cfg.vision_start_token_id
+        self.vision_end_id = cfg.vision_end_token_id
+        vision, p = cfg.vision_config, self.preprocessor
+        self.vision = VisionLayout(
+            patch_size=int(p.get("patch_size", vision.patch_size)),
+            temporal_patch_size=int(p.get("temporal_patch_size", vision.temporal_patch_size)),
+            merge_size=int(p.get("merge_size", vision.spatial_merge_size)),
+            image_mean=tuple(float(x) for x in p.get("image_mean", DEFAULT_MEAN_STD)),
+            image_std=tuple(float(x) for x in p.get("image_std", DEFAULT_MEAN_STD)),
+        )
+        if self.vision.temporal_patch_size != self.frames_per_chunk:
+            raise ValueError(f"model {name_or_path!r}: temporal_patch_size {self.vision.temporal_patch_size} "
+                             f"is not supported (Qwen3-VL chunks are {self.frames_per_chunk} frames)")
+        size = p.get("size") or {}
+        self.min_pixels = int(size.get("shortest_edge") or DEFAULT_MIN_PIXELS)  # whole-video budgets
+        self.max_pixels = int(size.get("longest_edge") or DEFAULT_MAX_PIXELS)
+
+    # --- video ---------------------------------------------------------------------------------------------
+
+    def frame_size(self, height: int, width: int, sampling: Any, num_frames: int = 2) -> tuple[int, int]:
+        """The processor's size for a video of `num_frames` sampled frames.
+
+        Without per-frame bounds in `sampling` this is `Qwen3VLVideoProcessor`'s rule: the config's `size` bounds
+        the pixels of all frames together. `sampling.min_pixels` / `max_pixels` bound each frame instead.
+        """
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        tp = self.vision.temporal_patch_size
+        if sampling.min_pixels is None and sampling.max_pixels is None:
+            frames, lo, hi = max(num_frames, tp), self.min_pixels, self.max_pixels
+        else:  # per frame: one temporal patch against tp times the per-frame bounds is the same rule per frame
+            frames = tp
+            lo = tp * (sampling.min_pixels if sampling.min_pixels is not None else 1)
+            hi = tp * (sampling.max_pixels if sampling.max_pixels is not None else self.max_pixels)
+        return tuple(smart_resize(frames, height, width, temporal_factor=tp, factor=self.vision.factor,
+                                  min_pixels=lo, max_pixels=hi))
+
+    def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
+        return {"next_position": prefix_len, "frames": 0, "sampled_fps": float(sampled_fps),
+                "frame_size": list(frame_size)}
+
+    def preprocess(self, frames: np.ndarray, frame_size: tuple[int, int]):
+        """Pixels and grid as `Qwen3VLVideoProcessor` makes them for frames already known to be `frame_size`."""
+        return preprocess_frames(frames, min_pixels=1, max_pixels=frame_size[0] * frame_size[1],
+                                 layout=self.vision, size=tuple(frame_size))
+
+    def vision_outputs(self, frames: np.ndarray, frame_size: tuple[int, int]):
+        """(merged features (n, hidden), deepstack features per decoder layer [(n, hidden)], grid_thw)."""
+        pre = self.preprocess(frames, frame_size)
+        grid = torch.tensor([pre.grid_thw], dtype=torch.long, device=self.device)
+        out = self.model.model.get_video_features(pre.pixel_values.to(self.device), grid)
+        features = torch.cat(list(out.pooler_output), dim=0).to(self.dtype)
+        deepstack = [torch.cat(list(d), dim=0).to(self.dtype) for d in out.deepstack_features]
+        return features, deepstack, pre.grid_thw
+
+    def video_features(self, frames: np.ndarray, frame_size: tuple[int, int]) -> torch.Tensor:
+        return self.vision_outputs(frames, frame_size)[0]
+
+    def timestamp_ids(self, seconds: float) -> list[int]:
+        """Ids of the processor's `<{t:.1f} seconds>` text (tokenised alone: special tokens delimit it)."""
+        return self.tokenizer(f"<{seconds:.1f} seconds>", add_special_tokens=False)["input_ids"]
+
+    def chunk_time(self, first_frame: int, count: int, fps: float) -> float:
+        """Mean time of a temporal patch's first and last frame, in the processor's order of operations."""
+        last = first_frame + self.vision.temporal_patch_size - 1 if count == self.vision.temporal_patch_size \
+            else first_frame  # the processor pads an odd last frame with itself
+        return (first_frame / fps + last / fps) / 2
+
+    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any]) -> ChunkInputs:
+        features, deepstack, (grid_t, grid_h, grid_w) = self.vision_outputs(frames, cursor["frame_size"])
+        m, tp = self.vision.merge_size, self.vision.temporal_patch_size
+        h, w = grid_h // m, grid_w // m
+        n = h * w  # visual tokens per temporal patch
+        cells = torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.long), torch.arange(h), torch.arange(w),
+                                           indexing="ij")).reshape(3, -1)  # (3, n): (0, h, w)
+        embeds, positions, visual, chunk_tokens, chunk_frames = [], [], [], [], []
+        pos = cursor["next_position"]
+        for j in range(grid_t):
+            count = min(tp, len(frames) - j * tp)
+            opening = self.timestamp_ids(self.chunk_time(cursor["frames"] + j * tp, count, cursor["sampled_fps"]))
+            opening = torch.tensor(opening + [self.vision_start_id], dtype=torch.long)
+            embeds += [self.embed(opening), features[j * n:(j + 1) * n],
+                       self.embed(torch.tensor([self.vision_end_id]))]
+            positions += [self.text_positions(pos, len(opening)), cells + pos + len(opening)]
+            pos += len(opening) + max(h, w)
+            positions.append(self.text_positions(pos, 1))  # <|vision_end|>
+            pos += 1
+            visual += [torch.zeros(len(opening), dtype=torch.bool), torch.ones(n, dtype=torch.bool),
+                       torch.zeros(1, dtype=torch.bool)]
+            chunk_tokens.append(len(opening) + n + 1)
+            chunk_frames.append(count)
+        mask = torch.cat(visual).to(self.device)
+        decoder_kwargs = {"visual_pos_masks": mask.unsqueeze(0), "deepstack_visual_embeds": deepstack}
+        new = dict(cursor, next_position=pos, frames=cursor["frames"] + len(frames))
+        return ChunkInputs(embeds=torch.cat(embeds), position_ids=torch.cat(positions, dim=1),
+                           chunk_tokens=chunk_tokens, chunk_frames=chunk_frames, cursor=new,
+                           decoder_kwargs=decoder_kwargs)
+
+    # --- after the video -------------------------------------------------------------------------------------
+
+    def answer_inputs(self, question: str, cursor: dict[str, Any], layout: str) -> AnswerInputs:
+        ids = self.question_ids(question, layout)  # starts with the outer <|vision_end|>
+        start = cursor["next_position"]
+        return AnswerInputs(prompt_ids=ids, embeds=self.embed(ids), position_ids=self.text_positions(start, len(ids)),
+                            next_position=start + len(ids))
+
+    # --- the plain model's inputs for the same sequence --------------------------------------------------------
+
+    def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
+                         sampled_fps: float) -> dict[str, Any]:
+        """What transformers' own `Qwen3VLProcessor` gives for these frames (see statekv.testing.qwen3_vl_reference)."""
+        from statekv.testing.qwen3_vl_reference import load_reference_processor, processor_inputs
+
+        inputs = processor_inputs(load_reference_processor(self.name_or_path), frames, list(range(len(frames))),
+                                  sampled_fps, question, layout=layout)
+        if list(inputs.frame_size) != list(frame_size):
+            raise ValueError(f"the processor resizes these frames to {inputs.frame_size}, the engine to {frame_size}")
+        return inputs.as_model_inputs()
