@@ -110,11 +110,23 @@ def tiny_config(family: str, tokenizer, *, hidden_size: int = 64, num_layers: in
     raise ValueError(f"unknown tiny model family {family!r}; expected 'qwen2_vl' or 'qwen2_5_vl'")
 
 
-def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_vl", *, seed: int = 0, **config_kwargs) -> Path:
-    """Write a tiny random checkpoint of `family` (weights, config, tokenizer with chat template) to `path`."""
+def preprocessor_config(family: str, *, image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
+                        image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711),
+                        min_pixels: int = 128 * 28 * 28, max_pixels: int = 768 * 28 * 28) -> dict:
+    """The video preprocessor config a Qwen2-VL / Qwen2.5-VL checkpoint ships (video_preprocessor_config.json)."""
+    return {"video_processor_type": "Qwen2VLVideoProcessor", "do_resize": True, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(image_mean),
+            "image_std": list(image_std), "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+            "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
+
+
+def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_vl", *, seed: int = 0,
+                         preprocessor: dict | None = None, **config_kwargs) -> Path:
+    """Write a tiny random checkpoint of `family` (weights, config, tokenizer with chat template, video preprocessor
+    config: `preprocessor`, else the family's) to `path`."""
     if family not in TINY_BUILDERS:
         raise ValueError(f"unknown tiny model family {family!r}; expected one of {sorted(TINY_BUILDERS)}")
-    return TINY_BUILDERS[family](Path(path), family, seed=seed, **config_kwargs)
+    return TINY_BUILDERS[family](Path(path), family, seed=seed, preprocessor=preprocessor, **config_kwargs)
 
 
 def _widen_random_init(model) -> None:
@@ -125,7 +137,7 @@ def _widen_random_init(model) -> None:
                 p.normal_(0.0, 0.2)
 
 
-def _save_qwen2(path: Path, family: str, *, seed: int, **config_kwargs) -> Path:
+def _save_qwen2(path: Path, family: str, *, seed: int, preprocessor: dict | None, **config_kwargs) -> Path:
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     tokenizer = build_tokenizer()
@@ -136,6 +148,8 @@ def _save_qwen2(path: Path, family: str, *, seed: int, **config_kwargs) -> Path:
     _widen_random_init(model)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    with open(path / "video_preprocessor_config.json", "w") as f:
+        json.dump(preprocessor if preprocessor is not None else preprocessor_config(family), f, indent=1)
     return path
 
 
@@ -330,7 +344,7 @@ def qwen3_vl_tiny_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 
     return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
 
 
-def _save_qwen3_vl(path: Path, family: str, *, seed: int, **config_kwargs) -> Path:
+def _save_qwen3_vl(path: Path, family: str, *, seed: int, preprocessor: dict | None, **config_kwargs) -> Path:
     """Weights + config, and the processor files a Qwen3-VL repo ships: tokenizer, chat template, (video) processor."""
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -341,8 +355,9 @@ def _save_qwen3_vl(path: Path, family: str, *, seed: int, **config_kwargs) -> Pa
     _widen_random_init(model)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)  # with chat_template.jinja, which the tokenizer and processor both read
+    video = preprocessor if preprocessor is not None else QWEN3_VL_VIDEO_PROCESSOR
     for name, processor_config in (("preprocessor_config.json", QWEN3_VL_IMAGE_PROCESSOR),
-                                   ("video_preprocessor_config.json", QWEN3_VL_VIDEO_PROCESSOR)):
+                                   ("video_preprocessor_config.json", video)):
         (path / name).write_text(json.dumps({**processor_config, "processor_class": "Qwen3VLProcessor"}, indent=2))
     return path
 

@@ -210,3 +210,25 @@ def test_reference_forward_is_the_models_own_generation(checkpoint, processor, m
     generated = model.generate(**inputs.as_model_inputs(), max_new_tokens=4, do_sample=False)[0, inputs.prompt_len:]
     out = reference_forward(model, inputs.with_answer(generated[:-1].tolist()))
     assert out.logits[inputs.prompt_len - 1:].argmax(-1).tolist() == generated.tolist()
+
+
+# --- through the store and the service ------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def test_store_and_service_answer_like_the_in_memory_cache(checkpoint, frames, store_root):
+    """prefill_to_store -> load_cache -> ask == ask on the in-memory cache; the query service answers the same."""
+    from pipelines.serving.service import QueryService
+    from statekv.store import load_cache, prefill_to_store
+
+    root, options = store_root
+    engine = make_engine(checkpoint, StateKV(capacity=16))
+    want = engine.ask(engine.prefill(frames, fps=FPS), QUESTION, max_new_tokens=6, output_scores=True)
+    prefill_to_store(engine, frames, f"{root}/clip", fps=FPS, storage_options=options)
+    loaded = load_cache(f"{root}/clip", storage_options=options)
+    assert loaded.model.model_type == "qwen3_vl"
+    got = engine.ask(loaded, QUESTION, max_new_tokens=6, output_scores=True)
+    assert got.token_ids == want.token_ids
+    assert max(float((x - y).abs().max()) for x, y in zip(got.scores, want.scores)) == 0.0
+    service = QueryService(engine, root, storage_options=options, lru_bytes=16 << 20)
+    reply = service.ask(video_id="clip", question=QUESTION, max_new_tokens=6)
+    assert reply["token_ids"] == want.token_ids and reply["answer"] == want.text
