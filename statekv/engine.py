@@ -241,7 +241,9 @@ class Engine:
         frame_lo = first_frame
         done = 0
         for frames in iter_frame_batches(source, indices, step_frames):
-            inputs = a.chunk_inputs(frames, cache.cursor)
+            # frame times from the integer indices (as the processors compute them; exact across a resume)
+            times = [i / cache.video.video_fps for i in cache.video.frame_indices[frame_lo:frame_lo + len(frames)]]
+            inputs = a.chunk_inputs(frames, cache.cursor, timestamps=times)
             n = inputs.embeds.shape[0]
             dyn = DynamicCache(
                 ddp_cache_data=[

@@ -9,9 +9,12 @@ The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded
                                            a plain JSON-able dict: where the video's next chunk sits (positions,
                                            grids, times). Stored with the cache, so a stream can be resumed.
     prefix_ids(layout)                     token ids prefilled before the first chunk (always attended to)
-    chunk_inputs(frames, cursor)           ChunkInputs of the next k chunks: frames (k*frames_per_chunk or fewer
-                                           at the end of a video, uint8 (T, H, W, 3)) -> embeddings of every token
-                                           the chunks stand for (vision tokens AND any per-frame text the family's
+    chunk_inputs(frames, cursor, timestamps=...)
+                                           ChunkInputs of the next k chunks: frames (k*frames_per_chunk or fewer
+                                           at the end of a video, uint8 (T, H, W, 3)) and the time of each in
+                                           the video (source frame index / source fps in seconds, as the
+                                           processors compute it; Qwen3-VL writes it as text) -> embeddings of
+                                           every token the chunks stand for (vision tokens AND any per-frame text the family's
                                            processor inserts), positions (position_rows, n) exactly as the
                                            transformers model computes them for the whole sequence, tokens and
                                            frames per chunk, extra decoder kwargs, and the advanced cursor
@@ -176,7 +179,8 @@ class VideoLMAdapter:
     def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
         raise NotImplementedError
 
-    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any]) -> ChunkInputs:
+    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *,
+                     timestamps: list[float] | None = None) -> ChunkInputs:
         raise NotImplementedError
 
     def answer_inputs(self, question: str, cursor: dict[str, Any], layout: str) -> AnswerInputs:

@@ -19,7 +19,8 @@ Preprocessing follows the checkpoint's `video_preprocessor_config.json` (`Qwen3V
 patch 16, merge 2; its `size` is a budget of pixels over the whole video (T·H·W), so the frame size depends on the
 number of sampled frames (transformers' own `smart_resize` is used for it).
 
-The cursor: {"next_position", "frames" (sampled frames so far), "sampled_fps", "frame_size"}.
+The timestamps are the frames' times in the video (source index / source fps), which the engine passes with
+each chunk. The cursor: {"next_position", "frame_size"}.
 """
 
 from __future__ import annotations
@@ -90,8 +91,7 @@ class Qwen3VLAdapter(VideoLMAdapter):
                                   min_pixels=lo, max_pixels=hi))
 
     def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
-        return {"next_position": prefix_len, "frames": 0, "sampled_fps": float(sampled_fps),
-                "frame_size": list(frame_size)}
+        return {"next_position": prefix_len, "frame_size": list(frame_size)}
 
     def preprocess(self, frames: np.ndarray, frame_size: tuple[int, int]):
         """Pixels and grid as `Qwen3VLVideoProcessor` makes them for frames already known to be `frame_size`."""
@@ -114,13 +114,17 @@ class Qwen3VLAdapter(VideoLMAdapter):
         """Ids of the processor's `<{t:.1f} seconds>` text (tokenised alone: special tokens delimit it)."""
         return self.tokenizer(f"<{seconds:.1f} seconds>", add_special_tokens=False)["input_ids"]
 
-    def chunk_time(self, first_frame: int, count: int, fps: float) -> float:
-        """Mean time of a temporal patch's first and last frame, in the processor's order of operations."""
-        last = first_frame + self.vision.temporal_patch_size - 1 if count == self.vision.temporal_patch_size \
-            else first_frame  # the processor pads an odd last frame with itself
-        return (first_frame / fps + last / fps) / 2
+    @staticmethod
+    def patch_time(timestamps: list[float]) -> float:
+        """Time of one temporal patch from its frames' times: the mean of the first and the last, an odd last
+        frame paired with itself (`Qwen3VLProcessor._calculate_timestamps`, same order of operations)."""
+        return (timestamps[0] + timestamps[-1]) / 2
 
-    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any]) -> ChunkInputs:
+    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *,
+                     timestamps: list[float] | None = None) -> ChunkInputs:
+        if timestamps is None or len(timestamps) != len(frames):
+            raise ValueError(f"Qwen3-VL chunks need one timestamp per frame ({len(frames)} frames, "
+                             f"timestamps {timestamps!r})")
         features, deepstack, (grid_t, grid_h, grid_w) = self.vision_outputs(frames, cursor["frame_size"])
         m, tp = self.vision.merge_size, self.vision.temporal_patch_size
         h, w = grid_h // m, grid_w // m
@@ -131,7 +135,7 @@ class Qwen3VLAdapter(VideoLMAdapter):
         pos = cursor["next_position"]
         for j in range(grid_t):
             count = min(tp, len(frames) - j * tp)
-            opening = self.timestamp_ids(self.chunk_time(cursor["frames"] + j * tp, count, cursor["sampled_fps"]))
+            opening = self.timestamp_ids(self.patch_time(timestamps[j * tp:j * tp + count]))
             opening = torch.tensor(opening + [self.vision_start_id], dtype=torch.long)
             embeds += [self.embed(opening), features[j * n:(j + 1) * n],
                        self.embed(torch.tensor([self.vision_end_id]))]
@@ -145,7 +149,7 @@ class Qwen3VLAdapter(VideoLMAdapter):
             chunk_frames.append(count)
         mask = torch.cat(visual).to(self.device)
         decoder_kwargs = {"visual_pos_masks": mask.unsqueeze(0), "deepstack_visual_embeds": deepstack}
-        new = dict(cursor, next_position=pos, frames=cursor["frames"] + len(frames))
+        new = dict(cursor, next_position=pos)
         return ChunkInputs(embeds=torch.cat(embeds), position_ids=torch.cat(positions, dim=1),
                            chunk_tokens=chunk_tokens, chunk_frames=chunk_frames, cursor=new,
                            decoder_kwargs=decoder_kwargs)

@@ -112,7 +112,8 @@ class QwenVLAdapter(VideoLMAdapter):
         ww = torch.arange(w).view(1, 1, -1).expand(grid_t, h, -1)
         return torch.stack([tt, hh, ww]).reshape(3, -1) + cursor["video_start"]
 
-    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any]) -> ChunkInputs:
+    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *,
+                     timestamps: list[float] | None = None) -> ChunkInputs:  # positions use the sampled fps
         pre = self._pixels(frames, cursor["frame_size"])
         grid_t = pre.grid_thw[0]
         embeds = self._features(pre.pixel_values, pre.grid_thw)  # (n, hidden)

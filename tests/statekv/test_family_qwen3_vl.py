@@ -20,7 +20,7 @@ from statekv.testing.checkpoints import (QWEN3_VL_ADDED_TOKENS, QWEN3_VL_EXTRA_S
 from statekv.testing.qwen3_vl_reference import (load_reference_model, load_reference_processor, processor_inputs,
                                                 reference_forward)
 from statekv.testing.reference import check_against_transformers
-from statekv.testing.videos import synthetic_frames
+from statekv.testing.videos import synthetic_frames, write_video
 from statekv.video import SamplingConfig
 
 FPS = 2.0
@@ -93,8 +93,8 @@ def test_chunks_are_the_processors_tokens_at_the_models_positions(checkpoint, pr
     # per chunk: timestamp text + <|vision_start|> + pads + <|vision_end|>
     ids = a.prefix_ids(layout).tolist()
     for chunk, tokens in enumerate(cache.chunk_tokens):
-        first = 2 * chunk
-        opening = a.timestamp_ids(a.chunk_time(first, min(2, len(frames) - first), FPS)) + [a.vision_start_id]
+        times = [i / FPS for i in range(2 * chunk, min(2 * chunk + 2, len(frames)))]
+        opening = a.timestamp_ids(a.patch_time(times)) + [a.vision_start_id]
         ids += opening + [a.video_token_id] * (tokens - len(opening) - 1) + [a.vision_end_id]
     answer = a.answer_inputs(QUESTION, cache.cursor, layout)
     ids += answer.prompt_ids.tolist()
@@ -115,15 +115,15 @@ def test_pixels_equal_the_video_processor(checkpoint, processor, frames):
     assert torch.equal(engine.adapter.preprocess(frames, size).pixel_values, ref.pixel_values_videos)
 
 
-@pytest.mark.parametrize("seconds", [(0, 2.0), (1, 2.0), (4, 4.0), (5, 30.0)])
-def test_timestamps_are_the_processors(checkpoint, processor, seconds):
-    """The text of each chunk's time, for pairs and an odd last frame, is `_calculate_timestamps` + `{:.1f}`."""
-    first, fps = seconds
-    engine = make_engine(checkpoint, Full())
-    for count in (1, 2):
-        indices = list(range(first, first + count))
-        want = processor._calculate_timestamps(indices, fps, 2)[0]
-        assert engine.adapter.chunk_time(first, count, fps) == want
+@pytest.mark.parametrize(("indices", "fps"), [([0, 1], 2.0), ([2, 3], 0.7), ([17, 21], 7.0), ([29], 7.0),
+                                             ([5], 30.0)])
+def test_timestamps_are_the_processors(checkpoint, processor, indices, fps):
+    """A chunk's time (pairs, an odd last frame, uneven sampling) is `_calculate_timestamps`, written `{:.1f}`."""
+    a = make_engine(checkpoint, Full()).adapter
+    want = processor._calculate_timestamps(list(indices), fps, 2)[0]
+    got = a.patch_time([i / fps for i in indices])
+    assert got == want
+    assert processor.tokenizer.decode(a.timestamp_ids(got)) == f"<{want:.1f} seconds>"
 
 
 # --- exactness against one forward --------------------------------------------------------------------------------
@@ -134,6 +134,35 @@ def test_full_equals_one_forward_of_the_plain_model(checkpoint, model, frames, l
     report = check_against_transformers(checkpoint, frames, fps=FPS, sampling=SAMPLING, layout=layout,
                                         question=QUESTION, max_new_tokens=6, model=model)
     report.assert_exact(1e-4)
+
+
+@torch.inference_mode()
+def test_a_video_file_equals_the_processor_on_its_sampled_frames(checkpoint, processor, model, tmp_path):
+    """From a file sampled unevenly (30 frames at 7 fps -> 8 frames, indices 0, 4, 8, 12, 17, ...), the chunks'
+    timestamps are source index / source fps as the processor writes them, not multiples of 1 / sampled fps."""
+    from statekv.video import open_video
+
+    path = tmp_path / "clip.mp4"
+    write_video(path, synthetic_frames(30, 64, 96, seed=4), fps=7.0)
+    engine = make_engine(checkpoint, Full())
+    cache = engine.prefill(str(path))
+    answer = engine.ask(cache, QUESTION, max_new_tokens=4, output_scores=True)
+    indices = cache.video.frame_indices
+    assert indices[:5] == [0, 4, 8, 12, 17]
+    with open_video(str(path)) as source:
+        frames = source.read(np.asarray(indices))
+    inputs = processor_inputs(processor, frames, indices, cache.video.video_fps, QUESTION)
+    assert "<1.4 seconds>" in processor.tokenizer.decode(inputs.input_ids[0])  # (8/7 + 12/7) / 2; j/fps gives 1.3
+    ref = reference_forward(model, inputs.with_answer(answer.token_ids[:-1]))
+    n_ctx = cache.prefix_len + cache.num_video_tokens
+    assert torch.equal(cache.position_ids, ref.position_ids[:, :n_ctx])
+    for layer in range(cache.model.num_layers):
+        keys, values = cache.layer_kv(layer)
+        assert (keys - ref.keys[layer][:, :n_ctx]).abs().max() <= 1e-4
+        assert (values - ref.values[layer][:, :n_ctx]).abs().max() <= 1e-4
+    steps = ref.logits[inputs.prompt_len - 1:]
+    assert max(float((s - r).abs().max()) for s, r in zip(answer.scores, steps)) <= 1e-4
+    assert steps.argmax(-1).tolist() == answer.token_ids
 
 
 @torch.inference_mode()
