@@ -129,11 +129,23 @@ def test_timestamps_are_the_processors(checkpoint, processor, indices, fps):
 # --- exactness against one forward --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_full_equals_one_forward_of_the_plain_model(checkpoint, model, frames, layout):
+@pytest.mark.parametrize("fps", [FPS, 0.7])
+def test_full_equals_one_forward_of_the_plain_model(checkpoint, model, frames, layout, fps):
     """Per-chunk K/V, the answer logits at every generated step and the greedy tokens equal one forward."""
-    report = check_against_transformers(checkpoint, frames, fps=FPS, sampling=SAMPLING, layout=layout,
+    report = check_against_transformers(checkpoint, frames, fps=fps, sampling=SAMPLING, layout=layout,
                                         question=QUESTION, max_new_tokens=6, model=model)
     report.assert_exact(1e-4)
+
+
+@torch.inference_mode()
+def test_several_chunks_per_step_equal_one_per_step_for_full(checkpoint, frames):
+    """Deepstack features and the visual mask of k chunks in one decoder call land on each chunk's own tokens."""
+    one = make_engine(checkpoint, Full()).prefill(frames, fps=FPS)
+    three = make_engine(checkpoint, Full(), chunks_per_step=3).prefill(frames, fps=FPS)
+    assert three.chunk_tokens == one.chunk_tokens and torch.equal(three.position_ids, one.position_ids)
+    for layer in range(one.model.num_layers):
+        for x, y in zip(three.layer_kv(layer), one.layer_kv(layer)):
+            assert (x - y).abs().max() <= 1e-5
 
 
 @torch.inference_mode()
