@@ -38,6 +38,7 @@ from statekv.video.preprocess import VisionLayout, preprocess_frames
 DEFAULT_MEAN_STD = (0.5, 0.5, 0.5)
 DEFAULT_MIN_PIXELS = 128 * 32 * 32  # over the whole video
 DEFAULT_MAX_PIXELS = 768 * 32 * 32
+DEFAULT_MAX_VIDEO_TOKENS = 768  # per frame, with cap_pixels_per_frame
 
 
 class Qwen3VLAdapter(VideoLMAdapter):
@@ -69,6 +70,9 @@ class Qwen3VLAdapter(VideoLMAdapter):
         size = p.get("size") or {}
         self.min_pixels = int(size.get("shortest_edge") or DEFAULT_MIN_PIXELS)  # whole-video budgets
         self.max_pixels = int(size.get("longest_edge") or DEFAULT_MAX_PIXELS)
+        # qwen-vl-utils' per-frame cap, opt-in in transformers 5.x (`cap_pixels_per_frame`)
+        self.cap_pixels_per_frame = bool(p.get("cap_pixels_per_frame"))
+        self.max_video_tokens = int(p.get("max_video_tokens") or DEFAULT_MAX_VIDEO_TOKENS)
 
     # --- video ---------------------------------------------------------------------------------------------
 
@@ -80,15 +84,19 @@ class Qwen3VLAdapter(VideoLMAdapter):
         """
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
 
-        tp = self.vision.temporal_patch_size
+        tp, factor = self.vision.temporal_patch_size, self.vision.factor
         if sampling.min_pixels is None and sampling.max_pixels is None:
             frames, lo, hi = max(num_frames, tp), self.min_pixels, self.max_pixels
+            if self.cap_pixels_per_frame:  # as Qwen3VLVideoProcessor.resize computes it
+                per_frame = max(min(self.max_video_tokens * factor * factor, self.max_pixels // frames),
+                                int(self.min_pixels * 1.05))
+                hi = per_frame * frames
         else:  # per frame: one temporal patch against tp times the per-frame bounds is the same rule per frame
             frames = tp
             lo = tp * (sampling.min_pixels if sampling.min_pixels is not None else 1)
             hi = tp * (sampling.max_pixels if sampling.max_pixels is not None else self.max_pixels)
-        return tuple(smart_resize(frames, height, width, temporal_factor=tp, factor=self.vision.factor,
-                                  min_pixels=lo, max_pixels=hi))
+        return tuple(smart_resize(frames, height, width, temporal_factor=tp, factor=factor, min_pixels=lo,
+                                  max_pixels=hi))
 
     def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
         return {"next_position": prefix_len, "frame_size": list(frame_size)}

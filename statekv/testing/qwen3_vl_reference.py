@@ -123,8 +123,9 @@ def processor_inputs(processor, frames: np.ndarray, frame_indices: list[int], vi
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
     metadata = VideoMetadata(total_num_frames=int(max(frame_indices)) + 1, fps=float(video_fps),
                              frames_indices=[int(i) for i in frame_indices])
+    cap = bool(getattr(processor.video_processor, "cap_pixels_per_frame", None))  # None (unset) means off in 5.x
     out = processor(text=[text], videos=[video], video_metadata=[metadata], do_sample_frames=False,
-                    do_convert_rgb=False, cap_pixels_per_frame=False, return_tensors="pt")
+                    do_convert_rgb=False, cap_pixels_per_frame=cap, return_tensors="pt")
     return ReferenceInputs(out["input_ids"], out["mm_token_type_ids"], out["pixel_values_videos"],
                            out["video_grid_thw"], int(out["input_ids"].shape[1]), processor.video_processor.patch_size)
 

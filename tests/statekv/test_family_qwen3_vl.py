@@ -227,20 +227,21 @@ def test_resuming_equals_one_prefill_bit_for_bit(checkpoint):
                                                                                    max_new_tokens=5).token_ids
 
 
-def test_frame_size_follows_the_whole_video_pixel_budget(checkpoint, tmp_path, frames, model):
-    """Qwen3-VL's `size` bounds T·H·W over all frames: with a small budget the engine shrinks frames exactly as
-    the processor does for the same number of frames, and still equals one forward."""
+@pytest.mark.parametrize(("budget", "size"), [({"size": {"shortest_edge": 4096, "longest_edge": 7 * 48 * 64}}, (32, 64)),
+                                            ({"cap_pixels_per_frame": True, "max_video_tokens": 2}, (32, 64))])
+def test_frame_size_follows_the_whole_video_pixel_budget(checkpoint, tmp_path, frames, model, budget, size):
+    """Qwen3-VL's `size` bounds T·H·W over all frames (and `cap_pixels_per_frame` each frame's share): with a
+    small budget the engine shrinks frames exactly as the processor does for the same number of frames, and still
+    equals one forward."""
     small = tmp_path / "small_budget"
     shutil.copytree(checkpoint, small)
     config_path = small / "video_preprocessor_config.json"
-    config = json.loads(config_path.read_text())
-    config["size"] = {"shortest_edge": 4096, "longest_edge": 7 * 48 * 64}
-    config_path.write_text(json.dumps(config))
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **budget}))
     report = check_against_transformers(str(small), frames, fps=FPS, sampling=SAMPLING, layout="prefix-first",
                                         question=QUESTION, max_new_tokens=3, model=model)
     report.assert_exact(1e-4)
     processor = load_reference_processor(str(small))
-    assert processor_inputs(processor, frames, list(range(7)), FPS, QUESTION).frame_size == (32, 64)
+    assert processor_inputs(processor, frames, list(range(7)), FPS, QUESTION).frame_size == size
 
 
 @torch.inference_mode()
