@@ -174,11 +174,10 @@ class Qwen3VLAdapter(VideoLMAdapter):
 
     def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
                          sampled_fps: float) -> dict[str, Any]:
-        """What transformers' own `Qwen3VLProcessor` gives for these frames (see statekv.testing.qwen3_vl_reference)."""
+        """What transformers' own `Qwen3VLProcessor` gives for these frames at `frame_size` (frames taken as
+        sampled at `sampled_fps`; see statekv.testing.qwen3_vl_reference)."""
         from statekv.testing.qwen3_vl_reference import load_reference_processor, processor_inputs
 
-        inputs = processor_inputs(load_reference_processor(self.name_or_path), frames, list(range(len(frames))),
-                                  sampled_fps, question, layout=layout)
-        if list(inputs.frame_size) != list(frame_size):
-            raise ValueError(f"the processor resizes these frames to {inputs.frame_size}, the engine to {frame_size}")
-        return inputs.as_model_inputs()
+        processor = load_reference_processor(self.name_or_path)
+        return processor_inputs(processor, frames, list(range(len(frames))), sampled_fps, question, layout=layout,
+                                frame_size=tuple(frame_size)).as_model_inputs()

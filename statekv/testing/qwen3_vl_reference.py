@@ -115,17 +115,27 @@ def chat_text(processor, question: str, layout: str = "prefix-first") -> str:
 
 
 def processor_inputs(processor, frames: np.ndarray, frame_indices: list[int], video_fps: float,
-                     question: str, *, layout: str = "prefix-first") -> ReferenceInputs:
-    """Run the processor on uint8 (T, H, W, 3) frames sampled at `frame_indices` of a `video_fps` video."""
+                     question: str, *, layout: str = "prefix-first",
+                     frame_size: tuple[int, int] | None = None) -> ReferenceInputs:
+    """Run the processor on uint8 (T, H, W, 3) frames sampled at `frame_indices` of a `video_fps` video.
+
+    The processor picks the frame size from its config; with `frame_size` the frames are resized to it first (with
+    the same kernel) and the processor's resize is skipped.
+    """
     from transformers.video_utils import VideoMetadata
 
+    from statekv.video import resize_frames
+
     text = chat_text(processor, question, layout)
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
+    if frame_size is None:
+        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
+    else:
+        video = resize_frames(frames, *frame_size)
     metadata = VideoMetadata(total_num_frames=int(max(frame_indices)) + 1, fps=float(video_fps),
                              frames_indices=[int(i) for i in frame_indices])
     cap = bool(getattr(processor.video_processor, "cap_pixels_per_frame", None))  # None (unset) means off in 5.x
     out = processor(text=[text], videos=[video], video_metadata=[metadata], do_sample_frames=False,
-                    do_convert_rgb=False, cap_pixels_per_frame=cap, return_tensors="pt")
+                    do_convert_rgb=False, do_resize=frame_size is None, cap_pixels_per_frame=cap, return_tensors="pt")
     return ReferenceInputs(out["input_ids"], out["mm_token_type_ids"], out["pixel_values_videos"],
                            out["video_grid_thw"], int(out["input_ids"].shape[1]), processor.video_processor.patch_size)
 
