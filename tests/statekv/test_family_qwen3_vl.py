@@ -1,5 +1,8 @@
 """Qwen3-VL against transformers' own processor and model: tokens, positions, pixels, K/V, logits, answers.
 
+(Resume bit-exactness, prefill-config refusal and the store round trip run for Qwen3-VL in test_families.py, the
+StateKV selection check in test_selection.py, both parametrised over the adapters registry.)
+
 The reference is the real `Qwen3VLProcessor` (torchvision kernels swapped for torch ones, see
 statekv/testing/qwen3_vl_reference.py) and ONE forward of the plain `Qwen3VLForConditionalGeneration` over the
 whole sequence, the model computing its own positions.
@@ -191,12 +194,13 @@ def test_vision_and_deepstack_per_chunk_equal_the_whole_video(checkpoint, frames
     assert torch.equal(a.video_features(frames, size), whole)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("policy", [StateKV(capacity=10_000), Window(capacity=10_000)])
 @torch.inference_mode()
-def test_policies_with_room_for_everything_equal_full(checkpoint, frames, policy):
-    full_engine = make_engine(checkpoint, Full())
+def test_policies_with_room_for_everything_equal_full(checkpoint, frames, policy, layout):
+    full_engine = make_engine(checkpoint, Full(), layout=layout)
     full = full_engine.prefill(frames, fps=FPS)
-    engine = make_engine(checkpoint, policy)
+    engine = make_engine(checkpoint, policy, layout=layout)
     cache = engine.prefill(frames, fps=FPS)
     assert cache.num_video_tokens <= policy.capacity
     assert torch.equal(cache.position_ids, full.position_ids) and cache.chunk_tokens == full.chunk_tokens
@@ -207,24 +211,6 @@ def test_policies_with_room_for_everything_equal_full(checkpoint, frames, policy
     got = engine.ask(cache, QUESTION, max_new_tokens=6, output_scores=True)
     assert got.token_ids == want.token_ids
     assert max(float((x - y).abs().max()) for x, y in zip(got.scores, want.scores)) <= 1e-4
-
-
-@torch.inference_mode()
-def test_resuming_equals_one_prefill_bit_for_bit(checkpoint):
-    """[0, n) then [n, 2n) == [0, 2n): chunk K/V, positions, timestamps text (via positions/tokens), state."""
-    frames = synthetic_frames(8, 64, 96, seed=5)
-    engine = make_engine(checkpoint, StateKV(capacity=8))
-    whole = engine.prefill(frames, fps=FPS)
-    resumed = engine.prefill(frames[4:], fps=FPS, resume_from=engine.prefill(frames[:4], fps=FPS))
-    assert resumed.cursor == whole.cursor and resumed.chunk_tokens == whole.chunk_tokens
-    assert torch.equal(resumed.position_ids, whole.position_ids)
-    for layer in range(whole.model.num_layers):
-        for x, y in zip(resumed.layer_kv(layer), whole.layer_kv(layer)):
-            assert torch.equal(x, y)
-    for a, b in zip(whole.state, resumed.state):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.token_index, b.token_index)
-    assert engine.ask(resumed, QUESTION, max_new_tokens=5).token_ids == engine.ask(whole, QUESTION,
-                                                                                   max_new_tokens=5).token_ids
 
 
 @pytest.mark.parametrize(("budget", "size"), [({"size": {"shortest_edge": 4096, "longest_edge": 7 * 48 * 64}}, (32, 64)),
