@@ -21,6 +21,13 @@ number of sampled frames (transformers' own `smart_resize` is used for it).
 
 The timestamps are the frames' times in the video (source index / source fps), which the engine passes with
 each chunk. The cursor: {"next_position", "frame_size"}.
+
+Where it can differ from the processor: the frame size is chosen once, for the frames of the first prefill; a
+resumed stream keeps it, while the processor on the whole (longer) video could pick a smaller size when the
+pixel budget binds. `SamplingConfig.min_pixels` / `max_pixels` are per-frame bounds (the engine's meaning for
+every family), not the processor's whole-video `size`. Which frames are sampled is the engine's rule
+(`statekv.video.sample_frames`), not `Qwen3VLVideoProcessor.sample_frames`; given the same frames the sequence
+is the processor's.
 """
 
 from __future__ import annotations
