@@ -81,7 +81,7 @@ class QwenVLAdapter(VideoLMAdapter):
         ps = self.vision.patch_size
         return {"video_start": prefix_len, "grid_t": 0, "grid_hw": [frame_size[0] // ps, frame_size[1] // ps],
                 "second_per_grid_t": self.vision.temporal_patch_size / sampled_fps,
-                "max_position": prefix_len - 1, "frame_size": list(frame_size)}
+                "max_position": prefix_len - 1, "frame_size": list(frame_size), "position_rule": self.position_rule}
 
     def temporal_interval(self, second_per_grid_t: float) -> torch.Tensor:
         """Temporal positions per temporal patch, as the model computes it (a float32 scalar)."""
@@ -129,8 +129,8 @@ class QwenVLAdapter(VideoLMAdapter):
     # --- after the video -------------------------------------------------------------------------------------
 
     def text_start(self, cursor: dict[str, Any]) -> int:
-        """Position of the first text token after the video."""
-        if self.position_rule == "qwen":
+        """Position of the first text token after the video, by the rule the cache was made with."""
+        if cursor["position_rule"] == "qwen":
             return cursor["max_position"] + 1
         m = self.vision.merge_size
         return cursor["video_start"] + max(cursor["grid_hw"]) // m
