@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from transformers import Qwen3VLForConditionalGeneration
+from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
 from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter
 from statekv.video.preprocess import VisionLayout, preprocess_frames
@@ -188,3 +188,11 @@ class Qwen3VLAdapter(VideoLMAdapter):
         processor = load_reference_processor(self.name_or_path)
         return processor_inputs(processor, frames, list(range(len(frames))), sampled_fps, question, layout=layout,
                                 frame_size=tuple(frame_size)).as_model_inputs()
+
+
+class Qwen3VLMoeAdapter(Qwen3VLAdapter):
+    """Qwen3-VL-MoE (e.g. Qwen3-VL-30B-A3B): the same processor, vision tower, positions and DeepStack; only the
+    text layers' MLPs are mixtures of experts, which changes nothing the engine sees."""
+
+    model_type = "qwen3_vl_moe"
+    model_class = Qwen3VLMoeForConditionalGeneration

@@ -313,12 +313,13 @@ def build_qwen3_vl_tokenizer():
 
 def qwen3_vl_tiny_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 3, num_heads: int = 4,
                          num_kv_heads: int = 2, vision_depth: int = 2, vision_dim: int = 32,
-                         deepstack_visual_indexes: tuple[int, ...] = (0, 1)):
+                         deepstack_visual_indexes: tuple[int, ...] = (0, 1), moe: bool = False):
     """A Qwen3-VL config for CPU tests: GQA, interleaved M-RoPE, patch 16, deepstack into the first text layers.
 
     Three text layers by default so that deepstack (two vision layers' features) reaches some but not all of them.
+    `moe`: the Qwen3-VL-MoE variant (4 experts, 2 per token, in every text layer).
     """
-    from transformers import Qwen3VLConfig
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
     head_dim = hidden_size // num_heads
     half = head_dim // 2
@@ -336,23 +337,27 @@ def qwen3_vl_tiny_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
     )
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, decoder_sparse_step=1)
     vision = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=2 * vision_dim, num_heads=2,
                   patch_size=QWEN3_VL_VIDEO_PROCESSOR["patch_size"],
                   spatial_merge_size=QWEN3_VL_VIDEO_PROCESSOR["merge_size"],
                   temporal_patch_size=QWEN3_VL_VIDEO_PROCESSOR["temporal_patch_size"],
                   out_hidden_size=hidden_size, num_position_embeddings=64,
                   deepstack_visual_indexes=list(deepstack_visual_indexes))
-    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    cls = Qwen3VLMoeConfig if moe else Qwen3VLConfig
+    return cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
 
 
 def _save_qwen3_vl(path: Path, family: str, *, seed: int, preprocessor: dict | None, **config_kwargs) -> Path:
     """Weights + config, and the processor files a Qwen3-VL repo ships: tokenizer, chat template, (video) processor."""
-    from transformers import Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
+    moe = family == "qwen3_vl_moe"
     tokenizer = build_qwen3_vl_tokenizer()
-    config = qwen3_vl_tiny_config(tokenizer, **config_kwargs)
+    config = qwen3_vl_tiny_config(tokenizer, moe=moe, **config_kwargs)
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    model = (Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration)(config).eval()
     _widen_random_init(model)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)  # with chat_template.jinja, which the tokenizer and processor both read
@@ -370,6 +375,7 @@ TINY_CHECKPOINTS = {
     "qwen2_vl": _save_qwen2,
     "qwen2_5_vl": _save_qwen2,
     "qwen3_vl": _save_qwen3_vl,
+    "qwen3_vl_moe": _save_qwen3_vl,
 }
 
 

@@ -141,11 +141,12 @@ def processor_inputs(processor, frames: np.ndarray, frame_indices: list[int], vi
 
 
 def load_reference_model(checkpoint: str | os.PathLike):
-    """The plain model with transformers' own SDPA attention, float32."""
-    from transformers import Qwen3VLForConditionalGeneration
+    """The plain model (Qwen3-VL or Qwen3-VL-MoE, by its config) with transformers' own SDPA attention, float32."""
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
-    return Qwen3VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32,
-                                                           attn_implementation="sdpa").eval()
+    moe = AutoConfig.from_pretrained(checkpoint).model_type == "qwen3_vl_moe"
+    cls = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
+    return cls.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
 @dataclass

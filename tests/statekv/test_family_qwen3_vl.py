@@ -140,6 +140,17 @@ def test_full_equals_one_forward_of_the_plain_model(checkpoint, model, frames, l
     report.assert_exact(1e-4)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_moe_variant_equals_one_forward_of_the_plain_model(tmp_path_factory, frames, layout):
+    """Qwen3-VL-MoE (model_type qwen3_vl_moe): same layout and positions, expert MLPs in the text layers."""
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("qwen3_vl_moe") / "tiny", "qwen3_vl_moe")
+    model = load_reference_model(path)
+    assert type(model).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    report = check_against_transformers(str(path), frames, fps=FPS, sampling=SAMPLING, layout=layout,
+                                        question=QUESTION, max_new_tokens=6, model=model)
+    report.assert_exact(1e-4)
+
+
 @torch.inference_mode()
 def test_several_chunks_per_step_equal_one_per_step_for_full(checkpoint, frames):
     """Deepstack features and the visual mask of k chunks in one decoder call land on each chunk's own tokens."""
