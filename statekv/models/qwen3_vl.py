@@ -113,17 +113,16 @@ class Qwen3VLAdapter(VideoLMAdapter):
         return preprocess_frames(frames, min_pixels=1, max_pixels=frame_size[0] * frame_size[1],
                                  layout=self.vision, size=tuple(frame_size))
 
-    def vision_outputs(self, frames: np.ndarray, frame_size: tuple[int, int]):
-        """(merged features (n, hidden), deepstack features per decoder layer [(n, hidden)], grid_thw)."""
+    def video_features(self, frames: np.ndarray, frame_size: tuple[int, int], *, deepstack: bool = False):
+        """Merged vision features (n, hidden) of frames; with `deepstack`, also the DeepStack features, one
+        (n, hidden) per decoder layer they enter: ((n, hidden), [(n, hidden)]). The only way into the tower."""
         pre = self.preprocess(frames, frame_size)
         grid = torch.tensor([pre.grid_thw], dtype=torch.long, device=self.device)
         out = self.model.model.get_video_features(pre.pixel_values.to(self.device), grid)
         features = torch.cat(list(out.pooler_output), dim=0).to(self.dtype)
-        deepstack = [torch.cat(list(d), dim=0).to(self.dtype) for d in out.deepstack_features]
-        return features, deepstack, pre.grid_thw
-
-    def video_features(self, frames: np.ndarray, frame_size: tuple[int, int]) -> torch.Tensor:
-        return self.vision_outputs(frames, frame_size)[0]
+        if not deepstack:
+            return features
+        return features, [torch.cat(list(d), dim=0).to(self.dtype) for d in out.deepstack_features]
 
     def timestamp_ids(self, seconds: float) -> list[int]:
         """Ids of the processor's `<{t:.1f} seconds>` text (tokenised alone: special tokens delimit it)."""
@@ -140,9 +139,10 @@ class Qwen3VLAdapter(VideoLMAdapter):
         if timestamps is None or len(timestamps) != len(frames):
             raise ValueError(f"Qwen3-VL chunks need one timestamp per frame ({len(frames)} frames, "
                              f"timestamps {timestamps!r})")
-        features, deepstack, (grid_t, grid_h, grid_w) = self.vision_outputs(frames, cursor["frame_size"])
+        features, deepstack = self.video_features(frames, cursor["frame_size"], deepstack=True)
         m, tp = self.vision.merge_size, self.vision.temporal_patch_size
-        h, w = grid_h // m, grid_w // m
+        grid_t = -(-len(frames) // tp)  # an odd last frame is padded by repeating it (as the processor does)
+        h, w = (s // (self.vision.patch_size * m) for s in cursor["frame_size"])
         n = h * w  # visual tokens per temporal patch
         cells = torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.long), torch.arange(h), torch.arange(w),
                                            indexing="ij")).reshape(3, -1)  # (3, n): (0, h, w)

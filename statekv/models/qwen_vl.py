@@ -114,16 +114,15 @@ class QwenVLAdapter(VideoLMAdapter):
 
     def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *,
                      timestamps: list[float] | None = None) -> ChunkInputs:  # positions use the sampled fps
-        pre = self._pixels(frames, cursor["frame_size"])
-        grid_t = pre.grid_thw[0]
-        embeds = self._features(pre.pixel_values, pre.grid_thw)  # (n, hidden)
-        positions = self.video_positions(cursor, grid_t)
+        embeds = self.video_features(frames, cursor["frame_size"])  # (n, hidden): the only way into the tower
         tp = self.vision.temporal_patch_size
         n_frames = len(frames)
+        grid_t = -(-n_frames // tp)  # an odd last frame is padded by repeating it (as the processor does)
+        positions = self.video_positions(cursor, grid_t)
         chunk_frames = [min(tp, n_frames - j * tp) for j in range(grid_t)]
         new = dict(cursor, grid_t=cursor["grid_t"] + grid_t,
                    max_position=max(cursor["max_position"], int(positions.max())))
-        return ChunkInputs(embeds=embeds, position_ids=positions, chunk_tokens=[pre.tokens // grid_t] * grid_t,
+        return ChunkInputs(embeds=embeds, position_ids=positions, chunk_tokens=[embeds.shape[0] // grid_t] * grid_t,
                            chunk_frames=chunk_frames, cursor=new)
 
     # --- after the video -------------------------------------------------------------------------------------

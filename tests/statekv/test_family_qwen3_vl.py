@@ -195,8 +195,8 @@ def test_a_video_file_equals_the_processor_on_its_sampled_frames(checkpoint, pro
 def test_vision_and_deepstack_per_chunk_equal_the_whole_video(checkpoint, frames):
     a = make_engine(checkpoint, Full()).adapter
     size = (64, 96)
-    whole, whole_deep, _ = a.vision_outputs(frames, size)
-    parts = [a.vision_outputs(frames[t:t + 2], size) for t in range(0, len(frames), 2)]
+    whole, whole_deep = a.video_features(frames, size, deepstack=True)
+    parts = [a.video_features(frames[t:t + 2], size, deepstack=True) for t in range(0, len(frames), 2)]
     scale = whole.abs().max()
     assert (torch.cat([p[0] for p in parts]) - whole).abs().max() <= 1e-5 * scale
     assert len(whole_deep) == len(a.config.vision_config.deepstack_visual_indexes)
@@ -273,3 +273,6 @@ def test_store_and_service_answer_like_the_in_memory_cache(checkpoint, frames, s
     service = QueryService(engine, root, storage_options=options, lru_bytes=16 << 20)
     reply = service.ask(video_id="clip", question=QUESTION, max_new_tokens=6)
     assert reply["token_ids"] == want.token_ids and reply["answer"] == want.text
+    assert service.counters["vision_tower_calls"] == service.counters["prefill_calls"] == 0
+    engine.prefill(frames[:4], fps=FPS)  # every tower call goes through video_features, which the service counts
+    assert service.counters["vision_tower_calls"] == 2
