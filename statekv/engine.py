@@ -168,7 +168,8 @@ class Engine:
             raise VideoError(source.source, "no frames to prefill")
         info = VideoInfo(
             source=source.source, video_fps=float(source.fps), total_frames=int(source.num_frames),
-            sampled_fps=sampled_fps, frame_size=self.adapter.frame_size(source.height, source.width, self.sampling),
+            sampled_fps=sampled_fps, frame_size=self.adapter.frame_size(source.height, source.width, self.sampling,
+                                                                 num_frames=len(indices)),
             frame_indices=[int(i) for i in indices],
             timestamps=[float(i) / float(source.fps) for i in indices],
         )
@@ -240,7 +241,9 @@ class Engine:
         frame_lo = first_frame
         done = 0
         for frames in iter_frame_batches(source, indices, step_frames):
-            inputs = a.chunk_inputs(frames, cache.cursor)
+            # frame times from the integer indices (as the processors compute them; exact across a resume)
+            times = [i / cache.video.video_fps for i in cache.video.frame_indices[frame_lo:frame_lo + len(frames)]]
+            inputs = a.chunk_inputs(frames, cache.cursor, timestamps=times)
             n = inputs.embeds.shape[0]
             dyn = DynamicCache(
                 ddp_cache_data=[

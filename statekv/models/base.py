@@ -2,14 +2,19 @@
 
 The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded checkpoint's family for:
 
-    frame_size(height, width, sampling)    the size every frame of a video is resized to (read once per video)
+    frame_size(height, width, sampling, num_frames)
+                                           the size every frame of a video of `num_frames` sampled frames is
+                                           resized to (read once per video; Qwen3-VL's pixel budget is per video)
     new_cursor(prefix_len, frame_size, sampled_fps)
                                            a plain JSON-able dict: where the video's next chunk sits (positions,
                                            grids, times). Stored with the cache, so a stream can be resumed.
     prefix_ids(layout)                     token ids prefilled before the first chunk (always attended to)
-    chunk_inputs(frames, cursor)           ChunkInputs of the next k chunks: frames (k*frames_per_chunk or fewer
-                                           at the end of a video, uint8 (T, H, W, 3)) -> embeddings of every token
-                                           the chunks stand for (vision tokens AND any per-frame text the family's
+    chunk_inputs(frames, cursor, timestamps=...)
+                                           ChunkInputs of the next k chunks: frames (k*frames_per_chunk or fewer
+                                           at the end of a video, uint8 (T, H, W, 3)) and the time of each in
+                                           the video (source frame index / source fps in seconds, as the
+                                           processors compute it; Qwen3-VL writes it as text) -> embeddings of
+                                           every token the chunks stand for (vision tokens AND any per-frame text the family's
                                            processor inserts), positions (position_rows, n) exactly as the
                                            transformers model computes them for the whole sequence, tokens and
                                            frames per chunk, extra decoder kwargs, and the advanced cursor
@@ -170,13 +175,14 @@ class VideoLMAdapter:
 
     # --- the family's part (see the module docstring) ----------------------------------------------------------
 
-    def frame_size(self, height: int, width: int, sampling: Any) -> tuple[int, int]:
+    def frame_size(self, height: int, width: int, sampling: Any, num_frames: int) -> tuple[int, int]:
         raise NotImplementedError
 
     def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
         raise NotImplementedError
 
-    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any]) -> ChunkInputs:
+    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *,
+                     timestamps: list[float] | None = None) -> ChunkInputs:
         raise NotImplementedError
 
     def answer_inputs(self, question: str, cursor: dict[str, Any], layout: str) -> AnswerInputs:

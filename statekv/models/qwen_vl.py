@@ -71,7 +71,8 @@ class QwenVLAdapter(VideoLMAdapter):
 
     # --- video ---------------------------------------------------------------------------------------------
 
-    def frame_size(self, height: int, width: int, sampling: Any) -> tuple[int, int]:
+    def frame_size(self, height: int, width: int, sampling: Any, num_frames: int = 0) -> tuple[int, int]:
+        """Per-frame bounds: the number of frames plays no part."""
         lo = sampling.min_pixels if sampling.min_pixels is not None else self.min_pixels
         hi = sampling.max_pixels if sampling.max_pixels is not None else self.max_pixels
         return smart_resize(height, width, factor=self.vision.factor, min_pixels=lo, max_pixels=hi)
@@ -111,7 +112,8 @@ class QwenVLAdapter(VideoLMAdapter):
         ww = torch.arange(w).view(1, 1, -1).expand(grid_t, h, -1)
         return torch.stack([tt, hh, ww]).reshape(3, -1) + cursor["video_start"]
 
-    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any]) -> ChunkInputs:
+    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *,
+                     timestamps: list[float] | None = None) -> ChunkInputs:  # positions use the sampled fps
         embeds = self.video_features(frames, cursor["frame_size"])  # (n, hidden): the only way into the tower
         tp = self.vision.temporal_patch_size
         n_frames = len(frames)

@@ -19,18 +19,36 @@ from statekv.testing.reference import model_forward
 
 def capture_decoder_inputs(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs_embeds (1, L, hidden), position_ids (..., L)) the model gives its language model for `inputs`."""
-    seen: dict[str, torch.Tensor] = {}
+    return _capture(model, inputs)[:2]
+
+
+def _capture(model: Any, inputs: dict[str, Any]):
+    """Also Qwen3-VL's DeepStack inputs: (visual_pos_masks (1, L), [(visual tokens, hidden)] per layer) or None."""
+    seen: dict[str, Any] = {}
 
     def hook(module, args, kwargs):
         seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
         seen["positions"] = kwargs["position_ids"].detach().clone()
+        seen["mask"] = kwargs.get("visual_pos_masks")
+        seen["deepstack"] = kwargs.get("deepstack_visual_embeds")
 
     handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         model_forward(model, inputs)
     finally:
         handle.remove()
-    return seen["embeds"], seen["positions"]
+    return seen["embeds"], seen["positions"], seen["mask"], seen["deepstack"]
+
+
+def _deepstack_slice(mask: Any, deepstack: Any, lo: int, n: int) -> dict[str, Any]:
+    """DeepStack decoder kwargs of tokens [lo, lo + n): their visual mask and their rows of each layer's features."""
+    if mask is None or deepstack is None:
+        return {}
+    first, count = int(mask[0, :lo].sum()), int(mask[0, lo:lo + n].sum())
+    if count == 0:
+        return {}
+    return {"visual_pos_masks": mask[:, lo:lo + n],
+            "deepstack_visual_embeds": [d[first:first + count] for d in deepstack]}
 
 
 @torch.inference_mode()
@@ -44,7 +62,7 @@ def reference_selection(model: Any, inputs: dict[str, Any], prefix_len: int, chu
     from transformers import DynamicCache
 
     lm = model.model.language_model
-    embeds, positions = capture_decoder_inputs(model, inputs)
+    embeds, positions, mask, deepstack = _capture(model, inputs)
     text = model.config.get_text_config()
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
     group = heads // kv_heads
@@ -70,7 +88,7 @@ def reference_selection(model: Any, inputs: dict[str, Any], prefix_len: int, chu
         dyn = DynamicCache(ddp_cache_data=data, config=model.config) if all(d is not None for d in data) \
             else DynamicCache(config=model.config)
         out = lm(inputs_embeds=embeds[:, lo:lo + n], position_ids=positions[..., lo:lo + n], past_key_values=dyn,
-                 use_cache=True, output_attentions=True)
+                 use_cache=True, output_attentions=True, **_deepstack_slice(mask, deepstack, lo, n))
         chosen = []
         for layer in range(text.num_hidden_layers):
             probs = out.attentions[layer][0].float()  # (H, n, P + S + n)

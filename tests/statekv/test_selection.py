@@ -9,7 +9,8 @@ summed over the wrong heads. Here the engine's carried
 token indices after every chunk, at every layer and KV head, must equal those chosen by
 `statekv.testing.selection.reference_selection` (transformers' eager attention with output_attentions, summed
 over the chunk's queries and the query heads of each KV group, top-capacity per layer and KV head, temporal
-order), for both layouts and two families. `test_the_check_catches_reversed_scores` runs the same comparison on
+order), for both layouts and every family in the adapters registry (Qwen3-VL with its DeepStack inputs).
+`test_the_check_catches_reversed_scores` runs the same comparison on
 exactly that mutant and requires it to be caught.
 """
 
@@ -82,8 +83,8 @@ def frames() -> np.ndarray:
 
 
 @pytest.mark.parametrize("layout", ["prefix-first", "video-first"])
-def test_engine_carries_exactly_the_keys_the_rule_selects(tiny_checkpoint, frames, layout):
-    assert mismatches(tiny_checkpoint, RecordingStateKV(capacity=CAPACITY), frames, layout) == []
+def test_engine_carries_exactly_the_keys_the_rule_selects(family_checkpoint, frames, layout):
+    assert mismatches(family_checkpoint, RecordingStateKV(capacity=CAPACITY), frames, layout) == []
 
 
 def test_the_check_catches_reversed_scores(tiny_checkpoints, frames):
