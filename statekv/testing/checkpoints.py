@@ -111,6 +111,8 @@ def tiny_config(family: str, tokenizer, *, hidden_size: int = 64, num_layers: in
 
 def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_vl", *, seed: int = 0, **config_kwargs) -> Path:
     """Write a tiny random checkpoint (weights, config, tokenizer with chat template) to `path`."""
+    if family in ONE_D_FAMILIES:
+        return _one_d_builder(family)(path, seed=seed, **config_kwargs)
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     path = Path(path)
@@ -126,3 +128,13 @@ def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_vl", *, s
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# InternVL3 and LLaVA-OneVision (1-D RoPE, one frame per chunk): built in statekv/testing/tiny_1d.py.
+ONE_D_FAMILIES = ("internvl", "llava_onevision")
+
+
+def _one_d_builder(family: str):
+    from statekv.testing import tiny_1d
+
+    return {"internvl": tiny_1d.save_tiny_internvl, "llava_onevision": tiny_1d.save_tiny_llava_onevision}[family]
