@@ -9,6 +9,7 @@ unchanged; only its video processor is replaced by a stand-in that returns the a
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -38,27 +39,28 @@ def _processor_class(base: type) -> type:
     return Processor
 
 
-def internvl_processor(path: str | os.PathLike, preprocess: Any, *, image_seq_length: int):
-    """transformers' InternVLProcessor for the checkpoint at `path` (image processor: GotOcr2, PIL backend)."""
-    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLProcessor
+def family_processor(path: str | os.PathLike, preprocess: Any):
+    """transformers' processor for the checkpoint at `path`, built from its processor_config.json (InternVL:
+    `image_seq_length`; LLaVA-OneVision: `num_image_tokens`, `vision_feature_select_strategy`), its tokenizer, its
+    image processor (PIL backend) and the video stand-in."""
+    from transformers import (AutoTokenizer, GotOcr2ImageProcessorPil, InternVLProcessor,
+                              LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor)
 
+    with open(os.path.join(path, "processor_config.json")) as f:
+        settings = json.load(f)
+    classes = {"InternVLProcessor": (InternVLProcessor, GotOcr2ImageProcessorPil, ("image_seq_length",)),
+               "LlavaOnevisionProcessor": (LlavaOnevisionProcessor, LlavaOnevisionImageProcessorPil,
+                                           ("num_image_tokens", "vision_feature_select_strategy",
+                                            "vision_aspect_ratio"))}
+    name = settings.get("processor_class")
+    if name not in classes:
+        raise ValueError(f"{path}: processor_class {name!r} is not one of {', '.join(classes)}")
+    processor_cls, image_cls, keys = classes[name]
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return _processor_class(InternVLProcessor)(
-        image_processor=GotOcr2ImageProcessorPil.from_pretrained(path), tokenizer=tokenizer,
-        video_processor=VideoProcessorStandIn(preprocess), image_seq_length=image_seq_length,
-        chat_template=tokenizer.chat_template)
-
-
-def llava_onevision_processor(path: str | os.PathLike, preprocess: Any, *, num_image_tokens: int,
-                              vision_feature_select_strategy: str):
-    """transformers' LlavaOnevisionProcessor for the checkpoint at `path` (image processor: PIL backend)."""
-    from transformers import AutoTokenizer, LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return _processor_class(LlavaOnevisionProcessor)(
-        image_processor=LlavaOnevisionImageProcessorPil.from_pretrained(path), tokenizer=tokenizer,
-        video_processor=VideoProcessorStandIn(preprocess), num_image_tokens=num_image_tokens,
-        vision_feature_select_strategy=vision_feature_select_strategy, chat_template=tokenizer.chat_template)
+    return _processor_class(processor_cls)(
+        image_processor=image_cls.from_pretrained(path), tokenizer=tokenizer,
+        video_processor=VideoProcessorStandIn(preprocess), chat_template=tokenizer.chat_template,
+        **{key: settings[key] for key in keys if key in settings})
 
 
 def processor_inputs(processor: Any, frames: np.ndarray, question: str) -> dict[str, torch.Tensor]:
