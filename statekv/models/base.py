@@ -3,7 +3,7 @@
 The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded checkpoint's family for:
 
     frame_size(height, width, sampling)    the size every frame of a video is resized to (read once per video)
-    new_cursor(prefix_len, frame_size, sampled_fps)
+    new_cursor(prefix_len, frame_size, sampled_fps, num_frames)
                                            a plain JSON-able dict: where the video's next chunk sits (positions,
                                            grids, times). Stored with the cache, so a stream can be resumed.
     prefix_ids(layout)                     token ids prefilled before the first chunk (always attended to)
@@ -18,6 +18,8 @@ The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded
                                            question, the answer header; embeddings, not just ids, so a family can
                                            insert e.g. LLaVA-OneVision's image_newline), at its positions, and the
                                            position of the first generated token
+    decoder_kwargs(cursor)                 extra decode() inputs for every call on a video's tokens (prefix, chunks,
+                                           answer), e.g. the RoPE base the cursor fixed; {} by default
     text_positions(start, length)          positions of generated tokens (position_rows, length)
     decode(embeds, position_ids, cache, **kwargs) -> hidden,  logits(hidden)
     video_features(frames, frame_size)     vision features of frames (n, hidden): per chunk == whole video
@@ -171,8 +173,16 @@ class VideoLMAdapter:
     def frame_size(self, height: int, width: int, sampling: Any) -> tuple[int, int]:
         raise NotImplementedError
 
-    def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
+    def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float,
+                   num_frames: int | None = None) -> dict[str, Any]:
+        """The cursor of a new video; `num_frames` (the sampled frames its first prefill will feed) lets a family
+        plan for the video's length (InternVL / LLaVA-OneVision dynamic-NTK RoPE)."""
         raise NotImplementedError
+
+    def decoder_kwargs(self, cursor: dict[str, Any]) -> dict[str, Any]:
+        """Extra decode() inputs for every call on this video's tokens: the prefix, each chunk, the answer
+        (e.g. the RoPE base a video's cursor fixed). Empty for most families."""
+        return {}
 
     def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any]) -> ChunkInputs:
         raise NotImplementedError

@@ -215,7 +215,8 @@ class SingleFrameAdapter(VideoLMAdapter):
         return feats.reshape(-1, feats.shape[-1])
 
     def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any]) -> ChunkInputs:
-        feats = self.frame_tokens(self.preprocess(frames))  # (T, k, hidden)
+        # through video_features, so that whoever counts vision-tower calls on the adapter sees these
+        feats = self.video_features(frames, cursor["frame_size"]).view(len(frames), self.vision_tokens_per_frame, -1)
         parts, tokens = [], []
         for t in range(feats.shape[0]):
             before, after = self.frame_text(cursor["frames"] + t)

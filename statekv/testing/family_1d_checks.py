@@ -47,3 +47,153 @@ def load(path: str | os.PathLike, **adapter_options: Any) -> Any:
     from statekv.models import load_adapter
 
     return load_adapter(path, device="cpu", dtype=torch.float32, adapter_options=adapter_options or None)
+
+
+# --- through the engine ---------------------------------------------------------------------------------------
+
+def engine(path: str | os.PathLike, policy: Any = None, **kwargs: Any) -> Any:
+    from statekv import Engine, Full
+
+    return Engine.from_pretrained(path, policy=policy if policy is not None else Full(), device="cpu",
+                                  dtype=torch.float32, **kwargs)
+
+
+def check_full_equals_transformers(path: str | os.PathLike, frames: np.ndarray, layout: str) -> Any:
+    """Full(): per-chunk K/V, answer logits at every step and greedy tokens equal ONE forward of the plain model
+    over the processor's sequence, the model computing its own (1-D) positions; returns the report."""
+    from statekv.testing.reference import check_against_transformers
+    from statekv.video import SamplingConfig
+
+    report = check_against_transformers(str(path), frames, fps=2.0, sampling=SamplingConfig(), layout=layout)
+    report.assert_exact(1e-4)
+    return report
+
+
+def check_capacity_covering_the_video_equals_full(path: str | os.PathLike, frames: np.ndarray,
+                                                  question: str) -> None:
+    """StateKV and Window with a capacity >= every video token carry everything: the same cache and answer."""
+    from statekv import StateKV, Window
+
+    full_engine = engine(path)
+    full = full_engine.prefill(frames, fps=2.0)
+    expected = full_engine.ask(full, question, max_new_tokens=5, output_scores=True)
+    for policy in (StateKV(capacity=full.num_video_tokens), Window(capacity=full.num_video_tokens + 7)):
+        e = engine(path, policy)
+        cache = e.prefill(frames, fps=2.0)
+        assert cache.chunk_tokens == full.chunk_tokens and torch.equal(cache.position_ids, full.position_ids)
+        for layer in range(e.adapter.layout.num_layers):
+            for x, y in zip(cache.layer_kv(layer), full.layer_kv(layer)):
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+        got = e.ask(cache, question, max_new_tokens=5, output_scores=True)
+        assert got.token_ids == expected.token_ids, policy
+        for s, r in zip(got.scores, expected.scores):
+            torch.testing.assert_close(s, r, rtol=0, atol=1e-4)
+
+
+def check_resume_is_bit_exact(path: str | os.PathLike, frames: np.ndarray, question: str, policy: Any) -> None:
+    """Prefilling [0, n) then resuming with [n, 2n) equals prefilling [0, 2n), bit for bit."""
+    e = engine(path, policy)
+    whole = e.prefill(frames, fps=2.0)
+    half = len(frames) // 2
+    first = e.prefill(frames[:half], fps=2.0)
+    resumed = e.prefill(frames[half:], fps=2.0, resume_from=first)
+    assert resumed.cursor == whole.cursor and resumed.chunk_tokens == whole.chunk_tokens
+    assert torch.equal(resumed.position_ids, whole.position_ids)
+    for layer in range(e.adapter.layout.num_layers):
+        for x, y in zip(resumed.layer_kv(layer), whole.layer_kv(layer)):
+            assert torch.equal(x, y)
+    for a, b in zip(resumed.state, whole.state):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.token_index, b.token_index)
+    assert e.ask(resumed, question, max_new_tokens=4).token_ids == e.ask(whole, question, max_new_tokens=4).token_ids
+
+
+def check_store_and_service(path: str | os.PathLike, frames: np.ndarray, question: str, root: str,
+                            storage_options: Any = None) -> None:
+    """prefill_to_store -> load_cache -> ask, and the query service over the same store, answer exactly as the
+    in-memory cache does."""
+    from pipelines.serving.service import QueryService
+    from statekv.store import load_cache, prefill_to_store
+
+    e = engine(path)
+    expected = e.ask(e.prefill(frames, fps=2.0), question, max_new_tokens=5, output_scores=True)
+    uri = f"{root}/clip"
+    prefill_to_store(e, frames, uri, fps=2.0, storage_options=storage_options)
+    loaded = load_cache(uri, storage_options=storage_options)
+    got = e.ask(loaded, question, max_new_tokens=5, output_scores=True)
+    assert got.token_ids == expected.token_ids and got.text == expected.text
+    for s, r in zip(got.scores, expected.scores):
+        assert torch.equal(s, r)
+    service = QueryService(e, root, storage_options=storage_options)
+    answer = service.ask(video_id="clip", question=question, max_new_tokens=5)
+    assert answer["token_ids"] == expected.token_ids and answer["answer"] == expected.text
+    assert service.counters["vision_tower_calls"] == 0 and service.counters["prefill_calls"] == 0
+
+
+# --- long videos: dynamic-NTK RoPE ------------------------------------------------------------------------------
+
+def check_dynamic_ntk(path: str | os.PathLike, frames: np.ndarray, question: str, *, factor: float = 2.0,
+                      max_new_tokens: int = 4) -> dict[str, Any]:
+    """With rope_scaling="dynamic_ntk" and a video + prompt + answer past max_position_embeddings M:
+
+    - the cursor's base is theta * ((factor * L / M) - (factor - 1)) ** (d / (d - 2)) for the planned length
+      L = prefix + video + answer_reserve, computed here directly;
+    - positions stay the sequence's 1-D arange;
+    - Full() per-chunk K/V and the answer logits equal ONE forward of the plain model with
+      rope_type="dynamic" (transformers re-derives the base from that forward's length) over a sequence of
+      exactly L tokens (the processor's sequence, the generated tokens, then filler: causal attention keeps the
+      earlier positions independent of it);
+    - the same engine without the option does NOT match (so the check sees the scaling).
+    Returns {"theta", "planned_length", "max_positions"}.
+    """
+    from transformers import AutoConfig
+
+    from statekv.models.single_frame import inv_freq
+    from statekv.testing.reference import model_forward
+
+    probe = engine(path).adapter
+    reserve = len(probe.question_ids(question, "prefix-first")) + max_new_tokens + 3
+    options = {"rope_scaling": "dynamic_ntk", "rope_factor": factor, "answer_reserve": reserve}
+    scaled = engine(path, adapter_options=options)
+    a = scaled.adapter
+    text = a.config.text_config
+    theta, m = float(text.rope_parameters["rope_theta"]), int(text.max_position_embeddings)
+    dim = text.hidden_size // text.num_attention_heads
+    cache = scaled.prefill(frames, fps=2.0)
+    planned = cache.prefix_len + cache.num_video_tokens + len(a.after_video()) + reserve
+    assert planned > m, f"the test sequence ({planned}) must run past max_position_embeddings ({m})"
+    expected_theta = theta * ((factor * planned / m) - (factor - 1)) ** (dim / (dim - 2))
+    rope = cache.cursor["rope"]
+    assert rope["planned_length"] == planned and abs(rope["theta"] - expected_theta) <= 1e-9 * expected_theta
+    assert torch.equal(cache.position_ids, torch.arange(cache.prefix_len + cache.num_video_tokens).view(1, -1))
+    answer = scaled.ask(cache, question, max_new_tokens=max_new_tokens, output_scores=True)
+
+    config = AutoConfig.from_pretrained(path)
+    config.text_config.rope_parameters = {"rope_type": "dynamic", "factor": factor, "rope_theta": theta}
+    dynamic = a.model_class.from_pretrained(path, config=config, dtype=torch.float32,
+                                            attn_implementation="sdpa").eval()
+    inputs = a.reference_inputs(frames, question, "prefix-first", cache.video.frame_size, cache.video.sampled_fps)
+    prompt_len = inputs["input_ids"].shape[1]
+    extra = answer.token_ids[:-1]
+    extra = extra + [a.tokenizer.pad_token_id] * (planned - prompt_len - len(extra))
+    n_ctx = cache.prefix_len + cache.num_video_tokens
+
+    def differences(engine_cache: Any, engine_answer: Any, ref_model: Any) -> tuple[float, float]:
+        with torch.inference_mode():
+            out = model_forward(ref_model, inputs, extra)
+        kv = max(float((x - getattr(out.past_key_values.layers[layer], name)[0, :, :n_ctx]).abs().max())
+                 for layer in range(a.layout.num_layers)
+                 for x, name in zip(engine_cache.layer_kv(layer), ("keys", "values")))
+        steps = out.logits[0, prompt_len - 1:prompt_len - 1 + len(engine_answer.scores)].float()
+        logits = max(float((s - r).abs().max()) for s, r in zip(engine_answer.scores, steps))
+        return kv, logits
+
+    kv, logits = differences(cache, answer, dynamic)
+    assert kv <= 1e-4 and logits <= 1e-4, (kv, logits)
+    ref_freq = dynamic.model.language_model.rotary_emb.inv_freq
+    torch.testing.assert_close(ref_freq, inv_freq(expected_theta, dim), rtol=1e-6, atol=0)
+    plain = engine(path)
+    plain_cache = plain.prefill(frames, fps=2.0)
+    kv_plain, logits_plain = differences(plain_cache, plain.ask(plain_cache, question, max_new_tokens=max_new_tokens,
+                                                                output_scores=True), dynamic)
+    assert kv_plain > 1e-3 and logits_plain > 1e-3, (kv_plain, logits_plain)
+    return {"theta": rope["theta"], "planned_length": planned, "max_positions": m}

@@ -180,8 +180,10 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
                 p.normal_(0.0, 0.2)
 
 
-def save_tiny_internvl(path: str | os.PathLike, *, seed: int = 0, **config_kwargs: Any) -> Path:
-    """Write a tiny random InternVL3-style checkpoint (weights, config, tokenizer, processor configs) to `path`."""
+def save_tiny_internvl(path: str | os.PathLike, *, seed: int = 0, preprocessor: dict[str, Any] | None = None,
+                       **config_kwargs: Any) -> Path:
+    """Write a tiny random InternVL3-style checkpoint (weights, config, tokenizer, processor configs) to `path`;
+    `preprocessor` replaces the default video_preprocessor_config.json."""
     from transformers import GotOcr2ImageProcessorPil, InternVLForConditionalGeneration
 
     path = Path(path)
@@ -194,7 +196,7 @@ def save_tiny_internvl(path: str | os.PathLike, *, seed: int = 0, **config_kwarg
     size = config.vision_config.image_size[0]
     GotOcr2ImageProcessorPil(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN,
                              image_std=IMAGENET_STD, do_convert_rgb=True).save_pretrained(path)
-    _write_json(path / "video_preprocessor_config.json",
+    _write_json(path / "video_preprocessor_config.json", preprocessor or
                 _video_preprocessor("InternVLVideoProcessor", size, IMAGENET_MEAN, IMAGENET_STD, initial_shift=True))
     _write_json(path / "processor_config.json",
                 {"processor_class": "InternVLProcessor", "image_seq_length": config.image_seq_length})
@@ -202,8 +204,10 @@ def save_tiny_internvl(path: str | os.PathLike, *, seed: int = 0, **config_kwarg
     return path
 
 
-def save_tiny_llava_onevision(path: str | os.PathLike, *, seed: int = 0, **config_kwargs: Any) -> Path:
-    """Write a tiny random LLaVA-OneVision checkpoint (weights, config, tokenizer, processor configs) to `path`."""
+def save_tiny_llava_onevision(path: str | os.PathLike, *, seed: int = 0, preprocessor: dict[str, Any] | None = None,
+                              **config_kwargs: Any) -> Path:
+    """Write a tiny random LLaVA-OneVision checkpoint (weights, config, tokenizer, processor configs) to `path`;
+    `preprocessor` replaces the default video_preprocessor_config.json."""
     from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
 
     path = Path(path)
@@ -217,7 +221,7 @@ def save_tiny_llava_onevision(path: str | os.PathLike, *, seed: int = 0, **confi
     LlavaOnevisionImageProcessorPil(size={"height": size, "width": size}, image_mean=SIGLIP_MEAN,
                                     image_std=SIGLIP_STD, image_grid_pinpoints=config.image_grid_pinpoints,
                                     do_convert_rgb=True).save_pretrained(path)
-    _write_json(path / "video_preprocessor_config.json",
+    _write_json(path / "video_preprocessor_config.json", preprocessor or
                 _video_preprocessor("LlavaOnevisionVideoProcessor", size, SIGLIP_MEAN, SIGLIP_STD))
     patches = (size // config.vision_config.patch_size) ** 2
     _write_json(path / "processor_config.json",
