@@ -107,17 +107,19 @@ def check_resume_is_bit_exact(path: str | os.PathLike, frames: np.ndarray, quest
     assert e.ask(resumed, question, max_new_tokens=4).token_ids == e.ask(whole, question, max_new_tokens=4).token_ids
 
 
-def check_store_and_service(path: str | os.PathLike, frames: np.ndarray, question: str, root: str,
+def check_store_and_service(path: str | os.PathLike, video: str, question: str, root: str,
                             storage_options: Any = None) -> None:
-    """prefill_to_store -> load_cache -> ask, and the query service over the same store, answer exactly as the
-    in-memory cache does."""
+    """A video file through prefill_to_store -> load_cache -> ask, and the query service over the same store,
+    answers exactly as the in-memory cache of the same file does."""
     from pipelines.serving.service import QueryService
     from statekv.store import load_cache, prefill_to_store
 
     e = engine(path)
-    expected = e.ask(e.prefill(frames, fps=2.0), question, max_new_tokens=5, output_scores=True)
+    memory = e.prefill(video)
+    assert memory.num_chunks == len(memory.video.frame_indices)  # one frame per chunk
+    expected = e.ask(memory, question, max_new_tokens=5, output_scores=True)
     uri = f"{root}/clip"
-    prefill_to_store(e, frames, uri, fps=2.0, storage_options=storage_options)
+    prefill_to_store(e, video, uri, storage_options=storage_options)
     loaded = load_cache(uri, storage_options=storage_options)
     got = e.ask(loaded, question, max_new_tokens=5, output_scores=True)
     assert got.token_ids == expected.token_ids and got.text == expected.text
@@ -197,3 +199,22 @@ def check_dynamic_ntk(path: str | os.PathLike, frames: np.ndarray, question: str
                                                                 output_scores=True), dynamic)
     assert kv_plain > 1e-3 and logits_plain > 1e-3, (kv_plain, logits_plain)
     return {"theta": rope["theta"], "planned_length": planned, "max_positions": m}
+
+
+def check_rope_option_is_recorded(path: str | os.PathLike, frames: np.ndarray) -> None:
+    """The RoPE option is part of the cache's prefill config: resuming with another is refused naming the field,
+    and a resumed stream keeps the base its first prefill planned (the stored keys were rotated with it)."""
+    import pytest
+
+    from statekv.errors import PrefillConfigMismatchError
+
+    options = {"rope_scaling": "dynamic_ntk", "rope_factor": 2.0, "answer_reserve": 8}
+    scaled = engine(path, adapter_options=options)
+    first = scaled.prefill(frames[:2], fps=2.0)
+    assert first.config.adapter == options
+    with pytest.raises(PrefillConfigMismatchError, match="adapter.rope_scaling"):
+        engine(path, adapter_options=dict(options, rope_scaling="none")).prefill(frames[2:], fps=2.0,
+                                                                                 resume_from=first)
+    resumed = scaled.prefill(frames[2:], fps=2.0, resume_from=first)
+    assert resumed.cursor["rope"] == first.cursor["rope"]
+    assert resumed.cursor["frames"] == len(frames)

@@ -9,7 +9,7 @@ import torch
 from statekv import Full, StateKV
 from statekv.testing import family_1d_checks as checks
 from statekv.testing.checkpoints import save_tiny_checkpoint
-from statekv.testing.videos import synthetic_frames
+from statekv.testing.videos import synthetic_frames, write_video
 
 FAMILY = "internvl"
 QUESTION = "What happens after the dog enters?"
@@ -64,7 +64,9 @@ def test_resume_is_bit_exact(checkpoint, policy):
 
 
 def test_store_and_service_answer_like_the_in_memory_cache(checkpoint, tmp_path):
-    checks.check_store_and_service(checkpoint, synthetic_frames(3, 60, 90, seed=7), QUESTION, str(tmp_path / "caches"))
+    video = tmp_path / "clip.mp4"
+    write_video(video, synthetic_frames(12, 64, 96, seed=7), fps=4.0)  # 3 s -> 6 frames at 2 fps
+    checks.check_store_and_service(checkpoint, str(video), QUESTION, str(tmp_path / "caches"))
 
 
 def test_dynamic_ntk_rope_past_max_position_embeddings(tmp_path):
@@ -72,3 +74,8 @@ def test_dynamic_ntk_rope_past_max_position_embeddings(tmp_path):
     path = save_tiny_checkpoint(tmp_path / "short", FAMILY, max_position_embeddings=64)
     got = checks.check_dynamic_ntk(path, synthetic_frames(4, 60, 90, seed=8), QUESTION)
     assert got["planned_length"] > got["max_positions"] and got["theta"] > 10000.0
+
+
+def test_rope_option_is_recorded_with_the_cache(tmp_path):
+    path = save_tiny_checkpoint(tmp_path / "short", FAMILY, max_position_embeddings=64)
+    checks.check_rope_option_is_recorded(path, synthetic_frames(4, 60, 90, seed=9))
