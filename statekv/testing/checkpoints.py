@@ -124,8 +124,6 @@ def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_vl", *, s
                          preprocessor: dict | None = None, **config_kwargs) -> Path:
     """Write a tiny random checkpoint (weights, config, tokenizer with chat template, video preprocessor
     config) to `path`."""
-    if family in ONE_D_FAMILIES:
-        return _one_d_builder(family)(path, seed=seed, preprocessor=preprocessor, **config_kwargs)
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     path = Path(path)
@@ -145,11 +143,36 @@ def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_vl", *, s
     return path
 
 
-# InternVL3 and LLaVA-OneVision (1-D RoPE, one frame per chunk): built in statekv/testing/tiny_1d.py.
-ONE_D_FAMILIES = ("internvl", "llava_onevision")
+def _qwen(family: str):
+    return lambda path, **kwargs: save_tiny_checkpoint(path, family, **kwargs)
 
 
-def _one_d_builder(family: str):
-    from statekv.testing import tiny_1d
+# model_type -> writer of a tiny random checkpoint of that family: tests parametrised over the adapters
+# registry (tests/statekv/test_families.py) need one entry per family in statekv.models.ADAPTERS.
+TINY_CHECKPOINTS = {
+    "qwen2_vl": _qwen("qwen2_vl"),
+    "qwen2_5_vl": _qwen("qwen2_5_vl"),
+}
 
-    return {"internvl": tiny_1d.save_tiny_internvl, "llava_onevision": tiny_1d.save_tiny_llava_onevision}[family]
+
+def _one_d(family: str):
+    """InternVL3 and LLaVA-OneVision (1-D RoPE, one frame per chunk): built in statekv/testing/tiny_1d.py."""
+    def build(path: str | os.PathLike, **kwargs) -> Path:
+        from statekv.testing import tiny_1d  # imported on use: it reads this module's corpus
+
+        writer = tiny_1d.save_tiny_internvl if family == "internvl" else tiny_1d.save_tiny_llava_onevision
+        return writer(path, **kwargs)
+    return build
+
+
+TINY_CHECKPOINTS.update({family: _one_d(family) for family in ("internvl", "llava_onevision")})
+
+
+def save_family_checkpoint(path: str | os.PathLike, model_type: str, **kwargs) -> Path:
+    """A tiny random checkpoint of the family with this `model_type` (see `TINY_CHECKPOINTS`)."""
+    try:
+        build = TINY_CHECKPOINTS[model_type]
+    except KeyError:
+        raise ValueError(f"no tiny checkpoint for model_type {model_type!r}; add one to "
+                         f"statekv.testing.checkpoints.TINY_CHECKPOINTS (have: {', '.join(TINY_CHECKPOINTS)})") from None
+    return Path(build(path, **kwargs))

@@ -90,23 +90,6 @@ def check_capacity_covering_the_video_equals_full(path: str | os.PathLike, frame
             torch.testing.assert_close(s, r, rtol=0, atol=1e-4)
 
 
-def check_resume_is_bit_exact(path: str | os.PathLike, frames: np.ndarray, question: str, policy: Any) -> None:
-    """Prefilling [0, n) then resuming with [n, 2n) equals prefilling [0, 2n), bit for bit."""
-    e = engine(path, policy)
-    whole = e.prefill(frames, fps=2.0)
-    half = len(frames) // 2
-    first = e.prefill(frames[:half], fps=2.0)
-    resumed = e.prefill(frames[half:], fps=2.0, resume_from=first)
-    assert resumed.cursor == whole.cursor and resumed.chunk_tokens == whole.chunk_tokens
-    assert torch.equal(resumed.position_ids, whole.position_ids)
-    for layer in range(e.adapter.layout.num_layers):
-        for x, y in zip(resumed.layer_kv(layer), whole.layer_kv(layer)):
-            assert torch.equal(x, y)
-    for a, b in zip(resumed.state, whole.state):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.token_index, b.token_index)
-    assert e.ask(resumed, question, max_new_tokens=4).token_ids == e.ask(whole, question, max_new_tokens=4).token_ids
-
-
 def check_store_and_service(path: str | os.PathLike, video: str, question: str, root: str,
                             storage_options: Any = None) -> None:
     """A video file through prefill_to_store -> load_cache -> ask, and the query service over the same store,
