@@ -104,6 +104,8 @@ class RopeScaling:
             raise ValueError(f"answer_reserve must be >= 0, got {self.answer_reserve!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        if self.kind == "none":  # factor and reserve change nothing then: not part of the prefill config
+            return {"rope_scaling": self.kind}
         return {"rope_scaling": self.kind, "rope_factor": self.factor, "answer_reserve": self.answer_reserve}
 
 

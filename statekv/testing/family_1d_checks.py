@@ -58,13 +58,16 @@ def engine(path: str | os.PathLike, policy: Any = None, **kwargs: Any) -> Any:
                                   dtype=torch.float32, **kwargs)
 
 
-def check_full_equals_transformers(path: str | os.PathLike, frames: np.ndarray, layout: str) -> Any:
+def check_full_equals_transformers(path: str | os.PathLike, frames: np.ndarray, layout: str,
+                                   chunks_per_step: int = 1) -> Any:
     """Full(): per-chunk K/V, answer logits at every step and greedy tokens equal ONE forward of the plain model
     over the processor's sequence, the model computing its own (1-D) positions; returns the report."""
     from statekv.testing.reference import check_against_transformers
     from statekv.video import SamplingConfig
 
-    report = check_against_transformers(str(path), frames, fps=2.0, sampling=SamplingConfig(), layout=layout)
+    e = engine(path, layout=layout, chunks_per_step=chunks_per_step)
+    report = check_against_transformers(str(path), frames, fps=2.0, sampling=SamplingConfig(), layout=layout,
+                                        engine=e)
     report.assert_exact(1e-4)
     return report
 

@@ -180,28 +180,38 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
                 p.normal_(0.0, 0.2)
 
 
+def _save(path: str | os.PathLike, model_class: type, config: Any, tokenizer: Any, seed: int, *,
+          image_processor: Any, video_preprocessor: dict[str, Any], processor: dict[str, Any], template: str) -> Path:
+    """Random weights, tokenizer, image / video preprocessor configs, processor config and chat template."""
+    path = Path(path)
+    model = model_class(config).eval()
+    _randomise(model, seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    _write_json(path / "video_preprocessor_config.json", video_preprocessor)
+    _write_json(path / "processor_config.json", processor)
+    (path / "chat_template.jinja").write_text(template)
+    return path
+
+
 def save_tiny_internvl(path: str | os.PathLike, *, seed: int = 0, preprocessor: dict[str, Any] | None = None,
                        **config_kwargs: Any) -> Path:
     """Write a tiny random InternVL3-style checkpoint (weights, config, tokenizer, processor configs) to `path`;
     `preprocessor` replaces the default video_preprocessor_config.json."""
     from transformers import GotOcr2ImageProcessorPil, InternVLForConditionalGeneration
 
-    path = Path(path)
     tokenizer = build_internvl_tokenizer()
     config = internvl_config(tokenizer, **config_kwargs)
-    model = InternVLForConditionalGeneration(config).eval()
-    _randomise(model, seed)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
     size = config.vision_config.image_size[0]
-    GotOcr2ImageProcessorPil(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN,
-                             image_std=IMAGENET_STD, do_convert_rgb=True).save_pretrained(path)
-    _write_json(path / "video_preprocessor_config.json", preprocessor or
-                _video_preprocessor("InternVLVideoProcessor", size, IMAGENET_MEAN, IMAGENET_STD, initial_shift=True))
-    _write_json(path / "processor_config.json",
-                {"processor_class": "InternVLProcessor", "image_seq_length": config.image_seq_length})
-    (path / "chat_template.jinja").write_text(INTERNVL_CHAT_TEMPLATE)
-    return path
+    return _save(
+        path, InternVLForConditionalGeneration, config, tokenizer, seed,
+        image_processor=GotOcr2ImageProcessorPil(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN,
+                                                 image_std=IMAGENET_STD, do_convert_rgb=True),
+        video_preprocessor=preprocessor or _video_preprocessor("InternVLVideoProcessor", size, IMAGENET_MEAN,
+                                                               IMAGENET_STD, initial_shift=True),
+        processor={"processor_class": "InternVLProcessor", "image_seq_length": config.image_seq_length},
+        template=INTERNVL_CHAT_TEMPLATE)
 
 
 def save_tiny_llava_onevision(path: str | os.PathLike, *, seed: int = 0, preprocessor: dict[str, Any] | None = None,
@@ -210,26 +220,21 @@ def save_tiny_llava_onevision(path: str | os.PathLike, *, seed: int = 0, preproc
     `preprocessor` replaces the default video_preprocessor_config.json."""
     from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
 
-    path = Path(path)
     tokenizer = build_llava_onevision_tokenizer()
     config = llava_onevision_config(tokenizer, **config_kwargs)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    _randomise(model, seed)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
     size = config.vision_config.image_size
-    LlavaOnevisionImageProcessorPil(size={"height": size, "width": size}, image_mean=SIGLIP_MEAN,
-                                    image_std=SIGLIP_STD, image_grid_pinpoints=config.image_grid_pinpoints,
-                                    do_convert_rgb=True).save_pretrained(path)
-    _write_json(path / "video_preprocessor_config.json", preprocessor or
-                _video_preprocessor("LlavaOnevisionVideoProcessor", size, SIGLIP_MEAN, SIGLIP_STD))
-    patches = (size // config.vision_config.patch_size) ** 2
-    _write_json(path / "processor_config.json",
-                {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": patches,
-                 "vision_feature_select_strategy": config.vision_feature_select_strategy,
-                 "vision_aspect_ratio": config.vision_aspect_ratio})
-    (path / "chat_template.jinja").write_text(LLAVA_ONEVISION_CHAT_TEMPLATE)
-    return path
+    return _save(
+        path, LlavaOnevisionForConditionalGeneration, config, tokenizer, seed,
+        image_processor=LlavaOnevisionImageProcessorPil(size={"height": size, "width": size}, image_mean=SIGLIP_MEAN,
+                                                        image_std=SIGLIP_STD, do_convert_rgb=True,
+                                                        image_grid_pinpoints=config.image_grid_pinpoints),
+        video_preprocessor=preprocessor or _video_preprocessor("LlavaOnevisionVideoProcessor", size, SIGLIP_MEAN,
+                                                               SIGLIP_STD),
+        processor={"processor_class": "LlavaOnevisionProcessor",
+                   "num_image_tokens": (size // config.vision_config.patch_size) ** 2,
+                   "vision_feature_select_strategy": config.vision_feature_select_strategy,
+                   "vision_aspect_ratio": config.vision_aspect_ratio},
+        template=LLAVA_ONEVISION_CHAT_TEMPLATE)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -1,76 +1,21 @@
-"""LLaVA-OneVision: token layout, vision, exactness and long-video RoPE on a tiny
-random checkpoint (SigLIP depth 2, 2x2 pooling, Qwen2 text stack; 16 tokens per 112² frame and one image_newline after the video)."""
+"""LLaVA-OneVision on a tiny random checkpoint (SigLIP depth 2, 2x2 pooling, Qwen2 text stack; 16 tokens per 112²
+frame and one image_newline after the video): the shared single-frame cases plus its image_newline."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from statekv.testing import family_1d_checks as checks
-from statekv.testing.checkpoints import save_family_checkpoint
-from statekv.testing.videos import synthetic_frames, write_video
-
-FAMILY = "llava_onevision"
-QUESTION = "What happens after the dog enters?"
+from statekv.testing.family_1d_cases import SingleFrameFamilyCases
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    return str(save_family_checkpoint(tmp_path_factory.mktemp("ckpt") / FAMILY, FAMILY))
+class TestLlavaOnevision(SingleFrameFamilyCases):
+    FAMILY = "llava_onevision"
 
-
-@pytest.fixture(scope="module")
-def adapter(checkpoint):
-    return checks.load(checkpoint)
-
-
-@pytest.mark.parametrize("num_frames", [1, 3, 11])
-@torch.inference_mode()
-def test_layout_is_the_processors(adapter, checkpoint, num_frames):
-    """T·k `<video>` tokens then one for the image_newline, equal LlavaOnevisionProcessor's output."""
-    frames = synthetic_frames(num_frames, 60, 90, seed=1)
-    checks.check_layout_matches_processor(adapter, checkpoint, frames, QUESTION)
-    checks.check_layout_matches_processor(adapter, checkpoint, frames, "\n  a question\nstarting with a newline ")
-
-
-def test_image_newline_follows_the_video_and_preprocessing_comes_from_the_checkpoint(adapter):
-    assert adapter.frame_text(3) == ([], [])
-    newline = adapter.after_video()
-    assert newline.shape == (1, adapter.config.text_config.hidden_size)
-    assert torch.equal(newline[0], adapter.model.model.image_newline)
-    assert adapter.pixels.image_mean == pytest.approx((0.5, 0.5, 0.5))  # SigLIP, from the config
-    assert adapter.pixels.size == (112, 112)
-
-
-@torch.inference_mode()
-def test_vision_per_chunk_equals_whole_video(adapter):
-    checks.check_vision_per_chunk(adapter, synthetic_frames(5, 60, 90, seed=2))
-
-
-@pytest.mark.parametrize("layout", ["prefix-first", "video-first"])
-def test_full_equals_one_forward_of_the_plain_model(checkpoint, layout):
-    frames = synthetic_frames(4, 60, 90, seed=4)
-    report = checks.check_full_equals_transformers(checkpoint, frames, layout)
-    assert report.context_tokens >= 4 * 16
-
-
-def test_statekv_and_window_covering_the_video_equal_full(checkpoint):
-    checks.check_capacity_covering_the_video_equals_full(checkpoint, synthetic_frames(4, 60, 90, seed=5), QUESTION)
-
-
-def test_store_and_service_answer_like_the_in_memory_cache(checkpoint, tmp_path):
-    video = tmp_path / "clip.mp4"
-    write_video(video, synthetic_frames(12, 64, 96, seed=7), fps=4.0)  # 3 s -> 6 frames at 2 fps
-    checks.check_store_and_service(checkpoint, str(video), QUESTION, str(tmp_path / "caches"))
-
-
-def test_dynamic_ntk_rope_past_max_position_embeddings(tmp_path):
-    """A tiny config with max_position_embeddings 64 and a sequence of ~100 tokens: the documented rule."""
-    path = save_family_checkpoint(tmp_path / "short", FAMILY, max_position_embeddings=64)
-    got = checks.check_dynamic_ntk(path, synthetic_frames(4, 60, 90, seed=8), QUESTION)
-    assert got["planned_length"] > got["max_positions"] and got["theta"] > 10000.0
-
-
-def test_rope_option_is_recorded_with_the_cache(tmp_path):
-    path = save_family_checkpoint(tmp_path / "short", FAMILY, max_position_embeddings=64)
-    checks.check_rope_option_is_recorded(path, synthetic_frames(4, 60, 90, seed=9))
+    def test_image_newline_follows_the_video_and_preprocessing_comes_from_the_checkpoint(self, adapter):
+        assert adapter.frame_text(3) == ([], [])
+        newline = adapter.after_video()
+        assert newline.shape == (1, adapter.config.text_config.hidden_size)
+        assert torch.equal(newline[0], adapter.model.model.image_newline)
+        assert adapter.pixels.image_mean == pytest.approx((0.5, 0.5, 0.5))  # SigLIP, from the config
+        assert adapter.pixels.size == (112, 112)
