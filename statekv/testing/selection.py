@@ -23,7 +23,7 @@ def capture_decoder_inputs(model: Any, inputs: dict[str, Any]) -> tuple[torch.Te
 
     def hook(module, args, kwargs):
         seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
-        seen["positions"] = kwargs["position_ids"].detach().clone()
+        seen["positions"] = _positions(kwargs)
 
     handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -31,6 +31,14 @@ def capture_decoder_inputs(model: Any, inputs: dict[str, Any]) -> tuple[torch.Te
     finally:
         handle.remove()
     return seen["embeds"], seen["positions"]
+
+
+def _positions(kwargs: dict[str, Any]) -> torch.Tensor:
+    """The language model's position_ids; a model that passes none (InternVL, LLaVA-OneVision: 1-D RoPE) has its
+    text stack count them from 0, as here."""
+    if kwargs.get("position_ids") is not None:
+        return kwargs["position_ids"].detach().clone()
+    return torch.arange(kwargs["inputs_embeds"].shape[1], device=kwargs["inputs_embeds"].device).view(1, -1)
 
 
 @torch.inference_mode()

@@ -82,8 +82,8 @@ def frames() -> np.ndarray:
 
 
 @pytest.mark.parametrize("layout", ["prefix-first", "video-first"])
-def test_engine_carries_exactly_the_keys_the_rule_selects(tiny_checkpoint, frames, layout):
-    assert mismatches(tiny_checkpoint, RecordingStateKV(capacity=CAPACITY), frames, layout) == []
+def test_engine_carries_exactly_the_keys_the_rule_selects(family_checkpoint, frames, layout):
+    assert mismatches(family_checkpoint, RecordingStateKV(capacity=CAPACITY), frames, layout) == []
 
 
 def test_the_check_catches_reversed_scores(tiny_checkpoints, frames):
