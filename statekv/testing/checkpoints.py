@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from statekv.testing.tiny_1d import save_tiny_internvl, save_tiny_llava_onevision
+
 # Qwen's ChatML template, reduced to what video QA needs (system prompt, text / video / image parts).
 CHAT_TEMPLATE = (
     "{% set video_count = namespace(value=0) %}"
@@ -155,17 +157,8 @@ TINY_CHECKPOINTS = {
 }
 
 
-def _one_d(family: str):
-    """InternVL3 and LLaVA-OneVision (1-D RoPE, one frame per chunk): built in statekv/testing/tiny_1d.py."""
-    def build(path: str | os.PathLike, **kwargs) -> Path:
-        from statekv.testing import tiny_1d  # imported on use: it reads this module's corpus
-
-        writer = tiny_1d.save_tiny_internvl if family == "internvl" else tiny_1d.save_tiny_llava_onevision
-        return writer(path, **kwargs)
-    return build
-
-
-TINY_CHECKPOINTS.update({family: _one_d(family) for family in ("internvl", "llava_onevision")})
+# InternVL3 and LLaVA-OneVision (1-D RoPE, one frame per chunk): statekv/testing/tiny_1d.py
+TINY_CHECKPOINTS.update({"internvl": save_tiny_internvl, "llava_onevision": save_tiny_llava_onevision})
 
 
 def save_family_checkpoint(path: str | os.PathLike, model_type: str, **kwargs) -> Path:

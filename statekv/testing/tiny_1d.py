@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 
-from statekv.testing.checkpoints import _CORPUS
-
 # transformers' convert_internvl_weights_to_hf.py: the template of the InternVL2.5 / InternVL3 `-hf` checkpoints.
 INTERNVL_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -74,7 +72,14 @@ INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "c
 INTERNVL_EXTRA = ["<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 LLAVA_ONEVISION_TOKENS = {"image_token": "<image>", "video_token": "<video>"}
 
-_FRAME_CORPUS = ["Frame1: Frame2: Frame3: Frame4: Frame5: Frame6: Frame7: Frame8: Frame9: Frame10:"]
+# what the BPE merges are trained on: video QA phrases and the frame labels InternVL's processor writes
+_CORPUS = [
+    "What happens after the dog enters the room? The dog runs to the door and a cat jumps on the sofa.",
+    "Describe the video. A bright square moves across a colour gradient from the top left corner.",
+    "How many frames show the square? It appears in every frame, first near the left edge, then lower.",
+    "You are a helpful assistant. user assistant question answer video image frame second yes no",
+    "Frame1: Frame2: Frame3: Frame4: Frame5: Frame6: Frame7: Frame8: Frame9: Frame10: 0 1 2 3 4 5 6 7 8 9",
+]
 
 
 def _tokenizer(special: list[str], named: dict[str, str], template: str, vocab_size: int = 400):
@@ -87,7 +92,7 @@ def _tokenizer(special: list[str], named: dict[str, str], template: str, vocab_s
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS + _FRAME_CORPUS, trainer=trainer)
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    extra_special_tokens=named)
     fast.chat_template = template

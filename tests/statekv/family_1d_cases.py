@@ -1,5 +1,6 @@
-"""The test cases InternVL3 and LLaVA-OneVision share (pytest classes: a family's test file subclasses
-`SingleFrameFamilyCases` as `Test<Family>` and sets `FAMILY`; the checks live in family_1d_checks.py)."""
+"""The test cases InternVL3 and LLaVA-OneVision share: a family's test file subclasses `SingleFrameFamilyCases` as
+`Test<Family>` and sets `FAMILY` (the checks themselves are in statekv/testing/family_1d_checks.py). Not collected
+itself (no test_ prefix); imported by name, as pytest puts this folder on sys.path."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import ClassVar
 import pytest
 import torch
 
+from pipelines.serving.service import QueryService
 from statekv.testing import family_1d_checks as checks
 from statekv.testing.checkpoints import save_family_checkpoint
 from statekv.testing.videos import synthetic_frames, write_video
@@ -59,7 +61,12 @@ class SingleFrameFamilyCases:
     def test_store_and_service_answer_like_the_in_memory_cache(self, checkpoint, tmp_path):
         video = tmp_path / "clip.mp4"
         write_video(video, synthetic_frames(12, 64, 96, seed=7), fps=4.0)  # 3 s -> 6 frames at 2 fps
-        checks.check_store_and_service(checkpoint, str(video), QUESTION, str(tmp_path / "caches"))
+        root = str(tmp_path / "caches")
+        engine, expected = checks.check_store(checkpoint, str(video), QUESTION, root)
+        service = QueryService(engine, root)
+        answer = service.ask(video_id="clip", question=QUESTION, max_new_tokens=5)
+        assert answer["token_ids"] == expected.token_ids and answer["answer"] == expected.text
+        assert service.counters["vision_tower_calls"] == 0 and service.counters["prefill_calls"] == 0
 
     def test_dynamic_ntk_rope_past_max_position_embeddings(self, short_checkpoint):
         got = checks.check_dynamic_ntk(short_checkpoint, synthetic_frames(4, 60, 90, seed=8), QUESTION)
