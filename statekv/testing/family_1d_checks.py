@@ -124,15 +124,13 @@ def check_dynamic_ntk(path: str | os.PathLike, frames: np.ndarray, question: str
     - positions stay the sequence's 1-D arange;
     - Full() per-chunk K/V and the answer logits equal ONE forward of the plain model with
       rope_type="dynamic" (transformers re-derives the base from that forward's length) over a sequence of
-      exactly L tokens (the processor's sequence, the generated tokens, then filler: causal attention keeps the
-      earlier positions independent of it);
+      exactly L tokens (see `dynamic_reference_differences`);
     - the same engine without the option does NOT match (so the check sees the scaling).
     Returns {"theta", "planned_length", "max_positions"}.
     """
     from transformers import AutoConfig
 
     from statekv.models.single_frame import inv_freq
-    from statekv.testing.reference import model_forward
 
     probe = engine(path).adapter
     reserve = len(probe.question_ids(question, "prefix-first")) + max_new_tokens + 3
@@ -155,32 +153,62 @@ def check_dynamic_ntk(path: str | os.PathLike, frames: np.ndarray, question: str
     config.text_config.rope_parameters = {"rope_type": "dynamic", "factor": factor, "rope_theta": theta}
     dynamic = a.model_class.from_pretrained(path, config=config, dtype=torch.float32,
                                             attn_implementation="sdpa").eval()
-    inputs = a.reference_inputs(frames, question, "prefix-first", cache.video.frame_size, cache.video.sampled_fps)
-    prompt_len = inputs["input_ids"].shape[1]
-    extra = answer.token_ids[:-1]
-    extra = extra + [a.tokenizer.pad_token_id] * (planned - prompt_len - len(extra))
-    n_ctx = cache.prefix_len + cache.num_video_tokens
-
-    def differences(engine_cache: Any, engine_answer: Any, ref_model: Any) -> tuple[float, float]:
-        with torch.inference_mode():
-            out = model_forward(ref_model, inputs, extra)
-        kv = max(float((x - getattr(out.past_key_values.layers[layer], name)[0, :, :n_ctx]).abs().max())
-                 for layer in range(a.layout.num_layers)
-                 for x, name in zip(engine_cache.layer_kv(layer), ("keys", "values")))
-        steps = out.logits[0, prompt_len - 1:prompt_len - 1 + len(engine_answer.scores)].float()
-        logits = max(float((s - r).abs().max()) for s, r in zip(engine_answer.scores, steps))
-        return kv, logits
-
-    kv, logits = differences(cache, answer, dynamic)
+    kv, logits = dynamic_reference_differences(a, dynamic, cache, answer, frames, question)
     assert kv <= 1e-4 and logits <= 1e-4, (kv, logits)
-    ref_freq = dynamic.model.language_model.rotary_emb.inv_freq
+    ref_freq = dynamic.model.language_model.rotary_emb.inv_freq  # what transformers derived for length L
     torch.testing.assert_close(ref_freq, inv_freq(expected_theta, dim), rtol=1e-6, atol=0)
     plain = engine(path)
     plain_cache = plain.prefill(frames, fps=2.0)
-    kv_plain, logits_plain = differences(plain_cache, plain.ask(plain_cache, question, max_new_tokens=max_new_tokens,
-                                                                output_scores=True), dynamic)
+    plain_answer = plain.ask(plain_cache, question, max_new_tokens=max_new_tokens, output_scores=True)
+    kv_plain, logits_plain = dynamic_reference_differences(a, dynamic, plain_cache, plain_answer, frames, question,
+                                                           planned=planned)
     assert kv_plain > 1e-3 and logits_plain > 1e-3, (kv_plain, logits_plain)
     return {"theta": rope["theta"], "planned_length": planned, "max_positions": m}
+
+
+def dynamic_reference_differences(adapter: Any, model: Any, cache: Any, answer: Any, frames: np.ndarray,
+                                  question: str, planned: int | None = None) -> tuple[float, float]:
+    """(largest K/V difference, largest answer-logit difference) of a prefix-first cache and its answer against
+    ONE forward of `model` (a plain model with rope_type "dynamic") over exactly `planned` tokens (default: the
+    cache's planned length): the processor's sequence, the generated tokens, then filler; causal attention keeps
+    the earlier positions independent of the filler, while transformers derives its base from the whole length."""
+    from statekv.testing.reference import model_forward
+
+    planned = planned if planned is not None else cache.cursor["rope"]["planned_length"]
+    inputs = adapter.reference_inputs(frames, question, "prefix-first", cache.video.frame_size,
+                                      cache.video.sampled_fps)
+    prompt_len = inputs["input_ids"].shape[1]
+    extra = answer.token_ids[:-1]
+    assert prompt_len + len(extra) <= planned, "the planned length leaves no room for the answer"
+    extra = extra + [adapter.tokenizer.pad_token_id] * (planned - prompt_len - len(extra))
+    n_ctx = cache.prefix_len + cache.num_video_tokens
+    with torch.inference_mode():
+        out = model_forward(model, inputs, extra)
+    kv = max(float((x - getattr(out.past_key_values.layers[layer], name)[0, :, :n_ctx]).abs().max())
+             for layer in range(adapter.layout.num_layers)
+             for x, name in zip(cache.layer_kv(layer), ("keys", "values")))
+    steps = out.logits[0, prompt_len - 1:prompt_len - 1 + len(answer.scores)].float()
+    return kv, max(float((s - r).abs().max()) for s, r in zip(answer.scores, steps))
+
+
+def check_checkpoint_dynamic_rope(path: str | os.PathLike, frames: np.ndarray, question: str) -> None:
+    """A checkpoint whose own config asks for transformers' "dynamic" RoPE (factor f) gets dynamic_ntk with f by
+    default, and matches the plain model loaded from that checkpoint as it is (one forward over the planned
+    length); rope_scaling="none" opts out (plain RoPE, recorded as such)."""
+    from statekv.testing.reference import reference_model
+
+    default = engine(path)
+    factor = float(default.adapter.config.text_config.rope_parameters["factor"])
+    assert default.adapter.options() == {"rope_scaling": "dynamic_ntk", "rope_factor": factor, "answer_reserve": 1024}
+    cache = default.prefill(frames, fps=2.0)
+    answer = default.ask(cache, question, max_new_tokens=4, output_scores=True)
+    kv, logits = dynamic_reference_differences(default.adapter, reference_model(str(path)), cache, answer, frames,
+                                               question)
+    assert kv <= 1e-4 and logits <= 1e-4, (kv, logits)
+    plain = engine(path, adapter_options={"rope_scaling": "none"})
+    assert plain.adapter.options() == {"rope_scaling": "none"}
+    assert plain.prefill(frames[:1], fps=2.0).cursor["rope"] == {"theta": plain.adapter.rope_theta,
+                                                                  "planned_length": None}
 
 
 def check_rope_option_is_recorded(path: str | os.PathLike, frames: np.ndarray) -> None:

@@ -113,13 +113,16 @@ def build_llava_onevision_tokenizer():
 
 
 def _text_config(tokenizer, *, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
-                 max_position_embeddings: int, rope_theta: float) -> dict[str, Any]:
-    """A Qwen2 text stack (the LLM of InternVL3 and LLaVA-OneVision-Qwen2), GQA, 1-D RoPE."""
+                 max_position_embeddings: int, rope_theta: float, rope_factor: float | None) -> dict[str, Any]:
+    """A Qwen2 text stack (the LLM of InternVL3 and LLaVA-OneVision-Qwen2), GQA, 1-D RoPE; `rope_factor` makes
+    its RoPE transformers' "dynamic" (NTK) type with that factor, as some InternVL checkpoints ship it."""
+    rope = ({"rope_type": "default", "rope_theta": rope_theta} if rope_factor is None else
+            {"rope_type": "dynamic", "factor": rope_factor, "rope_theta": rope_theta})
     return dict(
         model_type="qwen2", vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        rope_parameters=rope,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
@@ -128,7 +131,8 @@ def _text_config(tokenizer, *, hidden_size: int, num_layers: int, num_heads: int
 
 def internvl_config(tokenizer, *, image_size: int = 112, patch_size: int = 14, hidden_size: int = 64,
                     num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, vision_depth: int = 2,
-                    vision_dim: int = 32, max_position_embeddings: int = 4096, rope_theta: float = 10000.0):
+                    vision_dim: int = 32, max_position_embeddings: int = 4096, rope_theta: float = 10000.0,
+                    rope_factor: float | None = None):
     """InternVLConfig: InternViT (depth 2) + pixel shuffle 0.5 + MLP projector + Qwen2 text stack."""
     from transformers import InternVLConfig
 
@@ -140,7 +144,7 @@ def internvl_config(tokenizer, *, image_size: int = 112, patch_size: int = 14, h
         vision_config=vision,
         text_config=_text_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                                  num_kv_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
-                                 rope_theta=rope_theta),
+                                 rope_theta=rope_theta, rope_factor=rope_factor),
         image_token_id=tokenizer.convert_tokens_to_ids(INTERNVL_TOKENS["context_image_token"]),
         image_seq_length=tokens, downsample_ratio=0.5, vision_feature_layer=-1,
         vision_feature_select_strategy="default", tie_word_embeddings=False,
@@ -149,7 +153,8 @@ def internvl_config(tokenizer, *, image_size: int = 112, patch_size: int = 14, h
 
 def llava_onevision_config(tokenizer, *, image_size: int = 112, patch_size: int = 14, hidden_size: int = 64,
                            num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, vision_depth: int = 2,
-                           vision_dim: int = 32, max_position_embeddings: int = 4096, rope_theta: float = 10000.0):
+                           vision_dim: int = 32, max_position_embeddings: int = 4096,
+                           rope_theta: float = 10000.0, rope_factor: float | None = None):
     """LlavaOnevisionConfig: SigLIP (depth 2, no head) + projector + 2x2 pooling + Qwen2 text stack."""
     from transformers import LlavaOnevisionConfig
 
@@ -161,7 +166,7 @@ def llava_onevision_config(tokenizer, *, image_size: int = 112, patch_size: int 
         vision_config=vision,
         text_config=_text_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                                  num_kv_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
-                                 rope_theta=rope_theta),
+                                 rope_theta=rope_theta, rope_factor=rope_factor),
         image_token_index=tokenizer.convert_tokens_to_ids(LLAVA_ONEVISION_TOKENS["image_token"]),
         video_token_index=tokenizer.convert_tokens_to_ids(LLAVA_ONEVISION_TOKENS["video_token"]),
         vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=False,

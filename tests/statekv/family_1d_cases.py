@@ -72,5 +72,9 @@ class SingleFrameFamilyCases:
         got = checks.check_dynamic_ntk(short_checkpoint, synthetic_frames(4, 60, 90, seed=8), QUESTION)
         assert got["planned_length"] > got["max_positions"] and got["theta"] > 10000.0
 
+    def test_a_checkpoints_own_dynamic_rope_is_followed(self, tmp_path):
+        path = save_family_checkpoint(tmp_path / "dynamic", self.FAMILY, max_position_embeddings=64, rope_factor=2.0)
+        checks.check_checkpoint_dynamic_rope(path, synthetic_frames(3, 60, 90, seed=10), QUESTION)
+
     def test_rope_option_is_recorded_with_the_cache(self, short_checkpoint):
         checks.check_rope_option_is_recorded(short_checkpoint, synthetic_frames(4, 60, 90, seed=9))
