@@ -11,6 +11,7 @@ from statekv.engine import Answer, Engine, TokenEvent
 from statekv.errors import (
     EmptyVideoError,
     ModelMismatchError,
+    PrefillConfigMismatchError,
     StateKVError,
     UnsupportedModelError,
     VideoDecodeError,
@@ -23,7 +24,8 @@ from statekv.video import SamplingConfig
 __version__ = "0.2.0"
 
 __all__ = [
-    "Answer", "ChunkKV", "EmptyVideoError", "Engine", "Full", "ModelMismatchError", "SamplingConfig", "StateKV",
+    "Answer", "ChunkKV", "EmptyVideoError", "Engine", "Full", "ModelMismatchError", "PrefillConfigMismatchError",
+    "SamplingConfig", "StateKV",
     "StateKVError", "TokenEvent", "UnsupportedModelError", "VideoDecodeError", "VideoError", "VideoKVCache",
     "VideoNotFoundError", "Window", "policies", "__version__",
 ]

@@ -22,7 +22,9 @@ The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded
                                            answer), e.g. the RoPE base the cursor fixed; {} by default
     text_positions(start, length)          positions of generated tokens (position_rows, length)
     decode(embeds, position_ids, cache, **kwargs) -> hidden,  logits(hidden)
-    video_features(frames, frame_size)     vision features of frames (n, hidden): per chunk == whole video
+    video_features(frames, frame_size)     vision features of frames (n, hidden): per chunk == whole video. The
+                                           only way into the vision tower: chunk_inputs calls it (the query
+                                           service counts its calls to prove answering never runs the tower)
     reference_inputs(frames, question, layout, frame_size, sampled_fps)
                                            the plain transformers model's inputs for the same sequence
                                            (input_ids with the family's placeholder tokens, pixel values, grids,

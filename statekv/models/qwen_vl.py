@@ -81,7 +81,7 @@ class QwenVLAdapter(VideoLMAdapter):
         ps = self.vision.patch_size
         return {"video_start": prefix_len, "grid_t": 0, "grid_hw": [frame_size[0] // ps, frame_size[1] // ps],
                 "second_per_grid_t": self.vision.temporal_patch_size / sampled_fps,
-                "max_position": prefix_len - 1, "frame_size": list(frame_size)}
+                "max_position": prefix_len - 1, "frame_size": list(frame_size), "position_rule": self.position_rule}
 
     def temporal_interval(self, second_per_grid_t: float) -> torch.Tensor:
         """Temporal positions per temporal patch, as the model computes it (a float32 scalar)."""
@@ -113,23 +113,22 @@ class QwenVLAdapter(VideoLMAdapter):
         return torch.stack([tt, hh, ww]).reshape(3, -1) + cursor["video_start"]
 
     def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any]) -> ChunkInputs:
-        pre = self._pixels(frames, cursor["frame_size"])
-        grid_t = pre.grid_thw[0]
-        embeds = self._features(pre.pixel_values, pre.grid_thw)  # (n, hidden)
-        positions = self.video_positions(cursor, grid_t)
+        embeds = self.video_features(frames, cursor["frame_size"])  # (n, hidden): the only way into the tower
         tp = self.vision.temporal_patch_size
         n_frames = len(frames)
+        grid_t = -(-n_frames // tp)  # an odd last frame is padded by repeating it (as the processor does)
+        positions = self.video_positions(cursor, grid_t)
         chunk_frames = [min(tp, n_frames - j * tp) for j in range(grid_t)]
         new = dict(cursor, grid_t=cursor["grid_t"] + grid_t,
                    max_position=max(cursor["max_position"], int(positions.max())))
-        return ChunkInputs(embeds=embeds, position_ids=positions, chunk_tokens=[pre.tokens // grid_t] * grid_t,
+        return ChunkInputs(embeds=embeds, position_ids=positions, chunk_tokens=[embeds.shape[0] // grid_t] * grid_t,
                            chunk_frames=chunk_frames, cursor=new)
 
     # --- after the video -------------------------------------------------------------------------------------
 
     def text_start(self, cursor: dict[str, Any]) -> int:
-        """Position of the first text token after the video."""
-        if self.position_rule == "qwen":
+        """Position of the first text token after the video, by the rule the cache was made with."""
+        if cursor["position_rule"] == "qwen":
             return cursor["max_position"] + 1
         m = self.vision.merge_size
         return cursor["video_start"] + max(cursor["grid_hw"]) // m

@@ -1,4 +1,7 @@
-"""The on-disk format: object names, Parquet schemas and the manifest (see docs/cache-format.md).
+"""The on-disk format: object names, Parquet schemas, the manifest and its checks (see docs/cache-format.md).
+
+Both the writer and the reader use this module (and never each other): schemas, the chunk-metadata CRC, reading
+and version-checking a manifest, and the mapping between a `VideoKVCache` and its manifest keys.
 
     <root>/<video_id>/manifest.json                       written last: the commit marker
     <root>/<video_id>/parts-<attempt>/prefix.parquet      1 row: prefix token ids + per-layer K/V
@@ -17,6 +20,7 @@ import pyarrow.parquet as pq
 from statekv.cache import ModelInfo, PrefillConfig, VideoInfo, VideoKVCache
 from statekv.store import serde
 from statekv.store.errors import CacheCorruptError, CacheNotFoundError, CacheVersionError
+from statekv.store.fs import join
 
 FORMAT = "statekv-cache"
 FORMAT_VERSION = 2  # bump on any incompatible change; readers refuse versions they do not know
@@ -169,8 +173,6 @@ def cache_fields(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def read_manifest_at(fs: Any, path: str, uri: str) -> dict[str, Any]:
     """The committed manifest under `path` on `fs` (CacheNotFoundError naming `uri` if there is none)."""
-    from statekv.store.fs import join
-
     try:
         data = fs.cat_file(join(path, MANIFEST))
     except FileNotFoundError:

@@ -194,6 +194,9 @@ def test_qwen2_5_vl_temporal_positions_follow_time(tiny_checkpoints, frames, rul
     assert [int(c.position_ids[0, 0]) for c in cache.chunks] == [start + 4 * t for t in range(6)]
     merged_w = 3  # 4x6 patches merged 2x2: 2x3
     assert first_text == (start + 4 * 5 + 1 if rule == "qwen" else start + merged_w)
+    default = Engine.from_pretrained(tiny_checkpoints["qwen2_5_vl"], policy=Full(), device="cpu", sampling=SMALL)
+    answer = default.adapter.answer_inputs(QUESTION, cache.cursor, "prefix-first")
+    assert int(answer.position_ids[0, 0]) == first_text  # answers follow the rule the cache was made with
     qwen2, first_text = prefill("qwen2_vl")
     assert [int(c.position_ids[0, 0]) for c in qwen2.chunks] == [qwen2.prefix_len + t for t in range(6)]
     assert first_text == (qwen2.prefix_len + 5 + 1 if rule == "qwen" else qwen2.prefix_len + merged_w)
