@@ -179,8 +179,8 @@ class Engine:
         """Prefill the prefix: the start of every video's cache."""
         a = self.adapter
         prefix_ids = a.prefix_ids(self.layout)
-        cursor = a.new_cursor(prefix_len=len(prefix_ids), frame_size=info.frame_size, sampled_fps=info.sampled_fps,
-                              num_frames=num_frames)
+        cursor = a.plan_video(a.new_cursor(prefix_len=len(prefix_ids), frame_size=info.frame_size,
+                                           sampled_fps=info.sampled_fps), num_frames)
         dyn = DynamicCache(config=a.model.config)
         if len(prefix_ids):
             a.decode(a.embed(prefix_ids), a.text_positions(0, len(prefix_ids)), dyn,

@@ -3,7 +3,7 @@
 The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded checkpoint's family for:
 
     frame_size(height, width, sampling)    the size every frame of a video is resized to (read once per video)
-    new_cursor(prefix_len, frame_size, sampled_fps, num_frames)
+    new_cursor(prefix_len, frame_size, sampled_fps)
                                            a plain JSON-able dict: where the video's next chunk sits (positions,
                                            grids, times). Stored with the cache, so a stream can be resumed.
     prefix_ids(layout)                     token ids prefilled before the first chunk (always attended to)
@@ -18,6 +18,7 @@ The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded
                                            question, the answer header; embeddings, not just ids, so a family can
                                            insert e.g. LLaVA-OneVision's image_newline), at its positions, and the
                                            position of the first generated token
+    plan_video(cursor, num_frames)         the new video's cursor once its frame count is known (default: as is)
     decoder_kwargs(cursor)                 extra decode() inputs for every call on a video's tokens (prefix, chunks,
                                            answer), e.g. the RoPE base the cursor fixed; {} by default
     text_positions(start, length)          positions of generated tokens (position_rows, length)
@@ -175,11 +176,13 @@ class VideoLMAdapter:
     def frame_size(self, height: int, width: int, sampling: Any) -> tuple[int, int]:
         raise NotImplementedError
 
-    def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float,
-                   num_frames: int | None = None) -> dict[str, Any]:
-        """The cursor of a new video; `num_frames` (the sampled frames its first prefill will feed) lets a family
-        plan for the video's length (InternVL / LLaVA-OneVision dynamic-NTK RoPE)."""
+    def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
         raise NotImplementedError
+
+    def plan_video(self, cursor: dict[str, Any], num_frames: int) -> dict[str, Any]:
+        """A new video's cursor once its first prefill's frame count is known, before its prefix is prefilled:
+        a family may plan for the video's length (InternVL / LLaVA-OneVision dynamic-NTK RoPE). Unchanged here."""
+        return cursor
 
     def decoder_kwargs(self, cursor: dict[str, Any]) -> dict[str, Any]:
         """Extra decode() inputs for every call on this video's tokens: the prefix, each chunk, the answer

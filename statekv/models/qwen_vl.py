@@ -76,8 +76,7 @@ class QwenVLAdapter(VideoLMAdapter):
         hi = sampling.max_pixels if sampling.max_pixels is not None else self.max_pixels
         return smart_resize(height, width, factor=self.vision.factor, min_pixels=lo, max_pixels=hi)
 
-    def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float,
-                   num_frames: int | None = None) -> dict[str, Any]:
+    def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
         ps = self.vision.patch_size
         return {"video_start": prefix_len, "grid_t": 0, "grid_hw": [frame_size[0] // ps, frame_size[1] // ps],
                 "second_per_grid_t": self.vision.temporal_patch_size / sampled_fps,

@@ -185,22 +185,23 @@ class SingleFrameAdapter(VideoLMAdapter):
     def vision_tokens_per_frame(self) -> int:
         raise NotImplementedError
 
-    def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float,
-                   num_frames: int | None = None) -> dict[str, Any]:
+    def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
         return {"next_position": prefix_len, "frames": 0, "frame_size": list(frame_size),
-                "rope": self.video_rope(prefix_len, num_frames)}
+                "rope": {"theta": self.rope_theta, "planned_length": None}}
+
+    def plan_video(self, cursor: dict[str, Any], num_frames: int) -> dict[str, Any]:
+        """Fix the video's RoPE from its planned length (see the module docstring)."""
+        return dict(cursor, rope=self.video_rope(cursor["next_position"], num_frames))
 
     def planned_length(self, prefix_len: int, num_frames: int) -> int:
         """prefix + every sampled frame's tokens + the answer reserve (the length RoPE scaling plans for)."""
         video = sum(self.tokens_per_frame(i) for i in range(num_frames)) + len(self.after_video())
         return prefix_len + video + self.rope.answer_reserve
 
-    def video_rope(self, prefix_len: int, num_frames: int | None) -> dict[str, Any]:
+    def video_rope(self, prefix_len: int, num_frames: int) -> dict[str, Any]:
         """The RoPE one video uses throughout: {"theta", "planned_length"} (see the module docstring)."""
         if self.rope.kind == "none":
             return {"theta": self.rope_theta, "planned_length": None}
-        if num_frames is None:
-            raise ValueError("rope_scaling='dynamic_ntk' needs the number of frames when a video's prefill starts")
         length = self.planned_length(prefix_len, num_frames)
         theta = ntk_theta(self.rope_theta, self.rope.factor, length, self.max_positions, self.rotary_dim)
         return {"theta": theta, "planned_length": length}
