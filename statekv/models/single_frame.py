@@ -173,8 +173,8 @@ class SingleFrameAdapter(VideoLMAdapter):
 
     # --- video ------------------------------------------------------------------------------------------------
 
-    def frame_size(self, height: int, width: int, sampling: Any) -> tuple[int, int]:
-        return self.pixels.size
+    def frame_size(self, height: int, width: int, sampling: Any, num_frames: int | None = None) -> tuple[int, int]:
+        return self.pixels.size  # fixed by the preprocessor config, whatever the video
 
     def tokens_per_frame(self, index: int) -> int:
         """LLM tokens frame `index` stands for (vision tokens and its own text)."""
@@ -217,7 +217,9 @@ class SingleFrameAdapter(VideoLMAdapter):
         feats = self.frame_tokens(self.preprocess(frames))  # (T, k, hidden)
         return feats.reshape(-1, feats.shape[-1])
 
-    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any]) -> ChunkInputs:
+    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *,
+                     timestamps: list[float] | None = None) -> ChunkInputs:
+        # frame times are not part of these families' token layouts (`timestamps` is accepted and unused)
         # through video_features, so that whoever counts vision-tower calls on the adapter sees these
         feats = self.video_features(frames, cursor["frame_size"]).view(len(frames), self.vision_tokens_per_frame, -1)
         parts, tokens = [], []
