@@ -205,10 +205,11 @@ def _save(path: str | os.PathLike, model_class: type, config: Any, tokenizer: An
     return path
 
 
-def save_tiny_internvl(path: str | os.PathLike, *, seed: int = 0, preprocessor: dict[str, Any] | None = None,
-                       **config_kwargs: Any) -> Path:
+def save_tiny_internvl(path: str | os.PathLike, model_type: str = "internvl", *, seed: int = 0,
+                       preprocessor: dict[str, Any] | None = None, **config_kwargs: Any) -> Path:
     """Write a tiny random InternVL3-style checkpoint (weights, config, tokenizer, processor configs) to `path`;
-    `preprocessor` replaces the default video_preprocessor_config.json."""
+    `preprocessor` replaces the default video_preprocessor_config.json. (`model_type` is accepted so that the
+    function fits a registry calling builder(path, model_type, ...).)"""
     from transformers import GotOcr2ImageProcessorPil, InternVLForConditionalGeneration
 
     tokenizer = build_internvl_tokenizer()
@@ -224,10 +225,10 @@ def save_tiny_internvl(path: str | os.PathLike, *, seed: int = 0, preprocessor: 
         template=INTERNVL_CHAT_TEMPLATE)
 
 
-def save_tiny_llava_onevision(path: str | os.PathLike, *, seed: int = 0, preprocessor: dict[str, Any] | None = None,
-                              **config_kwargs: Any) -> Path:
+def save_tiny_llava_onevision(path: str | os.PathLike, model_type: str = "llava_onevision", *, seed: int = 0,
+                              preprocessor: dict[str, Any] | None = None, **config_kwargs: Any) -> Path:
     """Write a tiny random LLaVA-OneVision checkpoint (weights, config, tokenizer, processor configs) to `path`;
-    `preprocessor` replaces the default video_preprocessor_config.json."""
+    `preprocessor` replaces the default video_preprocessor_config.json. (`model_type`: as save_tiny_internvl.)"""
     from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
 
     tokenizer = build_llava_onevision_tokenizer()
