@@ -175,14 +175,17 @@ class Engine:
         )
         return source, indices, info
 
-    def _new_cache(self, info: VideoInfo) -> tuple[VideoKVCache, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _new_cache(self, info: VideoInfo, num_frames: int
+                   ) -> tuple[VideoKVCache, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Prefill the prefix: the start of every video's cache."""
         a = self.adapter
         prefix_ids = a.prefix_ids(self.layout)
+        cursor = a.plan_video(a.new_cursor(prefix_len=len(prefix_ids), frame_size=info.frame_size,
+                                           sampled_fps=info.sampled_fps), num_frames)
         dyn = DynamicCache(config=a.model.config)
         if len(prefix_ids):
             a.decode(a.embed(prefix_ids), a.text_positions(0, len(prefix_ids)), dyn,
-                     statekv_backend=self.attention_backend)
+                     statekv_backend=self.attention_backend, **a.decoder_kwargs(cursor))
             prefix_kv = [(layer.keys, layer.values) for layer in dyn.layers]  # each (1, Hkv, P, D)
         else:
             empty = torch.empty(1, a.layout.num_kv_heads, 0, a.layout.head_dim, dtype=a.dtype, device=self.device)
@@ -192,8 +195,7 @@ class Engine:
             prefix_ids=prefix_ids.clone(),
             prefix_keys=[k[0].to("cpu", copy=True) for k, _ in prefix_kv],
             prefix_values=[v[0].to("cpu", copy=True) for _, v in prefix_kv],
-            cursor=a.new_cursor(prefix_len=len(prefix_ids), frame_size=info.frame_size,
-                                sampled_fps=info.sampled_fps),
+            cursor=cursor,
         )
         return cache, prefix_kv
 
@@ -227,7 +229,7 @@ class Engine:
                  sink: ChunkSink | None, keep_chunks: bool, progress) -> VideoKVCache:
         a = self.adapter
         if resume_from is None:
-            cache, prefix_kv = self._new_cache(info)
+            cache, prefix_kv = self._new_cache(info, len(indices))
             first_frame = 0
         else:
             cache, prefix_kv, first_frame = self._resume(resume_from, info, keep_chunks)
@@ -335,12 +337,13 @@ class Engine:
                 config=a.model.config,
             )
             prompt = a.answer_inputs(question, cache.cursor, cache.config.layout)
+            decoder_kwargs = a.decoder_kwargs(cache.cursor)
             embeds, positions = prompt.embeds, prompt.position_ids
             position = prompt.next_position
             generated: list[int] = []
             emitted = ""
             for step in range(max_new_tokens):
-                hidden = a.decode(embeds, positions, dyn, statekv_backend=self.attention_backend)
+                hidden = a.decode(embeds, positions, dyn, statekv_backend=self.attention_backend, **decoder_kwargs)
                 step_logits = a.logits(hidden[-1])
                 token = next_token(step_logits, temperature=temperature, top_p=top_p, generator=generator)
                 generated.append(token)

@@ -15,6 +15,8 @@ import torch
 from statekv.errors import UnsupportedModelError
 from statekv.models.base import (ATTENTION_NAME, LAYOUTS, AnswerInputs, ChunkInputs, KVLayout, VideoLMAdapter,
                                  load_preprocessor_config)
+from statekv.models.internvl import InternVLAdapter
+from statekv.models.llava_onevision import LlavaOnevisionAdapter
 from statekv.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from statekv.models.qwen2_vl import Qwen2VLAdapter
 from statekv.models.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 ADAPTERS: dict[str, type[VideoLMAdapter]] = {
     cls.model_type: cls for cls in (Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter)
 }
+# one frame per chunk, 1-D RoPE (statekv/models/single_frame.py)
+ADAPTERS.update({cls.model_type: cls for cls in (InternVLAdapter, LlavaOnevisionAdapter)})
 
 __all__ = ["ADAPTERS", "LAYOUTS", "AnswerInputs", "ChunkInputs", "KVLayout", "VideoLMAdapter", "load_adapter"]
 

@@ -23,6 +23,9 @@ The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded
                                            question, the answer header; embeddings, not just ids, so a family can
                                            insert e.g. LLaVA-OneVision's image_newline), at its positions, and the
                                            position of the first generated token
+    plan_video(cursor, num_frames)         the new video's cursor once its frame count is known (default: as is)
+    decoder_kwargs(cursor)                 extra decode() inputs for every call on a video's tokens (prefix, chunks,
+                                           answer), e.g. the RoPE base the cursor fixed; {} by default
     text_positions(start, length)          positions of generated tokens (position_rows, length)
     decode(embeds, position_ids, cache, **kwargs) -> hidden,  logits(hidden)
     video_features(frames, frame_size)     vision features of frames (n, hidden): per chunk == whole video. The
@@ -180,6 +183,16 @@ class VideoLMAdapter:
 
     def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
         raise NotImplementedError
+
+    def plan_video(self, cursor: dict[str, Any], num_frames: int) -> dict[str, Any]:
+        """A new video's cursor once its first prefill's frame count is known, before its prefix is prefilled:
+        a family may plan for the video's length (InternVL / LLaVA-OneVision dynamic-NTK RoPE). Unchanged here."""
+        return cursor
+
+    def decoder_kwargs(self, cursor: dict[str, Any]) -> dict[str, Any]:
+        """Extra decode() inputs for every call on this video's tokens: the prefix, each chunk, the answer
+        (e.g. the RoPE base a video's cursor fixed). Empty for most families."""
+        return {}
 
     def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *,
                      timestamps: list[float] | None = None) -> ChunkInputs:

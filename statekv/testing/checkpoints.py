@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from statekv.testing.tiny_1d import save_tiny_internvl, save_tiny_llava_onevision
+
 # Qwen's ChatML template, reduced to what video QA needs (system prompt, text / video / image parts).
 CHAT_TEMPLATE = (
     "{% set video_count = namespace(value=0) %}"
@@ -377,6 +379,10 @@ TINY_CHECKPOINTS = {
     "qwen3_vl": _save_qwen3_vl,
     "qwen3_vl_moe": _save_qwen3_vl,
 }
+
+
+# InternVL3 and LLaVA-OneVision (1-D RoPE, one frame per chunk): statekv/testing/tiny_1d.py
+TINY_CHECKPOINTS.update({"internvl": save_tiny_internvl, "llava_onevision": save_tiny_llava_onevision})
 
 
 def save_family_checkpoint(path: str | os.PathLike, model_type: str, **kwargs) -> Path:

@@ -28,7 +28,7 @@ def _capture(model: Any, inputs: dict[str, Any]):
 
     def hook(module, args, kwargs):
         seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
-        seen["positions"] = kwargs["position_ids"].detach().clone()
+        seen["positions"] = _positions(kwargs)
         seen["mask"] = kwargs.get("visual_pos_masks")
         seen["deepstack"] = kwargs.get("deepstack_visual_embeds")
 
@@ -49,6 +49,14 @@ def _deepstack_slice(mask: Any, deepstack: Any, lo: int, n: int) -> dict[str, An
         return {}
     return {"visual_pos_masks": mask[:, lo:lo + n],
             "deepstack_visual_embeds": [d[first:first + count] for d in deepstack]}
+
+
+def _positions(kwargs: dict[str, Any]) -> torch.Tensor:
+    """The language model's position_ids; a model that passes none (InternVL, LLaVA-OneVision: 1-D RoPE) has its
+    text stack count them from 0, as here."""
+    if kwargs.get("position_ids") is not None:
+        return kwargs["position_ids"].detach().clone()
+    return torch.arange(kwargs["inputs_embeds"].shape[1], device=kwargs["inputs_embeds"].device).view(1, -1)
 
 
 @torch.inference_mode()

@@ -1,0 +1,97 @@
+"""InternVL3 / InternVL3.5 (transformers-native, model_type "internvl"): the StateKV paper's own family.
+
+A chunk is one frame: InternViT on the 448² frame, pixel shuffle (downsample 0.5) and the MLP projector give
+`image_seq_length` (256) tokens. `InternVLProcessor` expands the template's `<video>` into
+`"\n".join(f"Frame{i}: <img>" + "<IMG_CONTEXT>" * k + "</img>")`, so the tokens of frame i (1-based) are
+    ["\n" for i > 1] "Frame{i}: " <img> <IMG_CONTEXT>*k </img>
+with the vision features in place of the `<IMG_CONTEXT>` tokens; the template's own "\n" after `<video>` starts
+the text after the video. Positions are the sequence's 1-D arange (see single_frame.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import InternVLForConditionalGeneration
+
+from statekv.models.single_frame import SingleFrameAdapter
+
+
+class InternVLAdapter(SingleFrameAdapter):
+    model_type = "internvl"
+    model_class = InternVLForConditionalGeneration
+    default_size = 448
+
+    def __init__(self, model: Any, tokenizer: Any, **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, **kwargs)
+        tokens = {}
+        for name, default in (("start_image_token", "<img>"), ("end_image_token", "</img>"),
+                              ("context_image_token", "<IMG_CONTEXT>"), ("video_token", "<video>")):
+            token = getattr(tokenizer, name, None) or default
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise ValueError(f"model {self.name_or_path!r}: the tokenizer has no {token!r} ({name})")
+            tokens[name] = (token, token_id)
+        self.tokens = tokens
+        self.video_token_id = tokens["video_token"][1]
+        self.image_token_id = self.config.image_token_id
+        if tokens["context_image_token"][1] != self.image_token_id:
+            raise ValueError(f"model {self.name_or_path!r}: config image_token_id {self.image_token_id} is not the "
+                             f"tokenizer's {tokens['context_image_token'][0]!r}")
+        vision = self.config.vision_config
+        patches = (vision.image_size[0] // vision.patch_size[0]) * (vision.image_size[1] // vision.patch_size[1])
+        k = int(patches * self.config.downsample_ratio**2)
+        if k != self.config.image_seq_length:
+            raise ValueError(f"model {self.name_or_path!r}: image_seq_length {self.config.image_seq_length} "
+                             f"is not the vision tower's {k} tokens per frame")
+        if tuple(self.pixels.size) != tuple(vision.image_size):
+            raise ValueError(f"model {self.name_or_path!r}: preprocessor size {self.pixels.size} is not the vision "
+                             f"tower's image_size {tuple(vision.image_size)}")
+        self._k = k
+        self._labels: dict[str, list[int]] = {}
+
+    @property
+    def vision_tokens_per_frame(self) -> int:
+        return self._k
+
+    def frame_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype), return_dict=True)
+        return out.pooler_output.to(self.dtype)  # (T, k, hidden)
+
+    def frame_text(self, index: int) -> tuple[list[int], list[int]]:
+        label = ("\n" if index else "") + f"Frame{index + 1}: "
+        if label not in self._labels:  # tokenised once per frame number
+            self._labels[label] = self._ids(label)
+        return self._labels[label] + [self.tokens["start_image_token"][1]], [self.tokens["end_image_token"][1]]
+
+    # --- the plain model's inputs ------------------------------------------------------------------------
+
+    def video_text(self, num_frames: int) -> str:
+        """What InternVLProcessor.replace_video_token puts in place of `<video>` for `num_frames` frames."""
+        start, end = self.tokens["start_image_token"][0], self.tokens["end_image_token"][0]
+        context = self.tokens["context_image_token"][0] * self._k
+        return "\n".join(f"Frame{i + 1}: {start}{context}{end}" for i in range(num_frames))
+
+    def sequence_ids(self, question: str, layout: str, num_frames: int) -> list[int]:
+        video = self.video_text(num_frames)
+        if layout == "prefix-first":
+            messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            marker = self.tokens["video_token"][0]
+            if text.count(marker) != 1:
+                raise ValueError(f"model {self.name_or_path!r}: the chat template places {text.count(marker)} "
+                                 f"{marker!r} for one video")
+            return self._ids(text.replace(marker, video))
+        return self.prefix_ids(layout).tolist() + self._ids(video) + self.question_ids(question, layout).tolist()
+
+    def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
+                         sampled_fps: float) -> dict[str, Any]:
+        """As InternVLProcessor gives them: the video's frames become `pixel_values` (T, 3, h, w)."""
+        input_ids = torch.tensor([self.sequence_ids(question, layout, len(frames))], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "pixel_values": self.preprocess(frames)}
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

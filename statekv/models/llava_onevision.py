@@ -1,0 +1,68 @@
+"""LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): ReKV's and StreamKV's family.
+
+A chunk is one frame: SigLIP on the 384² frame, the projector, then 2x2 bilinear pooling give ceil(p/2)² tokens
+(p = image_size / patch_size; 196 for 384 / 14). `LlavaOnevisionProcessor` expands the template's single `<video>`
+into T·ceil(p/2)² + 1 `<video>` tokens: the model fills them with every frame's pooled features and then ONE
+`image_newline` embedding after the last frame (`get_video_features`). A chunk's tokens are its frame's features
+(no per-frame text); the image_newline belongs to what follows the video, so a resumed stream stays exact: it is
+placed at answer time, at the position after the last frame, before the rest of the user turn.
+Positions are the sequence's 1-D arange (see single_frame.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from statekv.models.single_frame import SingleFrameAdapter
+
+
+class LlavaOnevisionAdapter(SingleFrameAdapter):
+    model_type = "llava_onevision"
+    model_class = LlavaOnevisionForConditionalGeneration
+    default_size = 384
+
+    def __init__(self, model: Any, tokenizer: Any, **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, **kwargs)
+        self.video_token_id = self.config.video_token_id
+        vision = self.config.vision_config
+        if tuple(self.pixels.size) != (vision.image_size, vision.image_size):
+            raise ValueError(f"model {self.name_or_path!r}: preprocessor size {self.pixels.size} is not the vision "
+                             f"tower's image_size {vision.image_size} (the 2x2 pooling assumes it)")
+        self._k = math.ceil(vision.image_size // vision.patch_size / 2) ** 2
+
+    @property
+    def vision_tokens_per_frame(self) -> int:
+        return self._k
+
+    def frame_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model.model.get_video_features(pixel_values_videos=pixels.to(self.device, self.dtype)[None],
+                                                  return_dict=True)
+        feats = out.pooler_output[0, :-1]  # (T·k, hidden): drop the image_newline get_video_features appends
+        return feats.reshape(pixels.shape[0], self._k, -1).to(self.dtype)
+
+    def frame_text(self, index: int) -> tuple[list[int], list[int]]:
+        return [], []
+
+    def after_video(self) -> torch.Tensor:
+        return self.model.model.image_newline.to(self.device, self.dtype).view(1, -1)
+
+    # --- the plain model's inputs ------------------------------------------------------------------------
+
+    def sequence_ids(self, question: str, layout: str, num_frames: int) -> list[int]:
+        video = [self.video_token_id] * (num_frames * self._k + 1)  # LlavaOnevisionProcessor.replace_video_token
+        if layout == "prefix-first":
+            before, after = self.split_template(question)
+            return before + video + after
+        return self.prefix_ids(layout).tolist() + video + self.question_ids(question, layout).tolist()
+
+    def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
+                         sampled_fps: float) -> dict[str, Any]:
+        """As LlavaOnevisionProcessor gives them: `pixel_values_videos` (1, T, 3, h, w)."""
+        input_ids = torch.tensor([self.sequence_ids(question, layout, len(frames))], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "pixel_values_videos": self.preprocess(frames)[None]}
