@@ -1,0 +1,199 @@
+"""Query-time retrieval: answer from the prefix, the chunks most relevant to the question, and the latest chunks.
+
+ReKV's rule: every chunk has one summary key per layer and KV head (the mean of its keys, written by the store).
+When the question is prefilled, each layer scores every chunk by the mean question query against the chunk's
+summary key and attends to [prefix | the selected chunks in temporal order | the question]; the selection stays
+fixed while the answer is decoded. Only the selected chunks' K/V are read, layer by layer, so the bytes a question
+costs grow with `k`, not with the length of the video.
+
+`TopK` selects chunks; `Segments` (StreamKV) groups consecutive chunks into scenes and selects whole scenes; both can
+share a total budget across layers adaptively (`adaptive=True`: layers whose scores concentrate on few chunks get
+more of the budget). Retrieval settings are small objects without model knowledge, like policies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+def fold_query(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Mean question query per KV head: (H, q, D) -> (Hkv, D), summed over the query heads of each GQA group."""
+    heads, _, dim = query.shape
+    if heads % num_kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    return query.float().mean(dim=1).view(num_kv_heads, heads // num_kv_heads, dim).sum(dim=1)
+
+
+def chunk_scores(query_mean: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+    """(C,) relevance of each chunk: sum over KV heads of mean-query · summary key. summaries: (C, Hkv, D)."""
+    if summaries.shape[1:] != query_mean.shape:
+        raise ValueError(f"summary keys {tuple(summaries.shape)} do not match the query {tuple(query_mean.shape)}")
+    return torch.einsum("chd,hd->c", summaries.float(), query_mean.float().to(summaries.device))
+
+
+def concentration(scores: torch.Tensor) -> float:
+    """How peaked a layer's chunk scores are: 1 - normalised entropy of softmax(scores) (0 flat, 1 one chunk)."""
+    n = scores.numel()
+    if n <= 1:
+        return 1.0
+    p = torch.softmax(scores.double(), dim=0)
+    entropy = -(p * p.clamp_min(1e-300).log()).sum()
+    return float(1.0 - entropy / torch.log(torch.tensor(float(n), dtype=torch.float64)))
+
+
+def adaptive_budgets(concentrations: Sequence[float], total: int, *, floor: int = 1,
+                     cap: int | None = None) -> list[int]:
+    """Split `total` chunks over layers in proportion to their concentration (+ a `floor` each), summing to `total`
+    (or to every layer's `cap` if that is smaller). Largest remainders break ties, earlier layers first."""
+    n = len(concentrations)
+    if n == 0:
+        return []
+    cap = total if cap is None else cap
+    total = min(total, cap * n)
+    floor = min(floor, total // n)
+    budgets = [floor] * n
+    left = total - floor * n
+    weights = [max(float(c), 0.0) for c in concentrations]
+    while left > 0:
+        open_layers = [i for i in range(n) if budgets[i] < cap]
+        mass = sum(weights[i] for i in open_layers)
+        shares = {i: (weights[i] / mass if mass > 0 else 1.0 / len(open_layers)) * left for i in open_layers}
+        grants = {i: min(cap - budgets[i], int(shares[i])) for i in open_layers}
+        if sum(grants.values()) == 0:  # hand out the remainder one by one, largest fractional share first
+            order = sorted(open_layers, key=lambda i: (-(shares[i] - int(shares[i])), i))
+            for i in order[:left]:
+                budgets[i] += 1
+            left = total - sum(budgets)
+            continue
+        for i, g in grants.items():
+            budgets[i] += g
+        left = total - sum(budgets)
+    return budgets
+
+
+def select_top(scores: torch.Tensor, k: int, recent: int) -> list[int]:
+    """Chunk indices in temporal order: the last `recent` chunks plus the `k` best-scoring others."""
+    num = scores.numel()
+    recent_set = set(range(max(0, num - recent), num))
+    candidates = [i for i in range(num) if i not in recent_set]
+    if k >= len(candidates):
+        chosen = set(candidates)
+    else:
+        masked = scores.clone().float()
+        masked[list(recent_set)] = float("-inf")
+        chosen = set(masked.topk(k).indices.tolist())
+    return sorted(chosen | recent_set)
+
+
+def segment_boundaries(features: torch.Tensor, *, threshold: float = 0.99, min_size: int = 4,
+                       max_size: int = 64) -> list[tuple[int, int]]:
+    """StreamKV's scene segmentation: [start, end) chunk ranges from the cosine similarity of consecutive chunks'
+    mean visual features (C, d). A segment closes where similarity drops below `threshold` (once it has
+    `min_size` chunks) or when it reaches `max_size` chunks."""
+    if min_size < 1 or max_size < min_size:
+        raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
+    num = features.shape[0]
+    if num == 0:
+        return []
+    f = torch.nn.functional.normalize(features.double(), dim=-1)
+    sims = (f[1:] * f[:-1]).sum(dim=-1).tolist()  # sims[i]: chunk i vs chunk i + 1
+    out, start = [], 0
+    for i in range(1, num):
+        size = i - start
+        if size >= max_size or (size >= min_size and sims[i - 1] < threshold):
+            out.append((start, i))
+            start = i
+    out.append((start, num))
+    return out
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """Base class: which chunks each layer attends to when a question is asked."""
+
+    name: ClassVar[str]
+
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+    def select(self, layer_scores: list[torch.Tensor], segments: list[tuple[int, int]] | None = None
+               ) -> list[list[int]]:
+        """Per layer, the chunk indices to attend to (temporal order), from per-layer chunk scores (C,)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TopK(Retrieval):
+    """ReKV: the `k` best chunks per layer plus the last `recent`; `adaptive` shares k·layers across layers."""
+
+    k: int = 64
+    recent: int = 0
+    adaptive: bool = False
+    name: ClassVar[str] = "topk"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {self.k!r}")
+        if not isinstance(self.recent, int) or self.recent < 0:
+            raise ValueError(f"recent must be a non-negative integer, got {self.recent!r}")
+
+    def select(self, layer_scores, segments=None):
+        budgets = self._budgets(layer_scores)
+        return [select_top(s, b, self.recent) for s, b in zip(layer_scores, budgets)]
+
+    def _budgets(self, layer_scores: list[torch.Tensor]) -> list[int]:
+        if not self.adaptive or not layer_scores:
+            return [self.k] * len(layer_scores)
+        num = layer_scores[0].numel()
+        cap = max(0, num - min(self.recent, num))
+        return adaptive_budgets([concentration(s) for s in layer_scores], self.k * len(layer_scores), cap=cap)
+
+
+@dataclass(frozen=True)
+class Segments(Retrieval):
+    """StreamKV: score scenes (mean of their chunks' scores), take whole best scenes until `k` chunks, plus the
+    last `recent` chunks. Segment boundaries come from the cache (written at prefill)."""
+
+    k: int = 64
+    recent: int = 8
+    name: ClassVar[str] = "segments"
+
+    def __post_init__(self) -> None:
+        TopK(k=self.k, recent=self.recent)  # same validation
+
+    def select(self, layer_scores, segments=None):
+        if segments is None:
+            raise ValueError("segment retrieval needs the cache's segment boundaries")
+        out = []
+        for scores in layer_scores:
+            num = scores.numel()
+            recent_set = set(range(max(0, num - self.recent), num))
+            ranked = sorted(segments, key=lambda se: -float(scores[se[0]:se[1]].float().mean()))
+            chosen: set[int] = set()
+            for start, end in ranked:
+                fresh = [i for i in range(start, end) if i not in recent_set and i not in chosen]
+                if len(chosen) + len(fresh) > self.k and chosen:
+                    continue  # a whole scene or none, while another scene still fits
+                chosen.update(fresh[: self.k - len(chosen)])
+                if len(chosen) >= self.k:
+                    break
+            out.append(sorted(chosen | recent_set))
+        return out
+
+
+RETRIEVALS: dict[str, type[Retrieval]] = {"topk": TopK, "segments": Segments}
+
+
+def make_retrieval(settings: dict[str, Any] | None) -> Retrieval | None:
+    """A retrieval setting from its recorded form ({"name": "topk", "k": 64, ...}); None passes through."""
+    if settings is None:
+        return None
+    settings = dict(settings)
+    name = settings.pop("name", "topk")
+    if name not in RETRIEVALS:
+        raise ValueError(f"unknown retrieval {name!r}; valid: {', '.join(RETRIEVALS)}")
+    return RETRIEVALS[name](**settings)
