@@ -4,6 +4,7 @@
     window:4096          recency baseline, the 4096 most recent tokens carried
     statekv:4096         StateKV with capacity 4096 (per layer and KV head)
     statekv:4096:0.9     StateKV with an accumulating decay of 0.9
+    infinipot:4096       InfiniPot-V carried state with a budget of 4096 tokens (newest 25 %, TaR, VaN)
 
 New methods add a parser to `SETTING_KINDS` (kind -> function of the spec's arguments returning a `Setting`).
 """
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from statekv.policies import Full, Policy, StateKV, Window
+from statekv.policies import Full, InfiniPotV, Policy, StateKV, Window
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,18 @@ def _statekv(args: list[str]) -> Setting:
     return Setting(name, StateKV(capacity=capacity, decay=decay))
 
 
-SETTING_KINDS: dict[str, Callable[[list[str]], Setting]] = {"full": _full, "window": _window, "statekv": _statekv}
+def _infinipot(args: list[str]) -> Setting:
+    if len(args) not in (1, 2):
+        raise ValueError("'infinipot' takes infinipot:BUDGET or infinipot:BUDGET:RECENT_FRACTION")
+    budget = _positive_int(args[0], "infinipot budget")
+    recent = float(args[1]) if len(args) == 2 else 0.25
+    name = f"infinipot:{budget}" + (f":{recent:g}" if len(args) == 2 else "")
+    return Setting(name, InfiniPotV(budget=budget, recent=recent))
+
+
+SETTING_KINDS: dict[str, Callable[[list[str]], Setting]] = {
+    "full": _full, "window": _window, "statekv": _statekv, "infinipot": _infinipot,
+}
 
 
 def parse_setting(spec: str) -> Setting:
