@@ -191,18 +191,20 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from statekv.store import read_manifest
+    from statekv.store.describe import format_manifest
 
     manifest = read_manifest(args.uri, storage_options=_storage(args))
-    print(json.dumps(manifest, indent=2) if args.json else _describe_manifest(args.uri, manifest))
+    print(json.dumps(manifest, indent=2) if args.json else format_manifest(args.uri, manifest))
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from statekv.store import list_caches
+    from statekv.store.describe import human_bytes
 
     entries = list_caches(args.root, storage_options=_storage(args))
     for entry in entries:
-        print(f"{entry.video_id}\t{_human_bytes(entry.bytes)}\t{entry.uri}")
+        print(f"{entry.video_id}\t{human_bytes(entry.bytes)}\t{entry.uri}")
     print(f"{len(entries)} committed cache(s) under {args.root}", file=sys.stderr)
     return 0
 
@@ -212,6 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from statekv import StateKV, samples
     from statekv.store import load_cache, prefill_to_store
+    from statekv.store.describe import format_manifest
 
     model = args.model or str(samples.tiny_checkpoint())
     video = args.video or str(samples.sample_video())
@@ -225,7 +228,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cache = load_cache(uri)
     answer = engine.ask(cache, args.question, max_new_tokens=24)
     answer_s = time.perf_counter() - start
-    print(_describe_manifest(uri, _manifest_of(uri)))
+    print(format_manifest(uri, _manifest_of(uri)))
     print(f"prefill + store: {prefill_s:.2f} s; load + answer: {answer_s:.2f} s")
     print(f"question: {args.question}")
     print(f"answer:   {answer.text!r}")
@@ -239,49 +242,13 @@ def _manifest_of(uri: str) -> dict[str, Any]:
 
 
 def _describe(manifest: dict[str, Any]) -> str:
+    from statekv.store.describe import human_bytes
+
     if manifest.get("skipped"):
         return f"skipped: a committed cache already exists for {manifest['video_id']}"
     totals = manifest["totals"]
     return (f"committed {manifest['video_id']}: {totals['chunks']} chunks, {totals['tokens']} video tokens, "
-            f"{_human_bytes(totals['bytes'])}")
-
-
-def _state_tokens(manifest: dict[str, Any]) -> int:
-    """Carried tokens per layer and KV head: every token for `full`, else at most the capacity."""
-    tokens = manifest["totals"]["tokens"]
-    capacity = manifest["policy"].get("capacity")
-    return tokens if capacity is None else min(capacity, tokens)
-
-
-def _describe_manifest(uri: str, m: dict[str, Any]) -> str:
-    sampling, grid, totals, model = m["sampling"], m["grid"], m["totals"], m["model"]
-    duration = sampling["total_frames"] / sampling["video_fps"] if sampling["video_fps"] else 0.0
-    policy = ", ".join(f"{k}={v}" for k, v in m["policy"].items() if k != "name" and v is not None)
-    rows = [
-        ("cache", uri),
-        ("source", (m.get("source") or {}).get("uri") or sampling["source"]),
-        ("model", f"{model['name_or_path']} ({model['model_type']}, fingerprint {model['fingerprint']})"),
-        ("policy", f"{m['policy']['name']}" + (f" ({policy})" if policy else "")),
-        ("frames", f"{len(sampling['frame_indices'])} sampled at {sampling['sampled_fps']:.2f} fps "
-                   f"from {sampling['total_frames']} ({sampling['frame_size'][1]}x{sampling['frame_size'][0]})"),
-        ("duration", f"{duration:.1f} s"),
-        ("tokens", f"{totals['tokens']} video tokens in {totals['chunks']} chunks "
-                   f"(grid {grid['grid_t']}x{grid['grid_h']}x{grid['grid_w']}), prefix {m['prefix_len']}"),
-        ("state", f"{_state_tokens(m)} tokens per layer and KV head" if m.get("has_state") else "none"),
-        ("storage", f"{m['storage']}{' (int8 K/V with scales)' if m['storage'] == 'int8' else ''}, "
-                    f"dtype {m['dtype']}"),
-        ("bytes", f"{_human_bytes(totals['bytes'])} in {len(m['files'])} files"),
-        ("created", f"{m['created']} by statekv {m['statekv_version']}"),
-    ]
-    return "\n".join(f"{name + ':':<10}{value}" for name, value in rows)
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+            f"{human_bytes(totals['bytes'])}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""`VideoKVCache`: what streaming prefill produces and answering consumes.
+"""`VideoKVCache`: what streaming prefill produces and answering consumes. A plain container: no I/O, no family.
 
 It holds the text prefix's KV, every chunk's own KV (the per-frame cache used for answering), the final carried
-state (to resume a stream), and what is needed to place a question after the video: token ids and 3-D positions.
+state (to resume a stream), the prefill config it was made with, and the family adapter's position cursor (an
+opaque JSON-able dict: only the adapter reads it). Chunks carry their own token counts and (R, n) positions.
 Tensors live on the host; answering moves them to the model's device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -17,13 +18,13 @@ from statekv.policies import LayerState
 
 @dataclass
 class ChunkKV:
-    """One chunk (one temporal patch: two sampled frames) and the KV its tokens produced at every layer."""
+    """One chunk (the family's unit: e.g. two frames for Qwen, one for InternVL) and the KV its tokens produced."""
 
-    index: int  # temporal patch index within the video
+    index: int  # chunk index within the video
     frame_range: tuple[int, int]  # [start, end) among the video's sampled frames
     source_frames: list[int]  # frame indices in the source video
     timestamps: list[float]  # seconds, one per sampled frame
-    position_ids: torch.Tensor  # (3, n) int64
+    position_ids: torch.Tensor  # (R, n) int64: R = the family's position rows (3 for M-RoPE, 1 for 1-D RoPE)
     keys: list[torch.Tensor]  # per layer (Hkv, n, D)
     values: list[torch.Tensor]  # per layer (Hkv, n, D)
 
@@ -46,7 +47,6 @@ class ModelInfo:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    video_token_id: int
 
 
 @dataclass
@@ -57,65 +57,85 @@ class VideoInfo:
     video_fps: float
     total_frames: int
     sampled_fps: float
-    second_per_grid_t: float
     frame_size: tuple[int, int]  # resized (height, width)
-    grid_hw: tuple[int, int]  # patch grid (grid_h, grid_w) of one frame
     frame_indices: list[int] = field(default_factory=list)
     timestamps: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Everything that changes a cache's numbers besides the model and the frames; recorded with the cache.
+
+    Resuming a cache with a different config is refused (`first_difference` names the field).
+    """
+
+    policy: dict[str, Any]  # the policy's name and settings
+    chunks_per_step: int  # chunks fed per model call (they see each other in full; selection once per step)
+    layout: str  # "prefix-first" or "video-first"
+    sampling: dict[str, Any]  # SamplingConfig fields
+    adapter: dict[str, Any]  # the family adapter's options (position rule, RoPE scaling, ...)
+    attention_backend: str  # "auto", "torch" or "triton"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrefillConfig":
+        names = {f.name for f in fields(cls)}
+        missing = names - data.keys()
+        if missing:
+            raise ValueError(f"prefill config lacks {', '.join(sorted(missing))}")
+        return cls(**{k: data[k] for k in names})
+
+    def first_difference(self, other: "PrefillConfig") -> str | None:
+        """The first field (dotted for nested settings, e.g. "policy.capacity") where the configs differ."""
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a == b:
+                continue
+            if isinstance(a, dict) and isinstance(b, dict):
+                for key in sorted(a.keys() | b.keys()):
+                    if a.get(key) != b.get(key):
+                        return f"{f.name}.{key}"
+            return f.name
+        return None
+
+
 @dataclass
 class VideoKVCache:
-    """Prefix KV + per-chunk KV + final carried state of one video, for one model and policy."""
+    """Prefix KV + per-chunk KV + final carried state of one video, for one model and prefill config."""
 
     model: ModelInfo
-    policy: dict[str, Any]
+    config: PrefillConfig
     dtype: torch.dtype
     video: VideoInfo
-    prefix_ids: torch.Tensor  # (P,) int64: the chat template up to and including <|vision_start|>
+    prefix_ids: torch.Tensor  # (P,) int64: what was prefilled before the first chunk (depends on the layout)
     prefix_keys: list[torch.Tensor]  # per layer (Hkv, P, D)
     prefix_values: list[torch.Tensor]
     chunks: list[ChunkKV] = field(default_factory=list)  # empty when chunks were streamed to a sink only
     state: list[LayerState] | None = None  # per layer; None before the first chunk
-    grid_t: int = 0  # temporal patches prefilled so far
-    max_position: int = -1  # largest position of any token so far (text after the video starts at +1)
+    num_chunks: int = 0  # chunks prefilled so far
+    chunk_tokens: list[int] = field(default_factory=list)  # tokens of each chunk, in order
+    cursor: dict[str, Any] = field(default_factory=dict)  # the adapter's position cursor after the last chunk
 
-    # --- shape of the video ----------------------------------------------------------------------------------
+    @property
+    def policy(self) -> dict[str, Any]:
+        return self.config.policy
 
     @property
     def prefix_len(self) -> int:
         return self.prefix_ids.shape[0]
 
     @property
-    def video_grid_thw(self) -> torch.Tensor:
-        """(1, 3) int64 [[grid_t, grid_h, grid_w]], as a Qwen processor would give for this video."""
-        return torch.tensor([[self.grid_t, *self.video.grid_hw]], dtype=torch.long)
-
-    @property
-    def tokens_per_chunk(self) -> int:
-        grid_h, grid_w = self.video.grid_hw
-        return grid_h * grid_w // 4
-
-    @property
     def num_video_tokens(self) -> int:
-        return self.grid_t * self.tokens_per_chunk
-
-    @property
-    def next_position(self) -> int:
-        """Position of the first text token after the video (original Qwen rule: max so far + 1)."""
-        return self.max_position + 1
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        """(P + N,) the prefix followed by one video placeholder token per video token."""
-        video = torch.full((self.num_video_tokens,), self.model.video_token_id, dtype=torch.long)
-        return torch.cat([self.prefix_ids, video])
+        return sum(self.chunk_tokens)
 
     @property
     def position_ids(self) -> torch.Tensor:
-        """(3, P + N) 3-D positions of the prefix and video tokens."""
+        """(R, P + N) positions of the prefix and every chunk's tokens."""
         self._require_chunks()
-        prefix = torch.arange(self.prefix_len, dtype=torch.long).view(1, -1).expand(3, -1)
+        rows = self.chunks[0].position_ids.shape[0] if self.chunks else 1
+        prefix = torch.arange(self.prefix_len, dtype=torch.long).view(1, -1).expand(rows, -1)
         return torch.cat([prefix, *(c.position_ids for c in self.chunks)], dim=1)
 
     @property
@@ -148,11 +168,11 @@ class VideoKVCache:
         return [] if self.state is None else [s.size for s in self.state]
 
     def _require_chunks(self) -> None:
-        if len(self.chunks) != self.grid_t:
-            raise ValueError(f"this cache holds {len(self.chunks)} of its {self.grid_t} chunks in memory "
+        if len(self.chunks) != self.num_chunks:
+            raise ValueError(f"this cache holds {len(self.chunks)} of its {self.num_chunks} chunks in memory "
                              "(chunks were streamed to a sink); load it from its store to answer")
 
-    # --- store ----------------------------------------------------------------------------------------------
+    # --- store (imported on use: the store depends on this module, not the other way round) ------------------
 
     def save(self, uri: str, **opts: Any) -> dict[str, Any]:
         """Write this (in-memory, complete) cache to `uri` = `<root>/<video_id>`; see `statekv.store.save_cache`."""

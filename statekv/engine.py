@@ -1,13 +1,15 @@
 """The streaming prefill engine: a video in, a `VideoKVCache` out, then any number of questions answered on it.
 
-Prefill runs the text prefix once, then the video chunk after chunk (a chunk = one temporal patch = two sampled
-frames; `chunks_per_step` of them per model call). At every layer a step attends to
-[prefix | carried state | itself, causal]; the policy then picks the next carried state. Each chunk's own KV leaves
-the model's device as soon as it is made, so device memory depends on prefix + capacity + step, not on video length.
+Family-free: the adapter (statekv/models/base.py) says what a chunk is. Prefill runs the prefix once, then the
+video chunk after chunk (`chunks_per_step` chunks per model call): preprocess -> chunk inputs -> cache
+[prefix | carried state] -> decode -> policy update per layer and KV head -> split at chunk boundaries -> each
+chunk's KV leaves the model's device as soon as it is made, so device memory depends on prefix + capacity + step,
+not on video length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -20,18 +22,18 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from statekv.cache import ChunkKV, ModelInfo, VideoInfo, VideoKVCache
-from statekv.errors import ModelMismatchError, VideoError
+from statekv.cache import ChunkKV, ModelInfo, PrefillConfig, VideoInfo, VideoKVCache
+from statekv.errors import ModelMismatchError, PrefillConfigMismatchError, VideoError
 from statekv.generation import next_token
-from statekv.models import VideoLMAdapter, load_adapter
+from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
-from statekv.video import (FramesSource, SamplingConfig, VideoSource, iter_frame_batches, open_video,
-                           preprocess_frames, sample_frames, smart_resize)
+from statekv.video import FramesSource, SamplingConfig, VideoSource, iter_frame_batches, open_video, sample_frames
 
 logger = logging.getLogger(__name__)
 
 VideoInput = str | os.PathLike | BinaryIO | np.ndarray | VideoSource
 ChunkSink = Callable[[ChunkKV], None]
+DEFAULT_LAYOUT = "prefix-first"
 
 
 @dataclass
@@ -57,32 +59,48 @@ class TokenEvent:
 
 
 class Engine:
-    """A loaded model, a carried-state policy and video settings: prefill videos, answer questions."""
+    """A loaded model, a carried-state policy and video settings: prefill videos, answer questions.
+
+    layout: "prefix-first" (default: the model's own chat format, so `Full()` equals the plain model on the
+    sequence its processor builds, and every chunk also attends to the system prompt) or "video-first" (the
+    StateKV paper's setting: a chunk attends to [video-open token | carried state | itself]; the chat text before
+    the video moves after it, in front of the question). prefix-first is the default because it is the sequence
+    the checkpoint was trained on; video-first makes the cache independent of the system prompt.
+
+    chunks_per_step: chunks fed per model call. With k > 1 the k chunks of a step attend to each other in full
+    (causal) and the policy selects once per step, so results differ from k = 1 for the approximate policies
+    (`Full()` is the same for every k); larger steps use the accelerator better.
+    """
 
     def __init__(self, adapter: VideoLMAdapter, *, policy: Policy | None = None,
                  sampling: SamplingConfig | None = None, chunks_per_step: int = 1,
-                 attention_backend: str = "auto") -> None:
+                 attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT) -> None:
         if chunks_per_step < 1:
             raise ValueError(f"chunks_per_step must be >= 1, got {chunks_per_step}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
         self.adapter = adapter
         self.policy = policy if policy is not None else StateKV()
         self.sampling = sampling if sampling is not None else SamplingConfig()
         self.chunks_per_step = chunks_per_step
         self.attention_backend = attention_backend
+        self.layout = layout
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, policy: Policy | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         sampling: SamplingConfig | None = None, chunks_per_step: int = 1,
-                        attention_backend: str = "auto", **from_pretrained_kwargs: Any) -> "Engine":
-        """Load a Qwen2-VL / Qwen2.5-VL checkpoint (local directory or hub id). CUDA + bf16 when available."""
+                        attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT,
+                        adapter_options: dict[str, Any] | None = None, **from_pretrained_kwargs: Any) -> "Engine":
+        """Load a checkpoint of a supported family (local directory or hub id). CUDA + bf16 when available."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype is None:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        adapter = load_adapter(name_or_path, device=device, dtype=dtype, **from_pretrained_kwargs)
+        adapter = load_adapter(name_or_path, device=device, dtype=dtype, adapter_options=adapter_options,
+                               **from_pretrained_kwargs)
         return cls(adapter, policy=policy, sampling=sampling, chunks_per_step=chunks_per_step,
-                   attention_backend=attention_backend)
+                   attention_backend=attention_backend, layout=layout)
 
     @property
     def device(self) -> torch.device:
@@ -91,7 +109,13 @@ class Engine:
     def model_info(self) -> ModelInfo:
         a = self.adapter
         return ModelInfo(a.name_or_path, a.model_type, a.fingerprint(), a.layout.num_layers,
-                         a.layout.num_kv_heads, a.layout.head_dim, a.video_token_id)
+                         a.layout.num_kv_heads, a.layout.head_dim)
+
+    def prefill_config(self) -> PrefillConfig:
+        """The settings recorded with every cache this engine makes (a resume must match them)."""
+        return PrefillConfig(policy=self.policy.settings(), chunks_per_step=self.chunks_per_step,
+                             layout=self.layout, sampling=dataclasses.asdict(self.sampling),
+                             adapter=self.adapter.options(), attention_backend=self.attention_backend)
 
     # --- prefill ---------------------------------------------------------------------------------------------
 
@@ -104,9 +128,12 @@ class Engine:
 
         Files, URLs and sources are sampled at `sampling.fps`; frame arrays are taken as already sampled, at `fps`.
         A `VideoSource` passed in stays open: its caller owns it.
-        With `resume_from`, the frames continue that cache's video (its carried state and positions).
+        With `resume_from`, the frames continue that cache's video (its carried state and positions); the
+        engine's prefill config must equal the cache's (else `PrefillConfigMismatchError` names the field).
         Each chunk is passed to `sink` as soon as it is made; `keep_chunks=False` keeps none in the result.
         """
+        if resume_from is not None:
+            self._check_resumable(resume_from)
         owned = not isinstance(video, VideoSource)
         source, indices, video_info = self._open(video, fps, storage_options)
         try:
@@ -139,57 +166,57 @@ class Engine:
             if not isinstance(video, VideoSource):
                 source.close()
             raise VideoError(source.source, "no frames to prefill")
-        a = self.adapter
-        frame_size = smart_resize(source.height, source.width, factor=a.patch_size * a.merge_size,
-                                  min_pixels=self.sampling.min_pixels, max_pixels=self.sampling.max_pixels)
         info = VideoInfo(
             source=source.source, video_fps=float(source.fps), total_frames=int(source.num_frames),
-            sampled_fps=sampled_fps, second_per_grid_t=a.temporal_patch_size / sampled_fps,
-            frame_size=frame_size, grid_hw=(frame_size[0] // a.patch_size, frame_size[1] // a.patch_size),
+            sampled_fps=sampled_fps, frame_size=self.adapter.frame_size(source.height, source.width, self.sampling),
             frame_indices=[int(i) for i in indices],
             timestamps=[float(i) / float(source.fps) for i in indices],
         )
         return source, indices, info
 
     def _new_cache(self, info: VideoInfo) -> tuple[VideoKVCache, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Prefill the text prefix: the start of every video's cache."""
+        """Prefill the prefix: the start of every video's cache."""
         a = self.adapter
-        prefix_ids = a.prefix_ids
+        prefix_ids = a.prefix_ids(self.layout)
         dyn = DynamicCache(config=a.model.config)
-        a.decode(a.embed(prefix_ids), a.text_positions(0, len(prefix_ids)), dyn,
-                 statekv_backend=self.attention_backend)
-        prefix_kv = [(layer.keys, layer.values) for layer in dyn.layers]  # each (1, Hkv, P, D)
+        if len(prefix_ids):
+            a.decode(a.embed(prefix_ids), a.text_positions(0, len(prefix_ids)), dyn,
+                     statekv_backend=self.attention_backend)
+            prefix_kv = [(layer.keys, layer.values) for layer in dyn.layers]  # each (1, Hkv, P, D)
+        else:
+            empty = torch.empty(1, a.layout.num_kv_heads, 0, a.layout.head_dim, dtype=a.dtype, device=self.device)
+            prefix_kv = [(empty, empty)] * a.layout.num_layers
         cache = VideoKVCache(
-            model=self.model_info(), policy=self.policy.settings(), dtype=a.dtype, video=info,
+            model=self.model_info(), config=self.prefill_config(), dtype=a.dtype, video=info,
             prefix_ids=prefix_ids.clone(),
             prefix_keys=[k[0].to("cpu", copy=True) for k, _ in prefix_kv],
             prefix_values=[v[0].to("cpu", copy=True) for _, v in prefix_kv],
-            max_position=len(prefix_ids) - 1,
+            cursor=a.new_cursor(prefix_len=len(prefix_ids), frame_size=info.frame_size,
+                                sampled_fps=info.sampled_fps),
         )
         return cache, prefix_kv
 
-    def _resume(self, cache: VideoKVCache, info: VideoInfo, keep_chunks: bool):
-        """Continue `cache`'s video: same model, policy and frame size; frames and times continue after it."""
+    def _check_resumable(self, cache: VideoKVCache) -> None:
         self._check_compatible(cache)
-        if cache.policy != self.policy.settings():
-            raise ModelMismatchError("policy", str(cache.policy), str(self.policy.settings()))
+        mine = self.prefill_config()
+        where = cache.config.first_difference(mine)
+        if where is not None:
+            raise PrefillConfigMismatchError(where, _lookup(cache.config, where), _lookup(mine, where))
+
+    def _resume(self, cache: VideoKVCache, info: VideoInfo, keep_chunks: bool):
+        """Continue `cache`'s video: same model, prefill config and frame size; frames and times continue after it."""
         old = cache.video
         offset_frames = old.frame_indices[-1] + 1 if old.frame_indices else 0
         offset_time = old.timestamps[-1] + 1.0 / old.sampled_fps if old.timestamps else 0.0
         start_time = info.timestamps[0] if info.timestamps else 0.0
         video = VideoInfo(
             source=old.source, video_fps=old.video_fps, total_frames=old.total_frames + info.total_frames,
-            sampled_fps=old.sampled_fps, second_per_grid_t=old.second_per_grid_t, frame_size=old.frame_size,
-            grid_hw=old.grid_hw,
+            sampled_fps=old.sampled_fps, frame_size=old.frame_size,
             frame_indices=old.frame_indices + [offset_frames + i for i in info.frame_indices],
             timestamps=old.timestamps + [offset_time + t - start_time for t in info.timestamps],
         )
-        resumed = VideoKVCache(
-            model=cache.model, policy=cache.policy, dtype=cache.dtype, video=video, prefix_ids=cache.prefix_ids,
-            prefix_keys=cache.prefix_keys, prefix_values=cache.prefix_values,
-            chunks=list(cache.chunks) if keep_chunks else [], state=cache.state, grid_t=cache.grid_t,
-            max_position=cache.max_position,
-        )
+        resumed = dataclasses.replace(cache, video=video, chunks=list(cache.chunks) if keep_chunks else [],
+                                      chunk_tokens=list(cache.chunk_tokens), cursor=dict(cache.cursor))
         dev = self.device
         prefix_kv = [(k.to(dev).unsqueeze(0), v.to(dev).unsqueeze(0))
                      for k, v in zip(cache.prefix_keys, cache.prefix_values)]
@@ -207,19 +234,14 @@ class Engine:
         states: list[LayerState | None] = (
             [s.to(dev) for s in cache.state] if cache.state is not None else [None] * a.layout.num_layers
         )
-        step_frames = a.temporal_patch_size * self.chunks_per_step
-        total_chunks = math.ceil(len(indices) / a.temporal_patch_size)
-        tokens_per_chunk = cache.tokens_per_chunk
+        step_frames = a.frames_per_chunk * self.chunks_per_step
+        total_chunks = math.ceil(len(indices) / a.frames_per_chunk)
+        prefix_len = cache.prefix_len
+        frame_lo = first_frame
         done = 0
-        for step, frames in enumerate(iter_frame_batches(source, indices, step_frames)):
-            pre = preprocess_frames(frames, min_pixels=self.sampling.min_pixels,
-                                    max_pixels=self.sampling.max_pixels, size=cache.video.frame_size)
-            grid_t, grid_h, grid_w = pre.grid_thw
-            embeds = a.video_features(pre.pixel_values, pre.grid_thw)  # (n, hidden)
-            t0 = cache.grid_t
-            positions = a.video_positions(cache.prefix_len, range(t0, t0 + grid_t), grid_h, grid_w,
-                                          cache.video.second_per_grid_t)  # (3, n)
-            n = embeds.shape[0]
+        for frames in iter_frame_batches(source, indices, step_frames):
+            inputs = a.chunk_inputs(frames, cache.cursor)
+            n = inputs.embeds.shape[0]
             dyn = DynamicCache(
                 ddp_cache_data=[
                     (pk, pv) if s is None else (torch.cat([pk, s.keys.unsqueeze(0)], 2),
@@ -229,24 +251,25 @@ class Engine:
                 config=a.model.config,
             )
             scores: dict[int, torch.Tensor] | None = {} if self.policy.needs_scores else None
-            a.decode(embeds, positions, dyn, statekv_scores=scores, statekv_backend=self.attention_backend)
+            a.decode(inputs.embeds, inputs.position_ids, dyn, statekv_scores=scores,
+                     statekv_backend=self.attention_backend, **inputs.decoder_kwargs)
             keys = [layer.keys[0, :, -n:] for layer in dyn.layers]  # per layer (Hkv, n, D)
             values = [layer.values[0, :, -n:] for layer in dyn.layers]
-            token_index = torch.arange(t0 * tokens_per_chunk, t0 * tokens_per_chunk + n, device=dev)
+            first_token = cache.num_video_tokens
+            token_index = torch.arange(first_token, first_token + n, device=dev)
             for layer, (k, v) in enumerate(zip(keys, values)):
                 chunk_state = LayerState(k, v, token_index.expand(k.shape[0], -1))
-                layer_scores = None if scores is None else scores[layer][0, :, cache.prefix_len:]
+                layer_scores = None if scores is None else scores[layer][0, :, prefix_len:]
                 states[layer] = self.policy.update(states[layer], chunk_state, layer_scores)
-            # the chunk's own KV leaves the device now, one record per temporal patch
-            for j in range(grid_t):
-                rows = slice(j * tokens_per_chunk, (j + 1) * tokens_per_chunk)
-                frame_lo = first_frame + (step * step_frames) + j * a.temporal_patch_size
-                frame_hi = min(frame_lo + a.temporal_patch_size, first_frame + len(indices))
+            # each chunk's own KV leaves the device now, one record per chunk
+            lo = 0
+            for tokens, n_frames in zip(inputs.chunk_tokens, inputs.chunk_frames):
+                rows = slice(lo, lo + tokens)
                 chunk = ChunkKV(
-                    index=t0 + j, frame_range=(frame_lo, frame_hi),
-                    source_frames=cache.video.frame_indices[frame_lo:frame_hi],
-                    timestamps=cache.video.timestamps[frame_lo:frame_hi],
-                    position_ids=positions[:, rows].clone(),
+                    index=cache.num_chunks, frame_range=(frame_lo, frame_lo + n_frames),
+                    source_frames=cache.video.frame_indices[frame_lo:frame_lo + n_frames],
+                    timestamps=cache.video.timestamps[frame_lo:frame_lo + n_frames],
+                    position_ids=inputs.position_ids[:, rows].clone(),
                     keys=[k[:, rows].to("cpu", copy=True) for k in keys],
                     values=[v[:, rows].to("cpu", copy=True) for v in values],
                 )
@@ -254,14 +277,17 @@ class Engine:
                     sink(chunk)
                 if keep_chunks:
                     cache.chunks.append(chunk)
+                cache.num_chunks += 1
+                cache.chunk_tokens.append(tokens)
+                lo += tokens
+                frame_lo += n_frames
+                done += 1
             del dyn, keys, values  # nothing of this step stays on the device but the carried state
-            cache.grid_t += grid_t
-            cache.max_position = max(cache.max_position, int(positions.max()))
-            done += grid_t
+            cache.cursor = inputs.cursor
             if progress is not None:
                 progress(done, total_chunks)
         cache.state = [s.to("cpu") for s in states]
-        logger.info("prefilled %s: %d chunks, %d video tokens, state %s", cache.video.source, cache.grid_t,
+        logger.info("prefilled %s: %d chunks, %d video tokens, state %s", cache.video.source, cache.num_chunks,
                     cache.num_video_tokens, cache.state_sizes())
         return cache
 
@@ -285,7 +311,7 @@ class Engine:
             if event.token_id in self.adapter.eos_token_ids:
                 finish = "eos"
         text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True)
-        return Answer(text=text, token_ids=ids, prompt_ids=self.adapter.question_ids(question).tolist(),
+        return Answer(text=text, token_ids=ids, prompt_ids=self.adapter.question_ids(question, cache.config.layout).tolist(),
                       finish_reason=finish, scores=logits if output_scores else None, first_token_s=first,
                       total_s=time.perf_counter() - start)
 
@@ -296,7 +322,6 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self._check_compatible(cache)
         a = self.adapter
-        prompt = a.question_ids(question)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         tokenizer = a.tokenizer
         with torch.inference_mode():
@@ -306,15 +331,14 @@ class Engine:
                                 for i in range(a.layout.num_layers)],
                 config=a.model.config,
             )
-            position = cache.next_position
-            inputs = prompt
+            prompt = a.answer_inputs(question, cache.cursor, cache.config.layout)
+            embeds, positions = prompt.embeds, prompt.position_ids
+            position = prompt.next_position
             generated: list[int] = []
             emitted = ""
             for step in range(max_new_tokens):
-                hidden = a.decode(a.embed(inputs), a.text_positions(position, len(inputs)), dyn,
-                                  statekv_backend=self.attention_backend)
+                hidden = a.decode(embeds, positions, dyn, statekv_backend=self.attention_backend)
                 step_logits = a.logits(hidden[-1])
-                position += len(inputs)
                 token = next_token(step_logits, temperature=temperature, top_p=top_p, generator=generator)
                 generated.append(token)
                 text = tokenizer.decode(generated, skip_special_tokens=True)
@@ -325,7 +349,9 @@ class Engine:
                 yield TokenEvent(token, delta, step_logits.cpu() if output_logits else None)
                 if token in a.eos_token_ids:
                     return
-                inputs = torch.tensor([token], dtype=torch.long)
+                embeds = a.embed(torch.tensor([token], dtype=torch.long))
+                positions = a.text_positions(position, 1)
+                position += 1
 
     def _check_compatible(self, cache: VideoKVCache) -> None:
         mine = self.model_info()
@@ -333,6 +359,13 @@ class Engine:
             raise ModelMismatchError(
                 "model", f"{cache.model.name_or_path} (fingerprint {cache.model.fingerprint})",
                 f"{mine.name_or_path} (fingerprint {mine.fingerprint})")
+
+
+def _lookup(config: PrefillConfig, where: str) -> Any:
+    value: Any = config.to_dict()
+    for part in where.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def policy_from_settings(settings: dict[str, Any]) -> Policy:

@@ -42,9 +42,17 @@ class UnsupportedModelError(StateKVError, ValueError):
 
 
 class ModelMismatchError(StateKVError, ValueError):
-    """A cache was made by a different model (or policy) than the one asked to use it."""
+    """A cache was made by a different model (or prefill config) than the one asked to use it."""
 
     def __init__(self, what: str, cache_side: str, engine_side: str) -> None:
         self.cache_side = cache_side
         self.engine_side = engine_side
         super().__init__(f"{what} mismatch: the cache was made with {cache_side}, this engine has {engine_side}")
+
+
+class PrefillConfigMismatchError(ModelMismatchError):
+    """A cache is resumed with a different prefill config (policy, layout, sampling, ...); `field` names it."""
+
+    def __init__(self, field: str, cache_side: object, engine_side: object) -> None:
+        self.field = field
+        super().__init__(f"prefill config field {field!r}", repr(cache_side), repr(engine_side))

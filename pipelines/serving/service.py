@@ -21,6 +21,7 @@ from statekv.cache import VideoKVCache
 from statekv.engine import Engine
 from statekv.errors import ModelMismatchError
 from statekv.store import CacheCorruptError, CacheNotFoundError, list_caches, load_cache, read_manifest
+from statekv.store.describe import describe_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -406,27 +407,3 @@ def _normalise_root(root: str | os.PathLike) -> str:
     return os.path.abspath(os.path.expanduser(root))
 
 
-def describe_manifest(uri: str, m: dict[str, Any], fingerprint: str | None = None) -> dict[str, Any]:
-    """The fields `statekv inspect` prints, structured, and its text as `summary`."""
-    from jobs.cli import _describe_manifest, _state_tokens
-
-    sampling, grid, totals, model = m["sampling"], m["grid"], m["totals"], m["model"]
-    duration = sampling["total_frames"] / sampling["video_fps"] if sampling["video_fps"] else 0.0
-    return {
-        "video_id": m["video_id"], "uri": uri,
-        "source": (m.get("source") or {}).get("uri") or sampling["source"],
-        "model": {k: model[k] for k in ("name_or_path", "model_type", "fingerprint")},
-        "compatible": None if fingerprint is None else model["fingerprint"] == fingerprint,
-        "policy": m["policy"],
-        "frames": {"sampled": len(sampling["frame_indices"]), "sampled_fps": sampling["sampled_fps"],
-                   "total": sampling["total_frames"], "width": sampling["frame_size"][1],
-                   "height": sampling["frame_size"][0]},
-        "duration_s": duration,
-        "tokens": {"video": totals["tokens"], "chunks": totals["chunks"], "prefix": m["prefix_len"],
-                   "grid": [grid["grid_t"], grid["grid_h"], grid["grid_w"]]},
-        "state_tokens": _state_tokens(m) if m.get("has_state") else None,
-        "storage": m["storage"], "dtype": m["dtype"],
-        "bytes": totals["bytes"], "files": len(m["files"]),
-        "created": m["created"], "statekv_version": m["statekv_version"],
-        "summary": _describe_manifest(uri, m),
-    }

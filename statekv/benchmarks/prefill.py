@@ -37,7 +37,7 @@ from statekv.policies import Full, Policy, StateKV, Window
 from statekv.profiling import count_flops, peak_memory
 from statekv.testing.checkpoints import save_tiny_checkpoint
 from statekv.testing.videos import synthetic_frames
-from statekv.video import SamplingConfig, smart_resize
+from statekv.video import SamplingConfig
 
 FPS = 2.0
 POLICY_NAMES = ("full", "window", "statekv")
@@ -202,10 +202,11 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
         base = Engine.from_pretrained(path, policy=Full(), device=cfg.device, dtype=dtype, sampling=sampling)
     adapter = base.adapter
     device = adapter.device
-    factor = adapter.patch_size * adapter.merge_size
-    h, w = smart_resize(cfg.height, cfg.width, factor=factor, min_pixels=sampling.min_pixels,
-                        max_pixels=sampling.max_pixels)
-    tokens_per_chunk = (h // factor) * (w // factor)
+    h, w = adapter.frame_size(cfg.height, cfg.width, sampling)
+    with torch.inference_mode():  # tokens of one chunk, as the family lays it out (vision + per-frame text)
+        probe = synthetic_frames(adapter.frames_per_chunk, cfg.height, cfg.width, seed=cfg.seed)
+        cursor = adapter.new_cursor(prefix_len=0, frame_size=(h, w), sampled_fps=FPS)
+        tokens_per_chunk = adapter.chunk_inputs(probe, cursor).chunk_tokens[0]
     capacity = cfg.capacity if cfg.capacity is not None else DEFAULT_CAPACITY_CHUNKS * tokens_per_chunk
     policies = make_policies(capacity)
     # one loaded model shared by every policy; FLOPs use the torch attention backend (countable everywhere)
@@ -258,7 +259,7 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
             "frames": list(cfg.frames), "capacity": capacity, "capacity_chunks": capacity / tokens_per_chunk,
             "repeats": cfg.repeats, "device": str(device), "dtype": cfg.dtype, "fps": FPS,
             "frame_size_in": [cfg.height, cfg.width], "frame_size": [h, w], "tokens_per_chunk": tokens_per_chunk,
-            "prefix_tokens": int(len(adapter.prefix_ids)), "chunks_per_step": 1,
+            "prefix_tokens": int(len(adapter.prefix_ids("prefix-first"))), "chunks_per_step": 1,
             "threads": torch.get_num_threads(),
             "timing_attention_backend": "auto", "flops_attention_backend": "torch",
             "policies": {name: p.settings() for name, p in policies.items()}, "seed": cfg.seed, **cfg.extra,

@@ -1,8 +1,55 @@
-"""The interface the streaming engine uses to drive a video VLM, and the parts Qwen-style families share.
+"""The adapter contract: everything family-specific the streaming engine needs, behind one small interface.
 
-An adapter owns one loaded model and its tokenizer and answers five questions for the engine: the vision
-features of one chunk, token embeddings, the 3-D positions of text and video tokens, one pass of the decoder
-stack over a given KV cache, and the token ids before and after the video in the chat template.
+The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded checkpoint's family for:
+
+    frame_size(height, width, sampling)    the size every frame of a video is resized to (read once per video)
+    new_cursor(prefix_len, frame_size, sampled_fps)
+                                           a plain JSON-able dict: where the video's next chunk sits (positions,
+                                           grids, times). Stored with the cache, so a stream can be resumed.
+    prefix_ids(layout)                     token ids prefilled before the first chunk (always attended to)
+    chunk_inputs(frames, cursor)           ChunkInputs of the next k chunks: frames (k*frames_per_chunk or fewer
+                                           at the end of a video, uint8 (T, H, W, 3)) -> embeddings of every token
+                                           the chunks stand for (vision tokens AND any per-frame text the family's
+                                           processor inserts), positions (position_rows, n) exactly as the
+                                           transformers model computes them for the whole sequence, tokens and
+                                           frames per chunk, extra decoder kwargs, and the advanced cursor
+    answer_inputs(question, cursor, layout)
+                                           AnswerInputs: what follows the video (rest of the user turn, the
+                                           question, the answer header; embeddings, not just ids, so a family can
+                                           insert e.g. LLaVA-OneVision's image_newline), at its positions, and the
+                                           position of the first generated token
+    text_positions(start, length)          positions of generated tokens (position_rows, length)
+    decode(embeds, position_ids, cache, **kwargs) -> hidden,  logits(hidden)
+    video_features(frames, frame_size)     vision features of frames (n, hidden): per chunk == whole video
+    reference_inputs(frames, question, layout, frame_size, sampled_fps)
+                                           the plain transformers model's inputs for the same sequence
+                                           (input_ids with the family's placeholder tokens, pixel values, grids,
+                                           mm_token_type_ids ... as its processor lays them out): used by
+                                           statekv.testing.reference to check the adapter against ONE forward
+                                           of the model with the model computing its own positions
+
+plus class attributes `model_type` (the checkpoint's config.model_type: the registry key), `model_class` (its
+transformers class), `frames_per_chunk` and `position_rows`, and `options()` (adapter settings that change the
+numbers, e.g. RoPE scaling, recorded with the cache's prefill config; resuming with other options is refused).
+
+Layouts (`LAYOUTS`): "prefix-first" is the model's own chat format (system prompt and user header, then the video,
+then question and answer header: every chunk also attends to the system prompt); "video-first" is the StateKV
+paper's setting: the prefix holds only the tokens that open the video block (for Qwen `<|vision_start|>`; may be
+empty), each chunk attends to [that | carried state | itself], and the chat text before the video moves after
+it, in front of the question, at answer time. The sequence is then
+    video-open, video tokens, video-close, <template text before the video>, <template text after the video>.
+
+How to add a family (one file + one registry entry):
+1. statekv/models/<family>.py: subclass `VideoLMAdapter`, set the class attributes, implement the methods above
+   (see qwen_vl.py for a complete example with a 3-row position cursor). Read preprocessing parameters from
+   `self.preprocessor` (the checkpoint's preprocessor config, `load_preprocessor_config`), not class defaults.
+2. Add the class to `ADAPTERS` in statekv/models/__init__.py.
+3. Tests: a tiny random checkpoint (statekv/testing/checkpoints.py style: save_pretrained with a locally built
+   tokenizer carrying the family's special tokens and real chat template, and a preprocessor config), then call
+   `statekv.testing.reference.check_against_transformers(path, frames, fps=..., layout=...)`: it prefills with
+   `Full()`, answers, and compares per-chunk K/V, the answer logits at every generated step and the greedy
+   tokens with one forward of the plain transformers model over `reference_inputs(...)`. The engine's generic
+   tests (resume bit-exactness, prefill-config refusal, store round trips) are parametrised over `ADAPTERS`.
 """
 
 from __future__ import annotations
@@ -10,14 +57,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "statekv"  # the name our attention function is registered under in transformers
+LAYOUTS = ("prefix-first", "video-first")
+PREPROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
 
 
 @dataclass(frozen=True)
@@ -29,30 +80,68 @@ class KVLayout:
     head_dim: int
 
 
+@dataclass
+class ChunkInputs:
+    """What the decoder sees for one prefill step of k chunks (tokens of chunk 0, then chunk 1, ...)."""
+
+    embeds: torch.Tensor  # (n, hidden) on the model's device
+    position_ids: torch.Tensor  # (position_rows, n) int64
+    chunk_tokens: list[int]  # tokens of each chunk; sums to n
+    chunk_frames: list[int]  # sampled frames of each chunk (the last chunk of a video may have fewer)
+    cursor: dict[str, Any]  # the cursor after these chunks
+    decoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra inputs the family's decoder needs
+
+
+@dataclass
+class AnswerInputs:
+    """What follows the video when a question is asked."""
+
+    prompt_ids: torch.Tensor  # (L,) token ids (the rest of the user turn, the question, the answer header)
+    embeds: torch.Tensor  # (L', hidden): their embeddings, plus any embedding the family inserts (L' >= L)
+    position_ids: torch.Tensor  # (position_rows, L')
+    next_position: int  # position of the first generated token
+
+
+def load_preprocessor_config(name_or_path: str) -> dict[str, Any]:
+    """The checkpoint's own (video) preprocessor config as a dict; {} when it has none (then the adapter's
+    family defaults apply, with a warning)."""
+    for name in PREPROCESSOR_FILES:
+        path = os.path.join(name_or_path, name)
+        if not os.path.isdir(name_or_path):
+            from transformers.utils import cached_file
+
+            path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False)
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    logger.warning("model %s has no preprocessor config (%s): using the family's defaults", name_or_path,
+                   " / ".join(PREPROCESSOR_FILES))
+    return {}
+
+
 class VideoLMAdapter:
-    """One loaded video VLM, seen through the operations streaming prefill and answering need."""
+    """One loaded video VLM, seen through the operations streaming prefill and answering need (see module doc)."""
 
     model_type: ClassVar[str]
     model_class: ClassVar[type]
+    frames_per_chunk: ClassVar[int]
+    position_rows: ClassVar[int]
+    video_token_id: int  # the placeholder token the family's processor expands into video tokens
 
-    def __init__(self, model: Any, tokenizer: Any, *, name_or_path: str) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, name_or_path: str,
+                 preprocessor: dict[str, Any] | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name_or_path = name_or_path
         self.config = model.config
+        self.preprocessor = dict(preprocessor or {})
         text = self.config.text_config
         self.layout = KVLayout(
             num_layers=text.num_hidden_layers,
             num_kv_heads=text.num_key_value_heads,
             head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
         )
-        vision = self.config.vision_config
-        self.patch_size: int = vision.patch_size
-        self.temporal_patch_size: int = vision.temporal_patch_size
-        self.merge_size: int = vision.spatial_merge_size
-        self.video_token_id: int = self.config.video_token_id
         self.eos_token_ids: set[int] = _eos_ids(model, tokenizer)
-        self.prefix_ids, self._video_marker = self._split_template()
 
     # --- identity ---------------------------------------------------------------------------------------
 
@@ -73,94 +162,109 @@ class VideoLMAdapter:
         blob = json.dumps(cfg, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    # --- vision --------------------------------------------------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        """Adapter settings that change the numbers (recorded in the cache's prefill config)."""
+        return {}
 
-    def video_features(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
-        """Merged vision features (t·h·w / merge², hidden) of one chunk of temporal patches."""
-        grid = torch.tensor([grid_thw], dtype=torch.long, device=self.device)
-        out = self.model.model.get_video_features(pixel_values.to(self.device), grid)
-        return torch.cat(list(out.pooler_output), dim=0).to(self.dtype)
+    # --- the family's part (see the module docstring) ----------------------------------------------------------
 
-    def tokens_per_temporal_patch(self, grid_h: int, grid_w: int) -> int:
-        return grid_h * grid_w // self.merge_size**2
-
-    # --- positions (the original Qwen M-RoPE rule; see DESIGN.md) -------------------------------------------
-
-    def temporal_offset(self, t: int, second_per_grid_t: float) -> int:
-        """Temporal position of temporal patch `t`, relative to the start of the video block."""
+    def frame_size(self, height: int, width: int, sampling: Any) -> tuple[int, int]:
         raise NotImplementedError
 
-    def video_positions(self, start: int, t_range: range, grid_h: int, grid_w: int,
-                        second_per_grid_t: float) -> torch.Tensor:
-        """3-D positions (3, len(t_range)·h·w/merge²) of video tokens of temporal patches `t_range`.
+    def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
+        raise NotImplementedError
 
-        The video block starts at `start`; temporal patch t sits at T = start + temporal_offset(t), and
-        merged-grid cell (h, w) at H = start + h, W = start + w.
-        """
-        h, w = grid_h // self.merge_size, grid_w // self.merge_size
-        t = torch.tensor([self.temporal_offset(i, second_per_grid_t) for i in t_range], dtype=torch.long)
-        tt = t.view(-1, 1, 1).expand(-1, h, w)
-        hh = torch.arange(h).view(1, -1, 1).expand(len(t_range), -1, w)
-        ww = torch.arange(w).view(1, 1, -1).expand(len(t_range), h, -1)
-        return torch.stack([tt, hh, ww]).reshape(3, -1) + start
+    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any]) -> ChunkInputs:
+        raise NotImplementedError
 
-    @staticmethod
-    def text_positions(start: int, length: int) -> torch.Tensor:
-        """Text tokens: the same position on all three axes."""
-        return torch.arange(start, start + length, dtype=torch.long).view(1, -1).expand(3, -1)
+    def answer_inputs(self, question: str, cursor: dict[str, Any], layout: str) -> AnswerInputs:
+        raise NotImplementedError
 
-    # --- decoder -------------------------------------------------------------------------------------------
+    def video_features(self, frames: np.ndarray, frame_size: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
+                         sampled_fps: float) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # --- shared by every family ---------------------------------------------------------------------------
+
+    def text_positions(self, start: int, length: int) -> torch.Tensor:
+        """Text tokens: the same position on every row, (position_rows, length)."""
+        return torch.arange(start, start + length, dtype=torch.long).view(1, -1).expand(self.position_rows, -1)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (L, hidden) of ids (L,)."""
         return self.model.get_input_embeddings()(input_ids.to(self.device))
 
-    def decode(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, **attention_kwargs: Any
-               ) -> torch.Tensor:
-        """Run the decoder stack on embeds (L, hidden) at positions (3, L), extending `cache` in place.
+    def decode(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, **kwargs: Any) -> torch.Tensor:
+        """Run the decoder stack on embeds (L, hidden) at positions (R, L), extending `cache` in place.
 
-        Returns the final normed hidden states (L, hidden). `attention_kwargs` reach our attention function.
+        Returns the final normed hidden states (L, hidden). `kwargs` reach our attention function (statekv_*) or
+        the family's decoder (ChunkInputs.decoder_kwargs).
         """
-        out = self.model.model.language_model(
-            inputs_embeds=embeds.unsqueeze(0),
-            position_ids=position_ids.to(self.device).unsqueeze(1),  # (3, 1, L)
-            past_key_values=cache,
-            use_cache=True,
-            **attention_kwargs,
-        )
+        pos = position_ids.to(self.device)
+        pos = pos.unsqueeze(1) if self.position_rows > 1 else pos  # (R, 1, L) for M-RoPE, (1, L) for 1-D
+        out = self.language_model(inputs_embeds=embeds.unsqueeze(0), position_ids=pos, past_key_values=cache,
+                                  use_cache=True, **kwargs)
         return out.last_hidden_state[0]
+
+    @property
+    def language_model(self) -> Any:
+        return self.model.model.language_model
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
 
     # --- chat template ----------------------------------------------------------------------------------------
 
-    def _render(self, question: str) -> list[int]:
+    video_open_tokens: ClassVar[int] = 0  # tokens before the placeholder that belong to the video block
+    video_close_tokens: ClassVar[int] = 0  # tokens after the placeholder run that belong to the video block
+
+    def render(self, question: str) -> list[int]:
+        """The chat template's ids for one user turn [video, question] with the generation prompt."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.name_or_path!r}: the tokenizer has no chat template")
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in transformers 5.x
             ids = ids["input_ids"]
         return list(ids)
 
-    def _split_template(self) -> tuple[torch.Tensor, int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"model {self.name_or_path!r}: the tokenizer has no chat template")
-        ids = self._render("?")
+    def split_template(self, question: str) -> tuple[list[int], list[int]]:
+        """(ids before the video placeholder, ids after it) of the rendered template."""
+        ids = self.render(question)
         if self.video_token_id not in ids:
             raise ValueError(f"model {self.name_or_path!r}: the chat template places no video token "
                              f"(id {self.video_token_id}) for a video part")
         first = ids.index(self.video_token_id)
-        return torch.tensor(ids[:first], dtype=torch.long), first
+        last = len(ids) - 1 - ids[::-1].index(self.video_token_id)
+        return ids[:first], ids[last + 1:]
 
-    def question_ids(self, question: str) -> torch.Tensor:
-        """Token ids that follow the video: the rest of the user turn with the question, then the answer header."""
-        ids = self._render(question)
-        first = ids.index(self.video_token_id)
-        if ids[:first] != self.prefix_ids.tolist():
+    def prefix_ids(self, layout: str) -> torch.Tensor:
+        """Token ids prefilled before the first chunk: the template up to the video, or only the video's opening."""
+        _check_layout(layout)
+        before, _ = self.split_template("?")
+        ids = before if layout == "prefix-first" else before[len(before) - self.video_open_tokens:]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def question_ids(self, question: str, layout: str = "prefix-first") -> torch.Tensor:
+        """Token ids that follow the video for this layout (see the module docstring)."""
+        _check_layout(layout)
+        before, after = self.split_template(question)
+        if before != self.split_template("?")[0]:
             raise ValueError("the chat template's text before the video depends on the question; "
                              "a stored video prefix cannot be reused with it")
-        last = len(ids) - 1 - ids[::-1].index(self.video_token_id)
-        return torch.tensor(ids[last + 1:], dtype=torch.long)
+        if layout == "prefix-first":
+            return torch.tensor(after, dtype=torch.long)
+        close = self.video_close_tokens
+        moved = before[:len(before) - self.video_open_tokens]
+        return torch.tensor(after[:close] + moved + after[close:], dtype=torch.long)
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import Qwen2VLForConditionalGeneration
 
-from statekv.models.base import VideoLMAdapter
+from statekv.models.qwen_vl import QwenVLAdapter
 
 
-class Qwen2VLAdapter(VideoLMAdapter):
+class Qwen2VLAdapter(QwenVLAdapter):
     model_type = "qwen2_vl"
     model_class = Qwen2VLForConditionalGeneration
 
-    def temporal_offset(self, t: int, second_per_grid_t: float) -> int:
-        return t
+    def temporal_interval(self, second_per_grid_t: float) -> torch.Tensor:
+        return torch.tensor(1.0)

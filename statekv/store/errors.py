@@ -26,3 +26,13 @@ class CacheCorruptError(CacheStoreError, ValueError):
         self.part = part
         self.reason = reason
         super().__init__(f"cache of video {video_id!r} is corrupt at {part}: {reason}")
+
+
+class CacheVersionError(CacheCorruptError):
+    """The cache was written in a format version this statekv does not read (e.g. v1: re-index it)."""
+
+    def __init__(self, video_id: str, reason: str) -> None:
+        self.video_id = video_id
+        self.part = "manifest.json"
+        self.reason = reason
+        CacheStoreError.__init__(self, f"cache of video {video_id!r}: {reason}")

@@ -8,10 +8,19 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 1  # bump on any incompatible change; readers refuse versions they do not know
+from statekv.cache import ModelInfo, PrefillConfig, VideoInfo, VideoKVCache
+from statekv.store import serde
+from statekv.store.errors import CacheCorruptError, CacheNotFoundError, CacheVersionError
+
+FORMAT = "statekv-cache"
+FORMAT_VERSION = 2  # bump on any incompatible change; readers refuse versions they do not know
+MIN_STATEKV_FOR_VERSION = {2: "0.2"}  # the first statekv release that writes each format version
 MANIFEST = "manifest.json"
 PARTS_PREFIX = "parts-"
 STORAGES = ("native", "int8")
@@ -42,7 +51,7 @@ def chunk_schema(num_layers: int, int8: bool) -> pa.Schema:
         pa.field("source_frames", pa.list_(pa.int64()), nullable=False),
         pa.field("timestamps", pa.list_(pa.float64()), nullable=False),
         pa.field("num_tokens", pa.int64(), nullable=False),
-        pa.field("position_ids", pa.binary(), nullable=False),  # int64 (3, n)
+        pa.field("position_ids", pa.binary(), nullable=False),  # int64 (R, n), R = manifest layout.position_rows
         pa.field("meta_crc", pa.int64(), nullable=False),  # CRC-32 of the fields above
     ]
     for layer in range(num_layers):
@@ -82,3 +91,88 @@ def parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
     return pq.ParquetWriter(sink, schema, compression="none", use_dictionary=False,
                             write_statistics=["chunk_index", "layer"], write_page_checksum=True,
                             store_schema=False)
+
+
+def meta_crc(row: dict[str, Any]) -> int:
+    """CRC-32 of a chunk row's non-tensor fields (index, frames, times, token count, positions)."""
+    head = json.dumps([row["chunk_index"], row["frame_start"], row["frame_end"], list(row["source_frames"]),
+                       [float(t) for t in row["timestamps"]], row["num_tokens"]]).encode()
+    return serde.crc32(head, row["position_ids"])
+
+
+def parse_manifest(data: bytes, video_id: str) -> dict[str, Any]:
+    """A manifest's JSON, checked to be a statekv cache manifest of the version this statekv reads.
+
+    Version-1 caches (statekv 0.1: Qwen grids and 3 position rows in the generic manifest) are refused with a
+    "re-index" message: they hold no prefill config and no family cursor, so they cannot be answered or resumed
+    faithfully by a family-agnostic engine.
+    """
+    try:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheCorruptError(video_id, MANIFEST, f"not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CacheCorruptError(video_id, MANIFEST, "not a statekv cache manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        if isinstance(version, int) and version < FORMAT_VERSION:
+            reason = (f"format version {version} (written by statekv {manifest.get('statekv_version', '< 0.2')}) "
+                      f"is no longer read; re-index the video with statekv >= "
+                      f"{MIN_STATEKV_FOR_VERSION[FORMAT_VERSION]}")
+        else:
+            reason = f"format version {version!r}; this statekv reads version {FORMAT_VERSION}"
+        raise CacheVersionError(video_id, reason)
+    return manifest
+
+
+# --- the manifest's description of a cache (written by the writer, read by the reader) ---------------------------
+
+
+def describe_cache(cache: VideoKVCache, position_rows: int | None) -> dict[str, Any]:
+    """The manifest keys that describe a `VideoKVCache` (everything but files, totals and commit metadata).
+
+    Generic keys only; the family's own bookkeeping is the adapter's opaque cursor under "family" (the one
+    family-specific place in the manifest).
+    """
+    m, v = cache.model, cache.video
+    return {
+        "model": {"name_or_path": m.name_or_path, "model_type": m.model_type, "fingerprint": m.fingerprint,
+                  "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim},
+        "dtype": serde.dtype_name(cache.dtype),
+        "layout": {"num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
+                   "position_rows": position_rows},
+        "prefill": cache.config.to_dict(),
+        "video": {"source": v.source, "video_fps": v.video_fps, "total_frames": v.total_frames,
+                  "sampled_fps": v.sampled_fps, "frame_size": list(v.frame_size),
+                  "frame_indices": list(v.frame_indices), "timestamps": list(v.timestamps)},
+        "chunks": {"count": cache.num_chunks, "tokens": list(cache.chunk_tokens)},
+        "family": {"model_type": m.model_type, "cursor": cache.cursor},
+        "prefix_len": cache.prefix_len,
+        "has_state": cache.state is not None,
+    }
+
+
+def cache_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    """`VideoKVCache` keyword arguments (model, config, video, num_chunks, chunk_tokens, cursor) of a manifest."""
+    v = manifest["video"]
+    return {
+        "model": ModelInfo(**manifest["model"]),
+        "config": PrefillConfig.from_dict(manifest["prefill"]),
+        "video": VideoInfo(source=v["source"], video_fps=v["video_fps"], total_frames=v["total_frames"],
+                           sampled_fps=v["sampled_fps"], frame_size=tuple(v["frame_size"]),
+                           frame_indices=list(v["frame_indices"]), timestamps=list(v["timestamps"])),
+        "num_chunks": manifest["chunks"]["count"],
+        "chunk_tokens": list(manifest["chunks"]["tokens"]),
+        "cursor": dict(manifest["family"]["cursor"]),
+    }
+
+
+def read_manifest_at(fs: Any, path: str, uri: str) -> dict[str, Any]:
+    """The committed manifest under `path` on `fs` (CacheNotFoundError naming `uri` if there is none)."""
+    from statekv.store.fs import join
+
+    try:
+        data = fs.cat_file(join(path, MANIFEST))
+    except FileNotFoundError:
+        raise CacheNotFoundError(uri) from None
+    return parse_manifest(data, path.rstrip("/").rsplit("/", 1)[-1])

@@ -7,7 +7,6 @@ group per chunk or few chunks), so reading k chunks of l layers transfers about 
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from statekv.cache import ChunkKV, ModelInfo, VideoInfo, VideoKVCache
+from statekv.cache import ChunkKV, VideoKVCache
 from statekv.errors import ModelMismatchError
 from statekv.policies import LayerState
 from statekv.store import format as F
@@ -36,21 +35,7 @@ def read_manifest(uri: str | os.PathLike, *, storage_options: StorageOptionsLike
 
 
 def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, Any]:
-    try:
-        data = fs.cat_file(join(path, F.MANIFEST))
-    except FileNotFoundError:
-        raise CacheNotFoundError(uri) from None
-    video_id = path.rsplit("/", 1)[-1]
-    try:
-        manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CacheCorruptError(video_id, F.MANIFEST, f"not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "statekv-cache":
-        raise CacheCorruptError(video_id, F.MANIFEST, "not a statekv cache manifest")
-    if manifest.get("format_version") != F.FORMAT_VERSION:
-        raise CacheCorruptError(video_id, F.MANIFEST, f"format version {manifest.get('format_version')!r}; this "
-                                f"statekv reads version {F.FORMAT_VERSION}")
-    return manifest
+    return F.read_manifest_at(fs, path, uri)
 
 
 @dataclass
@@ -101,6 +86,7 @@ class _Store:
         self.num_layers, self.heads, self.head_dim = lay["num_layers"], lay["num_kv_heads"], lay["head_dim"]
         self.dtype = serde.DTYPES[manifest["dtype"]]
         self.int8 = manifest["storage"] == "int8"
+        self.position_rows = lay["position_rows"]
         self.chunk_files = [f for f in manifest["files"] if f["kind"] == "chunks"]
         self._firsts = [f["first_chunk"] for f in self.chunk_files]
         self._sizes_checked: set[str] = set()
@@ -234,11 +220,9 @@ class _Store:
         return out
 
     def _chunk(self, row: dict[str, Any], entry: dict[str, Any]) -> ChunkKV:
-        from statekv.store.writer import meta_crc
-
         index, n = row["chunk_index"], row["num_tokens"]
         part = f"file {entry['path']}, chunk {index}"
-        if self.verify and meta_crc(row) != row["meta_crc"]:
+        if self.verify and F.meta_crc(row) != row["meta_crc"]:
             raise CacheCorruptError(self.video_id, part, "checksum mismatch in chunk metadata/positions")
         keys: list = [None] * self.num_layers
         values: list = [None] * self.num_layers
@@ -259,7 +243,7 @@ class _Store:
             keys[l], values[l] = k, v
         return ChunkKV(index=index, frame_range=(row["frame_start"], row["frame_end"]),
                        source_frames=list(row["source_frames"]), timestamps=list(row["timestamps"]),
-                       position_ids=self._tensor(row["position_ids"], torch.int64, (3, n), part),
+                       position_ids=self._tensor(row["position_ids"], torch.int64, (self.position_rows, n), part),
                        keys=keys, values=values)
 
 
@@ -315,7 +299,7 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
                expect_fingerprint: str | None = None) -> VideoKVCache:
     """Load a committed cache. `chunks` (indices) and `layers` select parts; `lazy` defers reading chunks.
 
-    The result's `grid_t`, `video` and positions describe the whole video; with `chunks` it holds only those
+    The result's `num_chunks`, `chunk_tokens`, `video` and cursor describe the whole video; with `chunks` it holds only those
     (so it can serve retrieval but not `Engine.ask`, which needs every chunk). With `layers`, other layers'
     tensors are None in `prefix_keys`, `prefix_values`, each chunk's `keys`/`values` and `state`; the cache's
     `loaded_layers` attribute lists the layers present. A full, eager load reads each object in one request and
@@ -324,7 +308,8 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
     uri = os.fspath(uri)
     fs, path = resolve(uri, storage_options, filesystem)
     m = _read_manifest(fs, path, uri)
-    model = ModelInfo(**m["model"])
+    fields = F.cache_fields(m)
+    model = fields["model"]
     if expect_fingerprint is not None and expect_fingerprint != model.fingerprint:
         raise ModelMismatchError("model", f"{model.name_or_path} (fingerprint {model.fingerprint})",
                                  f"fingerprint {expect_fingerprint}")
@@ -333,11 +318,11 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
     bad = [l for l in layer_list if not 0 <= l < num_layers]
     if bad:
         raise ValueError(f"layers {bad} out of range: the cache has {num_layers} layers")
-    grid_t = m["grid"]["grid_t"]
-    index_list = list(range(grid_t)) if chunks is None else [int(c) for c in chunks]
-    bad = [c for c in index_list if not 0 <= c < grid_t]
+    num_chunks = fields["num_chunks"]
+    index_list = list(range(num_chunks)) if chunks is None else [int(c) for c in chunks]
+    bad = [c for c in index_list if not 0 <= c < num_chunks]
     if bad:
-        raise ValueError(f"chunks {bad} out of range: the cache has {grid_t} chunks")
+        raise ValueError(f"chunks {bad} out of range: the cache has {num_chunks} chunks")
     store = _Store(fs, path, uri, m, layer_list, verify)
     whole = not lazy and chunks is None and layers is None
     prefix_ids, prefix_keys, prefix_values = store.read_prefix(whole)
@@ -345,14 +330,8 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
     seq = LazyChunks(store, index_list)
     if not lazy:
         seq._loaded.update(store.read_chunks(index_list, whole=whole))
-    s = m["sampling"]
-    video = VideoInfo(source=s["source"], video_fps=s["video_fps"], total_frames=s["total_frames"],
-                      sampled_fps=s["sampled_fps"], second_per_grid_t=s["second_per_grid_t"],
-                      frame_size=tuple(s["frame_size"]), grid_hw=tuple(s["grid_hw"]),
-                      frame_indices=list(s["frame_indices"]), timestamps=list(s["timestamps"]))
-    cache = VideoKVCache(model=model, policy=m["policy"], dtype=store.dtype, video=video, prefix_ids=prefix_ids,
-                         prefix_keys=prefix_keys, prefix_values=prefix_values, chunks=seq if lazy else list(seq),
-                         state=state, grid_t=grid_t, max_position=m["max_position"])
+    cache = VideoKVCache(dtype=store.dtype, prefix_ids=prefix_ids, prefix_keys=prefix_keys,
+                         prefix_values=prefix_values, chunks=seq if lazy else list(seq), state=state, **fields)
     cache.loaded_layers = layer_list  # type: ignore[attr-defined]
     cache.manifest = m  # type: ignore[attr-defined]
     return cache
@@ -366,7 +345,7 @@ def load_summary_keys(uri: str | os.PathLike, layer: int, *, chunks: Iterable[in
     fs, path = resolve(uri, storage_options, filesystem)
     m = _read_manifest(fs, path, uri)
     store = _Store(fs, path, uri, m, [layer], verify=True)
-    index_list = list(range(m["grid"]["grid_t"])) if chunks is None else [int(c) for c in chunks]
+    index_list = list(range(m["chunks"]["count"])) if chunks is None else [int(c) for c in chunks]
     t = F.layer_tag(layer)
     cols = ["chunk_index", f"summary_k_{t}"]
     by_file: dict[str, tuple[dict[str, Any], set[int]]] = {}

@@ -119,8 +119,6 @@ class CacheWriter:
             raise ValueError(f"unknown write mode {mode!r}; valid modes: {', '.join(MODES)}")
         if chunks_per_row_group < 1 or chunks_per_file < chunks_per_row_group:
             raise ValueError("need 1 <= chunks_per_row_group <= chunks_per_file")
-        from statekv.store.reader import read_manifest
-
         self.uri = os.fspath(uri)
         self.fs, self.path = resolve(self.uri, storage_options, filesystem)
         self.video_id = self.path.rstrip("/").rsplit("/", 1)[-1]
@@ -129,7 +127,7 @@ class CacheWriter:
         self.chunks_per_row_group = chunks_per_row_group
         self.chunks_per_file = chunks_per_file
         try:
-            self.existing: dict[str, Any] | None = read_manifest(self.uri, filesystem=self.fs)
+            self.existing: dict[str, Any] | None = F.read_manifest_at(self.fs, self.path, self.uri)
         except CacheNotFoundError:
             self.existing = None
         self.skipped = mode == "skip" and self.existing is not None
@@ -145,12 +143,13 @@ class CacheWriter:
             int8 = stored_int8
         self.int8 = bool(int8)
         self.attempt = f"{F.PARTS_PREFIX}{uuid.uuid4().hex}"
-        self._next_index = self.base["grid"]["grid_t"] if self.base else 0
+        self._next_index = self.base["chunks"]["count"] if self.base else 0
         self._first_index = self._next_index
         self._file: _ParquetFile | None = None
         self._file_first = 0
         self._chunk_files: list[dict[str, Any]] = []
         self._layout: tuple[int, int, int] | None = None
+        self._position_rows: int | None = self.base["layout"]["position_rows"] if self.base else None
         self._dtype: torch.dtype | None = None
         self._tokens = 0
         self._done = False
@@ -166,6 +165,11 @@ class CacheWriter:
         if chunk.index != self._next_index:
             raise ValueError(f"chunk {chunk.index} arrived, chunk {self._next_index} expected (chunks go in order)")
         layout = (len(chunk.keys), chunk.keys[0].shape[0], chunk.keys[0].shape[2])
+        rows = chunk.position_ids.shape[0]
+        if self._position_rows is None:
+            self._position_rows = rows
+        elif rows != self._position_rows:
+            raise ValueError(f"chunk {chunk.index}: {rows} position rows, the cache has {self._position_rows}")
         if self._layout is None:
             self._layout, self._dtype = layout, chunk.keys[0].dtype
             if self.base is not None:
@@ -206,7 +210,7 @@ class CacheWriter:
             "frame_end": int(chunk.frame_range[1]), "source_frames": [int(i) for i in chunk.source_frames],
             "timestamps": [float(t) for t in chunk.timestamps], "num_tokens": chunk.num_tokens, "position_ids": pos,
         }
-        row["meta_crc"] = meta_crc(row)
+        row["meta_crc"] = F.meta_crc(row)
         for layer, (k, v) in enumerate(zip(chunk.keys, chunk.values)):
             t = F.layer_tag(layer)
             summary = serde.to_bytes(k.float().mean(dim=1))  # (Hkv, D): the chunk's mean key, for retrieval
@@ -240,8 +244,8 @@ class CacheWriter:
             return self.existing
         if self._done:
             raise RuntimeError("this CacheWriter has already committed or aborted")
-        if cache.grid_t != self._next_index:
-            raise ValueError(f"the cache has {cache.grid_t} chunks but {self._next_index} were written to "
+        if cache.num_chunks != self._next_index:
+            raise ValueError(f"the cache has {cache.num_chunks} chunks but {self._next_index} were written to "
                              f"{self.uri!r}")
         num_layers = cache.model.num_layers
         if self._file is not None:
@@ -290,32 +294,16 @@ class CacheWriter:
     def _manifest(self, cache: VideoKVCache, files: list[dict[str, Any]]) -> dict[str, Any]:
         import statekv
 
-        m = cache.model
-        v = cache.video
         tokens = (self.base["totals"]["tokens"] if self.base else 0) + self._tokens
         return {
-            "format": "statekv-cache",
+            "format": F.FORMAT,
             "format_version": F.FORMAT_VERSION,
             "video_id": self.video_id,
-            "source": source_info(v.source, self.source_storage_options),
-            "model": {"name_or_path": m.name_or_path, "model_type": m.model_type, "fingerprint": m.fingerprint,
-                      "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
-                      "video_token_id": m.video_token_id},
-            "dtype": serde.dtype_name(cache.dtype),
+            "source": source_info(cache.video.source, self.source_storage_options),
+            **F.describe_cache(cache, self._position_rows),
             "storage": "int8" if self.int8 else "native",
             "byteorder": "little",
-            "layout": {"num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
-                       "tokens_per_chunk": cache.tokens_per_chunk},
-            "policy": cache.policy,
-            "sampling": {"source": v.source, "video_fps": v.video_fps, "total_frames": v.total_frames,
-                         "sampled_fps": v.sampled_fps, "second_per_grid_t": v.second_per_grid_t,
-                         "frame_size": list(v.frame_size), "grid_hw": list(v.grid_hw),
-                         "frame_indices": list(v.frame_indices), "timestamps": list(v.timestamps)},
-            "grid": {"grid_t": cache.grid_t, "grid_h": v.grid_hw[0], "grid_w": v.grid_hw[1]},
-            "prefix_len": cache.prefix_len,
-            "max_position": cache.max_position,
-            "has_state": cache.state is not None,
-            "totals": {"chunks": cache.grid_t, "tokens": tokens, "bytes": sum(f["bytes"] for f in files)},
+            "totals": {"chunks": cache.num_chunks, "tokens": tokens, "bytes": sum(f["bytes"] for f in files)},
             "files": files,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "statekv_version": statekv.__version__,
@@ -366,13 +354,6 @@ class CacheWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
-
-
-def meta_crc(row: dict[str, Any]) -> int:
-    """CRC-32 of a chunk row's non-tensor fields (index, frames, times, token count, positions)."""
-    head = json.dumps([row["chunk_index"], row["frame_start"], row["frame_end"], list(row["source_frames"]),
-                       [float(t) for t in row["timestamps"]], row["num_tokens"]]).encode()
-    return serde.crc32(head, row["position_ids"])
 
 
 def source_info(source: str, storage_options: StorageOptionsLike = None) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ checkpoints use.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -109,8 +110,20 @@ def tiny_config(family: str, tokenizer, *, hidden_size: int = 64, num_layers: in
     raise ValueError(f"unknown tiny model family {family!r}; expected 'qwen2_vl' or 'qwen2_5_vl'")
 
 
-def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_vl", *, seed: int = 0, **config_kwargs) -> Path:
-    """Write a tiny random checkpoint (weights, config, tokenizer with chat template) to `path`."""
+def preprocessor_config(family: str, *, image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
+                        image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711),
+                        min_pixels: int = 128 * 28 * 28, max_pixels: int = 768 * 28 * 28) -> dict:
+    """The video preprocessor config a Qwen2-VL / Qwen2.5-VL checkpoint ships (video_preprocessor_config.json)."""
+    return {"video_processor_type": "Qwen2VLVideoProcessor", "do_resize": True, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(image_mean),
+            "image_std": list(image_std), "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+            "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
+
+
+def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_vl", *, seed: int = 0,
+                         preprocessor: dict | None = None, **config_kwargs) -> Path:
+    """Write a tiny random checkpoint (weights, config, tokenizer with chat template, video preprocessor
+    config) to `path`."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     path = Path(path)
@@ -125,4 +138,6 @@ def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_vl", *, s
                 p.normal_(0.0, 0.2)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    with open(path / "video_preprocessor_config.json", "w") as f:
+        json.dump(preprocessor if preprocessor is not None else preprocessor_config(family), f, indent=1)
     return path

@@ -1,8 +1,9 @@
-"""Qwen2-VL / Qwen2.5-VL video preprocessing without torchvision: resize, rescale, normalise, patchify.
+"""Qwen-style video preprocessing without torchvision: resize, rescale, normalise, patchify.
 
 Reproduces transformers' `Qwen2VLVideoProcessor` (torchvision backend) on decoded uint8 frames: `smart_resize`,
-antialiased bicubic resize, fused rescale+normalise with the OpenAI CLIP mean/std, odd-count padding and the
-processor's patch order. Takes frames, returns model inputs; knows nothing about files or models.
+antialiased bicubic resize, fused rescale+normalise with the layout's mean/std, odd-count padding and the
+processor's patch order. Takes frames, returns model inputs; knows nothing about files or models: the family
+adapter builds the `VisionLayout` from the checkpoint's preprocessor config (CLIP mean/std are only the default).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ MAX_ASPECT_RATIO = 200  # Qwen2-VL refuses more elongated frames
 
 @dataclass(frozen=True)
 class VisionLayout:
-    """Vision-tower patch geometry; Qwen2-VL and Qwen2.5-VL processors share these defaults."""
+    """Vision-tower patch geometry and normalisation; defaults are the Qwen2-VL processor's."""
 
     patch_size: int = 14  # pixels per patch side
     temporal_patch_size: int = 2  # frames per patch
     merge_size: int = 2  # patches merged per side into one LLM token
+    image_mean: tuple[float, float, float] = IMAGE_MEAN  # per channel, on the 0-1 scale
+    image_std: tuple[float, float, float] = IMAGE_STD
 
     @property
     def factor(self) -> int:
@@ -115,8 +118,8 @@ def patchify(
     if h % layout.factor or w % layout.factor:
         raise ValueError(f"frame size {h}x{w} is not a multiple of {layout.factor}; resize it first")
     # Fused rescale + normalise as transformers does it: (x - 255*mean) / (255*std), in float32.
-    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32, device=frames.device) * 255.0
-    std = torch.tensor(IMAGE_STD, dtype=torch.float32, device=frames.device) * 255.0
+    mean = torch.tensor(layout.image_mean, dtype=torch.float32, device=frames.device) * 255.0
+    std = torch.tensor(layout.image_std, dtype=torch.float32, device=frames.device) * 255.0
     x = frames.to(torch.float32).sub(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))  # (n, 3, h, w)
     if pad := -n % tp:
         x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])

@@ -23,21 +23,23 @@ class SamplingConfig:
     fps: float = 2.0  # frames sampled per second of video
     min_frames: int = 4  # fewer than this only when the video itself is shorter
     max_frames: int = 768  # caps memory and tokens for long videos
-    min_pixels: int = 128 * 28 * 28  # per frame, after resize
-    max_pixels: int = 768 * 28 * 28  # per frame, after resize
+    min_pixels: int | None = None  # per frame, after resize; None: the checkpoint's preprocessor config
+    max_pixels: int | None = None  # per frame, after resize; None: the checkpoint's preprocessor config
 
     def __post_init__(self) -> None:
         if not isinstance(self.fps, numbers.Real) or not math.isfinite(self.fps) or self.fps <= 0:
             raise ValueError(f"SamplingConfig.fps must be a positive finite number, got {self.fps!r}")
         for name in ("min_frames", "max_frames", "min_pixels", "max_pixels"):
             value = getattr(self, name)
+            if value is None and name.endswith("pixels"):
+                continue
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"SamplingConfig.{name} must be a positive integer, got {value!r}")
         if self.min_frames > self.max_frames:
             raise ValueError(
                 f"SamplingConfig.min_frames ({self.min_frames}) must be <= max_frames ({self.max_frames})"
             )
-        if self.min_pixels > self.max_pixels:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(
                 f"SamplingConfig.min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})"
             )

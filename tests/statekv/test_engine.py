@@ -11,7 +11,8 @@ from statekv import Engine, Full, StateKV, Window
 from statekv.errors import EmptyVideoError, ModelMismatchError, UnsupportedModelError, VideoDecodeError, VideoNotFoundError
 from statekv.profiling import count_flops, peak_memory
 from statekv.testing.videos import synthetic_frames, write_video
-from statekv.video import SamplingConfig, preprocess_frames
+from statekv.testing.reference import check_against_transformers
+from statekv.video import SamplingConfig
 
 # 56x84 frames stay 56x84: a 4x6 patch grid, 6 LLM tokens per chunk (two frames)
 SMALL = SamplingConfig(fps=2.0, min_pixels=28 * 28, max_pixels=56 * 84)
@@ -28,67 +29,57 @@ def frames() -> np.ndarray:
     return synthetic_frames(12, 56, 84, seed=3)  # 6 chunks of 6 tokens
 
 
-def reference_model(path: str):
-    """The same checkpoint with transformers' own SDPA attention, for one-shot forwards."""
-    from statekv.models import ADAPTERS
-    from transformers import AutoConfig
-
-    cls = ADAPTERS[AutoConfig.from_pretrained(path).model_type].model_class
-    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-
-
-def full_forward(model, cache: statekv.VideoKVCache, frames: np.ndarray, suffix_ids: torch.Tensor):
-    """One forward of prefix + whole video + suffix with explicit positions: (logits (L, V), DynamicCache)."""
-    pre = preprocess_frames(frames, min_pixels=SMALL.min_pixels, max_pixels=SMALL.max_pixels)
-    grid = torch.tensor([pre.grid_thw])
-    video = model.model.get_video_features(pre.pixel_values, grid).pooler_output[0]
-    embed = model.get_input_embeddings()
-    embeds = torch.cat([embed(cache.prefix_ids), video, embed(suffix_ids)])
-    text_pos = torch.arange(len(suffix_ids)).view(1, -1).expand(3, -1) + cache.next_position
-    positions = torch.cat([cache.position_ids, text_pos], dim=1)
-    out = model.model.language_model(inputs_embeds=embeds[None], position_ids=positions[:, None], use_cache=True)
-    return model.lm_head(out.last_hidden_state[0]), out.past_key_values
+@pytest.mark.parametrize("layout", ["prefix-first", "video-first"])
+@pytest.mark.parametrize("fps", [2.0, 0.7])
+def test_full_policy_equals_one_forward_of_the_plain_model(tiny_checkpoint, frames, layout, fps):
+    """Full(): per-chunk K/V, answer logits at every step and greedy tokens equal ONE forward of the plain
+    transformers model over the processor's sequence (pads, pixel_values_videos, grids, mm_token_type_ids,
+    second_per_grid_ts), the model computing its own positions. fps 0.7 gives Qwen2.5-VL a fractional interval."""
+    report = check_against_transformers(tiny_checkpoint, frames, fps=fps, sampling=SMALL, layout=layout)
+    report.assert_exact(1e-4)
+    assert report.context_tokens == (20 if layout == "prefix-first" else 1) + 36
 
 
 @torch.inference_mode()
-def test_full_policy_equals_one_forward(tiny_checkpoint, frames):
-    engine = make_engine(tiny_checkpoint, Full())
-    cache = engine.prefill(frames, fps=FPS)
-    answer = engine.ask(cache, QUESTION, max_new_tokens=6, output_scores=True)
-    model = reference_model(tiny_checkpoint)
-    prompt = torch.tensor(answer.prompt_ids)
-    logits, ref_cache = full_forward(model, cache, frames, prompt)
-    # per-frame K/V (and the prefix's) equal the one-shot pass at every layer
-    n_ctx = cache.prefix_len + cache.num_video_tokens
-    for layer in range(engine.adapter.layout.num_layers):
-        keys, values = cache.layer_kv(layer)
-        ref = ref_cache.layers[layer]
-        assert (keys - ref.keys[0, :, :n_ctx]).abs().max() <= 1e-4
-        assert (values - ref.values[0, :, :n_ctx]).abs().max() <= 1e-4
-    # the answer's first-step logits equal the last question position's logits
-    assert (answer.scores[0] - logits[-1]).abs().max() <= 1e-4
-    # greedy decoding through the one-shot model gives the same tokens
-    ids = prompt
-    for token in answer.token_ids:
-        logits, _ = full_forward(model, cache, frames, ids)
-        assert int(logits[-1].argmax()) == token
-        ids = torch.cat([ids, torch.tensor([token])])
+def test_the_reference_check_sees_positions(tiny_checkpoints, frames):
+    """The original Qwen rule (text after the video at max position + 1) is not what transformers 5.x computes:
+    the same check must then fail, so it does compare positions, not just token order."""
+    engine = Engine.from_pretrained(tiny_checkpoints["qwen2_vl"], policy=Full(), device="cpu", dtype=torch.float32,
+                                    sampling=SMALL, adapter_options={"position_rule": "qwen"})
+    report = check_against_transformers(tiny_checkpoints["qwen2_vl"], frames, fps=FPS, sampling=SMALL,
+                                        layout="prefix-first", engine=engine)
+    assert report.max_key_diff <= 1e-4  # the video's own positions agree
+    assert report.max_logit_diff > 1e-3  # the question's do not
 
 
 @torch.inference_mode()
 def test_vision_per_chunk_equals_whole_video(tiny_checkpoint, frames):
     adapter = make_engine(tiny_checkpoint, Full()).adapter
-    pre = preprocess_frames(frames, min_pixels=SMALL.min_pixels, max_pixels=SMALL.max_pixels)
-    whole = adapter.video_features(pre.pixel_values, pre.grid_thw)
-    per_chunk = []
-    for t in range(0, len(frames), 2):
-        part = preprocess_frames(frames[t:t + 2], min_pixels=SMALL.min_pixels, max_pixels=SMALL.max_pixels)
-        per_chunk.append(adapter.video_features(part.pixel_values, part.grid_thw))
+    size = adapter.frame_size(56, 84, SMALL)
+    whole = adapter.video_features(frames, size)
+    per_chunk = [adapter.video_features(frames[t:t + 2], size) for t in range(0, len(frames), 2)]
     assert (torch.cat(per_chunk) - whole).abs().max() <= 1e-5 * whole.abs().max()
 
 
+def test_preprocessing_reads_the_checkpoints_preprocessor_config(tmp_path, frames):
+    """mean/std and pixel bounds come from the checkpoint's video_preprocessor_config.json, not CLIP defaults."""
+    from statekv.testing.checkpoints import preprocessor_config, save_tiny_checkpoint
+
+    config = preprocessor_config("qwen2_vl", image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+                                 min_pixels=28 * 28, max_pixels=56 * 56)
+    path = save_tiny_checkpoint(tmp_path / "half", "qwen2_vl", preprocessor=config)
+    adapter = Engine.from_pretrained(path, policy=Full(), device="cpu", dtype=torch.float32).adapter
+    assert adapter.vision.image_mean == (0.5, 0.5, 0.5) and adapter.vision.image_std == (0.5, 0.5, 0.5)
+    assert adapter.frame_size(56, 84, SamplingConfig()) == (28, 56)  # max_pixels from the config
+    assert adapter.frame_size(56, 84, SMALL) == (56, 84)  # a SamplingConfig bound overrides it
+    pixels = adapter._pixels(frames[:2], (56, 84)).pixel_values
+    assert float(pixels.min()) >= -1.0 - 1e-6 and float(pixels.max()) <= 1.0 + 1e-6  # (x - 0.5) / 0.5
+    assert float(pixels.min()) < -0.5
+
+
 def _assert_same_cache(a: statekv.VideoKVCache, b: statekv.VideoKVCache, atol: float = 1e-5) -> None:
-    assert a.grid_t == b.grid_t and torch.equal(a.position_ids, b.position_ids)
+    assert a.num_chunks == b.num_chunks and a.chunk_tokens == b.chunk_tokens
+    assert torch.equal(a.position_ids, b.position_ids)
     for layer in range(a.model.num_layers):
         for x, y in zip(a.layer_kv(layer), b.layer_kv(layer)):
             assert (x - y).abs().max() <= atol
@@ -121,7 +112,7 @@ def test_small_capacity_bounds_the_state(tiny_checkpoints, frames, policy):
         assert state.keys.shape[:2] == (engine.adapter.layout.num_kv_heads, 8)
         assert bool((state.token_index.diff(dim=1) > 0).all())  # temporal order, no duplicates
     # every chunk's own KV is kept in full for answering
-    assert len(cache.chunks) == cache.grid_t == 6
+    assert len(cache.chunks) == cache.num_chunks == 6
     assert cache.frame_keys(0).shape[1] == cache.num_video_tokens == 36
 
 
@@ -178,25 +169,33 @@ def test_prefill_from_a_video_file_samples_at_fps(tiny_checkpoints, tmp_path):
     write_video(path, synthetic_frames(20, 56, 84), fps=4.0)  # 5 s at 4 fps → 10 frames at 2 fps
     engine = make_engine(tiny_checkpoints["qwen2_5_vl"], StateKV(capacity=8))
     cache = engine.prefill(str(path))
-    assert len(cache.video.frame_indices) == 10 and cache.grid_t == 5
+    assert len(cache.video.frame_indices) == 10 and cache.num_chunks == 5
     assert cache.video.sampled_fps == pytest.approx(2.0)
-    assert cache.video.second_per_grid_t == pytest.approx(1.0)
+    assert cache.cursor["second_per_grid_t"] == pytest.approx(1.0)
     assert cache.chunks[1].timestamps == pytest.approx([cache.video.frame_indices[2] / 4.0,
                                                         cache.video.frame_indices[3] / 4.0])
     assert engine.ask(cache, QUESTION, max_new_tokens=2).token_ids
 
 
-def test_qwen2_5_vl_temporal_positions_follow_time(tiny_checkpoints, frames):
-    """Qwen2.5-VL: temporal patch t sits at start + ⌊t · seconds-per-patch · tokens-per-second⌋."""
-    engine = make_engine(tiny_checkpoints["qwen2_5_vl"], Full())
-    cache = engine.prefill(frames, fps=1.0)  # 2 s per temporal patch, 2 tokens per second → step 4
+@pytest.mark.parametrize("rule", ["transformers", "qwen"])
+def test_qwen2_5_vl_temporal_positions_follow_time(tiny_checkpoints, frames, rule):
+    """Qwen2.5-VL: temporal patch t sits at start + ⌊t · seconds-per-patch · tokens-per-second⌋. Text after the
+    video: start + max(grid_h, grid_w) / merge as transformers 5.x computes it, or max(positions) + 1 (rule "qwen")."""
+    def prefill(family):
+        engine = Engine.from_pretrained(tiny_checkpoints[family], policy=Full(), device="cpu", dtype=torch.float32,
+                                        sampling=SMALL, adapter_options={"position_rule": rule})
+        cache = engine.prefill(frames, fps=1.0)  # 2 s per temporal patch, 2 tokens per second → step 4
+        first_text = int(engine.adapter.answer_inputs(QUESTION, cache.cursor, "prefix-first").position_ids[0, 0])
+        return cache, first_text
+
+    cache, first_text = prefill("qwen2_5_vl")
     start = cache.prefix_len
-    t_pos = [int(c.position_ids[0, 0]) for c in cache.chunks]
-    assert t_pos == [start + 4 * t for t in range(6)]
-    assert cache.next_position == start + 4 * 5 + 1  # max(T, H, W) + 1, T dominates here
-    qwen2 = make_engine(tiny_checkpoints["qwen2_vl"], Full()).prefill(frames, fps=1.0)
+    assert [int(c.position_ids[0, 0]) for c in cache.chunks] == [start + 4 * t for t in range(6)]
+    merged_w = 3  # 4x6 patches merged 2x2: 2x3
+    assert first_text == (start + 4 * 5 + 1 if rule == "qwen" else start + merged_w)
+    qwen2, first_text = prefill("qwen2_vl")
     assert [int(c.position_ids[0, 0]) for c in qwen2.chunks] == [qwen2.prefix_len + t for t in range(6)]
-    assert qwen2.next_position == qwen2.prefix_len + 5 + 1  # W axis: 3 merged columns, T: 6 patches
+    assert first_text == (qwen2.prefix_len + 5 + 1 if rule == "qwen" else qwen2.prefix_len + merged_w)
 
 
 def _prefill_peak(engine: Engine, frames: np.ndarray) -> int:
@@ -280,14 +279,14 @@ def test_resuming_a_stream_equals_one_prefill(tiny_checkpoints, frames, policy):
     whole = engine.prefill(frames, fps=FPS)
     first = engine.prefill(frames[:6], fps=FPS)
     resumed = engine.prefill(frames[6:], fps=FPS, resume_from=first)
-    assert first.grid_t == 3 and len(first.chunks) == 3  # the cache resumed from is left as it was
+    assert first.num_chunks == 3 and len(first.chunks) == 3  # the cache resumed from is left as it was
     _assert_same_cache(whole, resumed, atol=0.0)
     assert resumed.video.frame_indices == whole.video.frame_indices
     assert resumed.video.timestamps == pytest.approx(whole.video.timestamps)
     assert [c.frame_range for c in resumed.chunks] == [c.frame_range for c in whole.chunks]
     for a, b in zip(whole.state, resumed.state):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.token_index, b.token_index)
-    assert resumed.next_position == whole.next_position
+    assert resumed.cursor == whole.cursor
     assert engine.ask(resumed, QUESTION, max_new_tokens=5).token_ids == engine.ask(whole, QUESTION, max_new_tokens=5).token_ids
 
 

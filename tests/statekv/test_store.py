@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from statekv import Engine, Full, StateKV
-from statekv.cache import ChunkKV, ModelInfo, VideoInfo, VideoKVCache
+import dataclasses
+
+from statekv.cache import ChunkKV, ModelInfo, PrefillConfig, VideoInfo, VideoKVCache
 from statekv.errors import ModelMismatchError, StateKVError
 from statekv.policies import LayerState
 from statekv.store import (CacheCorruptError, CacheNotFoundError, CacheWriter, list_caches, load_cache,
@@ -37,16 +39,19 @@ def fake_cache(num_chunks: int = 8, *, layers: int = 3, heads: int = 2, tokens: 
     rand = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     p = 5
     frames = list(range(2 * num_chunks))
-    video = VideoInfo("<frames>", 2.0, len(frames), 2.0, 1.0, (56, 84), (4, 6), frames, [i / 2 for i in frames])
+    video = VideoInfo("<frames>", 2.0, len(frames), 2.0, (56, 84), frames, [i / 2 for i in frames])
     chunks = [ChunkKV(i, (2 * i, 2 * i + 2), frames[2 * i:2 * i + 2], video.timestamps[2 * i:2 * i + 2],
                       torch.arange(3 * tokens).view(3, tokens) + p + i * tokens,
                       [rand(heads, tokens, dim) for _ in range(layers)], [rand(heads, tokens, dim) for _ in range(layers)])
               for i in range(num_chunks)]
     state = [LayerState(rand(heads, 4, dim), rand(heads, 4, dim), torch.arange(4).expand(heads, -1).clone(),
                         torch.rand(heads, 4, generator=g)) for _ in range(layers)]
-    return VideoKVCache(ModelInfo("fake", "qwen2_vl", "f00d", layers, heads, dim, 7), {"name": "full"}, dtype, video,
+    config = PrefillConfig(policy={"name": "full"}, chunks_per_step=1, layout="prefix-first", sampling={"fps": 2.0},
+                           adapter={}, attention_backend="auto")
+    return VideoKVCache(ModelInfo("fake", "qwen2_vl", "f00d", layers, heads, dim), config, dtype, video,
                         torch.arange(p), [rand(heads, p, dim) for _ in range(layers)],
-                        [rand(heads, p, dim) for _ in range(layers)], chunks, state, num_chunks, p + num_chunks * tokens)
+                        [rand(heads, p, dim) for _ in range(layers)], chunks, state, num_chunks,
+                        [tokens] * num_chunks, {"next": p + num_chunks * tokens})
 
 
 def cast(cache: VideoKVCache, dtype: torch.dtype) -> VideoKVCache:
@@ -54,13 +59,14 @@ def cast(cache: VideoKVCache, dtype: torch.dtype) -> VideoKVCache:
     chunks = [ChunkKV(x.index, x.frame_range, x.source_frames, x.timestamps, x.position_ids, c(x.keys), c(x.values))
               for x in cache.chunks]
     state = [LayerState(s.keys.to(dtype), s.values.to(dtype), s.token_index, s.scores) for s in cache.state]
-    return VideoKVCache(cache.model, cache.policy, dtype, cache.video, cache.prefix_ids, c(cache.prefix_keys),
-                        c(cache.prefix_values), chunks, state, cache.grid_t, cache.max_position)
+    return dataclasses.replace(cache, dtype=dtype, prefix_keys=c(cache.prefix_keys),
+                               prefix_values=c(cache.prefix_values), chunks=chunks, state=state)
 
 
 def assert_identical(a: VideoKVCache, b: VideoKVCache) -> None:
-    assert a.dtype == b.dtype and a.model == b.model and a.policy == b.policy and a.video == b.video
-    assert (a.grid_t, a.max_position, a.prefix_len) == (b.grid_t, b.max_position, b.prefix_len)
+    assert a.dtype == b.dtype and a.model == b.model and a.config == b.config and a.video == b.video
+    assert (a.num_chunks, a.chunk_tokens, a.cursor, a.prefix_len) == (b.num_chunks, b.chunk_tokens, b.cursor,
+                                                                      b.prefix_len)
     assert torch.equal(a.prefix_ids, b.prefix_ids)
     assert len(a.chunks) == len(b.chunks)
     for x, y in zip(a.chunks, b.chunks):
@@ -146,7 +152,9 @@ def test_round_trip_is_bit_identical(store_root, prefilled, dtype):
     assert manifest["dtype"] == str(dtype).removeprefix("torch.") and manifest["storage"] == "native"
     assert manifest["totals"]["chunks"] == 6 and manifest["totals"]["tokens"] == 36
     assert manifest["model"]["fingerprint"] == cache.model.fingerprint
-    assert manifest["grid"] == {"grid_t": 6, "grid_h": 4, "grid_w": 6}
+    assert manifest["chunks"] == {"count": 6, "tokens": [6] * 6} and manifest["layout"]["position_rows"] == 3
+    assert manifest["family"] == {"model_type": "qwen2_vl", "cursor": cache.cursor}
+    assert manifest["prefill"] == cache.config.to_dict() and manifest["format_version"] == 2
     lazy = VideoKVCache.load(uri, storage_options=options)
     assert lazy.chunks.loaded == []  # nothing read before first access
     assert_identical(cache, lazy)

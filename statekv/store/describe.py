@@ -1,0 +1,74 @@
+"""Describing a committed cache's manifest for people (`statekv inspect`) and for programs (the service's API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> "1.5 KB"."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def state_tokens(manifest: dict[str, Any]) -> int:
+    """Carried tokens per layer and KV head: every token for `full`, else at most the capacity."""
+    tokens = manifest["totals"]["tokens"]
+    capacity = manifest["prefill"]["policy"].get("capacity")
+    return tokens if capacity is None else min(capacity, tokens)
+
+
+def describe_manifest(uri: str, m: dict[str, Any], fingerprint: str | None = None) -> dict[str, Any]:
+    """The fields `statekv inspect` prints, structured, and its text as `summary`."""
+    video, totals, model, prefill = m["video"], m["totals"], m["model"], m["prefill"]
+    duration = video["total_frames"] / video["video_fps"] if video["video_fps"] else 0.0
+    return {
+        "video_id": m["video_id"], "uri": uri,
+        "source": (m.get("source") or {}).get("uri") or video["source"],
+        "model": {k: model[k] for k in ("name_or_path", "model_type", "fingerprint")},
+        "compatible": None if fingerprint is None else model["fingerprint"] == fingerprint,
+        "policy": prefill["policy"],
+        "prefill": prefill,
+        "frames": {"sampled": len(video["frame_indices"]), "sampled_fps": video["sampled_fps"],
+                   "total": video["total_frames"], "width": video["frame_size"][1], "height": video["frame_size"][0]},
+        "duration_s": duration,
+        "tokens": {"video": totals["tokens"], "chunks": totals["chunks"], "prefix": m["prefix_len"],
+                   "per_chunk": m["chunks"]["tokens"]},
+        "family": m["family"],
+        "state_tokens": state_tokens(m) if m.get("has_state") else None,
+        "storage": m["storage"], "dtype": m["dtype"],
+        "bytes": totals["bytes"], "files": len(m["files"]),
+        "created": m["created"], "statekv_version": m["statekv_version"],
+        "summary": format_manifest(uri, m),
+    }
+
+
+def format_manifest(uri: str, m: dict[str, Any]) -> str:
+    """`statekv inspect`'s text: one `name: value` line per aspect of the cache."""
+    video, totals, model, prefill = m["video"], m["totals"], m["model"], m["prefill"]
+    duration = video["total_frames"] / video["video_fps"] if video["video_fps"] else 0.0
+    policy = ", ".join(f"{k}={v}" for k, v in prefill["policy"].items() if k != "name" and v is not None)
+    per_chunk = sorted(set(m["chunks"]["tokens"]))
+    per_chunk_text = str(per_chunk[0]) if len(per_chunk) == 1 else f"{per_chunk[0]}..{per_chunk[-1]}"
+    rows = [
+        ("cache", uri),
+        ("source", (m.get("source") or {}).get("uri") or video["source"]),
+        ("model", f"{model['name_or_path']} ({model['model_type']}, fingerprint {model['fingerprint']})"),
+        ("policy", f"{prefill['policy']['name']}" + (f" ({policy})" if policy else "")),
+        ("prefill", f"layout {prefill['layout']}, {prefill['chunks_per_step']} chunk(s) per step, "
+                    f"attention {prefill['attention_backend']}"),
+        ("frames", f"{len(video['frame_indices'])} sampled at {video['sampled_fps']:.2f} fps "
+                   f"from {video['total_frames']} ({video['frame_size'][1]}x{video['frame_size'][0]})"),
+        ("duration", f"{duration:.1f} s"),
+        ("tokens", f"{totals['tokens']} video tokens in {totals['chunks']} chunks "
+                   + (f"({per_chunk_text} per chunk), " if per_chunk else "") + f"prefix {m['prefix_len']}"),
+        ("state", f"{state_tokens(m)} tokens per layer and KV head" if m.get("has_state") else "none"),
+        ("storage", f"{m['storage']}{' (int8 K/V with scales)' if m['storage'] == 'int8' else ''}, "
+                    f"dtype {m['dtype']}"),
+        ("bytes", f"{human_bytes(totals['bytes'])} in {len(m['files'])} files"),
+        ("created", f"{m['created']} by statekv {m['statekv_version']}"),
+    ]
+    return "\n".join(f"{name + ':':<10}{value}" for name, value in rows)
