@@ -5,7 +5,7 @@
     answer = engine.ask(cache, "What happens after the dog enters?")
 """
 
-from statekv import policies
+from statekv import policies, retrieval
 from statekv.cache import ChunkKV, VideoKVCache
 from statekv.engine import Answer, Engine, TokenEvent
 from statekv.errors import (
@@ -25,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Answer", "ChunkKV", "EmptyVideoError", "Engine", "Full", "ModelMismatchError", "SamplingConfig", "StateKV",
     "StateKVError", "TokenEvent", "UnsupportedModelError", "VideoDecodeError", "VideoError", "VideoKVCache",
-    "VideoNotFoundError", "Window", "policies", "__version__",
+    "VideoNotFoundError", "Window", "policies", "retrieval", "__version__",
 ]

@@ -27,6 +27,7 @@ from statekv.errors import ModelMismatchError, PrefillConfigMismatchError, Video
 from statekv.generation import next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
+from statekv.retrieval import Evidence, Retrieval, RetrievalContext
 from statekv.video import FramesSource, SamplingConfig, VideoSource, iter_frame_batches, open_video, sample_frames
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Answer:
     scores: list[torch.Tensor] | None = None  # with output_scores: float logits (V,) of each generated step
     first_token_s: float = 0.0
     total_s: float = 0.0
+    evidence: list[Evidence] | None = None  # with retrieval: the chunks attended to and their time ranges
 
 
 @dataclass
@@ -294,15 +296,23 @@ class Engine:
     # --- answering -------------------------------------------------------------------------------------------
 
     def ask(self, cache: VideoKVCache, question: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-            top_p: float = 1.0, seed: int | None = None, output_scores: bool = False) -> Answer:
-        """Answer `question` about the cached video (greedy by default). The cache is not changed."""
+            top_p: float = 1.0, seed: int | None = None, output_scores: bool = False,
+            retrieval: Retrieval | None = None) -> Answer:
+        """Answer `question` about the cached video (greedy by default). The cache is not changed.
+
+        With `retrieval` (e.g. `statekv.retrieval.TopK(k=64, recent=8)`) each layer attends to the prefix, the
+        chunks chosen for this question and the question only; on a lazily loaded stored cache only the chosen
+        chunks' bytes are read. `Answer.evidence` then lists those chunks with their time ranges.
+        """
         start = time.perf_counter()
         first = 0.0
         ids: list[int] = []
         logits: list[torch.Tensor] = []
         finish = "length"
+        evidence: list[Evidence] = []
         for event in self.stream(cache, question, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed, output_logits=output_scores):
+                                 top_p=top_p, seed=seed, output_logits=output_scores, retrieval=retrieval,
+                                 evidence=evidence):
             if not ids:
                 first = time.perf_counter() - start
             ids.append(event.token_id)
@@ -313,11 +323,16 @@ class Engine:
         text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True)
         return Answer(text=text, token_ids=ids, prompt_ids=self.adapter.question_ids(question, cache.config.layout).tolist(),
                       finish_reason=finish, scores=logits if output_scores else None, first_token_s=first,
-                      total_s=time.perf_counter() - start)
+                      total_s=time.perf_counter() - start, evidence=evidence if retrieval is not None else None)
 
     def stream(self, cache: VideoKVCache, question: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, output_logits: bool = False) -> Iterator[TokenEvent]:
-        """Generate the answer token by token; stops after an end-of-sequence token or `max_new_tokens`."""
+               top_p: float = 1.0, seed: int | None = None, output_logits: bool = False,
+               retrieval: Retrieval | None = None, evidence: list[Evidence] | None = None) -> Iterator[TokenEvent]:
+        """Generate the answer token by token; stops after an end-of-sequence token or `max_new_tokens`.
+
+        With `retrieval` see `ask`; the chosen chunks are appended to `evidence` (a list) once the question's first
+        pass has run, before the first token is yielded.
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self._check_compatible(cache)
@@ -326,18 +341,21 @@ class Engine:
         tokenizer = a.tokenizer
         with torch.inference_mode():
             dev = self.device
-            dyn = DynamicCache(
-                ddp_cache_data=[tuple(t.to(dev).unsqueeze(0) for t in cache.layer_kv(i))
-                                for i in range(a.layout.num_layers)],
-                config=a.model.config,
-            )
             prompt = a.answer_inputs(question, cache.cursor, cache.config.layout)
             embeds, positions = prompt.embeds, prompt.position_ids
+            context = None
+            if retrieval is None:
+                dyn = self._answer_cache(cache, [cache.layer_kv(i) for i in range(a.layout.num_layers)])
+            else:
+                dyn, context = self._retrieval_cache(cache, retrieval, embeds, positions)
             position = prompt.next_position
             generated: list[int] = []
             emitted = ""
             for step in range(max_new_tokens):
-                hidden = a.decode(embeds, positions, dyn, statekv_backend=self.attention_backend)
+                hidden = a.decode(embeds, positions, dyn, statekv_backend=self.attention_backend,
+                                  **({"statekv_retrieval": context} if step == 0 and context is not None else {}))
+                if step == 0 and context is not None and evidence is not None:
+                    evidence.extend(context.evidence())
                 step_logits = a.logits(hidden[-1])
                 token = next_token(step_logits, temperature=temperature, top_p=top_p, generator=generator)
                 generated.append(token)
@@ -352,6 +370,34 @@ class Engine:
                 embeds = a.embed(torch.tensor([token], dtype=torch.long))
                 positions = a.text_positions(position, 1)
                 position += 1
+
+    def _answer_cache(self, cache: VideoKVCache, layer_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+        dev = self.device
+        return DynamicCache(ddp_cache_data=[(k.to(dev).unsqueeze(0), v.to(dev).unsqueeze(0)) for k, v in layer_kv],
+                            config=self.adapter.model.config)
+
+    def _retrieval_cache(self, cache: VideoKVCache, retrieval: Retrieval, embeds: torch.Tensor,
+                         positions: torch.Tensor) -> tuple[DynamicCache, RetrievalContext]:
+        """The answer's KV cache holding only the prefix, and the context that fills in the chosen chunks per layer
+        on the question's first pass. An adaptive budget first runs the question over the prefix alone to measure
+        how concentrated each layer's chunk scores are."""
+        a = self.adapter
+        if len(cache.chunks) != cache.num_chunks:
+            raise ValueError(f"retrieval needs every chunk addressable: the cache holds {len(cache.chunks)} of "
+                             f"{cache.num_chunks} (load it from its store, lazily)")
+        prefix = [(cache.prefix_keys[i], cache.prefix_values[i]) for i in range(a.layout.num_layers)]
+        common = dict(frame_seconds=1.0 / cache.video.sampled_fps, segments=getattr(cache, "segments", None))
+        budgets = None
+        if retrieval.adaptive:
+            probe_cache = self._answer_cache(cache, prefix)
+            probe = RetrievalContext(retrieval, cache.chunks, probe_cache.layers, cache.prefix_len, probe=True,
+                                     **common)
+            a.decode(embeds, positions, probe_cache, statekv_backend=self.attention_backend, statekv_retrieval=probe)
+            layers = sorted(probe.scores)
+            budgets = dict(zip(layers, retrieval.budgets([probe.scores[l] for l in layers])))
+        dyn = self._answer_cache(cache, prefix)
+        context = RetrievalContext(retrieval, cache.chunks, dyn.layers, cache.prefix_len, budgets=budgets, **common)
+        return dyn, context
 
     def _check_compatible(self, cache: VideoKVCache) -> None:
         mine = self.model_info()

@@ -113,75 +113,167 @@ def segment_boundaries(features: torch.Tensor, *, threshold: float = 0.99, min_s
 
 @dataclass(frozen=True)
 class Retrieval:
-    """Base class: which chunks each layer attends to when a question is asked."""
+    """Base class: which chunks each layer attends to when a question is asked (`k` chunks + the last `recent`)."""
 
+    k: int = 64
+    recent: int = 0
     name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {self.k!r}")
+        if not isinstance(self.recent, int) or isinstance(self.recent, bool) or self.recent < 0:
+            raise ValueError(f"recent must be a non-negative integer, got {self.recent!r}")
+
+    @property
+    def adaptive(self) -> bool:
+        return False
 
     def settings(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self)}
 
-    def select(self, layer_scores: list[torch.Tensor], segments: list[tuple[int, int]] | None = None
-               ) -> list[list[int]]:
-        """Per layer, the chunk indices to attend to (temporal order), from per-layer chunk scores (C,)."""
+    def choose(self, scores: torch.Tensor, k: int, segments: list[tuple[int, int]] | None) -> list[int]:
+        """One layer's chunk indices (temporal order) from its chunk scores (C,), with a budget of `k`."""
         raise NotImplementedError
 
-
-@dataclass(frozen=True)
-class TopK(Retrieval):
-    """ReKV: the `k` best chunks per layer plus the last `recent`; `adaptive` shares k·layers across layers."""
-
-    k: int = 64
-    recent: int = 0
-    adaptive: bool = False
-    name: ClassVar[str] = "topk"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {self.k!r}")
-        if not isinstance(self.recent, int) or self.recent < 0:
-            raise ValueError(f"recent must be a non-negative integer, got {self.recent!r}")
-
-    def select(self, layer_scores, segments=None):
-        budgets = self._budgets(layer_scores)
-        return [select_top(s, b, self.recent) for s, b in zip(layer_scores, budgets)]
-
-    def _budgets(self, layer_scores: list[torch.Tensor]) -> list[int]:
+    def budgets(self, layer_scores: list[torch.Tensor]) -> list[int]:
+        """`k` for every layer, or (adaptive) a split of k x layers by how concentrated each layer's scores are."""
         if not self.adaptive or not layer_scores:
             return [self.k] * len(layer_scores)
         num = layer_scores[0].numel()
         cap = max(0, num - min(self.recent, num))
         return adaptive_budgets([concentration(s) for s in layer_scores], self.k * len(layer_scores), cap=cap)
 
+    def select(self, layer_scores: list[torch.Tensor], segments: list[tuple[int, int]] | None = None
+               ) -> list[list[int]]:
+        """Per layer, the chunk indices to attend to, from every layer's chunk scores."""
+        return [self.choose(s, b, segments) for s, b in zip(layer_scores, self.budgets(layer_scores))]
+
+
+@dataclass(frozen=True)
+class TopK(Retrieval):
+    """ReKV: the `k` best chunks per layer plus the last `recent`; `adaptive=True` shares k x layers across layers
+    (a small first pass of the question over the prefix alone measures each layer's concentration)."""
+
+    adaptive_budget: bool = False
+    name: ClassVar[str] = "topk"
+
+    @property
+    def adaptive(self) -> bool:
+        return self.adaptive_budget
+
+    def choose(self, scores, k, segments):
+        return select_top(scores, k, self.recent)
+
 
 @dataclass(frozen=True)
 class Segments(Retrieval):
-    """StreamKV: score scenes (mean of their chunks' scores), take whole best scenes until `k` chunks, plus the
-    last `recent` chunks. Segment boundaries come from the cache (written at prefill)."""
+    """StreamKV: score scenes by their chunks' mean score (the mean-query · the scene's summary key, the mean of
+    its chunks' summary keys), take whole best scenes until `k` chunks, plus the last `recent` chunks. Scene
+    boundaries come from the cache (written at prefill)."""
 
-    k: int = 64
     recent: int = 8
     name: ClassVar[str] = "segments"
 
-    def __post_init__(self) -> None:
-        TopK(k=self.k, recent=self.recent)  # same validation
-
-    def select(self, layer_scores, segments=None):
+    def choose(self, scores, k, segments):
         if segments is None:
             raise ValueError("segment retrieval needs the cache's segment boundaries")
+        num = scores.numel()
+        recent_set = set(range(max(0, num - self.recent), num))
+        ranked = sorted(segments, key=lambda se: -float(scores[se[0]:se[1]].float().mean()))
+        chosen: set[int] = set()
+        for start, end in ranked:
+            fresh = [i for i in range(start, end) if i not in recent_set and i not in chosen]
+            if len(chosen) + len(fresh) > k and chosen:
+                continue  # a whole scene or none, while another scene may still fit
+            chosen.update(fresh[: k - len(chosen)])
+            if len(chosen) >= k:
+                break
+        return sorted(chosen | recent_set)
+
+
+@dataclass
+class Evidence:
+    """A chunk the answer attended to, where it is in the source video, and how strongly it was chosen."""
+
+    chunk: int
+    start_s: float
+    end_s: float
+    score: float  # mean relevance score over the layers that selected it
+    layers: int  # how many layers attended to it
+
+
+class RetrievalContext:
+    """One question's retrieval, called by the attention function of every layer on the question's first pass.
+
+    At layer l it scores the cache's chunks with the question's mean query, reads the chosen chunks' K/V of that
+    layer only (`chunks.read_layer`, when the chunks are a lazily loaded store; else from memory), inserts them
+    into the answer's KV cache between the prefix and the question (so every later decoding step sees them too)
+    and returns the extended keys and values. With `probe=True` it only records each layer's scores (the first
+    pass of an adaptive budget) and extends nothing.
+    """
+
+    def __init__(self, retrieval: Retrieval, chunks: Any, cache_layers: Any, prefix_len: int, *,
+                 frame_seconds: float, segments: list[tuple[int, int]] | None = None,
+                 budgets: dict[int, int] | None = None, probe: bool = False) -> None:
+        self.retrieval = retrieval
+        self.chunks = chunks
+        self.cache_layers = cache_layers
+        self.prefix_len = prefix_len
+        self.frame_seconds = frame_seconds
+        self.segments = segments
+        self.budgets = budgets
+        self.probe = probe
+        self.scores: dict[int, torch.Tensor] = {}
+        self.selected: dict[int, list[int]] = {}
+        self._meta: dict[int, Any] = {}
+
+    def summaries(self, layer: int) -> torch.Tensor:
+        if hasattr(self.chunks, "summary_keys"):
+            return self.chunks.summary_keys(layer)
+        return torch.stack([c.keys[layer].float().mean(dim=1) for c in self.chunks])
+
+    def _read(self, layer: int, indices: list[int]) -> dict[int, Any]:
+        if hasattr(self.chunks, "read_layer"):
+            return self.chunks.read_layer(layer, indices)
+        return {i: self.chunks[i] for i in indices}
+
+    def extend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, value) of [prefix | chosen chunks | question] for `layer` (as given once the layer is extended)."""
+        if layer in self.selected or (self.probe and layer in self.scores):
+            return key, value
+        summaries = self.summaries(layer)
+        scores = chunk_scores(fold_query(query[0], key.shape[1]), summaries) if len(summaries) else summaries[:, 0, 0]
+        self.scores[layer] = scores.cpu()
+        if self.probe:
+            return key, value
+        k = self.budgets.get(layer, self.retrieval.k) if self.budgets else self.retrieval.k
+        chosen = self.retrieval.choose(scores.cpu(), k, self.segments) if len(summaries) else []
+        self.selected[layer] = chosen
+        read = self._read(layer, chosen)
+        for i in chosen:
+            self._meta.setdefault(i, read[i])
+        p = self.prefix_len
+        ks = [read[i].keys[layer].to(key.device, key.dtype).unsqueeze(0) for i in chosen]
+        vs = [read[i].values[layer].to(value.device, value.dtype).unsqueeze(0) for i in chosen]
+        key = torch.cat([key[:, :, :p], *ks, key[:, :, p:]], dim=2)
+        value = torch.cat([value[:, :, :p], *vs, value[:, :, p:]], dim=2)
+        cache_layer = self.cache_layers[layer]
+        cache_layer.keys, cache_layer.values = key, value
+        return key, value
+
+    def evidence(self) -> list[Evidence]:
+        """The chunks any layer attended to, in temporal order, with their time range in the source video."""
+        counts: dict[int, list[float]] = {}
+        for layer, chosen in self.selected.items():
+            for i in chosen:
+                counts.setdefault(i, []).append(float(self.scores[layer][i]))
         out = []
-        for scores in layer_scores:
-            num = scores.numel()
-            recent_set = set(range(max(0, num - self.recent), num))
-            ranked = sorted(segments, key=lambda se: -float(scores[se[0]:se[1]].float().mean()))
-            chosen: set[int] = set()
-            for start, end in ranked:
-                fresh = [i for i in range(start, end) if i not in recent_set and i not in chosen]
-                if len(chosen) + len(fresh) > self.k and chosen:
-                    continue  # a whole scene or none, while another scene still fits
-                chosen.update(fresh[: self.k - len(chosen)])
-                if len(chosen) >= self.k:
-                    break
-            out.append(sorted(chosen | recent_set))
+        for i in sorted(counts):
+            times = self._meta[i].timestamps
+            out.append(Evidence(chunk=i, start_s=float(times[0]), end_s=float(times[-1]) + self.frame_seconds,
+                                score=sum(counts[i]) / len(counts[i]), layers=len(counts[i])))
         return out
 
 

@@ -44,7 +44,7 @@ def test_adaptive_budgets_give_concentrated_layers_more():
     peaked[3] = 20.0
     assert concentration(flat) == pytest.approx(0.0, abs=1e-9)
     assert concentration(peaked) > 0.9
-    budgets = TopK(k=4, adaptive=True)._budgets([flat, peaked, flat])
+    budgets = TopK(k=4, adaptive_budget=True).budgets([flat, peaked, flat])
     assert sum(budgets) == 12 and budgets[1] > budgets[0] == budgets[2]
 
 
@@ -66,7 +66,7 @@ def test_segment_retrieval_takes_whole_scenes():
 
 
 def test_retrieval_settings_round_trip_and_validate():
-    for r in (TopK(k=8, recent=2), TopK(k=3, adaptive=True), Segments(k=16, recent=4)):
+    for r in (TopK(k=8, recent=2), TopK(k=3, adaptive_budget=True), Segments(k=16, recent=4)):
         assert make_retrieval(r.settings()) == r
     with pytest.raises(ValueError, match="top_k"):
         TopK(k=0)
