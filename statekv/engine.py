@@ -27,7 +27,7 @@ from statekv.errors import ModelMismatchError, PrefillConfigMismatchError, Video
 from statekv.generation import next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
-from statekv.retrieval import Evidence, Retrieval, RetrievalContext
+from statekv.retrieval import Evidence, Retrieval, RetrievalContext, SegmentRule, SegmentTracker
 from statekv.video import FramesSource, SamplingConfig, VideoSource, iter_frame_batches, open_video, sample_frames
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ class Engine:
 
     def __init__(self, adapter: VideoLMAdapter, *, policy: Policy | None = None,
                  sampling: SamplingConfig | None = None, chunks_per_step: int = 1,
-                 attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT) -> None:
+                 attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT,
+                 segment_rule: SegmentRule | None = None) -> None:
         if chunks_per_step < 1:
             raise ValueError(f"chunks_per_step must be >= 1, got {chunks_per_step}")
         if layout not in LAYOUTS:
@@ -87,6 +88,8 @@ class Engine:
         self.chunks_per_step = chunks_per_step
         self.attention_backend = attention_backend
         self.layout = layout
+        # scenes for segment retrieval, from consecutive chunks' mean input embeddings (StreamKV's rule)
+        self.segment_rule = segment_rule if segment_rule is not None else SegmentRule()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, policy: Policy | None = None,
@@ -241,6 +244,7 @@ class Engine:
         prefix_len = cache.prefix_len
         frame_lo = first_frame
         done = 0
+        scenes = SegmentTracker(self.segment_rule, cache.segments, cache.num_chunks)
         for frames in iter_frame_batches(source, indices, step_frames):
             inputs = a.chunk_inputs(frames, cache.cursor)
             n = inputs.embeds.shape[0]
@@ -267,6 +271,7 @@ class Engine:
             lo = 0
             for tokens, n_frames in zip(inputs.chunk_tokens, inputs.chunk_frames):
                 rows = slice(lo, lo + tokens)
+                scenes.add(inputs.embeds[rows].float().mean(dim=0))
                 chunk = ChunkKV(
                     index=cache.num_chunks, frame_range=(frame_lo, frame_lo + n_frames),
                     source_frames=cache.video.frame_indices[frame_lo:frame_lo + n_frames],
@@ -286,6 +291,7 @@ class Engine:
                 done += 1
             del dyn, keys, values  # nothing of this step stays on the device but the carried state
             cache.cursor = inputs.cursor
+            cache.segments = scenes.segments
             if progress is not None:
                 progress(done, total_chunks)
         cache.state = [s.to("cpu") for s in states]
@@ -386,7 +392,7 @@ class Engine:
             raise ValueError(f"retrieval needs every chunk addressable: the cache holds {len(cache.chunks)} of "
                              f"{cache.num_chunks} (load it from its store, lazily)")
         prefix = [(cache.prefix_keys[i], cache.prefix_values[i]) for i in range(a.layout.num_layers)]
-        common = dict(frame_seconds=1.0 / cache.video.sampled_fps, segments=getattr(cache, "segments", None))
+        common = dict(frame_seconds=1.0 / cache.video.sampled_fps, segments=cache.segments or None)
         budgets = None
         if retrieval.adaptive:
             probe_cache = self._answer_cache(cache, prefix)

@@ -112,6 +112,49 @@ def segment_boundaries(features: torch.Tensor, *, threshold: float = 0.99, min_s
 
 
 @dataclass(frozen=True)
+class SegmentRule:
+    """StreamKV's segmentation settings (its published defaults): similarity threshold, min and max chunks."""
+
+    threshold: float = 0.99
+    min_size: int = 4
+    max_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.min_size < 1 or self.max_size < self.min_size:
+            raise ValueError(f"need 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+
+
+class SegmentTracker:
+    """`segment_boundaries` computed online, chunk by chunk, as the engine prefills (so it needs no stored
+    features). A resumed stream starts a new segment at its first chunk."""
+
+    def __init__(self, rule: SegmentRule, segments: Sequence[tuple[int, int]] = (), num_chunks: int = 0) -> None:
+        self.rule = rule
+        self._closed = [tuple(s) for s in segments]
+        self._start = num_chunks
+        self._count = num_chunks
+        self._last: torch.Tensor | None = None
+
+    def add(self, feature: torch.Tensor) -> None:
+        """The next chunk's mean visual feature (d,)."""
+        f = torch.nn.functional.normalize(feature.double().flatten(), dim=0)
+        size = self._count - self._start
+        if self._last is not None:
+            similar = float((f * self._last).sum()) >= self.rule.threshold
+            if size >= self.rule.max_size or (size >= self.rule.min_size and not similar):
+                self._closed.append((self._start, self._count))
+                self._start = self._count
+        self._last = f
+        self._count += 1
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        """[start, end) chunk ranges covering every chunk added so far."""
+        open_one = [(self._start, self._count)] if self._count > self._start else []
+        return self._closed + open_one
+
+
+@dataclass(frozen=True)
 class Retrieval:
     """Base class: which chunks each layer attends to when a question is asked (`k` chunks + the last `recent`)."""
 
@@ -184,9 +227,12 @@ class Segments(Retrieval):
         chosen: set[int] = set()
         for start, end in ranked:
             fresh = [i for i in range(start, end) if i not in recent_set and i not in chosen]
-            if len(chosen) + len(fresh) > k and chosen:
-                continue  # a whole scene or none, while another scene may still fit
-            chosen.update(fresh[: k - len(chosen)])
+            if len(chosen) + len(fresh) > k:
+                if chosen:
+                    continue  # a whole scene or none, while another scene may still fit
+                # the best scene alone exceeds k: its k best chunks
+                fresh = sorted(sorted(fresh, key=lambda i: -float(scores[i]))[:k])
+            chosen.update(fresh)
             if len(chosen) >= k:
                 break
         return sorted(chosen | recent_set)

@@ -63,6 +63,8 @@ def test_segment_retrieval_takes_whole_scenes():
     segments = [(0, 2), (2, 4), (4, 7), (7, 8)]
     assert Segments(k=2, recent=0).select([scores], segments) == [[2, 3]]
     assert Segments(k=5, recent=1).select([scores], segments) == [[2, 3, 4, 5, 6, 7]]
+    # a best scene larger than k: its k best chunks
+    assert Segments(k=1, recent=0).select([scores], segments) == [[2]]
 
 
 def test_retrieval_settings_round_trip_and_validate():
@@ -72,3 +74,18 @@ def test_retrieval_settings_round_trip_and_validate():
         TopK(k=0)
     with pytest.raises(ValueError, match="unknown retrieval"):
         make_retrieval({"name": "nope"})
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=40), st.integers(1, 5), st.integers(0, 6))
+def test_online_segmentation_equals_the_batch_rule(scene_of_chunk, min_size, extra):
+    from statekv.retrieval import SegmentRule, SegmentTracker
+
+    basis = torch.eye(4, 8)
+    feats = basis[torch.tensor(scene_of_chunk)]
+    rule = SegmentRule(threshold=0.99, min_size=min_size, max_size=min_size + extra)
+    tracker = SegmentTracker(rule)
+    for f in feats:
+        tracker.add(f)
+    assert tracker.segments == segment_boundaries(feats, threshold=0.99, min_size=min_size,
+                                                  max_size=min_size + extra)

@@ -89,3 +89,30 @@ def test_a_stored_cache_reads_only_the_chosen_chunks(wide_engine, store_root):
     overhead = full_bytes - chunk_bytes
     assert few_bytes < overhead + 2 * (4 / 48) * chunk_bytes, (few_bytes, full_bytes, chunk_bytes)
     assert few_bytes < 0.5 * full_bytes
+
+
+def three_scenes() -> "np.ndarray":
+    """8 + 10 + 8 frames of three static, visually distinct scenes: chunk boundaries 0-4, 4-9, 9-13."""
+    import numpy as np
+
+    scenes = [synthetic_frames(1, 56, 84, seed=s)[0] for s in (11, 12, 13)]
+    scenes[1] = scenes[1][::-1].copy()  # a different layout too, not only other colours
+    return np.stack([scenes[0]] * 8 + [scenes[1]] * 10 + [scenes[2]] * 8)
+
+
+def test_segments_fall_at_the_scene_changes_and_segment_retrieval_takes_whole_scenes(tiny_checkpoints):
+    from statekv.retrieval import SegmentRule, Segments
+
+    engine = Engine.from_pretrained(tiny_checkpoints["qwen2_vl"], policy=Full(), device="cpu", dtype=torch.float32,
+                                    sampling=SMALL)
+    engine.segment_rule = SegmentRule(threshold=0.99, min_size=2, max_size=64)
+    cache = engine.prefill(three_scenes(), fps=2.0)
+    assert cache.segments == [(0, 4), (4, 9), (9, 13)]
+    full = engine.ask(cache, QUESTION, max_new_tokens=3, output_scores=True)
+    same = engine.ask(cache, QUESTION, max_new_tokens=3, output_scores=True, retrieval=Segments(k=13, recent=0))
+    torch.testing.assert_close(logits_of(same), logits_of(full), rtol=0, atol=1e-5)
+    got = engine.ask(cache, QUESTION, max_new_tokens=1, retrieval=Segments(k=5, recent=0))
+    chosen = {e.chunk for e in got.evidence}
+    for start, end in cache.segments:  # every scene is taken whole or not at all, by every layer
+        part = set(range(start, end)) & chosen
+        assert not part or part == set(range(start, end))
