@@ -5,6 +5,10 @@
     statekv:4096         StateKV with capacity 4096 (per layer and KV head)
     statekv:4096:0.9     StateKV with an accumulating decay of 0.9
     infinipot:4096       InfiniPot-V carried state with a budget of 4096 tokens (newest 25 %, TaR, VaN)
+    topk:64:8            Full prefill; each question attends to the 64 best chunks per layer + the last 8
+    rekv:4096:64:8       ReKV: sliding-window prefill (4096 tokens) + top-64 retrieval + the last 8 chunks
+    segments:64:8        Full prefill; StreamKV segment retrieval (whole scenes up to 64 chunks + the last 8)
+    streamkv:4096:64:8   StreamKV: sliding-window prefill + segment retrieval
 
 New methods add a parser to `SETTING_KINDS` (kind -> function of the spec's arguments returning a `Setting`).
 """
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statekv.policies import Full, InfiniPotV, Policy, StateKV, Window
+from statekv.retrieval import Segments, TopK
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,34 @@ def _infinipot(args: list[str]) -> Setting:
     return Setting(name, InfiniPotV(budget=budget, recent=recent))
 
 
+def _retrieval_args(kind: str, args: list[str]) -> tuple[int, int]:
+    if len(args) not in (1, 2):
+        raise ValueError(f"'{kind}' takes K or K:RECENT after its prefill settings")
+    k = _positive_int(args[0], f"{kind} k")
+    recent = int(args[1]) if len(args) == 2 else 0
+    if recent < 0:
+        raise ValueError(f"{kind} recent must be >= 0, got {recent}")
+    return k, recent
+
+
+def _retrieving(kind: str, cls: type, windowed: bool) -> Callable[[list[str]], Setting]:
+    def parse(args: list[str]) -> Setting:
+        policy: Policy = Full()
+        if windowed:
+            if not args:
+                raise ValueError(f"'{kind}' takes WINDOW:K[:RECENT]")
+            policy = Window(_positive_int(args[0], f"{kind} window"))
+            args = args[1:]
+        k, recent = _retrieval_args(kind, args)
+        name = ":".join([kind, *([str(policy.capacity)] if windowed else []), str(k)] + ([str(recent)] if recent else []))
+        return Setting(name, policy, {"retrieval": cls(k=k, recent=recent)})
+    return parse
+
+
 SETTING_KINDS: dict[str, Callable[[list[str]], Setting]] = {
     "full": _full, "window": _window, "statekv": _statekv, "infinipot": _infinipot,
+    "topk": _retrieving("topk", TopK, False), "rekv": _retrieving("rekv", TopK, True),
+    "segments": _retrieving("segments", Segments, False), "streamkv": _retrieving("streamkv", Segments, True),
 }
 
 

@@ -46,6 +46,9 @@ def test_settings_parse_and_full_comes_first():
     assert settings[2].int8 and settings[2].policy.capacity == 32
     assert parse_setting("statekv:8:0.5").policy.decay == 0.5
     assert parse_setting("infinipot:64:0.5").policy.recent == 0.5
+    rekv = parse_setting("rekv:128:8:2")
+    assert rekv.name == "rekv:128:8:2" and rekv.policy.capacity == 128 and rekv.ask["retrieval"].k == 8
+    assert parse_setting("segments:4").ask["retrieval"].recent == 0 and not parse_setting("topk:4").is_reference
     for bad in ("window", "window:0", "nope:3", "statekv:x"):
         with pytest.raises(ValueError):
             parse_setting(bad)
@@ -79,10 +82,14 @@ def test_harness_runs_end_to_end_and_writes_its_table_and_plot(tiny_checkpoint, 
     engine = Engine.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, sampling=SMALL)
     items = [EvalItem(eval_video, "What happens after the dog enters?"), EvalItem(eval_video, "Describe the video.")]
     # 16 frames at 2 fps sampled -> 8 chunks of 6 tokens: capacity 1000 keeps everything, 1 keeps one token
-    settings = parse_settings(["statekv:1000", "window:1", "statekv:6", "infinipot:1000"])
+    settings = parse_settings(["statekv:1000", "window:1", "statekv:6", "infinipot:1000", "topk:100", "topk:1"])
     report = run_fidelity(engine, items, settings, store_root=tmp_path / "caches", max_new_tokens=4)
     rows = {r["setting"]: r for r in report.summary()}
-    assert list(rows) == ["full", "statekv:1000", "window:1", "statekv:6", "infinipot:1000"]
+    assert list(rows) == ["full", "statekv:1000", "window:1", "statekv:6", "infinipot:1000", "topk:100", "topk:1"]
+    assert rows["topk:100"]["first_token_kl"] < 1e-9  # retrieving every chunk is Full
+    assert rows["topk:1"]["first_token_kl"] > 1e-9  # one chunk per layer is not
+    # (bytes read with retrieval are tested on a cache whose columns are large enough to be read apart:
+    # test_retrieval_engine.py; these tiny files are read whole)
     assert rows["infinipot:1000"]["first_token_kl"] < 1e-9  # a budget above all tokens keeps everything
     assert rows["full"]["first_token_kl"] == 0.0 and rows["full"]["top1_agreement"] == 1.0
     # a setting that keeps everything is Full: fidelity is exact
