@@ -117,7 +117,7 @@ class VideoKVCache:
     num_chunks: int = 0  # chunks prefilled so far
     chunk_tokens: list[int] = field(default_factory=list)  # tokens of each chunk, in order
     cursor: dict[str, Any] = field(default_factory=dict)  # the adapter's position cursor after the last chunk
-    segments: list[tuple[int, int]] = field(default_factory=list)  # [start, end) scenes of chunks (retrieval)
+    scenes: list[tuple[int, int]] = field(default_factory=list)  # [start, end) chunk ranges of scenes (retrieval)
 
     @property
     def policy(self) -> dict[str, Any]:

@@ -244,7 +244,7 @@ class Engine:
         prefix_len = cache.prefix_len
         frame_lo = first_frame
         done = 0
-        scenes = SegmentTracker(self.segment_rule, cache.segments, cache.num_chunks)
+        scenes = SegmentTracker(self.segment_rule, cache.scenes, cache.num_chunks)
         for frames in iter_frame_batches(source, indices, step_frames):
             inputs = a.chunk_inputs(frames, cache.cursor)
             n = inputs.embeds.shape[0]
@@ -291,7 +291,7 @@ class Engine:
                 done += 1
             del dyn, keys, values  # nothing of this step stays on the device but the carried state
             cache.cursor = inputs.cursor
-            cache.segments = scenes.segments
+            cache.scenes = scenes.segments
             if progress is not None:
                 progress(done, total_chunks)
         cache.state = [s.to("cpu") for s in states]
@@ -392,7 +392,7 @@ class Engine:
             raise ValueError(f"retrieval needs every chunk addressable: the cache holds {len(cache.chunks)} of "
                              f"{cache.num_chunks} (load it from its store, lazily)")
         prefix = [(cache.prefix_keys[i], cache.prefix_values[i]) for i in range(a.layout.num_layers)]
-        common = dict(frame_seconds=1.0 / cache.video.sampled_fps, segments=cache.segments or None)
+        common = dict(frame_seconds=1.0 / cache.video.sampled_fps, segments=cache.scenes or None)
         budgets = None
         if retrieval.adaptive:
             probe_cache = self._answer_cache(cache, prefix)

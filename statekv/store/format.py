@@ -147,7 +147,7 @@ def describe_cache(cache: VideoKVCache, position_rows: int | None) -> dict[str, 
                   "frame_indices": list(v.frame_indices), "timestamps": list(v.timestamps)},
         "chunks": {"count": cache.num_chunks, "tokens": list(cache.chunk_tokens)},
         "family": {"model_type": m.model_type, "cursor": cache.cursor},
-        "segments": [list(seg) for seg in cache.segments],
+        "scenes": [list(seg) for seg in cache.scenes],
         "prefix_len": cache.prefix_len,
         "has_state": cache.state is not None,
     }
@@ -165,7 +165,7 @@ def cache_fields(manifest: dict[str, Any]) -> dict[str, Any]:
         "num_chunks": manifest["chunks"]["count"],
         "chunk_tokens": list(manifest["chunks"]["tokens"]),
         "cursor": dict(manifest["family"]["cursor"]),
-        "segments": [tuple(seg) for seg in manifest.get("segments", [])],
+        "scenes": [tuple(seg) for seg in manifest.get("scenes", [])],
     }
 
 

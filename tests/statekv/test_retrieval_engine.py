@@ -107,12 +107,12 @@ def test_segments_fall_at_the_scene_changes_and_segment_retrieval_takes_whole_sc
                                     sampling=SMALL)
     engine.segment_rule = SegmentRule(threshold=0.99, min_size=2, max_size=64)
     cache = engine.prefill(three_scenes(), fps=2.0)
-    assert cache.segments == [(0, 4), (4, 9), (9, 13)]
+    assert cache.scenes == [(0, 4), (4, 9), (9, 13)]
     full = engine.ask(cache, QUESTION, max_new_tokens=3, output_scores=True)
     same = engine.ask(cache, QUESTION, max_new_tokens=3, output_scores=True, retrieval=Segments(k=13, recent=0))
     torch.testing.assert_close(logits_of(same), logits_of(full), rtol=0, atol=1e-5)
     got = engine.ask(cache, QUESTION, max_new_tokens=1, retrieval=Segments(k=5, recent=0))
     chosen = {e.chunk for e in got.evidence}
-    for start, end in cache.segments:  # every scene is taken whole or not at all, by every layer
+    for start, end in cache.scenes:  # every scene is taken whole or not at all, by every layer
         part = set(range(start, end)) & chosen
         assert not part or part == set(range(start, end))
