@@ -14,5 +14,8 @@ def add_prefill_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
     parser.add_argument("--min-pixels", type=int, default=None, help="minimum pixels per frame after resizing")
     parser.add_argument("--max-pixels", type=int, default=None, help="maximum pixels per frame after resizing")
-    parser.add_argument("--chunks-per-step", type=int, default=1, help="temporal chunks (frame pairs) per model call")
+    parser.add_argument("--chunks-per-step", type=int, default=1,
+                        help="chunks per model call; with k > 1 the chunks of a step attend to each other in full and "
+                             "the policy selects once per step, so statekv/window results differ from k = 1 "
+                             "(full does not); recorded with the cache, a resume must use the same value")
     parser.add_argument("--int8", action="store_true", help="store K/V as int8 with scales")

@@ -20,7 +20,7 @@ from statekv.errors import (
 from statekv.policies import Full, StateKV, Window
 from statekv.video import SamplingConfig
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Answer", "ChunkKV", "EmptyVideoError", "Engine", "Full", "ModelMismatchError", "SamplingConfig", "StateKV",

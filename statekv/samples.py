@@ -14,13 +14,17 @@ DEFAULT_HOME = Path(os.environ.get("STATEKV_HOME", Path.home() / ".cache" / "sta
 
 def tiny_checkpoint(family: str = "qwen2_vl", *, home: Path = DEFAULT_HOME) -> Path:
     """Path of a tiny random checkpoint of `family`, written on first use."""
-    from statekv.testing.checkpoints import save_tiny_checkpoint
+    import json
+
+    from statekv.testing.checkpoints import preprocessor_config, save_tiny_checkpoint
 
     path = home / f"tiny-{family}"
     if not (path / "config.json").exists():
         tmp = home / f".tiny-{family}.partial"
         save_tiny_checkpoint(tmp, family)
         tmp.rename(path)
+    elif not (path / "video_preprocessor_config.json").exists():  # written by statekv < 0.2
+        (path / "video_preprocessor_config.json").write_text(json.dumps(preprocessor_config(family), indent=1))
     return path
 
 

@@ -13,6 +13,8 @@ import uuid  # noqa: E402
 
 import pytest  # noqa: E402
 
+from statekv.models import ADAPTERS  # noqa: E402
+
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 
 
@@ -29,6 +31,14 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
 def tiny_checkpoint(request, tiny_checkpoints) -> str:
     """Each tiny checkpoint in turn."""
     return tiny_checkpoints[request.param]
+
+
+@pytest.fixture(scope="session", params=sorted(ADAPTERS))
+def family_checkpoint(request, tmp_path_factory) -> str:
+    """A tiny checkpoint of every family in the adapters registry, in turn (new families are tested for free)."""
+    from statekv.testing.checkpoints import save_family_checkpoint
+
+    return str(save_family_checkpoint(tmp_path_factory.mktemp("family") / request.param, request.param))
 
 
 @pytest.fixture(scope="session")

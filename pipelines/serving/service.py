@@ -326,7 +326,7 @@ class QueryService:
                seed: int | None = None) -> Iterator[dict[str, Any]]:
         """Validate and load now (errors raise here), then return the events: one per token, a final "done"."""
         vid, cache, hit, load_s, max_new_tokens = self._prepare(video_id, cache_uri, question, max_new_tokens, temperature, top_p)
-        prompt_len = len(self.engine.adapter.question_ids(question))
+        prompt_len = len(self.engine.adapter.question_ids(question, cache.config.layout))
         eos = self.engine.adapter.eos_token_ids
 
         def events() -> Iterator[dict[str, Any]]:

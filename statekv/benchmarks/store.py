@@ -136,21 +136,23 @@ def run(checkpoint: str | None = None, *, num_chunks: int = 200, frame_hw: tuple
 
         # a 7B-like layout (28 layers, 4 KV heads, head dim 128, 64 tokens/chunk, bf16) for realistic MB/s
         if large_chunks > 0:
-            from statekv.cache import ChunkKV, ModelInfo, VideoInfo, VideoKVCache
+            from statekv.cache import ChunkKV, ModelInfo, PrefillConfig, VideoInfo, VideoKVCache
             from statekv.policies import LayerState
 
             L, H, D, N = 28, 4, 128, 64
             g = torch.Generator().manual_seed(0)
             r = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16)  # noqa: E731
             fr = list(range(2 * large_chunks))
-            video = VideoInfo("<frames>", 2.0, len(fr), 2.0, 1.0, (224, 448), (16, 32), fr, [i / 2 for i in fr])
+            video = VideoInfo("<frames>", 2.0, len(fr), 2.0, (224, 448), fr, [i / 2 for i in fr])
             shared_k = [r(H, N, D) for _ in range(L)]  # reuse tensors: the store does not care
             chunks = [ChunkKV(i, (2 * i, 2 * i + 2), fr[2 * i:2 * i + 2], video.timestamps[2 * i:2 * i + 2],
                               torch.zeros(3, N, dtype=torch.long), shared_k, shared_k) for i in range(large_chunks)]
-            big = VideoKVCache(ModelInfo("7b-like", "qwen2_vl", "x", L, H, D, 1), {"name": "full"}, torch.bfloat16,
+            config = PrefillConfig(policy={"name": "full"}, chunks_per_step=1, layout="prefix-first", sampling={},
+                                   adapter={}, attention_backend="auto")
+            big = VideoKVCache(ModelInfo("7b-like", "qwen2_vl", "x", L, H, D), config, torch.bfloat16,
                                video, torch.arange(20), [r(H, 20, D) for _ in range(L)], [r(H, 20, D) for _ in range(L)],
                                chunks, [LayerState(r(H, 8, D), r(H, 8, D), torch.zeros(H, 8, dtype=torch.long))] * L,
-                               large_chunks, 20 + large_chunks)
+                               large_chunks, [N] * large_chunks, {})
             result["large_layout"] = {"layout": {"layers": L, "kv_heads": H, "head_dim": D, "tokens_per_chunk": N,
                                                  "dtype": "bfloat16", "chunks": large_chunks}}
             for name, (root, opts) in roots.items():

@@ -3,7 +3,7 @@
 Pass 1 is a flash-attention forward (online softmax over key blocks) that also writes each query row's
 log-sum-exp. Pass 2 gives each program one KV head's key block, recomputes s = scaling * q.k for every query
 block and every query head of the group, and sums exp(s - lse): the attention mass each key receives. A program
-owns its key block, so no atomics are needed. Mask and GQA mapping as in `attention.py`. Importing this module
+owns its key block, so no atomics are needed. Mask and GQA mapping as in `common.py`. Importing this module
 imports triton; on CPU set TRITON_INTERPRET=1 before that.
 """
 
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from statekv.ops.attention import check_attention_shapes, triton_interpret_requested
+from statekv.ops.common import check_attention_shapes, triton_interpret_requested
 
 MAX_HEAD_DIM = 256
 # triton.jit reads TRITON_INTERPRET when the kernels below are decorated. The interpreter's tl.dot multiplies

@@ -15,13 +15,14 @@ import os
 from typing import Any
 
 from statekv.store import serde
-from statekv.store.errors import CacheCorruptError, CacheNotFoundError, CacheStoreError
+from statekv.store.errors import CacheCorruptError, CacheNotFoundError, CacheStoreError, CacheVersionError
 from statekv.store.fs import StorageOptions
 from statekv.store.reader import CacheEntry, LazyChunks, list_caches, load_cache, load_summary_keys, read_manifest
 from statekv.store.writer import CacheWriter, save_cache
 
 __all__ = [
-    "CacheCorruptError", "CacheEntry", "CacheNotFoundError", "CacheStoreError", "CacheWriter", "LazyChunks",
+    "CacheCorruptError", "CacheEntry", "CacheNotFoundError", "CacheStoreError", "CacheVersionError", "CacheWriter",
+    "LazyChunks",
     "StorageOptions", "list_caches", "load_cache", "load_summary_keys", "prefill_to_store", "read_manifest",
     "save_cache",
 ]

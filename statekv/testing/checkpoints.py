@@ -141,3 +141,25 @@ def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_vl", *, s
     with open(path / "video_preprocessor_config.json", "w") as f:
         json.dump(preprocessor if preprocessor is not None else preprocessor_config(family), f, indent=1)
     return path
+
+
+def _qwen(family: str):
+    return lambda path, **kwargs: save_tiny_checkpoint(path, family, **kwargs)
+
+
+# model_type -> writer of a tiny random checkpoint of that family: tests parametrised over the adapters
+# registry (tests/statekv/test_families.py) need one entry per family in statekv.models.ADAPTERS.
+TINY_CHECKPOINTS = {
+    "qwen2_vl": _qwen("qwen2_vl"),
+    "qwen2_5_vl": _qwen("qwen2_5_vl"),
+}
+
+
+def save_family_checkpoint(path: str | os.PathLike, model_type: str, **kwargs) -> Path:
+    """A tiny random checkpoint of the family with this `model_type` (see `TINY_CHECKPOINTS`)."""
+    try:
+        build = TINY_CHECKPOINTS[model_type]
+    except KeyError:
+        raise ValueError(f"no tiny checkpoint for model_type {model_type!r}; add one to "
+                         f"statekv.testing.checkpoints.TINY_CHECKPOINTS (have: {', '.join(TINY_CHECKPOINTS)})") from None
+    return Path(build(path, **kwargs))

@@ -105,7 +105,7 @@ def test_end_to_end_on_s3(ray_cluster, tiny_checkpoints, s3_server, tmp_path, en
     assert [e.video_id for e in entries] == ["sub--v0", "sub--v1", "sub--v2"]
     for name, path in videos.items():
         stored = load_cache(f"s3://caches/e2e-out/sub--{name}", storage_options=options)
-        assert report[f"sub--{name}"]["chunks"] == stored.grid_t
+        assert report[f"sub--{name}"]["chunks"] == stored.num_chunks
         assert _answer(engine, stored) == _answer(engine, engine.prefill(str(path)))
     # the same job again skips everything committed
     again = run_index(config, echo=lambda s: None)
@@ -130,7 +130,7 @@ def test_manifest_input_with_ids_and_time_ranges(ray_cluster, tiny_checkpoints, 
     clip = load_cache(str(tmp_path / "out" / "first-half"))
     assert clip.video.total_frames == 8  # 2 s at 4 fps
     frames = synthetic_frames(16, seed=0)[:8]
-    assert clip.grid_t == engine.prefill(frames, fps=4.0).grid_t
+    assert clip.num_chunks == engine.prefill(frames, fps=4.0).num_chunks
 
 
 def test_tar_shard_input(ray_cluster, tiny_checkpoints, tmp_path, engine):

@@ -85,12 +85,13 @@ def _assert_same_cache(a: statekv.VideoKVCache, b: statekv.VideoKVCache, atol: f
             assert (x - y).abs().max() <= atol
 
 
+@pytest.mark.parametrize("layout", ["prefix-first", "video-first"])
 @pytest.mark.parametrize("policy", [StateKV(capacity=10_000), Window(capacity=10_000), StateKV(capacity=36, decay=0.5)])
 @torch.inference_mode()
-def test_policies_with_room_for_everything_equal_full(tiny_checkpoint, frames, policy):
-    full_engine = make_engine(tiny_checkpoint, Full())
+def test_policies_with_room_for_everything_equal_full(tiny_checkpoint, frames, policy, layout):
+    full_engine = make_engine(tiny_checkpoint, Full(), layout=layout)
     full = full_engine.prefill(frames, fps=FPS)
-    engine = make_engine(tiny_checkpoint, policy)
+    engine = make_engine(tiny_checkpoint, policy, layout=layout)
     cache = engine.prefill(frames, fps=FPS)
     assert cache.num_video_tokens <= policy.capacity
     _assert_same_cache(full, cache)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -13,8 +15,6 @@ import pytest
 import torch
 
 from statekv import Engine, Full, StateKV
-import dataclasses
-
 from statekv.cache import ChunkKV, ModelInfo, PrefillConfig, VideoInfo, VideoKVCache
 from statekv.errors import ModelMismatchError, StateKVError
 from statekv.policies import LayerState
@@ -382,3 +382,24 @@ def test_s3_through_environment_credentials(s3_server, monkeypatch):
     cache = fake_cache(3, dtype=torch.bfloat16)
     cache.save("s3://caches/env/vid", storage_options={"endpoint_url": endpoint})
     assert_identical(cache, load_cache("s3://caches/env/vid", storage_options={"endpoint_url": endpoint}))
+
+
+def test_a_version_1_cache_is_refused_with_a_reindex_message(store_root, engine, frames):
+    """Format v1 (statekv 0.1: Qwen grid and 3 position rows in the generic manifest, no prefill config, no
+    cursor) is not read: load, list and append all say to re-index with statekv >= 0.2."""
+    from statekv.store import CacheVersionError
+    from statekv.store.format import MANIFEST
+
+    root, options = store_root
+    uri = f"{root}/old"
+    manifest = prefill_to_store(engine, frames[:4], uri, storage_options=options, fps=FPS)
+    v1 = {k: v for k, v in manifest.items() if k not in ("prefill", "family", "chunks", "video", "skipped")}
+    v1.update(format_version=1, statekv_version="0.1.0", grid={"grid_t": 2, "grid_h": 4, "grid_w": 6},
+              max_position=24, policy={"name": "statekv", "capacity": 8, "decay": None})
+    fs, path = resolve(uri, options)
+    fs.pipe_file(f"{path}/{MANIFEST}", json.dumps(v1).encode())
+    for call in (lambda: load_cache(uri, storage_options=options), lambda: read_manifest(uri, storage_options=options),
+                 lambda: CacheWriter(uri, mode="append", storage_options=options)):
+        with pytest.raises(CacheVersionError, match=r"format version 1 \(written by statekv 0.1.0\) is no longer "
+                                                    r"read; re-index the video with statekv >= 0.2"):
+            call()

@@ -1,0 +1,91 @@
+"""An independent re-implementation of the StateKV selection rule on an eager-attention copy of the model.
+
+Nothing of statekv's engine, attention op or policies is used: the plain transformers model itself builds the
+embeddings and positions of the whole sequence (captured at the input of its language model during one forward
+over `adapter.reference_inputs`), and the streaming is replayed chunk by chunk with transformers' eager attention
+and `output_attentions=True`: per layer, the chunk's attention probabilities are summed over its queries and over
+the query heads of each KV group, the top-`capacity` keys of [carried state | chunk] per layer and KV head are
+kept, in temporal order. Returns the token indices carried after every chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from statekv.testing.reference import model_forward
+
+
+def capture_decoder_inputs(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs_embeds (1, L, hidden), position_ids (..., L)) the model gives its language model for `inputs`."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
+        seen["positions"] = kwargs["position_ids"].detach().clone()
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model_forward(model, inputs)
+    finally:
+        handle.remove()
+    return seen["embeds"], seen["positions"]
+
+
+@torch.inference_mode()
+def reference_selection(model: Any, inputs: dict[str, Any], prefix_len: int, chunk_tokens: list[int],
+                        capacity: int) -> list[list[torch.Tensor]]:
+    """[chunk][layer] -> (Hkv, S) int64 token indices (among the video's tokens) carried after that chunk.
+
+    `model` must use eager attention for its text stack. `chunk_tokens` gives the chunk boundaries (the family's
+    chunk layout); the selection itself is recomputed here from the model's attention probabilities.
+    """
+    from transformers import DynamicCache
+
+    lm = model.model.language_model
+    embeds, positions = capture_decoder_inputs(model, inputs)
+    text = model.config.get_text_config()
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    group = heads // kv_heads
+
+    prefix = DynamicCache(config=model.config)
+    if prefix_len:
+        lm(inputs_embeds=embeds[:, :prefix_len], position_ids=positions[..., :prefix_len], past_key_values=prefix,
+           use_cache=True)
+    prefix_kv = [(layer.keys, layer.values) for layer in prefix.layers] if prefix_len else None
+    state: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * text.num_hidden_layers
+    out_indices: list[list[torch.Tensor]] = []
+    lo = prefix_len
+    first_token = 0
+    for n in chunk_tokens:
+        data = []
+        for layer, s in enumerate(state):
+            keys = [prefix_kv[layer][0]] if prefix_kv else []
+            values = [prefix_kv[layer][1]] if prefix_kv else []
+            if s is not None:
+                keys.append(s[0])
+                values.append(s[1])
+            data.append((torch.cat(keys, 2), torch.cat(values, 2)) if keys else None)
+        dyn = DynamicCache(ddp_cache_data=data, config=model.config) if all(d is not None for d in data) \
+            else DynamicCache(config=model.config)
+        out = lm(inputs_embeds=embeds[:, lo:lo + n], position_ids=positions[..., lo:lo + n], past_key_values=dyn,
+                 use_cache=True, output_attentions=True)
+        chosen = []
+        for layer in range(text.num_hidden_layers):
+            probs = out.attentions[layer][0].float()  # (H, n, P + S + n)
+            mass = probs.sum(1).view(kv_heads, group, -1).sum(1)[:, prefix_len:]  # (Hkv, S + n)
+            keys = dyn.layers[layer].keys[:, :, prefix_len:]  # (1, Hkv, S + n, D): [state | chunk]
+            values = dyn.layers[layer].values[:, :, prefix_len:]
+            new = torch.arange(first_token, first_token + n).expand(kv_heads, -1)
+            index = new if state[layer] is None else torch.cat([state[layer][2], new], 1)  # (Hkv, S + n)
+            if index.shape[1] > capacity:
+                top = mass.topk(capacity, dim=1).indices.sort(dim=1).values  # (Hkv, capacity)
+                gather = top.view(1, kv_heads, -1, 1).expand(1, -1, -1, keys.shape[-1])
+                keys, values, index = keys.gather(2, gather), values.gather(2, gather), index.gather(1, top)
+            state[layer] = (keys, values, index)
+            chosen.append(index.clone())
+        out_indices.append(chosen)
+        lo += n
+        first_token += n
+    return out_indices
