@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 VideoInput = str | os.PathLike | BinaryIO | np.ndarray | VideoSource
 ChunkSink = Callable[[ChunkKV], None]
 DEFAULT_LAYOUT = "prefix-first"
+ANSWER_FROM = ("chunks", "state")
 
 
 @dataclass
@@ -72,12 +73,17 @@ class Engine:
     chunks_per_step: chunks fed per model call. With k > 1 the k chunks of a step attend to each other in full
     (causal) and the policy selects once per step, so results differ from k = 1 for the approximate policies
     (`Full()` is the same for every k); larger steps use the accelerator better.
+
+    answer_from: "chunks" (default) keeps every chunk's own KV and answers attend to all of it (or to what
+    retrieval picks); "state" keeps only the bounded carried state — no chunk reaches a sink or the result — and
+    answers attend to [prefix | state]: with `InfiniPotV(budget)` (or any bounded policy) a cache whose memory
+    and stored bytes do not grow with the video.
     """
 
     def __init__(self, adapter: VideoLMAdapter, *, policy: Policy | None = None,
                  sampling: SamplingConfig | None = None, chunks_per_step: int = 1,
                  attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT,
-                 segment_rule: SegmentRule | None = None) -> None:
+                 segment_rule: SegmentRule | None = None, answer_from: str = "chunks") -> None:
         if chunks_per_step < 1:
             raise ValueError(f"chunks_per_step must be >= 1, got {chunks_per_step}")
         if layout not in LAYOUTS:
@@ -88,6 +94,9 @@ class Engine:
         self.chunks_per_step = chunks_per_step
         self.attention_backend = attention_backend
         self.layout = layout
+        if answer_from not in ANSWER_FROM:
+            raise ValueError(f"unknown answer_from {answer_from!r}; valid: {', '.join(ANSWER_FROM)}")
+        self.answer_from = answer_from
         # scenes for segment retrieval, from consecutive chunks' mean input embeddings (StreamKV's rule)
         self.segment_rule = segment_rule if segment_rule is not None else SegmentRule()
 
@@ -96,7 +105,8 @@ class Engine:
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         sampling: SamplingConfig | None = None, chunks_per_step: int = 1,
                         attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT,
-                        adapter_options: dict[str, Any] | None = None, **from_pretrained_kwargs: Any) -> "Engine":
+                        adapter_options: dict[str, Any] | None = None, answer_from: str = "chunks",
+                        **from_pretrained_kwargs: Any) -> "Engine":
         """Load a checkpoint of a supported family (local directory or hub id). CUDA + bf16 when available."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,7 +115,7 @@ class Engine:
         adapter = load_adapter(name_or_path, device=device, dtype=dtype, adapter_options=adapter_options,
                                **from_pretrained_kwargs)
         return cls(adapter, policy=policy, sampling=sampling, chunks_per_step=chunks_per_step,
-                   attention_backend=attention_backend, layout=layout)
+                   attention_backend=attention_backend, layout=layout, answer_from=answer_from)
 
     @property
     def device(self) -> torch.device:
@@ -120,7 +130,8 @@ class Engine:
         """The settings recorded with every cache this engine makes (a resume must match them)."""
         return PrefillConfig(policy=self.policy.settings(), chunks_per_step=self.chunks_per_step,
                              layout=self.layout, sampling=dataclasses.asdict(self.sampling),
-                             adapter=self.adapter.options(), attention_backend=self.attention_backend)
+                             adapter=self.adapter.options(), attention_backend=self.attention_backend,
+                             answer_from=self.answer_from)
 
     # --- prefill ---------------------------------------------------------------------------------------------
 
@@ -280,10 +291,11 @@ class Engine:
                     keys=[k[:, rows].to("cpu", copy=True) for k in keys],
                     values=[v[:, rows].to("cpu", copy=True) for v in values],
                 )
-                if sink is not None:
-                    sink(chunk)
-                if keep_chunks:
-                    cache.chunks.append(chunk)
+                if self.answer_from == "chunks":
+                    if sink is not None:
+                        sink(chunk)
+                    if keep_chunks:
+                        cache.chunks.append(chunk)
                 cache.num_chunks += 1
                 cache.chunk_tokens.append(tokens)
                 lo += tokens
@@ -388,6 +400,9 @@ class Engine:
         on the question's first pass. An adaptive budget first runs the question over the prefix alone to measure
         how concentrated each layer's chunk scores are."""
         a = self.adapter
+        if cache.config.answer_from == "state":
+            raise ValueError("retrieval picks chunks, and this cache keeps none: it answers from its carried state "
+                             "(answer_from='state')")
         if len(cache.chunks) != cache.num_chunks:
             raise ValueError(f"retrieval needs every chunk addressable: the cache holds {len(cache.chunks)} of "
                              f"{cache.num_chunks} (load it from its store, lazily)")

@@ -408,6 +408,8 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
     prefix_ids, prefix_keys, prefix_values = store.read_prefix(whole)
     # the carried state is needed only to resume a stream, never to answer: a lazy load reads it on first use
     state = LazyState(store) if lazy and store.has_state else store.read_state(whole)
+    if fields["config"].answer_from == "state":
+        index_list = []  # the cache keeps no chunk rows: it answers from its carried state
     seq = LazyChunks(store, index_list)
     if not lazy:
         seq._loaded.update(store.read_chunks(index_list, whole=whole))

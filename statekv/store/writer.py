@@ -244,7 +244,11 @@ class CacheWriter:
             return self.existing
         if self._done:
             raise RuntimeError("this CacheWriter has already committed or aborted")
-        if cache.num_chunks != self._next_index:
+        if cache.config.answer_from == "state":  # only the bounded state is kept: no chunk rows (see Engine)
+            if self._next_index != self._first_index:
+                raise ValueError(f"{self._next_index - self._first_index} chunks were written to {self.uri!r} for a "
+                                 "cache that answers from its carried state")
+        elif cache.num_chunks != self._next_index:
             raise ValueError(f"the cache has {cache.num_chunks} chunks but {self._next_index} were written to "
                              f"{self.uri!r}")
         num_layers = cache.model.num_layers
