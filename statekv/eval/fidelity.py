@@ -177,8 +177,9 @@ def run_fidelity(engine: Any, items: list[EvalItem], settings: list[Setting], *,
                                   "device": str(engine.device), "dtype": str(engine.adapter.dtype)})
     reference: dict[int, tuple[torch.Tensor, list[int]]] = {}
     for setting in settings:
-        run = copy.copy(engine)  # same model and sampling, this setting's policy
+        run = copy.copy(engine)  # same model and sampling, this setting's policy and kept cache
         run.policy = setting.policy
+        run.answer_from = setting.answer_from
         for video in videos:
             uri = f"{root}/{_slug(setting.name)}/{_video_key(video)}"
             report.videos.append(_prefill(run, setting, video, uri, measure_flops, storage_options))

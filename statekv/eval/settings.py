@@ -5,6 +5,7 @@
     statekv:4096         StateKV with capacity 4096 (per layer and KV head)
     statekv:4096:0.9     StateKV with an accumulating decay of 0.9
     infinipot:4096       InfiniPot-V carried state with a budget of 4096 tokens (newest 25 %, TaR, VaN)
+    infinipot-cache:4096 InfiniPot-V as the stored cache: only the 4096-token state is kept and answered from
     topk:64:8            Full prefill; each question attends to the 64 best chunks per layer + the last 8
     rekv:4096:64:8       ReKV: sliding-window prefill (4096 tokens) + top-64 retrieval + the last 8 chunks
     segments:64:8        Full prefill; StreamKV segment retrieval (whole scenes up to 64 chunks + the last 8)
@@ -31,10 +32,11 @@ class Setting:
     policy: Policy
     ask: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of `Engine.ask`
     int8: bool = False  # store chunk K/V as int8
+    answer_from: str = "chunks"  # "state": keep and answer from the bounded carried state only (Engine docs)
 
     @property
     def is_reference(self) -> bool:
-        return isinstance(self.policy, Full) and not self.ask and not self.int8
+        return isinstance(self.policy, Full) and not self.ask and not self.int8 and self.answer_from == "chunks"
 
 
 def _positive_int(text: str, what: str) -> int:
@@ -78,6 +80,11 @@ def _infinipot(args: list[str]) -> Setting:
     return Setting(name, InfiniPotV(budget=budget, recent=recent))
 
 
+def _infinipot_cache(args: list[str]) -> Setting:
+    inner = _infinipot(args)
+    return Setting(inner.name.replace("infinipot", "infinipot-cache", 1), inner.policy, answer_from="state")
+
+
 def _retrieval_args(kind: str, args: list[str]) -> tuple[int, int]:
     if len(args) not in (1, 2):
         raise ValueError(f"'{kind}' takes K or K:RECENT after its prefill settings")
@@ -103,7 +110,7 @@ def _retrieving(kind: str, cls: type, windowed: bool) -> Callable[[list[str]], S
 
 
 SETTING_KINDS: dict[str, Callable[[list[str]], Setting]] = {
-    "full": _full, "window": _window, "statekv": _statekv, "infinipot": _infinipot,
+    "full": _full, "window": _window, "statekv": _statekv, "infinipot": _infinipot, "infinipot-cache": _infinipot_cache,
     "topk": _retrieving("topk", TopK, False), "rekv": _retrieving("rekv", TopK, True),
     "segments": _retrieving("segments", Segments, False), "streamkv": _retrieving("streamkv", Segments, True),
 }
@@ -120,7 +127,8 @@ def parse_setting(spec: str) -> Setting:
         raise ValueError(f"unknown setting {spec!r}; kinds: {', '.join(SETTING_KINDS)}")
     setting = SETTING_KINDS[kind](args)
     if int8:
-        setting = Setting(f"{setting.name}+int8", setting.policy, setting.ask, int8=True)
+        setting = Setting(f"{setting.name}+int8", setting.policy, setting.ask, int8=True,
+                          answer_from=setting.answer_from)
     return setting
 
 

@@ -231,18 +231,26 @@ class _Store:
         return out
 
     def read_summaries(self, layer: int, indices: list[int]) -> torch.Tensor:
-        """(C, Hkv, D) float32 summary (mean) keys of `indices` at `layer`, reading only that column."""
+        """(C, Hkv, D) float32 summary (mean) keys of `indices` at `layer`, reading only that column — from the
+        summaries files (one range per 256 chunks) or, for a cache without them, from the chunk rows."""
         t = F.layer_tag(layer)
-        cols = ["chunk_index", f"summary_k_{t}"]
+        index_files = [f for f in self.m["files"] if f["kind"] == "summaries"]
+        files = index_files or self.chunk_files
+        firsts = [f["first_chunk"] for f in files]
+        cols = ["chunk_index", f"summary_k_{t}"] + ([f"summary_crc_{t}"] if index_files else [])
         by_file: dict[str, tuple[dict[str, Any], set[int]]] = {}
         for index in indices:
-            entry, rg = self.locate(index)
+            entry = files[bisect.bisect_right(firsts, index) - 1]
+            rg = (index - entry["first_chunk"]) // entry["chunks_per_row_group"]
             by_file.setdefault(entry["path"], (entry, set()))[1].add(rg)
         found: dict[int, bytes] = {}
         for entry, rgs in by_file.values():
             pf = self.open(entry)
             table = self._read(entry, "summaries", lambda: pf.read_row_groups(sorted(rgs), columns=cols))
             for row in table.to_pylist():
+                if index_files:
+                    self._check_crc(row[f"summary_crc_{t}"], f"file {entry['path']}, chunk {row['chunk_index']}, "
+                                    f"layer {layer}, summary", row[f"summary_k_{t}"])
                 found[row["chunk_index"]] = row[f"summary_k_{t}"]
         missing = [i for i in indices if i not in found]
         if missing:

@@ -82,10 +82,13 @@ def test_harness_runs_end_to_end_and_writes_its_table_and_plot(tiny_checkpoint, 
     engine = Engine.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32, sampling=SMALL)
     items = [EvalItem(eval_video, "What happens after the dog enters?"), EvalItem(eval_video, "Describe the video.")]
     # 16 frames at 2 fps sampled -> 8 chunks of 6 tokens: capacity 1000 keeps everything, 1 keeps one token
-    settings = parse_settings(["statekv:1000", "window:1", "statekv:6", "infinipot:1000", "topk:100", "topk:1"])
+    settings = parse_settings(["statekv:1000", "window:1", "statekv:6", "infinipot:1000", "topk:100", "topk:1",
+                               "infinipot-cache:12"])
     report = run_fidelity(engine, items, settings, store_root=tmp_path / "caches", max_new_tokens=4)
     rows = {r["setting"]: r for r in report.summary()}
-    assert list(rows) == ["full", "statekv:1000", "window:1", "statekv:6", "infinipot:1000", "topk:100", "topk:1"]
+    assert list(rows) == ["full", "statekv:1000", "window:1", "statekv:6", "infinipot:1000", "topk:100", "topk:1",
+                          "infinipot-cache:12"]
+    assert rows["infinipot-cache:12"]["stored_bytes"] < rows["full"]["stored_bytes"]  # 12 of 48 tokens kept
     assert rows["topk:100"]["first_token_kl"] < 1e-9  # retrieving every chunk is Full
     assert rows["topk:1"]["first_token_kl"] > 1e-9  # one chunk per layer is not
     # (bytes read with retrieval are tested on a cache whose columns are large enough to be read apart:
