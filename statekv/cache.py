@@ -34,7 +34,8 @@ class ChunkKV:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        """Bytes of the K/V held (layers not loaded are None and count nothing)."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
 
 
 @dataclass

@@ -304,6 +304,7 @@ class LazyChunks(Sequence[ChunkKV]):
         self.indices = indices
         self._loaded: dict[int, ChunkKV] = {}
         self._summaries: dict[int, torch.Tensor] = {}
+        self._layer_chunks: dict[tuple[int, int], ChunkKV] = {}  # (layer, chunk) -> that layer's K/V only
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -336,11 +337,22 @@ class LazyChunks(Sequence[ChunkKV]):
         """Chunks by index holding only `layer`'s K/V (other layers None), reading only that layer's columns and
         the chunks' metadata: what query-time retrieval costs. Chunks read whole before are served from memory."""
         wanted = list(indices)
-        out = {j: self._loaded[j] for j in wanted if j in self._loaded}
-        todo = [j for j in wanted if j not in out]
+        out = {j: self._loaded.get(j) or self._layer_chunks.get((layer, j)) for j in wanted}
+        todo = [j for j, c in out.items() if c is None]
         if todo:
-            out.update(self._store.for_layers([layer]).read_chunks(todo))
+            read = self._store.for_layers([layer]).read_chunks(todo)
+            for j, chunk in read.items():
+                self._layer_chunks[(layer, j)] = chunk  # kept: a later question may choose it again
+            out.update(read)
         return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of K/V held in memory: chunks read whole, per-layer reads and summary keys."""
+        whole = sum(c.nbytes for c in self._loaded.values())
+        layers = sum(c.nbytes for c in self._layer_chunks.values())
+        summaries = sum(t.numel() * t.element_size() for t in self._summaries.values())
+        return whole + layers + summaries
 
     def summary_keys(self, layer: int) -> torch.Tensor:
         """(C, Hkv, D) float32 summary keys of every chunk at `layer` (the retrieval index), without K/V."""
