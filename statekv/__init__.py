@@ -5,7 +5,7 @@
     answer = engine.ask(cache, "What happens after the dog enters?")
 """
 
-from statekv import policies
+from statekv import policies, retrieval
 from statekv.cache import ChunkKV, VideoKVCache
 from statekv.engine import Answer, Engine, TokenEvent
 from statekv.errors import (
@@ -27,5 +27,5 @@ __all__ = [
     "Answer", "ChunkKV", "EmptyVideoError", "Engine", "Full", "ModelMismatchError", "PrefillConfigMismatchError",
     "SamplingConfig", "StateKV",
     "StateKVError", "TokenEvent", "UnsupportedModelError", "VideoDecodeError", "VideoError", "VideoKVCache",
-    "VideoNotFoundError", "Window", "policies", "__version__",
+    "VideoNotFoundError", "Window", "policies", "retrieval", "__version__",
 ]

@@ -8,7 +8,7 @@ Tensors live on the host; answering moves them to the model's device.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -34,7 +34,8 @@ class ChunkKV:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        """Bytes of the K/V held (layers not loaded are None and count nothing)."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
 
 
 @dataclass
@@ -75,6 +76,9 @@ class PrefillConfig:
     sampling: dict[str, Any]  # SamplingConfig fields
     adapter: dict[str, Any]  # the family adapter's options (position rule, RoPE scaling, ...)
     attention_backend: str  # "auto", "torch" or "triton"
+    # "chunks": every chunk's own KV is kept and answers attend to all of it (StateKV, ReKV); "state": only the
+    # bounded carried state is kept and answers attend to [prefix | state] (InfiniPot-V's fixed-budget cache)
+    answer_from: str = "chunks"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,10 +86,10 @@ class PrefillConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PrefillConfig":
         names = {f.name for f in fields(cls)}
-        missing = names - data.keys()
+        missing = {f.name for f in fields(cls) if f.default is MISSING} - data.keys()
         if missing:
             raise ValueError(f"prefill config lacks {', '.join(sorted(missing))}")
-        return cls(**{k: data[k] for k in names})
+        return cls(**{k: data[k] for k in names if k in data})
 
     def first_difference(self, other: "PrefillConfig") -> str | None:
         """The first field (dotted for nested settings, e.g. "policy.capacity") where the configs differ."""
@@ -117,6 +121,7 @@ class VideoKVCache:
     num_chunks: int = 0  # chunks prefilled so far
     chunk_tokens: list[int] = field(default_factory=list)  # tokens of each chunk, in order
     cursor: dict[str, Any] = field(default_factory=dict)  # the adapter's position cursor after the last chunk
+    scenes: list[tuple[int, int]] = field(default_factory=list)  # [start, end) chunk ranges of scenes (retrieval)
 
     @property
     def policy(self) -> dict[str, Any]:
@@ -155,7 +160,14 @@ class VideoKVCache:
         return torch.cat([c.values[layer] for c in self.chunks], dim=1)
 
     def layer_kv(self, layer: int, chunks: list[ChunkKV] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Hkv, P + n, D) keys and values of the prefix followed by `chunks` (all chunks by default)."""
+        """(Hkv, P + n, D) keys and values of the prefix followed by `chunks` (all chunks by default) — or, for a
+        cache that answers from its carried state, of the prefix followed by that state."""
+        if chunks is None and self.config.answer_from == "state":
+            if self.state is None:
+                raise ValueError("this cache answers from its carried state, and it has none (no chunk prefilled)")
+            s = self.state[layer]
+            return (torch.cat([self.prefix_keys[layer], s.keys], dim=1),
+                    torch.cat([self.prefix_values[layer], s.values], dim=1))
         if chunks is None:
             self._require_chunks()
             chunks = self.chunks

@@ -27,6 +27,7 @@ from statekv.errors import ModelMismatchError, PrefillConfigMismatchError, Video
 from statekv.generation import next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
+from statekv.retrieval import Evidence, Retrieval, RetrievalContext, SegmentRule, SegmentTracker
 from statekv.video import FramesSource, SamplingConfig, VideoSource, iter_frame_batches, open_video, sample_frames
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 VideoInput = str | os.PathLike | BinaryIO | np.ndarray | VideoSource
 ChunkSink = Callable[[ChunkKV], None]
 DEFAULT_LAYOUT = "prefix-first"
+ANSWER_FROM = ("chunks", "state")
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Answer:
     scores: list[torch.Tensor] | None = None  # with output_scores: float logits (V,) of each generated step
     first_token_s: float = 0.0
     total_s: float = 0.0
+    evidence: list[Evidence] | None = None  # with retrieval: the chunks attended to and their time ranges
 
 
 @dataclass
@@ -70,11 +73,17 @@ class Engine:
     chunks_per_step: chunks fed per model call. With k > 1 the k chunks of a step attend to each other in full
     (causal) and the policy selects once per step, so results differ from k = 1 for the approximate policies
     (`Full()` is the same for every k); larger steps use the accelerator better.
+
+    answer_from: "chunks" (default) keeps every chunk's own KV and answers attend to all of it (or to what
+    retrieval picks); "state" keeps only the bounded carried state — no chunk reaches a sink or the result — and
+    answers attend to [prefix | state]: with `InfiniPotV(budget)` (or any bounded policy) a cache whose memory
+    and stored bytes do not grow with the video.
     """
 
     def __init__(self, adapter: VideoLMAdapter, *, policy: Policy | None = None,
                  sampling: SamplingConfig | None = None, chunks_per_step: int = 1,
-                 attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT) -> None:
+                 attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT,
+                 segment_rule: SegmentRule | None = None, answer_from: str = "chunks") -> None:
         if chunks_per_step < 1:
             raise ValueError(f"chunks_per_step must be >= 1, got {chunks_per_step}")
         if layout not in LAYOUTS:
@@ -85,13 +94,19 @@ class Engine:
         self.chunks_per_step = chunks_per_step
         self.attention_backend = attention_backend
         self.layout = layout
+        if answer_from not in ANSWER_FROM:
+            raise ValueError(f"unknown answer_from {answer_from!r}; valid: {', '.join(ANSWER_FROM)}")
+        self.answer_from = answer_from
+        # scenes for segment retrieval, from consecutive chunks' mean input embeddings (StreamKV's rule)
+        self.segment_rule = segment_rule if segment_rule is not None else SegmentRule()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, policy: Policy | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         sampling: SamplingConfig | None = None, chunks_per_step: int = 1,
                         attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT,
-                        adapter_options: dict[str, Any] | None = None, **from_pretrained_kwargs: Any) -> "Engine":
+                        adapter_options: dict[str, Any] | None = None, answer_from: str = "chunks",
+                        **from_pretrained_kwargs: Any) -> "Engine":
         """Load a checkpoint of a supported family (local directory or hub id). CUDA + bf16 when available."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,7 +115,7 @@ class Engine:
         adapter = load_adapter(name_or_path, device=device, dtype=dtype, adapter_options=adapter_options,
                                **from_pretrained_kwargs)
         return cls(adapter, policy=policy, sampling=sampling, chunks_per_step=chunks_per_step,
-                   attention_backend=attention_backend, layout=layout)
+                   attention_backend=attention_backend, layout=layout, answer_from=answer_from)
 
     @property
     def device(self) -> torch.device:
@@ -115,7 +130,8 @@ class Engine:
         """The settings recorded with every cache this engine makes (a resume must match them)."""
         return PrefillConfig(policy=self.policy.settings(), chunks_per_step=self.chunks_per_step,
                              layout=self.layout, sampling=dataclasses.asdict(self.sampling),
-                             adapter=self.adapter.options(), attention_backend=self.attention_backend)
+                             adapter=self.adapter.options(), attention_backend=self.attention_backend,
+                             answer_from=self.answer_from)
 
     # --- prefill ---------------------------------------------------------------------------------------------
 
@@ -242,6 +258,7 @@ class Engine:
         prefix_len = cache.prefix_len
         frame_lo = first_frame
         done = 0
+        scenes = SegmentTracker(self.segment_rule, cache.scenes, cache.num_chunks)
         for frames in iter_frame_batches(source, indices, step_frames):
             # frame times from the integer indices (as the processors compute them; exact across a resume)
             times = [i / cache.video.video_fps for i in cache.video.frame_indices[frame_lo:frame_lo + len(frames)]]
@@ -270,6 +287,7 @@ class Engine:
             lo = 0
             for tokens, n_frames in zip(inputs.chunk_tokens, inputs.chunk_frames):
                 rows = slice(lo, lo + tokens)
+                scenes.add(inputs.embeds[rows].float().mean(dim=0))
                 chunk = ChunkKV(
                     index=cache.num_chunks, frame_range=(frame_lo, frame_lo + n_frames),
                     source_frames=cache.video.frame_indices[frame_lo:frame_lo + n_frames],
@@ -278,10 +296,11 @@ class Engine:
                     keys=[k[:, rows].to("cpu", copy=True) for k in keys],
                     values=[v[:, rows].to("cpu", copy=True) for v in values],
                 )
-                if sink is not None:
-                    sink(chunk)
-                if keep_chunks:
-                    cache.chunks.append(chunk)
+                if self.answer_from == "chunks":
+                    if sink is not None:
+                        sink(chunk)
+                    if keep_chunks:
+                        cache.chunks.append(chunk)
                 cache.num_chunks += 1
                 cache.chunk_tokens.append(tokens)
                 lo += tokens
@@ -289,6 +308,7 @@ class Engine:
                 done += 1
             del dyn, keys, values  # nothing of this step stays on the device but the carried state
             cache.cursor = inputs.cursor
+            cache.scenes = scenes.segments
             if progress is not None:
                 progress(done, total_chunks)
         cache.state = [s.to("cpu") for s in states]
@@ -299,15 +319,23 @@ class Engine:
     # --- answering -------------------------------------------------------------------------------------------
 
     def ask(self, cache: VideoKVCache, question: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-            top_p: float = 1.0, seed: int | None = None, output_scores: bool = False) -> Answer:
-        """Answer `question` about the cached video (greedy by default). The cache is not changed."""
+            top_p: float = 1.0, seed: int | None = None, output_scores: bool = False,
+            retrieval: Retrieval | None = None) -> Answer:
+        """Answer `question` about the cached video (greedy by default). The cache is not changed.
+
+        With `retrieval` (e.g. `statekv.retrieval.TopK(k=64, recent=8)`) each layer attends to the prefix, the
+        chunks chosen for this question and the question only; on a lazily loaded stored cache only the chosen
+        chunks' bytes are read. `Answer.evidence` then lists those chunks with their time ranges.
+        """
         start = time.perf_counter()
         first = 0.0
         ids: list[int] = []
         logits: list[torch.Tensor] = []
         finish = "length"
+        evidence: list[Evidence] = []
         for event in self.stream(cache, question, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed, output_logits=output_scores):
+                                 top_p=top_p, seed=seed, output_logits=output_scores, retrieval=retrieval,
+                                 evidence=evidence):
             if not ids:
                 first = time.perf_counter() - start
             ids.append(event.token_id)
@@ -318,11 +346,16 @@ class Engine:
         text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True)
         return Answer(text=text, token_ids=ids, prompt_ids=self.adapter.question_ids(question, cache.config.layout).tolist(),
                       finish_reason=finish, scores=logits if output_scores else None, first_token_s=first,
-                      total_s=time.perf_counter() - start)
+                      total_s=time.perf_counter() - start, evidence=evidence if retrieval is not None else None)
 
     def stream(self, cache: VideoKVCache, question: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, output_logits: bool = False) -> Iterator[TokenEvent]:
-        """Generate the answer token by token; stops after an end-of-sequence token or `max_new_tokens`."""
+               top_p: float = 1.0, seed: int | None = None, output_logits: bool = False,
+               retrieval: Retrieval | None = None, evidence: list[Evidence] | None = None) -> Iterator[TokenEvent]:
+        """Generate the answer token by token; stops after an end-of-sequence token or `max_new_tokens`.
+
+        With `retrieval` see `ask`; the chosen chunks are appended to `evidence` (a list) once the question's first
+        pass has run, before the first token is yielded.
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self._check_compatible(cache)
@@ -331,19 +364,23 @@ class Engine:
         tokenizer = a.tokenizer
         with torch.inference_mode():
             dev = self.device
-            dyn = DynamicCache(
-                ddp_cache_data=[tuple(t.to(dev).unsqueeze(0) for t in cache.layer_kv(i))
-                                for i in range(a.layout.num_layers)],
-                config=a.model.config,
-            )
             prompt = a.answer_inputs(question, cache.cursor, cache.config.layout)
             decoder_kwargs = a.decoder_kwargs(cache.cursor)
             embeds, positions = prompt.embeds, prompt.position_ids
+            context = None
+            if retrieval is None:
+                dyn = self._answer_cache(cache, [cache.layer_kv(i) for i in range(a.layout.num_layers)])
+            else:
+                dyn, context = self._retrieval_cache(cache, retrieval, embeds, positions)
             position = prompt.next_position
             generated: list[int] = []
             emitted = ""
             for step in range(max_new_tokens):
-                hidden = a.decode(embeds, positions, dyn, statekv_backend=self.attention_backend, **decoder_kwargs)
+                extra = {"statekv_retrieval": context} if step == 0 and context is not None else {}
+                hidden = a.decode(embeds, positions, dyn, statekv_backend=self.attention_backend, **decoder_kwargs,
+                                  **extra)
+                if step == 0 and context is not None and evidence is not None:
+                    evidence.extend(context.evidence())
                 step_logits = a.logits(hidden[-1])
                 token = next_token(step_logits, temperature=temperature, top_p=top_p, generator=generator)
                 generated.append(token)
@@ -358,6 +395,38 @@ class Engine:
                 embeds = a.embed(torch.tensor([token], dtype=torch.long))
                 positions = a.text_positions(position, 1)
                 position += 1
+
+    def _answer_cache(self, cache: VideoKVCache, layer_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+        dev = self.device
+        return DynamicCache(ddp_cache_data=[(k.to(dev).unsqueeze(0), v.to(dev).unsqueeze(0)) for k, v in layer_kv],
+                            config=self.adapter.model.config)
+
+    def _retrieval_cache(self, cache: VideoKVCache, retrieval: Retrieval, embeds: torch.Tensor,
+                         positions: torch.Tensor) -> tuple[DynamicCache, RetrievalContext]:
+        """The answer's KV cache holding only the prefix, and the context that fills in the chosen chunks per layer
+        on the question's first pass. An adaptive budget first runs the question over the prefix alone to measure
+        how concentrated each layer's chunk scores are."""
+        a = self.adapter
+        if cache.config.answer_from == "state":
+            raise ValueError("retrieval picks chunks, and this cache keeps none: it answers from its carried state "
+                             "(answer_from='state')")
+        if len(cache.chunks) != cache.num_chunks:
+            raise ValueError(f"retrieval needs every chunk addressable: the cache holds {len(cache.chunks)} of "
+                             f"{cache.num_chunks} (load it from its store, lazily)")
+        prefix = [(cache.prefix_keys[i], cache.prefix_values[i]) for i in range(a.layout.num_layers)]
+        common = dict(frame_seconds=1.0 / cache.video.sampled_fps, segments=cache.scenes or None)
+        budgets = None
+        if retrieval.adaptive:
+            probe_cache = self._answer_cache(cache, prefix)
+            probe = RetrievalContext(retrieval, cache.chunks, probe_cache.layers, cache.prefix_len, probe=True,
+                                     **common)
+            a.decode(embeds, positions, probe_cache, statekv_backend=self.attention_backend, statekv_retrieval=probe,
+                     **a.decoder_kwargs(cache.cursor))
+            layers = sorted(probe.scores)
+            budgets = dict(zip(layers, retrieval.budgets([probe.scores[l] for l in layers])))
+        dyn = self._answer_cache(cache, prefix)
+        context = RetrievalContext(retrieval, cache.chunks, dyn.layers, cache.prefix_len, budgets=budgets, **common)
+        return dyn, context
 
     def _check_compatible(self, cache: VideoKVCache) -> None:
         mine = self.model_info()

@@ -20,7 +20,7 @@ class LayerState:
     keys: torch.Tensor  # (Hkv, S, D), post-RoPE
     values: torch.Tensor  # (Hkv, S, D)
     token_index: torch.Tensor  # (Hkv, S) int64: position of each key among the video's tokens
-    scores: torch.Tensor | None = None  # (Hkv, S) float32 accumulated importance, kept only with a decay
+    scores: torch.Tensor | None = None  # (Hkv, S) float32 per-token score a policy carries (StateKV decay, TaR)
 
     @property
     def size(self) -> int:
@@ -133,7 +133,75 @@ class StateKV(Policy):
         return merged.gather(top, None if kept_scores is None else kept_scores.gather(1, top))
 
 
-POLICIES: dict[str, type[Policy]] = {"full": Full, "window": Window, "statekv": StateKV}
+@dataclass
+class InfiniPotV(Policy):
+    """Keep at most `budget` tokens per layer and KV head by InfiniPot-V's rule, without attention weights.
+
+    When [state; chunk] exceeds the budget: the newest `recent` fraction of the budget is always kept; of the
+    rest, a `tar` share goes to the tokens with the highest temporal novelty (TaR: 1 - cosine similarity of a
+    key to the key at the same spatial position, counted from the end of the chunk, in the chunk before it —
+    recorded once, when the token arrives) and the remainder to the highest value L2 norms (VaN). Kept tokens keep
+    their post-RoPE keys, so their original positions are preserved. With budget >= all tokens it equals `Full`.
+    """
+
+    budget: int = 4096
+    recent: float = 0.25
+    tar: float = 0.5
+    name: ClassVar[str] = "infinipot"
+
+    def __post_init__(self) -> None:
+        _check_capacity(self.budget)
+        for field_name in ("recent", "tar"):
+            value = getattr(self, field_name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"InfiniPotV {field_name} must be in [0, 1], got {value!r}")
+
+    def update(self, state: LayerState | None, chunk: LayerState, scores: torch.Tensor | None) -> LayerState:
+        novelty = temporal_novelty(state, chunk)
+        merged = LayerState.concat(state, chunk)
+        carried = state.scores if state is not None and state.scores is not None else None
+        if state is not None and carried is None:  # a state made by another policy: no novelty recorded
+            carried = torch.full(state.token_index.shape, 2.0, device=novelty.device)
+        merged.scores = novelty if carried is None else torch.cat([carried.to(novelty.device), novelty], dim=1)
+        if merged.size <= self.budget:
+            return merged
+        return merged.gather(*_infinipot_keep(merged, self.budget, self.recent, self.tar))
+
+
+def temporal_novelty(state: LayerState | None, chunk: LayerState) -> torch.Tensor:
+    """(Hkv, n) TaR novelty of the chunk's tokens: 1 - cos(key, key at the same offset from the end in the state's
+    last tokens), 2.0 (maximal) where the state holds no such earlier token."""
+    heads, n, _ = chunk.keys.shape
+    novelty = torch.full((heads, n), 2.0, dtype=torch.float32, device=chunk.keys.device)
+    if state is None or state.size == 0:
+        return novelty
+    m = min(n, state.size)
+    cos = torch.nn.functional.cosine_similarity(chunk.keys[:, n - m:].float(), state.keys[:, -m:].float(), dim=-1)
+    novelty[:, n - m:] = 1.0 - cos
+    return novelty
+
+
+def _infinipot_keep(merged: LayerState, budget: int, recent: float, tar: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index (Hkv, budget) sorted, their novelty) of the tokens InfiniPot-V keeps in `merged`."""
+    size = merged.size
+    n_recent = min(budget, int(round(budget * recent)))
+    n_old = size - n_recent
+    n_tar = int(round((budget - n_recent) * tar))
+    n_van = budget - n_recent - n_tar
+    heads = merged.keys.shape[0]
+    device = merged.keys.device
+    old_novelty = merged.scores[:, :n_old].float()
+    none = torch.empty(heads, 0, dtype=torch.long, device=device)
+    tar_idx = old_novelty.topk(n_tar, dim=1).indices if n_tar else none
+    norms = merged.values[:, :n_old].float().norm(dim=-1)
+    norms = norms.scatter(1, tar_idx, float("-inf"))  # already kept by TaR
+    van_idx = norms.topk(n_van, dim=1).indices if n_van else none
+    recent_idx = torch.arange(n_old, size, device=device).expand(heads, -1)
+    index = torch.cat([tar_idx, van_idx, recent_idx], dim=1).sort(dim=1).values
+    return index, merged.scores.gather(1, index)
+
+
+POLICIES: dict[str, type[Policy]] = {"full": Full, "window": Window, "statekv": StateKV, "infinipot": InfiniPotV}
 
 
 def make_policy(name: str, **settings: Any) -> Policy:

@@ -70,6 +70,22 @@ def chunk_schema(num_layers: int, int8: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
+SUMMARY_ROWS_PER_GROUP = 256  # chunks per row group of the summaries file: one layer's keys of 256 chunks per read
+
+
+def summary_schema(num_layers: int) -> pa.Schema:
+    """The retrieval index: one row per chunk, per layer its float32 (Hkv, D) mean key and that cell's CRC-32.
+
+    The same summary keys are in the chunk rows (covered by their CRC); this side file holds them contiguously, so
+    scoring every chunk of a long video reads one column chunk per 256 chunks instead of one per chunk."""
+    fields = [pa.field("chunk_index", pa.int64(), nullable=False)]
+    for layer in range(num_layers):
+        t = layer_tag(layer)
+        fields += [pa.field(f"summary_k_{t}", pa.binary(), nullable=False),
+                   pa.field(f"summary_crc_{t}", pa.int64(), nullable=False)]
+    return pa.schema(fields)
+
+
 def prefix_schema(num_layers: int) -> pa.Schema:
     fields = [pa.field("prefix_ids", pa.binary(), nullable=False), pa.field("ids_crc", pa.int64(), nullable=False)]
     for layer in range(num_layers):
@@ -151,6 +167,7 @@ def describe_cache(cache: VideoKVCache, position_rows: int | None) -> dict[str, 
                   "frame_indices": list(v.frame_indices), "timestamps": list(v.timestamps)},
         "chunks": {"count": cache.num_chunks, "tokens": list(cache.chunk_tokens)},
         "family": {"model_type": m.model_type, "cursor": cache.cursor},
+        "scenes": [list(seg) for seg in cache.scenes],
         "prefix_len": cache.prefix_len,
         "has_state": cache.state is not None,
     }
@@ -168,6 +185,7 @@ def cache_fields(manifest: dict[str, Any]) -> dict[str, Any]:
         "num_chunks": manifest["chunks"]["count"],
         "chunk_tokens": list(manifest["chunks"]["tokens"]),
         "cursor": dict(manifest["family"]["cursor"]),
+        "scenes": [tuple(seg) for seg in manifest.get("scenes", [])],
     }
 
 

@@ -7,6 +7,7 @@ group per chunk or few chunks), so reading k chunks of l layers transfers about 
 from __future__ import annotations
 
 import bisect
+import copy
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class _Store:
         self.chunk_files = [f for f in manifest["files"] if f["kind"] == "chunks"]
         self._firsts = [f["first_chunk"] for f in self.chunk_files]
         self._sizes_checked: set[str] = set()
+        self._footers: dict[str, pq.FileMetaData] = {}  # shared with `for_layers` views
 
     # --- objects -----------------------------------------------------------------------------------------------
 
@@ -117,7 +119,12 @@ class _Store:
                 source: Any = pa.BufferReader(data)
             else:
                 source = self.fs.open(full, "rb", cache_type="none")
-            return pq.ParquetFile(source, pre_buffer=not whole, page_checksum_verification=self.verify and page_checksums)
+            # the footer is read once per object and kept: later partial reads (one layer at a time, for
+            # retrieval) fetch only their column chunks
+            pf = pq.ParquetFile(source, pre_buffer=not whole, metadata=self._footers.get(entry["path"]),
+                                page_checksum_verification=self.verify and page_checksums)
+            self._footers.setdefault(entry["path"], pf.metadata)
+            return pf
         except FileNotFoundError:
             raise CacheCorruptError(self.video_id, f"file {entry['path']}", "missing") from None
         except (pa.ArrowException, OSError) as e:
@@ -160,6 +167,10 @@ class _Store:
             keys[l] = self._tensor(row[f"k_{t}"], self.dtype, (self.heads, p, self.head_dim), lp)
             values[l] = self._tensor(row[f"v_{t}"], self.dtype, (self.heads, p, self.head_dim), lp)
         return ids, keys, values
+
+    @property
+    def has_state(self) -> bool:
+        return any(f["kind"] == "state" for f in self.m["files"])
 
     def read_state(self, whole: bool) -> list[LayerState | None] | None:
         entry = next((f for f in self.m["files"] if f["kind"] == "state"), None)
@@ -219,6 +230,41 @@ class _Store:
             raise CacheCorruptError(self.video_id, f"chunks {sorted(missing)}", "not found where the manifest says")
         return out
 
+    def read_summaries(self, layer: int, indices: list[int]) -> torch.Tensor:
+        """(C, Hkv, D) float32 summary (mean) keys of `indices` at `layer`, reading only that column — from the
+        summaries files (one range per 256 chunks) or, for a cache without them, from the chunk rows."""
+        t = F.layer_tag(layer)
+        index_files = [f for f in self.m["files"] if f["kind"] == "summaries"]
+        files = index_files or self.chunk_files
+        firsts = [f["first_chunk"] for f in files]
+        cols = ["chunk_index", f"summary_k_{t}"] + ([f"summary_crc_{t}"] if index_files else [])
+        by_file: dict[str, tuple[dict[str, Any], set[int]]] = {}
+        for index in indices:
+            entry = files[bisect.bisect_right(firsts, index) - 1]
+            rg = (index - entry["first_chunk"]) // entry["chunks_per_row_group"]
+            by_file.setdefault(entry["path"], (entry, set()))[1].add(rg)
+        found: dict[int, bytes] = {}
+        for entry, rgs in by_file.values():
+            pf = self.open(entry)
+            table = self._read(entry, "summaries", lambda: pf.read_row_groups(sorted(rgs), columns=cols))
+            for row in table.to_pylist():
+                if index_files:
+                    self._check_crc(row[f"summary_crc_{t}"], f"file {entry['path']}, chunk {row['chunk_index']}, "
+                                    f"layer {layer}, summary", row[f"summary_k_{t}"])
+                found[row["chunk_index"]] = row[f"summary_k_{t}"]
+        missing = [i for i in indices if i not in found]
+        if missing:
+            raise CacheCorruptError(self.video_id, f"chunks {missing}", "not found where the manifest says")
+        out = [self._tensor(found[i], torch.float32, (self.heads, self.head_dim), f"chunk {i}, layer {layer}, summary")
+               for i in indices]
+        return torch.stack(out) if out else torch.empty(0, self.heads, self.head_dim)
+
+    def for_layers(self, layers: list[int]) -> "_Store":
+        """The same store reading only `layers` (retrieval reads one layer at a time)."""
+        view = copy.copy(self)
+        view.layers = layers
+        return view
+
     def _chunk(self, row: dict[str, Any], entry: dict[str, Any]) -> ChunkKV:
         index, n = row["chunk_index"], row["num_tokens"]
         part = f"file {entry['path']}, chunk {index}"
@@ -257,6 +303,8 @@ class LazyChunks(Sequence[ChunkKV]):
         self._store = store
         self.indices = indices
         self._loaded: dict[int, ChunkKV] = {}
+        self._summaries: dict[int, torch.Tensor] = {}
+        self._layer_chunks: dict[tuple[int, int], ChunkKV] = {}  # (layer, chunk) -> that layer's K/V only
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -285,12 +333,64 @@ class LazyChunks(Sequence[ChunkKV]):
         if todo:
             self._loaded.update(self._store.read_chunks(todo))
 
+    def read_layer(self, layer: int, indices: Iterable[int]) -> dict[int, ChunkKV]:
+        """Chunks by index holding only `layer`'s K/V (other layers None), reading only that layer's columns and
+        the chunks' metadata: what query-time retrieval costs. Chunks read whole before are served from memory."""
+        wanted = list(indices)
+        out = {j: self._loaded.get(j) or self._layer_chunks.get((layer, j)) for j in wanted}
+        todo = [j for j, c in out.items() if c is None]
+        if todo:
+            read = self._store.for_layers([layer]).read_chunks(todo)
+            for j, chunk in read.items():
+                self._layer_chunks[(layer, j)] = chunk  # kept: a later question may choose it again
+            out.update(read)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of K/V held in memory: chunks read whole, per-layer reads and summary keys."""
+        whole = sum(c.nbytes for c in self._loaded.values())
+        layers = sum(c.nbytes for c in self._layer_chunks.values())
+        summaries = sum(t.numel() * t.element_size() for t in self._summaries.values())
+        return whole + layers + summaries
+
+    def summary_keys(self, layer: int) -> torch.Tensor:
+        """(C, Hkv, D) float32 summary keys of every chunk at `layer` (the retrieval index), without K/V."""
+        if layer not in self._summaries:
+            self._summaries[layer] = self._store.read_summaries(layer, self.indices)
+        return self._summaries[layer]
+
     @property
     def loaded(self) -> list[int]:
         return sorted(self._loaded)
 
     def __repr__(self) -> str:
         return f"LazyChunks({len(self)} chunks, {len(self._loaded)} read)"
+
+
+class LazyState(Sequence[LayerState]):
+    """A stored cache's carried state (per layer), read on first access; answering never touches it."""
+
+    def __init__(self, store: _Store) -> None:
+        self._store = store
+        self._layers: list[LayerState | None] | None = None
+
+    def _load(self) -> list[LayerState | None]:
+        if self._layers is None:
+            self._layers = self._store.read_state(False)
+        return self._layers
+
+    def __len__(self) -> int:
+        return self._store.num_layers
+
+    def __getitem__(self, i):
+        return self._load()[i]
+
+    def __iter__(self) -> Iterator[LayerState]:
+        return iter(self._load())
+
+    def __repr__(self) -> str:
+        return f"LazyState({len(self)} layers, {'read' if self._layers is not None else 'not read'})"
 
 
 def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, layers: Iterable[int] | None = None,
@@ -326,7 +426,10 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
     store = _Store(fs, path, uri, m, layer_list, verify)
     whole = not lazy and chunks is None and layers is None
     prefix_ids, prefix_keys, prefix_values = store.read_prefix(whole)
-    state = store.read_state(whole)
+    # the carried state is needed only to resume a stream, never to answer: a lazy load reads it on first use
+    state = LazyState(store) if lazy and store.has_state else store.read_state(whole)
+    if fields["config"].answer_from == "state":
+        index_list = []  # the cache keeps no chunk rows: it answers from its carried state
     seq = LazyChunks(store, index_list)
     if not lazy:
         seq._loaded.update(store.read_chunks(index_list, whole=whole))
@@ -346,17 +449,4 @@ def load_summary_keys(uri: str | os.PathLike, layer: int, *, chunks: Iterable[in
     m = _read_manifest(fs, path, uri)
     store = _Store(fs, path, uri, m, [layer], verify=True)
     index_list = list(range(m["chunks"]["count"])) if chunks is None else [int(c) for c in chunks]
-    t = F.layer_tag(layer)
-    cols = ["chunk_index", f"summary_k_{t}"]
-    by_file: dict[str, tuple[dict[str, Any], set[int]]] = {}
-    for index in index_list:
-        entry, rg = store.locate(index)
-        by_file.setdefault(entry["path"], (entry, set()))[1].add(rg)
-    found: dict[int, bytes] = {}
-    for entry, rgs in by_file.values():
-        pf = store.open(entry)
-        for row in store._read(entry, "summaries", lambda: pf.read_row_groups(sorted(rgs), columns=cols)).to_pylist():
-            found[row["chunk_index"]] = row[f"summary_k_{t}"]
-    h, d = m["layout"]["num_kv_heads"], m["layout"]["head_dim"]
-    out = [store._tensor(found[i], torch.float32, (h, d), f"chunk {i}, layer {layer}, summary") for i in index_list]
-    return index_list, torch.stack(out) if out else torch.empty(0, h, d)
+    return index_list, store.read_summaries(layer, index_list)

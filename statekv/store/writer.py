@@ -153,6 +153,8 @@ class CacheWriter:
         self._dtype: torch.dtype | None = None
         self._tokens = 0
         self._done = False
+        self._summaries: _ParquetFile | None = None
+        self._summaries_first = 0
 
     # --- streaming ---------------------------------------------------------------------------------------------
 
@@ -179,9 +181,11 @@ class CacheWriter:
                              f"{self._layout}/{self._dtype}")
         if self._file is None or self._file.num_rows >= self.chunks_per_file:
             self._roll_file()
-        self._file.add(self._chunk_row(chunk))
+        row = self._chunk_row(chunk)
+        self._file.add(row)
         if self._file.num_rows % self.chunks_per_row_group == 0:
             self._file.flush_row_group()
+        self._add_summaries(chunk.index, row)
         self._next_index += 1
         self._tokens += chunk.num_tokens
 
@@ -202,6 +206,31 @@ class CacheWriter:
                      chunks_per_row_group=self.chunks_per_row_group)
         self._chunk_files.append(entry)
         self._file = None
+
+    def _add_summaries(self, index: int, row: dict[str, Any]) -> None:
+        """The chunk's summary keys also go to this attempt's summaries file (the retrieval index)."""
+        if self._summaries is None:
+            rel = f"{self.attempt}/summaries-{len(self._chunk_files):05d}.parquet"
+            self._summaries = _ParquetFile(self.fs, join(self.path, rel), rel, F.summary_schema(self._layout[0]),
+                                           "summaries")
+            self._summaries_first = index
+        entry = {"chunk_index": index}
+        for layer in range(self._layout[0]):
+            t = F.layer_tag(layer)
+            entry[f"summary_k_{t}"] = row[f"summary_k_{t}"]
+            entry[f"summary_crc_{t}"] = serde.crc32(row[f"summary_k_{t}"])
+        self._summaries.add(entry)
+        if self._summaries.num_rows % F.SUMMARY_ROWS_PER_GROUP == 0:
+            self._summaries.flush_row_group()
+
+    def _close_summaries(self) -> list[dict[str, Any]]:
+        if self._summaries is None:
+            return []
+        entry = self._summaries.close()
+        entry.update(first_chunk=self._summaries_first, num_chunks=self._summaries.num_rows,
+                     chunks_per_row_group=F.SUMMARY_ROWS_PER_GROUP)
+        self._summaries = None
+        return [entry]
 
     def _chunk_row(self, chunk: ChunkKV) -> dict[str, Any]:
         pos = serde.to_bytes(chunk.position_ids.to(torch.int64))
@@ -244,21 +273,26 @@ class CacheWriter:
             return self.existing
         if self._done:
             raise RuntimeError("this CacheWriter has already committed or aborted")
-        if cache.num_chunks != self._next_index:
+        if cache.config.answer_from == "state":  # only the bounded state is kept: no chunk rows (see Engine)
+            if self._next_index != self._first_index:
+                raise ValueError(f"{self._next_index - self._first_index} chunks were written to {self.uri!r} for a "
+                                 "cache that answers from its carried state")
+        elif cache.num_chunks != self._next_index:
             raise ValueError(f"the cache has {cache.num_chunks} chunks but {self._next_index} were written to "
                              f"{self.uri!r}")
         num_layers = cache.model.num_layers
         if self._file is not None:
             self._close_chunk_file()
-        files = [f for f in self.base["files"] if f["kind"] == "chunks"] if self.base else []
+        files = [f for f in self.base["files"] if f["kind"] in ("chunks", "summaries")] if self.base else []
         if self.base is not None:
             prefix_entry = next(f for f in self.base["files"] if f["kind"] == "prefix")
         else:
             prefix_entry = self._write_prefix(cache, num_layers)
-        files = [prefix_entry, *files, *self._chunk_files]
+        files = [prefix_entry, *files, *self._chunk_files, *self._close_summaries()]
         if cache.state is not None:
             files.append(self._write_state(cache))
         manifest = self._manifest(cache, files)
+        self._written = files
         self._check_written()
         put_atomic(self.fs, join(self.path, F.MANIFEST), json.dumps(manifest, indent=1).encode())
         self._done = True
@@ -311,7 +345,7 @@ class CacheWriter:
 
     def _check_written(self) -> None:
         """Every file this attempt names is there in full (guards against a concurrent cleanup)."""
-        mine = [f for f in [*self._chunk_files] if f["path"].startswith(self.attempt)]
+        mine = [f for f in self._written if f["path"].startswith(self.attempt)]
         for f in mine:
             size = self.fs.size(join(self.path, f["path"]))
             if size != f["bytes"]:
@@ -341,9 +375,10 @@ class CacheWriter:
         if self._done:
             return
         self._done = True
-        if self._file is not None:
-            self._file.abort()
-            self._file = None
+        for f in (self._file, self._summaries):
+            if f is not None:
+                f.abort()
+        self._file = self._summaries = None
         target = join(self.path, self.attempt)
         if self.fs.exists(target):
             self.fs.rm(target, recursive=True)

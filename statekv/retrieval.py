@@ -1,0 +1,337 @@
+"""Query-time retrieval: answer from the prefix, the chunks most relevant to the question, and the latest chunks.
+
+ReKV's rule: every chunk has one summary key per layer and KV head (the mean of its keys, written by the store).
+When the question is prefilled, each layer scores every chunk by the mean question query against the chunk's
+summary key and attends to [prefix | the selected chunks in temporal order | the question]; the selection stays
+fixed while the answer is decoded. Only the selected chunks' K/V are read, layer by layer, so the bytes a question
+costs grow with `k`, not with the length of the video.
+
+`TopK` selects chunks; `Segments` (StreamKV) groups consecutive chunks into scenes and selects whole scenes; both can
+share a total budget across layers adaptively (`adaptive=True`: layers whose scores concentrate on few chunks get
+more of the budget). Retrieval settings are small objects without model knowledge, like policies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+def fold_query(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Mean question query per KV head: (H, q, D) -> (Hkv, D), summed over the query heads of each GQA group."""
+    heads, _, dim = query.shape
+    if heads % num_kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    return query.float().mean(dim=1).view(num_kv_heads, heads // num_kv_heads, dim).sum(dim=1)
+
+
+def chunk_scores(query_mean: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+    """(C,) relevance of each chunk: sum over KV heads of mean-query · summary key. summaries: (C, Hkv, D)."""
+    if summaries.shape[1:] != query_mean.shape:
+        raise ValueError(f"summary keys {tuple(summaries.shape)} do not match the query {tuple(query_mean.shape)}")
+    return torch.einsum("chd,hd->c", summaries.float(), query_mean.float().to(summaries.device))
+
+
+def concentration(scores: torch.Tensor) -> float:
+    """How peaked a layer's chunk scores are: 1 - normalised entropy of softmax(scores) (0 flat, 1 one chunk)."""
+    n = scores.numel()
+    if n <= 1:
+        return 1.0
+    p = torch.softmax(scores.double(), dim=0)
+    entropy = -(p * p.clamp_min(1e-300).log()).sum()
+    return float(1.0 - entropy / torch.log(torch.tensor(float(n), dtype=torch.float64)))
+
+
+def adaptive_budgets(concentrations: Sequence[float], total: int, *, floor: int = 1,
+                     cap: int | None = None) -> list[int]:
+    """Split `total` chunks over layers in proportion to their concentration (+ a `floor` each), summing to `total`
+    (or to every layer's `cap` if that is smaller). Largest remainders break ties, earlier layers first."""
+    n = len(concentrations)
+    if n == 0:
+        return []
+    cap = total if cap is None else cap
+    total = min(total, cap * n)
+    floor = min(floor, total // n)
+    budgets = [floor] * n
+    left = total - floor * n
+    weights = [max(float(c), 0.0) for c in concentrations]
+    while left > 0:
+        open_layers = [i for i in range(n) if budgets[i] < cap]
+        mass = sum(weights[i] for i in open_layers)
+        shares = {i: (weights[i] / mass if mass > 0 else 1.0 / len(open_layers)) * left for i in open_layers}
+        grants = {i: min(cap - budgets[i], int(shares[i])) for i in open_layers}
+        if sum(grants.values()) == 0:  # hand out the remainder one by one, largest fractional share first
+            order = sorted(open_layers, key=lambda i: (-(shares[i] - int(shares[i])), i))
+            for i in order[:left]:
+                budgets[i] += 1
+            left = total - sum(budgets)
+            continue
+        for i, g in grants.items():
+            budgets[i] += g
+        left = total - sum(budgets)
+    return budgets
+
+
+def select_top(scores: torch.Tensor, k: int, recent: int) -> list[int]:
+    """Chunk indices in temporal order: the last `recent` chunks plus the `k` best-scoring others."""
+    num = scores.numel()
+    recent_set = set(range(max(0, num - recent), num))
+    candidates = [i for i in range(num) if i not in recent_set]
+    if k >= len(candidates):
+        chosen = set(candidates)
+    else:
+        masked = scores.clone().float()
+        masked[list(recent_set)] = float("-inf")
+        chosen = set(masked.topk(k).indices.tolist())
+    return sorted(chosen | recent_set)
+
+
+def segment_boundaries(features: torch.Tensor, *, threshold: float = 0.99, min_size: int = 4,
+                       max_size: int = 64) -> list[tuple[int, int]]:
+    """StreamKV's scene segmentation: [start, end) chunk ranges from the cosine similarity of consecutive chunks'
+    mean visual features (C, d). A segment closes where similarity drops below `threshold` (once it has
+    `min_size` chunks) or when it reaches `max_size` chunks."""
+    if min_size < 1 or max_size < min_size:
+        raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
+    num = features.shape[0]
+    if num == 0:
+        return []
+    f = torch.nn.functional.normalize(features.double(), dim=-1)
+    sims = (f[1:] * f[:-1]).sum(dim=-1).tolist()  # sims[i]: chunk i vs chunk i + 1
+    out, start = [], 0
+    for i in range(1, num):
+        size = i - start
+        if size >= max_size or (size >= min_size and sims[i - 1] < threshold):
+            out.append((start, i))
+            start = i
+    out.append((start, num))
+    return out
+
+
+@dataclass(frozen=True)
+class SegmentRule:
+    """StreamKV's segmentation settings (its published defaults): similarity threshold, min and max chunks."""
+
+    threshold: float = 0.99
+    min_size: int = 4
+    max_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.min_size < 1 or self.max_size < self.min_size:
+            raise ValueError(f"need 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+
+
+class SegmentTracker:
+    """`segment_boundaries` computed online, chunk by chunk, as the engine prefills (so it needs no stored
+    features). A resumed stream starts a new segment at its first chunk."""
+
+    def __init__(self, rule: SegmentRule, segments: Sequence[tuple[int, int]] = (), num_chunks: int = 0) -> None:
+        self.rule = rule
+        self._closed = [tuple(s) for s in segments]
+        self._start = num_chunks
+        self._count = num_chunks
+        self._last: torch.Tensor | None = None
+
+    def add(self, feature: torch.Tensor) -> None:
+        """The next chunk's mean visual feature (d,)."""
+        f = torch.nn.functional.normalize(feature.double().flatten(), dim=0)
+        size = self._count - self._start
+        if self._last is not None:
+            similar = float((f * self._last).sum()) >= self.rule.threshold
+            if size >= self.rule.max_size or (size >= self.rule.min_size and not similar):
+                self._closed.append((self._start, self._count))
+                self._start = self._count
+        self._last = f
+        self._count += 1
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        """[start, end) chunk ranges covering every chunk added so far."""
+        open_one = [(self._start, self._count)] if self._count > self._start else []
+        return self._closed + open_one
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """Base class: which chunks each layer attends to when a question is asked (`k` chunks + the last `recent`)."""
+
+    k: int = 64
+    recent: int = 0
+    name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {self.k!r}")
+        if not isinstance(self.recent, int) or isinstance(self.recent, bool) or self.recent < 0:
+            raise ValueError(f"recent must be a non-negative integer, got {self.recent!r}")
+
+    @property
+    def adaptive(self) -> bool:
+        return False
+
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+    def choose(self, scores: torch.Tensor, k: int, segments: list[tuple[int, int]] | None) -> list[int]:
+        """One layer's chunk indices (temporal order) from its chunk scores (C,), with a budget of `k`."""
+        raise NotImplementedError
+
+    def budgets(self, layer_scores: list[torch.Tensor]) -> list[int]:
+        """`k` for every layer, or (adaptive) a split of k x layers by how concentrated each layer's scores are."""
+        if not self.adaptive or not layer_scores:
+            return [self.k] * len(layer_scores)
+        num = layer_scores[0].numel()
+        cap = max(0, num - min(self.recent, num))
+        return adaptive_budgets([concentration(s) for s in layer_scores], self.k * len(layer_scores), cap=cap)
+
+    def select(self, layer_scores: list[torch.Tensor], segments: list[tuple[int, int]] | None = None
+               ) -> list[list[int]]:
+        """Per layer, the chunk indices to attend to, from every layer's chunk scores."""
+        return [self.choose(s, b, segments) for s, b in zip(layer_scores, self.budgets(layer_scores))]
+
+
+@dataclass(frozen=True)
+class TopK(Retrieval):
+    """ReKV: the `k` best chunks per layer plus the last `recent`; `adaptive=True` shares k x layers across layers
+    (a small first pass of the question over the prefix alone measures each layer's concentration)."""
+
+    adaptive_budget: bool = False
+    name: ClassVar[str] = "topk"
+
+    @property
+    def adaptive(self) -> bool:
+        return self.adaptive_budget
+
+    def choose(self, scores, k, segments):
+        return select_top(scores, k, self.recent)
+
+
+@dataclass(frozen=True)
+class Segments(Retrieval):
+    """StreamKV: score scenes by their chunks' mean score (the mean-query · the scene's summary key, the mean of
+    its chunks' summary keys), take whole best scenes until `k` chunks, plus the last `recent` chunks. Scene
+    boundaries come from the cache (written at prefill)."""
+
+    recent: int = 8
+    name: ClassVar[str] = "segments"
+
+    def choose(self, scores, k, segments):
+        if segments is None:
+            raise ValueError("segment retrieval needs the cache's segment boundaries")
+        num = scores.numel()
+        recent_set = set(range(max(0, num - self.recent), num))
+        ranked = sorted(segments, key=lambda se: -float(scores[se[0]:se[1]].float().mean()))
+        chosen: set[int] = set()
+        for start, end in ranked:
+            fresh = [i for i in range(start, end) if i not in recent_set and i not in chosen]
+            if len(chosen) + len(fresh) > k:
+                if chosen:
+                    continue  # a whole scene or none, while another scene may still fit
+                # the best scene alone exceeds k: its k best chunks
+                fresh = sorted(sorted(fresh, key=lambda i: -float(scores[i]))[:k])
+            chosen.update(fresh)
+            if len(chosen) >= k:
+                break
+        return sorted(chosen | recent_set)
+
+
+@dataclass
+class Evidence:
+    """A chunk the answer attended to, where it is in the source video, and how strongly it was chosen."""
+
+    chunk: int
+    start_s: float
+    end_s: float
+    score: float  # mean relevance score over the layers that selected it
+    layers: int  # how many layers attended to it
+
+
+class RetrievalContext:
+    """One question's retrieval, called by the attention function of every layer on the question's first pass.
+
+    At layer l it scores the cache's chunks with the question's mean query, reads the chosen chunks' K/V of that
+    layer only (`chunks.read_layer`, when the chunks are a lazily loaded store; else from memory), inserts them
+    into the answer's KV cache between the prefix and the question (so every later decoding step sees them too)
+    and returns the extended keys and values. With `probe=True` it only records each layer's scores (the first
+    pass of an adaptive budget) and extends nothing.
+    """
+
+    def __init__(self, retrieval: Retrieval, chunks: Any, cache_layers: Any, prefix_len: int, *,
+                 frame_seconds: float, segments: list[tuple[int, int]] | None = None,
+                 budgets: dict[int, int] | None = None, probe: bool = False) -> None:
+        self.retrieval = retrieval
+        self.chunks = chunks
+        self.cache_layers = cache_layers
+        self.prefix_len = prefix_len
+        self.frame_seconds = frame_seconds
+        self.segments = segments
+        self.budgets = budgets
+        self.probe = probe
+        self.scores: dict[int, torch.Tensor] = {}
+        self.selected: dict[int, list[int]] = {}
+        self._meta: dict[int, Any] = {}
+
+    def summaries(self, layer: int) -> torch.Tensor:
+        if hasattr(self.chunks, "summary_keys"):
+            return self.chunks.summary_keys(layer)
+        return torch.stack([c.keys[layer].float().mean(dim=1) for c in self.chunks])
+
+    def _read(self, layer: int, indices: list[int]) -> dict[int, Any]:
+        if hasattr(self.chunks, "read_layer"):
+            return self.chunks.read_layer(layer, indices)
+        return {i: self.chunks[i] for i in indices}
+
+    def extend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, value) of [prefix | chosen chunks | question] for `layer` (as given once the layer is extended)."""
+        if layer in self.selected or (self.probe and layer in self.scores):
+            return key, value
+        summaries = self.summaries(layer)
+        scores = chunk_scores(fold_query(query[0], key.shape[1]), summaries) if len(summaries) else summaries[:, 0, 0]
+        self.scores[layer] = scores.cpu()
+        if self.probe:
+            return key, value
+        k = self.budgets.get(layer, self.retrieval.k) if self.budgets else self.retrieval.k
+        chosen = self.retrieval.choose(scores.cpu(), k, self.segments) if len(summaries) else []
+        self.selected[layer] = chosen
+        read = self._read(layer, chosen)
+        for i in chosen:
+            self._meta.setdefault(i, read[i])
+        p = self.prefix_len
+        ks = [read[i].keys[layer].to(key.device, key.dtype).unsqueeze(0) for i in chosen]
+        vs = [read[i].values[layer].to(value.device, value.dtype).unsqueeze(0) for i in chosen]
+        key = torch.cat([key[:, :, :p], *ks, key[:, :, p:]], dim=2)
+        value = torch.cat([value[:, :, :p], *vs, value[:, :, p:]], dim=2)
+        cache_layer = self.cache_layers[layer]
+        cache_layer.keys, cache_layer.values = key, value
+        return key, value
+
+    def evidence(self) -> list[Evidence]:
+        """The chunks any layer attended to, in temporal order, with their time range in the source video."""
+        counts: dict[int, list[float]] = {}
+        for layer, chosen in self.selected.items():
+            for i in chosen:
+                counts.setdefault(i, []).append(float(self.scores[layer][i]))
+        out = []
+        for i in sorted(counts):
+            times = self._meta[i].timestamps
+            out.append(Evidence(chunk=i, start_s=float(times[0]), end_s=float(times[-1]) + self.frame_seconds,
+                                score=sum(counts[i]) / len(counts[i]), layers=len(counts[i])))
+        return out
+
+
+RETRIEVALS: dict[str, type[Retrieval]] = {"topk": TopK, "segments": Segments}
+
+
+def make_retrieval(settings: dict[str, Any] | None) -> Retrieval | None:
+    """A retrieval setting from its recorded form ({"name": "topk", "k": 64, ...}); None passes through."""
+    if settings is None:
+        return None
+    settings = dict(settings)
+    name = settings.pop("name", "topk")
+    if name not in RETRIEVALS:
+        raise ValueError(f"unknown retrieval {name!r}; valid: {', '.join(RETRIEVALS)}")
+    return RETRIEVALS[name](**settings)

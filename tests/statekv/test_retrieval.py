@@ -1,0 +1,91 @@
+"""Retrieval selection rules (ReKV top-k, StreamKV segments, layer-adaptive budgets), without a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from statekv.retrieval import (Segments, TopK, adaptive_budgets, chunk_scores, concentration, fold_query,
+                               make_retrieval, segment_boundaries, select_top)
+
+
+def test_scores_are_the_mean_query_dot_each_chunk_summary_per_kv_group():
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(4, 3, 8, generator=g)  # 4 query heads, 3 question tokens
+    summaries = torch.randn(5, 2, 8, generator=g)  # 5 chunks, 2 KV heads
+    scores = chunk_scores(fold_query(query, 2), summaries)
+    q = query.mean(dim=1)  # (4, 8)
+    expected = torch.stack([sum(q[h] @ summaries[c, h // 2] for h in range(4)) for c in range(5)])
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_top_k_keeps_the_best_chunks_and_the_recent_ones_in_temporal_order():
+    scores = torch.tensor([0.1, 5.0, 0.2, 3.0, 0.0, 4.0, 0.3, 0.4])
+    assert select_top(scores, 2, 0) == [1, 5]
+    assert select_top(scores, 2, 2) == [1, 5, 6, 7]  # recent chunks do not use up k
+    assert select_top(scores, 3, 3) == [1, 2, 3, 5, 6, 7]  # 5 is recent, so 2 is the third best
+    assert select_top(scores, 100, 1) == list(range(8))
+    # reversing the scores must change the choice: the rule reads them
+    assert select_top(-scores, 2, 0) == [0, 4]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=12), st.integers(1, 200), st.integers(1, 40))
+def test_adaptive_budgets_sum_to_the_total_and_respect_the_cap(conc, total, cap):
+    budgets = adaptive_budgets(conc, total, cap=cap)
+    assert sum(budgets) == min(total, cap * len(conc))
+    assert all(0 <= b <= cap for b in budgets)
+
+
+def test_adaptive_budgets_give_concentrated_layers_more():
+    flat, peaked = torch.zeros(16), torch.zeros(16)
+    peaked[3] = 20.0
+    assert concentration(flat) == pytest.approx(0.0, abs=1e-9)
+    assert concentration(peaked) > 0.9
+    budgets = TopK(k=4, adaptive_budget=True).budgets([flat, peaked, flat])
+    assert sum(budgets) == 12 and budgets[1] > budgets[0] == budgets[2]
+
+
+def test_segments_fall_where_consecutive_features_change():
+    g = torch.Generator().manual_seed(1)
+    scenes = [torch.randn(16, generator=g) for _ in range(3)]
+    feats = torch.stack([scenes[0]] * 5 + [scenes[1]] * 6 + [scenes[2]] * 4) + 1e-3 * torch.randn(15, 16, generator=g)
+    assert segment_boundaries(feats, threshold=0.99, min_size=2, max_size=64) == [(0, 5), (5, 11), (11, 15)]
+    # max_size splits a long scene; min_size keeps a short change inside its segment
+    assert segment_boundaries(feats, threshold=0.99, min_size=2, max_size=3)[:2] == [(0, 3), (3, 5)]
+    assert segment_boundaries(feats, threshold=0.99, min_size=6, max_size=64) == [(0, 11), (11, 15)]
+
+
+def test_segment_retrieval_takes_whole_scenes():
+    scores = torch.tensor([0.0, 0.0, 9.0, 8.0, 1.0, 1.0, 1.0, 0.5])
+    segments = [(0, 2), (2, 4), (4, 7), (7, 8)]
+    assert Segments(k=2, recent=0).select([scores], segments) == [[2, 3]]
+    assert Segments(k=5, recent=1).select([scores], segments) == [[2, 3, 4, 5, 6, 7]]
+    # a best scene larger than k: its k best chunks
+    assert Segments(k=1, recent=0).select([scores], segments) == [[2]]
+
+
+def test_retrieval_settings_round_trip_and_validate():
+    for r in (TopK(k=8, recent=2), TopK(k=3, adaptive_budget=True), Segments(k=16, recent=4)):
+        assert make_retrieval(r.settings()) == r
+    with pytest.raises(ValueError, match="top_k"):
+        TopK(k=0)
+    with pytest.raises(ValueError, match="unknown retrieval"):
+        make_retrieval({"name": "nope"})
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=40), st.integers(1, 5), st.integers(0, 6))
+def test_online_segmentation_equals_the_batch_rule(scene_of_chunk, min_size, extra):
+    from statekv.retrieval import SegmentRule, SegmentTracker
+
+    basis = torch.eye(4, 8)
+    feats = basis[torch.tensor(scene_of_chunk)]
+    rule = SegmentRule(threshold=0.99, min_size=min_size, max_size=min_size + extra)
+    tracker = SegmentTracker(rule)
+    for f in feats:
+        tracker.add(f)
+    assert tracker.segments == segment_boundaries(feats, threshold=0.99, min_size=min_size,
+                                                  max_size=min_size + extra)
