@@ -104,8 +104,8 @@ def test_harness_runs_end_to_end_and_writes_its_table_and_plot(tiny_checkpoint, 
         assert r["prefill_flops"] > 0 and r["stored_bytes"] > 0
         # a whole-cache answer reads every stored object (Parquet reads a small file's footer region, which is
         # the whole file, and then its column chunks: up to twice the bytes of files under 64 KiB)
-        if not r["setting"].startswith("topk"):
-            assert r["stored_bytes"] <= r["bytes_read_per_question"] <= 2 * r["stored_bytes"] + 1
+        if not r["setting"].startswith("topk"):  # + the manifest, which the stored bytes do not count
+            assert r["stored_bytes"] <= r["bytes_read_per_question"] <= 2 * r["stored_bytes"] + 16_384
     # a small carried state costs fewer prefill FLOPs than full attention over the whole video
     assert rows["statekv:6"]["prefill_flops"] < rows["full"]["prefill_flops"]
     paths = report.write(tmp_path / "out")
