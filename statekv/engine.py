@@ -26,7 +26,8 @@ from statekv.generation import next_token
 from statekv.models import VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
 from statekv.video import (FramesSource, SamplingConfig, VideoSource, iter_frame_batches, open_video,
-                           preprocess_frames, sample_frames, smart_resize)
+                           preprocess_frames, smart_resize)
+from statekv.video.sampling import resume_timing, sample_source, segment, take_all
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Engine:
     def prefill(self, video: VideoInput, *, fps: float | None = None, resume_from: VideoKVCache | None = None,
                 sink: ChunkSink | None = None, keep_chunks: bool = True,
                 progress: Callable[[int, int], None] | None = None,
-                storage_options: dict[str, Any] | None = None) -> VideoKVCache:
+                storage_options: dict[str, Any] | None = None, backend: str = "auto") -> VideoKVCache:
         """Prefill a video (path, URL, file object, an opened `VideoSource`, or uint8 frames (T, H, W, 3) with
         their `fps`).
 
@@ -106,9 +107,10 @@ class Engine:
         A `VideoSource` passed in stays open: its caller owns it.
         With `resume_from`, the frames continue that cache's video (its carried state and positions).
         Each chunk is passed to `sink` as soon as it is made; `keep_chunks=False` keeps none in the result.
+        `backend` picks the decoder for paths and URLs (see `statekv.video.open_video`).
         """
         owned = not isinstance(video, VideoSource)
-        source, indices, video_info = self._open(video, fps, storage_options)
+        source, indices, video_info = self._open(video, fps, storage_options, backend)
         try:
             with torch.inference_mode():
                 return self._prefill(source, indices, video_info, resume_from, sink, keep_chunks, progress)
@@ -116,25 +118,24 @@ class Engine:
             if owned:
                 source.close()
 
-    def _open(self, video: VideoInput, fps: float | None, storage_options: dict[str, Any] | None):
+    def _open(self, video: VideoInput, fps: float | None, storage_options: dict[str, Any] | None,
+              backend: str = "auto"):
         if isinstance(video, VideoSource):
             source = video
-            sampling = sample_frames(source.num_frames, source.fps, self.sampling, source=source.source)
-            indices, sampled_fps = sampling.indices, sampling.sampled_fps
+            sampling = sample_source(source, self.sampling)
         elif isinstance(video, np.ndarray):
             if fps is None or fps <= 0:
                 raise VideoError("<frames>", "frames given as an array need their fps (fps=...)")
             source = FramesSource(video, fps)
-            indices = np.arange(source.num_frames, dtype=np.int64)
-            sampled_fps = float(fps)
+            sampling = take_all(source.num_frames, fps)
         else:
-            source = open_video(video, storage_options=storage_options)
+            source = open_video(video, backend=backend, storage_options=storage_options)
             try:
-                sampling = sample_frames(source.num_frames, source.fps, self.sampling, source=source.source)
+                sampling = sample_source(source, self.sampling)
             except BaseException:
                 source.close()
                 raise
-            indices, sampled_fps = sampling.indices, sampling.sampled_fps
+        indices, sampled_fps = sampling.indices, sampling.sampled_fps
         if len(indices) == 0:
             if not isinstance(video, VideoSource):
                 source.close()
@@ -146,8 +147,10 @@ class Engine:
             source=source.source, video_fps=float(source.fps), total_frames=int(source.num_frames),
             sampled_fps=sampled_fps, second_per_grid_t=a.temporal_patch_size / sampled_fps,
             frame_size=frame_size, grid_hw=(frame_size[0] // a.patch_size, frame_size[1] // a.patch_size),
-            frame_indices=[int(i) for i in indices],
-            timestamps=[float(i) / float(source.fps) for i in indices],
+            frame_indices=[int(i) for i in indices], timestamps=sampling.timestamps.tolist(),
+            requested_fps=sampling.requested_fps, duration=sampling.duration,
+            segments=[segment(source.source, sampling, size=(source.width, source.height),
+                              start=float(getattr(source, "start_time", 0.0)))],
         )
         return source, indices, info
 
@@ -175,14 +178,16 @@ class Engine:
             raise ModelMismatchError("policy", str(cache.policy), str(self.policy.settings()))
         old = cache.video
         offset_frames = old.frame_indices[-1] + 1 if old.frame_indices else 0
-        offset_time = old.timestamps[-1] + 1.0 / old.sampled_fps if old.timestamps else 0.0
-        start_time = info.timestamps[0] if info.timestamps else 0.0
+        offset_time, segments = resume_timing(old.segments, old.timestamps, old.duration, old.sampled_fps,
+                                              info.segments[0], frame_size=old.frame_size,
+                                              new_frame_size=info.frame_size)
         video = VideoInfo(
             source=old.source, video_fps=old.video_fps, total_frames=old.total_frames + info.total_frames,
             sampled_fps=old.sampled_fps, second_per_grid_t=old.second_per_grid_t, frame_size=old.frame_size,
             grid_hw=old.grid_hw,
             frame_indices=old.frame_indices + [offset_frames + i for i in info.frame_indices],
-            timestamps=old.timestamps + [offset_time + t - start_time for t in info.timestamps],
+            timestamps=old.timestamps + [offset_time + t for t in info.timestamps],
+            requested_fps=old.requested_fps, duration=offset_time + info.duration, segments=segments,
         )
         resumed = VideoKVCache(
             model=cache.model, policy=cache.policy, dtype=cache.dtype, video=video, prefix_ids=cache.prefix_ids,

@@ -349,7 +349,9 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
     video = VideoInfo(source=s["source"], video_fps=s["video_fps"], total_frames=s["total_frames"],
                       sampled_fps=s["sampled_fps"], second_per_grid_t=s["second_per_grid_t"],
                       frame_size=tuple(s["frame_size"]), grid_hw=tuple(s["grid_hw"]),
-                      frame_indices=list(s["frame_indices"]), timestamps=list(s["timestamps"]))
+                      frame_indices=list(s["frame_indices"]), timestamps=list(s["timestamps"]),
+                      requested_fps=s.get("requested_fps", 0.0), duration=s.get("duration", 0.0),
+                      segments=list(s.get("segments", [])))
     cache = VideoKVCache(model=model, policy=m["policy"], dtype=store.dtype, video=video, prefix_ids=prefix_ids,
                          prefix_keys=prefix_keys, prefix_values=prefix_values, chunks=seq if lazy else list(seq),
                          state=state, grid_t=grid_t, max_position=m["max_position"])

@@ -1,31 +1,35 @@
 """`open_video`: find a video's bytes (local path, `file://`, any fsspec URL, file object) and pick a decoder.
 
-Backends: "decord" (random access; the default for paths), "pyav" (streams; the default for file objects) and
-"auto" (decord, falling back to PyAV when decord is missing or cannot decode the file). decord reads file objects
+Backends: "decord" (random access), "pyav" (streams; the default for file objects) and "auto" for paths: decord,
+falling back to PyAV when decord is missing, cannot open the file, or fails while decoding it (VP9 packets its
+old FFmpeg rejects, truncated files): the frames not yet read then come from PyAV. Where neither can decode, one
+`VideoDecodeError` names the file and both reasons. decord reads file objects
 fully into memory, so for remote URLs it gets a local temporary copy, removed when the reader is closed; PyAV
 streams remote objects through an fsspec file object instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 import fsspec
+import numpy as np
 
-from statekv.errors import VideoError, VideoNotFoundError
+from statekv.errors import VideoDecodeError, VideoError, VideoNotFoundError
 from statekv.video.decord_reader import DecordReader
 from statekv.video.pyav_reader import PyAVReader
 from statekv.video.source import FramesSource, VideoSource, iter_frame_batches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "FramesSource", "VideoSource", "iter_frame_batches", "open_video"]
+__all__ = ["BACKENDS", "FallbackReader", "FramesSource", "VideoSource", "iter_frame_batches", "open_video"]
 
 BACKENDS = ("auto", "decord", "pyav")
 _LOCAL_PROTOCOLS = (None, "file", "local")
@@ -89,7 +93,7 @@ def _open_path(path: str, name: str, backend: str, *, cleanup: Callable[[], None
     if backend == "decord":
         return _construct(lambda: DecordReader(path, name, on_close=cleanup), cleanup)
     try:
-        return DecordReader(path, name, on_close=cleanup)
+        return FallbackReader(DecordReader(path, name), lambda: PyAVReader(path, name), on_close=cleanup)
     except ImportError as err:
         logger.debug("decord unavailable (%s); opening %s with PyAV", err, name)
         decord_error: VideoError | None = None
@@ -106,6 +110,99 @@ def _open_path(path: str, name: str, backend: str, *, cleanup: Callable[[], None
         if decord_error is None:
             raise
         raise type(err)(name, f"{err.reason}; {decord_error.reason}") from err
+
+
+class FallbackReader:
+    """A `VideoSource` reading with `primary` until it fails to decode, then with the reader `fallback()` opens.
+
+    Frames already read stay as they are; the rest come from the fallback, which must see the same video (frame
+    count and size), else the error says so. Timing (`fps`, `frame_times`) is the primary's.
+    """
+
+    def __init__(self, primary: VideoSource, fallback: Callable[[], VideoSource], *,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self._primary, self._open_fallback = primary, fallback
+        self._fallback: VideoSource | None = None
+        self.source, self.num_frames, self.fps = primary.source, primary.num_frames, primary.fps
+        self.height, self.width = primary.height, primary.width
+        self.frame_times = getattr(primary, "frame_times", None)
+        self._on_close = on_close
+        self._closed = False
+
+    @property
+    def backend(self) -> str:
+        """Name of the reader in use: the primary's class until a decoding error switched to the fallback."""
+        return type(self._fallback or self._primary).__name__
+
+    def _switch(self, err: VideoError) -> VideoSource:
+        if self._fallback is not None:
+            return self._fallback
+        logger.warning("video %s: %s; continuing with PyAV", self.source, err.reason)
+        try:
+            fallback = self._open_fallback()
+        except VideoError as other:
+            raise type(other)(self.source, f"{other.reason}; {err.reason}") from other
+        if (fallback.num_frames, fallback.height, fallback.width) != (self.num_frames, self.height, self.width):
+            fallback.close()
+            raise VideoDecodeError(self.source, f"{err.reason}; pyav sees {fallback.num_frames} frames of "
+                                                f"{fallback.width}x{fallback.height}, decord saw {self.num_frames} "
+                                                f"of {self.width}x{self.height}")
+        self._primary.close()
+        self._fallback, self._primary_error = fallback, err
+        return fallback
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Return uint8 (n, H, W, 3) RGB frames at `indices`."""
+        if self._fallback is None:
+            try:
+                return self._primary.read(indices)
+            except VideoDecodeError as err:
+                self._switch(err)
+        with self._both_reasons():
+            return self._fallback.read(indices)
+
+    @contextlib.contextmanager
+    def _both_reasons(self) -> Iterator[None]:
+        """Errors of the fallback also say why the primary was given up."""
+        try:
+            yield
+        except VideoError as err:
+            raise type(err)(self.source, f"{err.reason}; {self._primary_error.reason}") from err
+
+    def iter_batches(self, indices: np.ndarray, batch_frames: int) -> Iterator[np.ndarray]:
+        """Yield uint8 (b, H, W, 3) batches; after a switch the rest stream from the fallback in one pass."""
+        start = 0
+        while start < len(indices) and self._fallback is None:
+            part = indices[start : start + batch_frames]
+            try:
+                batch = self._primary.read(part)
+            except VideoDecodeError as err:
+                self._switch(err)
+                break
+            yield batch
+            start += len(part)
+        if start < len(indices):
+            with self._both_reasons():
+                yield from iter_frame_batches(self._fallback, indices[start:], batch_frames)
+
+    def close(self) -> None:
+        """Close both readers and run the opener's cleanup (removing a temporary file) once."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._primary.close()
+            if self._fallback is not None:
+                self._fallback.close()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    def __enter__(self) -> FallbackReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _download(fs: fsspec.AbstractFileSystem, path: str, name: str) -> str:

@@ -55,6 +55,15 @@ def check_indices(indices: np.ndarray | list[int], num_frames: int, source: str)
     return arr
 
 
+def presentation_times(times: np.ndarray, num_frames: int) -> np.ndarray | None:
+    """float64 (num_frames,) seconds from the first frame when `times` (a reader's PTS in seconds) are usable:
+    finite, one per frame, non-decreasing. None otherwise, and sampling then assumes a constant frame rate."""
+    times = np.asarray(times, dtype=np.float64)
+    if times.shape != (num_frames,) or not np.all(np.isfinite(times)) or np.any(np.diff(times) < 0):
+        return None
+    return times - times[0]
+
+
 def iter_frame_batches(video: VideoSource, indices: np.ndarray, batch_frames: int) -> Iterator[np.ndarray]:
     """Yield the frames at `indices` in order as uint8 (b, H, W, 3) batches with b <= batch_frames.
 

@@ -27,7 +27,7 @@ def reference_nframes(total: int, video_fps: float, fps: float, min_frames: int,
         (37, 10.0, 6),  # 3.7 s -> 7.4 frames, floored to even
         (125, 25.0, 10),
         (30, 30.0, 4),  # 1 s -> 2 frames, clamped up to min_frames
-        (30 * 3600, 30.0, 768),  # an hour, clamped down to max_frames
+        (30 * 3600, 30.0, 7200),  # an hour at 2 fps: no cap by default
         (4, 30.0, 4),
         (5, 30.0, 4),  # clamped to the video, then floored to even
     ],
