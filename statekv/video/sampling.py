@@ -92,11 +92,15 @@ def _check_times(frame_times: np.ndarray, total_frames: int, source: object) -> 
     return times - times[0]
 
 
-def _duration(times: np.ndarray, video_fps: float) -> float:
-    """Seconds from the first frame to the end of the last: its time + the mean frame interval."""
-    if len(times) < 2 or times[-1] <= 0:
+def _duration(times: np.ndarray, video_fps: float, exact: bool) -> float:
+    """Seconds from the first frame to the end of the last, which is shown as long as the interval before it.
+
+    `exact` (times derived from the constant rate) keeps the recipe's `total / fps`; measured times are rounded
+    to microseconds so that a 10 s clip is not 9.999999 s (and two frames short after flooring).
+    """
+    if exact or len(times) < 2 or times[-1] <= 0:
         return len(times) / video_fps
-    return float(times[-1] * len(times) / (len(times) - 1))
+    return round(float(times[-1] + (times[-1] - times[-2])), 6)
 
 
 def _nearest(times: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -129,7 +133,7 @@ def sample_frames(
         raise VideoError(source, f"invalid frame rate {video_fps!r}")
     times = (np.arange(total_frames, dtype=np.float64) / float(video_fps) if frame_times is None
              else _check_times(frame_times, total_frames, source))
-    duration = _duration(times, float(video_fps))
+    duration = _duration(times, float(video_fps), exact=frame_times is None)
     min_n = _ceil_even(config.min_frames)
     capped = False
     if total_frames < min_n:

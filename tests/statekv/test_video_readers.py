@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 import tempfile
@@ -15,8 +16,8 @@ import numpy as np
 import pytest
 
 from statekv.errors import EmptyVideoError, VideoDecodeError, VideoError, VideoNotFoundError
-from statekv.testing.videos import synthetic_frames, write_video
-from statekv.video import FramesSource, iter_frame_batches, open_video
+from statekv.testing.videos import synthetic_frames, write_vfr_video, write_video
+from statekv.video import ClipSource, FramesSource, SamplingConfig, iter_frame_batches, open_video, sample_source
 from statekv.video.pyav_reader import PyAVReader
 
 NUM_FRAMES, FPS = 24, 8.0
@@ -249,3 +250,119 @@ def test_auto_falls_back_to_pyav_without_decord(videos: dict[str, Path], monkeyp
 def test_unknown_backend_lists_valid_names(videos: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="auto, decord, pyav"):
         open_video(videos["mp4"], backend="opencv")
+
+
+# --- presentation time, clips, decoding errors after open ------------------------------------------------------
+
+# 30 fps for 2 s, then a frame every 0.5 s up to 6 s: the frame at 4.0 s is frame 64 (64 / average fps = 5.8 s)
+VFR_TIMES = np.concatenate([np.arange(60) / 30.0, 2.0 + 0.5 * np.arange(9)])
+
+
+@pytest.fixture(scope="module")
+def vfr_video(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    frames = synthetic_frames(len(VFR_TIMES), 56, 84, seed=3)
+    path = tmp_path_factory.mktemp("vfr") / "phone.mp4"
+    write_vfr_video(path, frames, VFR_TIMES)
+    return path, frames
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_variable_frame_rate_is_stamped_and_sampled_by_presentation_time(
+    vfr_video: tuple[Path, np.ndarray], backend: str
+) -> None:
+    path, frames = vfr_video
+    with open_video(path, backend=backend) as video:
+        np.testing.assert_allclose(video.frame_times, VFR_TIMES, atol=1e-3)
+        sampling = sample_source(video, SamplingConfig(fps=2.0))
+        decoded = video.read(sampling.indices)
+    shown = nearest_source_frame(decoded, frames)  # which frame of the clip each sampled frame really is
+    np.testing.assert_allclose(sampling.timestamps, VFR_TIMES[shown], atol=1e-3)
+    assert 64 in shown.tolist()
+    assert sampling.timestamps[shown.tolist().index(64)] == pytest.approx(4.0, abs=1e-3)  # not 5.8 s
+    uniform = np.linspace(0.0, VFR_TIMES[-1], sampling.num_frames)
+    assert np.abs(sampling.timestamps - uniform).max() <= 0.25 + 1e-3  # half the sparse interval: uniform in time
+
+
+def test_clip_source_is_a_window_in_presentation_time(vfr_video: tuple[Path, np.ndarray]) -> None:
+    path, frames = vfr_video
+    with open_video(path, backend="pyav") as video:
+        clip = ClipSource(video, 2.0, 4.5)
+        assert clip.start_time == pytest.approx(2.0) and clip.num_frames == 5  # 2.0, 2.5, 3.0, 3.5, 4.0
+        np.testing.assert_allclose(clip.frame_times, [0.0, 0.5, 1.0, 1.5, 2.0], atol=1e-3)
+        got = np.concatenate(list(iter_frame_batches(clip, np.arange(5), 2)))
+        np.testing.assert_array_equal(nearest_source_frame(got, frames), np.arange(60, 65))
+        with pytest.raises(EmptyVideoError, match="phone.mp4"):
+            ClipSource(video, 7.0, 8.0)
+
+
+@pytest.fixture(scope="module")
+def vp9_webm(tmp_path_factory: pytest.TempPathFactory, frames: np.ndarray) -> Path:
+    path = tmp_path_factory.mktemp("vp9") / "clip.webm"
+    write_video(path, frames, FPS, codec="libvpx-vp9")
+    return path
+
+
+def _decord_fails_after(monkeypatch: pytest.MonkeyPatch, calls_that_work: int) -> None:
+    """Make decord's `get_batch` fail as it does on some VP9 WebM files (our decord build decodes the ones PyAV
+    can encode here, so the failure the issue reports is reproduced at the decord call it came from)."""
+    import decord
+
+    real = decord.VideoReader.get_batch
+    count = {"n": 0}
+
+    def get_batch(self, indices):
+        count["n"] += 1
+        if count["n"] > calls_that_work:
+            raise decord.DECORDError("[12:00:00] src/video/video_reader.cc:633: Check failed: "
+                                     "avcodec_send_packet(dec_ctx, pkt) >= 0 (-11 vs. 0)")
+        return real(self, indices)
+
+    monkeypatch.setattr(decord.VideoReader, "get_batch", get_batch)
+
+
+@pytest.mark.parametrize("calls_that_work", [0, 1])
+def test_decoding_error_after_open_falls_back_to_pyav(
+    vp9_webm: Path, frames: np.ndarray, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    calls_that_work: int,
+) -> None:
+    indices = np.arange(0, NUM_FRAMES, 2)
+    with open_video(vp9_webm, backend="pyav") as pyav:
+        expected = pyav.read(indices)
+    _decord_fails_after(monkeypatch, calls_that_work)
+    with caplog.at_level(logging.WARNING, logger="statekv.video.readers"):
+        with open_video(vp9_webm) as video:
+            got = np.concatenate(list(iter_frame_batches(video, indices, 4)))
+            assert video.backend == "PyAVReader"
+            np.testing.assert_array_equal(video.read(indices[:3]), expected[:3])
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 2
+    np.testing.assert_array_equal(nearest_source_frame(got, frames), indices)
+    [record] = caplog.records
+    assert str(vp9_webm) in record.message and "-11" in record.message and "PyAV" in record.message
+    with open_video(vp9_webm, backend="decord") as video, pytest.raises(VideoDecodeError) as info:
+        video.read(indices)
+    assert str(vp9_webm) in str(info.value) and "-11" in str(info.value) and "\n" not in str(info.value)
+    assert "video_reader.cc" not in str(info.value)  # decord's source locations are not the user's business
+
+
+def test_no_backend_can_decode_is_one_error_naming_the_file(tmp_path: Path) -> None:
+    """A truncated MP4 whose index (moov first) promises frames the file no longer has: decord fails opening it,
+    PyAV while decoding; either way one line names the file and the reason."""
+    whole = tmp_path / "whole.mp4"
+    frames = synthetic_frames(120, 56, 84)
+    with av.open(str(whole), mode="w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 84, 56, "yuv420p"
+        for rgb in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode(None))
+    cut = tmp_path / "cut.mp4"
+    data = whole.read_bytes()
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    for backend in ALL_BACKENDS:
+        with pytest.raises(VideoDecodeError) as info:
+            with open_video(cut, backend=backend) as video:
+                for _ in iter_frame_batches(video, np.arange(video.num_frames), 8):
+                    pass
+        message = str(info.value)
+        assert str(cut) in message and "\n" not in message, backend
+        assert ("decord" if backend == "decord" else "pyav") in message, backend
