@@ -189,7 +189,7 @@ class IndexActor:
         pixels = {k: v for k, v in (("min_pixels", c.min_pixels), ("max_pixels", c.max_pixels)) if v is not None}
         self.engine = Engine.from_pretrained(
             c.model, policy=make_policy(c.policy, **settings), device=c.device,
-            dtype=getattr(torch, c.dtype) if c.dtype else None, sampling=SamplingConfig(fps=c.fps, **pixels),
+            dtype=getattr(torch, c.dtype) if c.dtype else None, sampling=SamplingConfig(fps=c.fps, max_frames=c.max_frames, **pixels),
             chunks_per_step=c.chunks_per_step)
         logger.info("actor %d ready: %s on %s", os.getpid(), c.model, self.engine.device)
 

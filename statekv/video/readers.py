@@ -1,9 +1,11 @@
 """`open_video`: find a video's bytes (local path, `file://`, any fsspec URL, file object) and pick a decoder.
 
-Backends: "decord" (random access), "pyav" (streams; the default for file objects) and "auto" for paths: decord,
-falling back to PyAV when decord is missing, cannot open the file, or fails while decoding it (VP9 packets its
-old FFmpeg rejects, truncated files): the frames not yet read then come from PyAV. Where neither can decode, one
-`VideoDecodeError` names the file and both reasons. decord reads file objects
+Backends: "pyav" (streams, one forward pass, host memory flat in video length), "decord" (random access) and
+"auto": PyAV, falling back to decord when PyAV cannot open the file or fails while decoding it (the frames not yet
+read then come from decord). Where neither can decode, one `VideoDecodeError` names the file and both reasons.
+PyAV leads because it decoded every codec of docs/benchmarks.md ("Decoders"), AV1 included, and because decord's
+decoder thread runs ahead of the reader: between two reads separated by model work it buffers frames until the
+next seek, so decord's host memory grows with the stretch of video between keyframes. decord reads file objects
 fully into memory, so for remote URLs it gets a local temporary copy, removed when the reader is closed; PyAV
 streams remote objects through an fsspec file object instead.
 """
@@ -87,29 +89,26 @@ def _construct(build: Callable[[], VideoSource], cleanup: Callable[[], None] | N
 
 
 def _open_path(path: str, name: str, backend: str, *, cleanup: Callable[[], None] | None) -> VideoSource:
-    """Open a local file with `backend`; "auto" tries decord, then PyAV."""
+    """Open a local file with `backend`; "auto" is PyAV, falling back to decord (at open or while decoding)."""
     if backend == "pyav":
         return _construct(lambda: PyAVReader(path, name, on_close=cleanup), cleanup)
     if backend == "decord":
         return _construct(lambda: DecordReader(path, name, on_close=cleanup), cleanup)
     try:
-        return FallbackReader(DecordReader(path, name), lambda: PyAVReader(path, name), on_close=cleanup)
-    except ImportError as err:
-        logger.debug("decord unavailable (%s); opening %s with PyAV", err, name)
-        decord_error: VideoError | None = None
+        return FallbackReader(PyAVReader(path, name), lambda: DecordReader(path, name), on_close=cleanup)
     except VideoError as err:
-        logger.debug("decord failed on %s (%s); retrying with PyAV", name, err.reason)
-        decord_error = err
+        logger.debug("pyav failed on %s (%s); retrying with decord", name, err.reason)
+        pyav_error = err
     except BaseException:
         if cleanup is not None:
             cleanup()
         raise
     try:
-        return _construct(lambda: PyAVReader(path, name, on_close=cleanup), cleanup)
+        return _construct(lambda: DecordReader(path, name, on_close=cleanup), cleanup)
+    except ImportError:
+        raise pyav_error from None
     except VideoError as err:
-        if decord_error is None:
-            raise
-        raise type(err)(name, f"{err.reason}; {decord_error.reason}") from err
+        raise type(pyav_error)(name, f"{pyav_error.reason}; {err.reason}") from err
 
 
 class FallbackReader:
@@ -137,16 +136,18 @@ class FallbackReader:
     def _switch(self, err: VideoError) -> VideoSource:
         if self._fallback is not None:
             return self._fallback
-        logger.warning("video %s: %s; continuing with PyAV", self.source, err.reason)
         try:
             fallback = self._open_fallback()
+        except ImportError:
+            raise err from None
         except VideoError as other:
-            raise type(other)(self.source, f"{other.reason}; {err.reason}") from other
+            raise type(other)(self.source, f"{err.reason}; {other.reason}") from other
+        logger.warning("video %s: %s; continuing with %s", self.source, err.reason, type(fallback).__name__)
         if (fallback.num_frames, fallback.height, fallback.width) != (self.num_frames, self.height, self.width):
             fallback.close()
-            raise VideoDecodeError(self.source, f"{err.reason}; pyav sees {fallback.num_frames} frames of "
-                                                f"{fallback.width}x{fallback.height}, decord saw {self.num_frames} "
-                                                f"of {self.width}x{self.height}")
+            raise VideoDecodeError(self.source, f"{err.reason}; {type(fallback).__name__} sees "
+                                                f"{fallback.num_frames} frames of {fallback.width}x{fallback.height}"
+                                                f", not {self.num_frames} of {self.width}x{self.height}")
         self._primary.close()
         self._fallback, self._primary_error = fallback, err
         return fallback
@@ -167,7 +168,7 @@ class FallbackReader:
         try:
             yield
         except VideoError as err:
-            raise type(err)(self.source, f"{err.reason}; {self._primary_error.reason}") from err
+            raise type(err)(self.source, f"{self._primary_error.reason}; {err.reason}") from err
 
     def iter_batches(self, indices: np.ndarray, batch_frames: int) -> Iterator[np.ndarray]:
         """Yield uint8 (b, H, W, 3) batches; after a switch the rest stream from the fallback in one pass."""

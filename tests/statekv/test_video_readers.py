@@ -18,7 +18,9 @@ import pytest
 from statekv.errors import EmptyVideoError, VideoDecodeError, VideoError, VideoNotFoundError
 from statekv.testing.videos import synthetic_frames, write_vfr_video, write_video
 from statekv.video import ClipSource, FramesSource, SamplingConfig, iter_frame_batches, open_video, sample_source
+from statekv.video.decord_reader import DecordReader
 from statekv.video.pyav_reader import PyAVReader
+from statekv.video.readers import FallbackReader
 
 NUM_FRAMES, FPS = 24, 8.0
 ALL_BACKENDS = ["auto", "decord", "pyav"]
@@ -239,10 +241,15 @@ def test_container_without_frames_is_empty(videos: dict[str, Path], backend: str
         open_video(videos["no_stream"], backend=backend)
 
 
-def test_auto_falls_back_to_pyav_without_decord(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_reads_with_pyav_and_works_without_decord(videos: dict[str, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    with open_video(videos["mp4"]) as video:
+        assert video.backend == "PyAVReader"
     monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
     with open_video(videos["mp4"]) as video:
-        assert isinstance(video, PyAVReader)
+        assert video.backend == "PyAVReader" and video.read(np.array([0])).shape == (1, 56, 84, 3)
+    with pytest.raises(VideoDecodeError, match="pyav"):
+        open_video(videos["random"])  # no decord to fall back to: PyAV's reason
     with pytest.raises(ImportError):
         open_video(videos["mp4"], backend="decord")
 
@@ -296,73 +303,79 @@ def test_clip_source_is_a_window_in_presentation_time(vfr_video: tuple[Path, np.
 
 
 @pytest.fixture(scope="module")
-def vp9_webm(tmp_path_factory: pytest.TempPathFactory, frames: np.ndarray) -> Path:
-    path = tmp_path_factory.mktemp("vp9") / "clip.webm"
-    write_video(path, frames, FPS, codec="libvpx-vp9")
-    return path
+def corrupt_vp9(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    """A VP9 WebM with 2 kB of garbage 30% in: both decoders open it and fail once they reach the bad packets."""
+    root = tmp_path_factory.mktemp("vp9")
+    frames = synthetic_frames(240, 128, 192)
+    clean, corrupt = root / "clean.webm", root / "corrupt.webm"
+    write_video(clean, frames, 24.0, codec="libvpx-vp9")
+    data = bytearray(clean.read_bytes())
+    at = int(len(data) * 0.3)
+    data[at : at + 2000] = np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    corrupt.write_bytes(bytes(data))
+    return clean, corrupt, frames
 
 
-def _decord_fails_after(monkeypatch: pytest.MonkeyPatch, calls_that_work: int) -> None:
-    """Make decord's `get_batch` fail as it does on some VP9 WebM files (our decord build decodes the ones PyAV
-    can encode here, so the failure the issue reports is reproduced at the decord call it came from)."""
-    import decord
-
-    real = decord.VideoReader.get_batch
-    count = {"n": 0}
-
-    def get_batch(self, indices):
-        count["n"] += 1
-        if count["n"] > calls_that_work:
-            raise decord.DECORDError("[12:00:00] src/video/video_reader.cc:633: Check failed: "
-                                     "avcodec_send_packet(dec_ctx, pkt) >= 0 (-11 vs. 0)")
-        return real(self, indices)
-
-    monkeypatch.setattr(decord.VideoReader, "get_batch", get_batch)
-
-
-@pytest.mark.parametrize("calls_that_work", [0, 1])
-def test_decoding_error_after_open_falls_back_to_pyav(
-    vp9_webm: Path, frames: np.ndarray, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-    calls_that_work: int,
-) -> None:
-    indices = np.arange(0, NUM_FRAMES, 2)
-    with open_video(vp9_webm, backend="pyav") as pyav:
-        expected = pyav.read(indices)
-    _decord_fails_after(monkeypatch, calls_that_work)
-    with caplog.at_level(logging.WARNING, logger="statekv.video.readers"):
-        with open_video(vp9_webm) as video:
-            got = np.concatenate(list(iter_frame_batches(video, indices, 4)))
-            assert video.backend == "PyAVReader"
-            np.testing.assert_array_equal(video.read(indices[:3]), expected[:3])
-    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 2
-    np.testing.assert_array_equal(nearest_source_frame(got, frames), indices)
-    [record] = caplog.records
-    assert str(vp9_webm) in record.message and "-11" in record.message and "PyAV" in record.message
-    with open_video(vp9_webm, backend="decord") as video, pytest.raises(VideoDecodeError) as info:
-        video.read(indices)
-    assert str(vp9_webm) in str(info.value) and "-11" in str(info.value) and "\n" not in str(info.value)
-    assert "video_reader.cc" not in str(info.value)  # decord's source locations are not the user's business
-
-
-def test_no_backend_can_decode_is_one_error_naming_the_file(tmp_path: Path) -> None:
-    """A truncated MP4 whose index (moov first) promises frames the file no longer has: decord fails opening it,
-    PyAV while decoding; either way one line names the file and the reason."""
-    whole = tmp_path / "whole.mp4"
-    frames = synthetic_frames(120, 56, 84)
-    with av.open(str(whole), mode="w", options={"movflags": "faststart"}) as container:
+def _faststart_mp4(path: Path, frames: np.ndarray) -> None:
+    """H.264 MP4 with its index (moov) first, so a cut file still promises every frame."""
+    with av.open(str(path), mode="w", options={"movflags": "faststart"}) as container:
         stream = container.add_stream("libx264", rate=24)
-        stream.width, stream.height, stream.pix_fmt = 84, 56, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for rgb in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
         container.mux(stream.encode(None))
-    cut = tmp_path / "cut.mp4"
+
+
+@pytest.fixture(scope="module")
+def truncated_mp4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    root = tmp_path_factory.mktemp("cut")
+    frames = synthetic_frames(120, 56, 84)
+    whole, cut = root / "whole.mp4", root / "cut.mp4"
+    _faststart_mp4(whole, frames)
     data = whole.read_bytes()
     cut.write_bytes(data[: len(data) * 6 // 10])
-    for backend in ALL_BACKENDS:
-        with pytest.raises(VideoDecodeError) as info:
-            with open_video(cut, backend=backend) as video:
-                for _ in iter_frame_batches(video, np.arange(video.num_frames), 8):
-                    pass
-        message = str(info.value)
-        assert str(cut) in message and "\n" not in message, backend
-        assert ("decord" if backend == "decord" else "pyav") in message, backend
+    return whole, cut, frames
+
+
+def test_decoding_error_after_open_continues_with_the_fallback(
+    truncated_mp4: tuple[Path, Path, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    """PyAV opens the cut file and fails when its frames run out; the frames read before stay, the rest come from
+    the fallback (here decord on the whole file, the same video) at the same indices."""
+    whole, cut, frames = truncated_mp4
+    indices = np.arange(0, 120, 3)
+    reader = FallbackReader(PyAVReader(str(cut), str(cut)), lambda: DecordReader(str(whole), str(whole)))
+    with caplog.at_level(logging.WARNING, logger="statekv.video.readers"), reader:
+        assert reader.backend == "PyAVReader"
+        got = np.concatenate(list(iter_frame_batches(reader, indices, 8)))
+        assert reader.backend == "DecordReader"
+        np.testing.assert_array_equal(nearest_source_frame(reader.read(indices[-3:]), frames), indices[-3:])
+    np.testing.assert_array_equal(nearest_source_frame(got, frames), indices)
+    [record] = caplog.records
+    assert str(cut) in record.message and "stream ended" in record.message and "DecordReader" in record.message
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_decoding_error_after_open_is_one_line_naming_the_file(
+    corrupt_vp9: tuple[Path, Path, np.ndarray], backend: str
+) -> None:
+    _, corrupt, _ = corrupt_vp9
+    with open_video(corrupt, backend=backend) as video, pytest.raises(VideoDecodeError) as info:
+        for _ in iter_frame_batches(video, np.arange(0, video.num_frames, 6), 8):
+            pass
+    message = str(info.value)
+    assert str(corrupt) in message and "\n" not in message
+    assert "video_reader.cc" not in message  # decord's source locations are not the reader's business
+    wanted = {"auto": ["pyav", "decord"], "pyav": ["pyav"], "decord": ["decord"]}[backend]
+    assert all(f"{name}: " in message for name in wanted)  # auto: both reasons
+
+
+def test_truncated_file_is_one_error_naming_the_file(truncated_mp4: tuple[Path, Path, np.ndarray]) -> None:
+    """The cut MP4 promises frames it no longer has: PyAV says how far it got, on one line naming the file."""
+    _, cut, _ = truncated_mp4
+    with pytest.raises(VideoDecodeError) as info:
+        with open_video(cut, backend="pyav") as video:
+            for _ in iter_frame_batches(video, np.arange(video.num_frames), 8):
+                pass
+    message = str(info.value)
+    assert str(cut) in message and "\n" not in message and "stream ended after" in message
