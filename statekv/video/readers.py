@@ -171,20 +171,20 @@ class FallbackReader:
             raise type(err)(self.source, f"{self._primary_error.reason}; {err.reason}") from err
 
     def iter_batches(self, indices: np.ndarray, batch_frames: int) -> Iterator[np.ndarray]:
-        """Yield uint8 (b, H, W, 3) batches; after a switch the rest stream from the fallback in one pass."""
-        start = 0
-        while start < len(indices) and self._fallback is None:
-            part = indices[start : start + batch_frames]
+        """Yield uint8 (b, H, W, 3) batches, streamed by the primary (one PyAV pass); after a decoding error the
+        frames not yet yielded stream from the fallback."""
+        done = 0
+        if self._fallback is None:
             try:
-                batch = self._primary.read(part)
+                for batch in iter_frame_batches(self._primary, indices, batch_frames):
+                    done += len(batch)
+                    yield batch
+                return
             except VideoDecodeError as err:
                 self._switch(err)
-                break
-            yield batch
-            start += len(part)
-        if start < len(indices):
+        if done < len(indices):
             with self._both_reasons():
-                yield from iter_frame_batches(self._fallback, indices[start:], batch_frames)
+                yield from iter_frame_batches(self._fallback, indices[done:], batch_frames)
 
     def close(self) -> None:
         """Close both readers and run the opener's cleanup (removing a temporary file) once."""

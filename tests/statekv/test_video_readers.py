@@ -175,9 +175,11 @@ def test_batch_arguments_are_checked_at_call_time(frames: np.ndarray) -> None:
         iter_frame_batches(video, np.array([NUM_FRAMES]), 4)
 
 
-def test_pyav_batches_come_from_one_decoding_pass(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("backend", ["pyav", "auto"])
+def test_pyav_batches_come_from_one_decoding_pass(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                                  backend: str) -> None:
     """Regression guard: batch iteration must not re-open and re-decode from the start for every batch."""
-    with open_video(videos["mp4"], backend="pyav") as video:
+    with open_video(videos["mp4"], backend=backend) as video:
         opened = []
         original = PyAVReader._open
         monkeypatch.setattr(PyAVReader, "_open", lambda self: opened.append(1) or original(self))
