@@ -116,13 +116,29 @@ def _peak_rss_mb() -> float:
     return 0.0
 
 
-def _worker(backend: str, path: str) -> dict:
+def _worker(backend: str, path: str, repeats: int) -> dict:
     import time
 
+    best = None
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        out = _decode_once(backend, path)
+        out["seconds"] = round(time.perf_counter() - start, 4)
+        if best is None or (out["ok"] and out["seconds"] < best["seconds"]):
+            best = out
+        if not out["ok"]:
+            break
+    best["fps"] = round(best["frames"] / best["seconds"], 1) if best["ok"] else 0.0  # sampled frames per second
+    best["realtime_x"] = round(best.pop("duration") / best["seconds"], 1) if best["ok"] else 0.0
+    best["peak_rss_mb"] = _peak_rss_mb()
+    return best
+
+
+def _decode_once(backend: str, path: str) -> dict:
+    """Open, sample 2 fps by presentation time, decode the sampled frames; frames, success, error."""
     import numpy as np
 
-    out = {"ok": False, "frames": 0, "seconds": 0.0, "fps": 0.0, "error": ""}
-    start = time.perf_counter()
+    out = {"ok": False, "frames": 0, "duration": 0.0, "error": ""}
     try:
         if backend == "pyav":
             import av
@@ -156,14 +172,13 @@ def _worker(backend: str, path: str) -> dict:
             shape = got[0].shape if got else None
             height, width = shape[:2] if shape else (0, 0)
         out["frames"] = len(got)
+        out["duration"] = float(times[-1] - times[0]) if backend == "pyav" else float(vr.get_frame_timestamp(
+            [n - 1])[0, 1])
         out["ok"] = len(got) == len(want) and shape == (height, width, 3)
         if not out["ok"]:
             out["error"] = f"{len(got)} of {len(want)} frames"
     except Exception as err:  # noqa: BLE001 - the figure is whether it decodes, and why not
         out["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}"
-    out["seconds"] = round(time.perf_counter() - start, 3)
-    out["fps"] = round(out["frames"] / out["seconds"], 1) if out["seconds"] > 0 and out["ok"] else 0.0  # sampled/s
-    out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
 
@@ -179,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default="/tmp/statekv-bench-decode", help="where the clips are encoded")
     parser.add_argument("--python", action="append", default=[], metavar="NAME=INTERPRETER",
                         help="also measure `import decord` in another interpreter (e.g. decord2=/venv/bin/python)")
+    parser.add_argument("--repeats", type=int, default=3, help="decode each clip this often, keep the fastest")
     parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(*args.worker)))
+        print(json.dumps(_worker(*args.worker, args.repeats)))
         return 0
     clips = make_clips(args.dir)
     backends = {"pyav": ("pyav", sys.executable), "decord": ("decord", sys.executable)}
@@ -195,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         results["backends"][name] = {"module": "av" if kind == "pyav" else "decord",
                                      "version": _version(python, kind)}
         for clip, path in clips.items():
-            done = subprocess.run([python, script, "--worker", kind, path], capture_output=True, text=True)
+            done = subprocess.run([python, script, "--worker", kind, path, "--repeats", str(args.repeats)],
+                                  capture_output=True, text=True)
             line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
             try:
                 row = json.loads(line)

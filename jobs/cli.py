@@ -255,7 +255,8 @@ def _state_tokens(manifest: dict[str, Any]) -> int:
 
 def _describe_manifest(uri: str, m: dict[str, Any]) -> str:
     sampling, grid, totals, model = m["sampling"], m["grid"], m["totals"], m["model"]
-    duration = sampling["total_frames"] / sampling["video_fps"] if sampling["video_fps"] else 0.0
+    duration = sampling.get("duration") or (  # caches written before durations were recorded
+        sampling["total_frames"] / sampling["video_fps"] if sampling["video_fps"] else 0.0)
     policy = ", ".join(f"{k}={v}" for k, v in m["policy"].items() if k != "name" and v is not None)
     rows = [
         ("cache", uri),
