@@ -23,7 +23,8 @@ class PyAVReader:
 
     The whole file is demuxed once at open (its bytes are read, nothing is decoded) to collect every packet's
     presentation timestamp: `frame_times` (float64 (num_frames,), seconds from the first frame, None when the
-    packets carry none). Frame count: the container's `stream.frames` when it states one, else the number of
+    packets carry none). Frames come upright: a display rotation (phones' portrait video) is applied, as decord
+    and players do. Frame count: the container's `stream.frames` when it states one, else the number of
     non-empty packets (Matroska/WebM). fps: `stream.average_rate`, falling back to `guessed_rate`.
     """
 
@@ -57,7 +58,10 @@ class PyAVReader:
                 raise VideoDecodeError(self.source, f"pyav: {err}") from err
             if first is None:
                 raise EmptyVideoError(self.source, "video stream has no decodable frames")
-            self.height, self.width = int(first.height), int(first.width)
+            self._coded = (int(first.height), int(first.width))
+            # phones store portrait video as landscape plus a display rotation; show it upright, as players do
+            self._turns = (int(getattr(first, "rotation", 0) or 0) // 90) % 4  # counterclockwise quarter turns
+            self.height, self.width = self._coded[::-1] if self._turns % 2 else self._coded
         packets, pts = self._packet_times()
         self.num_frames = num_frames if num_frames > 0 else packets
         self.frame_times = None if pts is None else presentation_times(np.sort(pts), self.num_frames)
@@ -117,7 +121,9 @@ class PyAVReader:
                     decoded += 1
                     if indices[k] != i:
                         continue
-                    rgb = frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
+                    rgb = frame.to_ndarray(format="rgb24", width=self._coded[1], height=self._coded[0])
+                    if self._turns:
+                        rgb = np.ascontiguousarray(np.rot90(rgb, self._turns))  # (H, W, 3) as displayed
                     while k < len(indices) and indices[k] == i:
                         yield rgb
                         k += 1
