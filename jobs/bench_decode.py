@@ -35,7 +35,7 @@ def _frames(n: int, height: int, width: int):
 
 
 def _encode(path: str, codec: str, *, n: int = FPS * SECONDS, height: int = HEIGHT, width: int = WIDTH,
-            times: list[float] | None = None, rotate: int | None = None, options: dict | None = None) -> None:
+            times: list[float] | None = None, rotate: bool = False, options: dict | None = None) -> None:
     import av
 
     with av.open(path, mode="w", options=options or {}) as container:
@@ -43,14 +43,21 @@ def _encode(path: str, codec: str, *, n: int = FPS * SECONDS, height: int = HEIG
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if times is not None:
             stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
-        if rotate is not None:
-            stream.metadata["rotate"] = str(rotate)
         for i, rgb in enumerate(_frames(n, height, width)):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             if times is not None:
                 frame.pts, frame.time_base = round(times[i] * 1000), Fraction(1, 1000)
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
+    if rotate:  # PyAV writes no display matrix: put a 90° one into the MOV track header, as phones do
+        import struct
+
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+        matrix = data.index(b"tkhd") + 44
+        data[matrix : matrix + 36] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)
+        with open(path, "wb") as f:
+            f.write(bytes(data))
 
 
 def make_clips(root: str) -> dict[str, str]:
@@ -65,7 +72,7 @@ def make_clips(root: str) -> dict[str, str]:
         "vp9.webm": dict(codec="libvpx-vp9"),
         "hevc.mkv": dict(codec="libx265"),
         "av1.mkv": dict(codec="libsvtav1"),
-        "rotated.mov": dict(codec="libx264", rotate=90),
+        "rotated.mov": dict(codec="libx264", rotate=True),
         "vfr.mp4": dict(codec="libx264", times=vfr),
         "portrait.mp4": dict(codec="libx264", height=WIDTH, width=HEIGHT),
         "one_frame.mp4": dict(codec="libx264", n=1),
@@ -102,7 +109,7 @@ def _sample(times, fps: float):
 
     times = times - times[0]
     duration = times[-1] + (times[-1] - times[-2]) if len(times) > 1 else 1.0 / fps
-    n = max(2, int(duration * 2.0) // 2 * 2)
+    n = max(2, int(round(duration, 6) * 2.0) // 2 * 2)
     targets = np.linspace(0.0, times[-1], n)
     return np.clip(np.searchsorted(times, targets), 0, len(times) - 1)
 
