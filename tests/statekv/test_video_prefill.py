@@ -12,7 +12,6 @@ import av
 import numpy as np
 import pytest
 
-from jobs.cli import main
 from statekv import Engine, StateKV
 from statekv.errors import VideoError
 from statekv.store import load_cache, prefill_to_store, read_manifest
@@ -57,7 +56,7 @@ def test_variable_frame_rate_cache_is_stamped_by_presentation_time(engine, clips
     assert cache.chunks[0].timestamps == pytest.approx(s["timestamps"][:2])
 
 
-def test_resume_records_each_source_and_a_consistent_duration(engine, clips, tmp_path, capsys):
+def test_resume_records_each_source_and_a_consistent_duration(engine, clips, tmp_path):
     uri = tmp_path / "stream"
     prefill_to_store(engine, clips["a"], uri)
     manifest = prefill_to_store(engine, clips["b"], uri, resume=True)
@@ -73,10 +72,11 @@ def test_resume_records_each_source_and_a_consistent_duration(engine, clips, tmp
     # a clip of another frame size is refused, on one line naming it; the committed stream stays as it was
     with pytest.raises(VideoError, match="portrait.mp4.*frame size 56x84 .*cached stream of 84x56"):
         prefill_to_store(engine, clips["portrait"], uri, resume=True)
-    code = main(["prefill", clips["portrait"], "--model", engine.adapter.name_or_path, "--out", str(uri),
-                 "--resume", *PIXELS])
-    err = capsys.readouterr().err.strip()
-    assert code == 1 and "\n" not in err and clips["portrait"] in err and "frame size" in err
+    code, err, _ = _run_prefill([clips["portrait"], "--model", engine.adapter.name_or_path, "--out", str(uri),
+                                 "--resume", *PIXELS])
+    [line] = [line for line in err.splitlines() if line.startswith("statekv prefill:")]
+    assert code == 1 and line.startswith("statekv prefill: error:") and clips["portrait"] in line
+    assert "frame size 56x84" in line and "Traceback" not in err
     assert read_manifest(uri)["sampling"]["segments"] == s["segments"]
 
 
@@ -106,7 +106,10 @@ runpy.run_module("jobs.cli", run_name="__main__")
 
 
 def _run_prefill(args: list[str]) -> tuple[int, str, float]:
-    """Run `statekv prefill` in a fresh process: exit code, stderr and that process's peak RSS in MB."""
+    """Run `statekv prefill` in a fresh process: exit code, stderr and that process's peak RSS in MB.
+
+    A process of its own also makes `jobs` this tree's package: inside pytest, `tests/` is on sys.path and
+    `import jobs` finds `tests/jobs`."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     done = subprocess.run([sys.executable, "-c", _WITH_PEAK_RSS, "prefill", *args], cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
