@@ -147,7 +147,7 @@ def cmd_prefill(args: argparse.Namespace) -> int:
     settings = {} if args.policy == "full" else {"capacity": args.capacity}
     policy = make_policy(args.policy, **settings)
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
-    sampling = SamplingConfig(fps=args.fps, **pixels)
+    sampling = SamplingConfig(fps=args.fps, max_frames=args.max_frames, **pixels)
     engine = _engine(args.model, args, policy=policy, sampling=sampling, chunks_per_step=args.chunks_per_step)
     bar = None
     progress = None
@@ -162,7 +162,7 @@ def cmd_prefill(args: argparse.Namespace) -> int:
 
     try:
         result = prefill_to_store(engine, args.video, args.out, mode=args.mode, int8=args.int8, resume=args.resume,
-                                  storage_options=_storage(args), progress=progress)
+                                  storage_options=_storage(args), progress=progress, backend=args.backend)
     finally:
         if bar is not None:
             bar.close()

@@ -37,7 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser, *, positional: bool = True) -
                         help="CPUs reserved per actor for its decode thread (and the model on CPU actors)")
     add_prefill_options(parser)
     parser.add_argument("--overwrite", action="store_true", help="redo committed caches (default: skip them)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "decord", "pyav"], help="video decoder")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when the actor has a GPU)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
     parser.add_argument("--prefetch", type=int, default=4, help="decoded frame batches queued ahead, per actor")
@@ -61,7 +60,7 @@ def config_from_args(args: argparse.Namespace):
     return IndexConfig(
         input=args.input, output=args.output, model=args.model, actors=args.actors,
         gpus_per_actor=args.gpus_per_actor, decode_cpus=args.decode_cpus, policy=args.policy,
-        capacity=args.capacity, fps=args.fps, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        capacity=args.capacity, fps=args.fps, max_frames=args.max_frames, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         chunks_per_step=args.chunks_per_step, int8=args.int8, overwrite=args.overwrite, storage_options=storage,
         backend=args.backend, device=args.device, dtype=args.dtype, prefetch_batches=args.prefetch,
         scratch_dir=args.scratch_dir, track_memory=args.track_memory, probe_threads=args.probe_threads)

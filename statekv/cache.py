@@ -60,7 +60,12 @@ class VideoInfo:
     sampled_fps: float
     frame_size: tuple[int, int]  # resized (height, width)
     frame_indices: list[int] = field(default_factory=list)
-    timestamps: list[float] = field(default_factory=list)
+    timestamps: list[float] = field(default_factory=list)  # presentation time of each sampled frame, seconds
+    requested_fps: float = 0.0  # the fps asked for; above sampled_fps when --max-frames lowered it
+    duration: float = 0.0  # seconds covered, last frame's display included: a resumed source starts here
+    # one per prefilled source, in order (see statekv.video.sampling.segment): source, window [start, end) seconds
+    # in it, sampled frames [lo, hi) and cache time offset they occupy here, frame size, requested/sampled fps
+    segments: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ from statekv.generation import next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
 from statekv.retrieval import Evidence, Retrieval, RetrievalContext, SegmentRule, SegmentTracker
-from statekv.video import FramesSource, SamplingConfig, VideoSource, iter_frame_batches, open_video, sample_frames
+from statekv.video import FramesSource, SamplingConfig, VideoSource, iter_frame_batches, open_video
+from statekv.video.sampling import resume_timing, sample_source, segment, take_all
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class Engine:
     def prefill(self, video: VideoInput, *, fps: float | None = None, resume_from: VideoKVCache | None = None,
                 sink: ChunkSink | None = None, keep_chunks: bool = True,
                 progress: Callable[[int, int], None] | None = None,
-                storage_options: dict[str, Any] | None = None) -> VideoKVCache:
+                storage_options: dict[str, Any] | None = None, backend: str = "auto") -> VideoKVCache:
         """Prefill a video (path, URL, file object, an opened `VideoSource`, or uint8 frames (T, H, W, 3) with
         their `fps`).
 
@@ -147,11 +148,12 @@ class Engine:
         With `resume_from`, the frames continue that cache's video (its carried state and positions); the
         engine's prefill config must equal the cache's (else `PrefillConfigMismatchError` names the field).
         Each chunk is passed to `sink` as soon as it is made; `keep_chunks=False` keeps none in the result.
+        `backend` picks the decoder for paths and URLs (see `statekv.video.open_video`).
         """
         if resume_from is not None:
             self._check_resumable(resume_from)
         owned = not isinstance(video, VideoSource)
-        source, indices, video_info = self._open(video, fps, storage_options)
+        source, indices, video_info = self._open(video, fps, storage_options, backend)
         try:
             with torch.inference_mode():
                 return self._prefill(source, indices, video_info, resume_from, sink, keep_chunks, progress)
@@ -159,25 +161,24 @@ class Engine:
             if owned:
                 source.close()
 
-    def _open(self, video: VideoInput, fps: float | None, storage_options: dict[str, Any] | None):
+    def _open(self, video: VideoInput, fps: float | None, storage_options: dict[str, Any] | None,
+              backend: str = "auto"):
         if isinstance(video, VideoSource):
             source = video
-            sampling = sample_frames(source.num_frames, source.fps, self.sampling, source=source.source)
-            indices, sampled_fps = sampling.indices, sampling.sampled_fps
+            sampling = sample_source(source, self.sampling)
         elif isinstance(video, np.ndarray):
             if fps is None or fps <= 0:
                 raise VideoError("<frames>", "frames given as an array need their fps (fps=...)")
             source = FramesSource(video, fps)
-            indices = np.arange(source.num_frames, dtype=np.int64)
-            sampled_fps = float(fps)
+            sampling = take_all(source.num_frames, fps)
         else:
-            source = open_video(video, storage_options=storage_options)
+            source = open_video(video, backend=backend, storage_options=storage_options)
             try:
-                sampling = sample_frames(source.num_frames, source.fps, self.sampling, source=source.source)
+                sampling = sample_source(source, self.sampling)
             except BaseException:
                 source.close()
                 raise
-            indices, sampled_fps = sampling.indices, sampling.sampled_fps
+        indices, sampled_fps = sampling.indices, sampling.sampled_fps
         if len(indices) == 0:
             if not isinstance(video, VideoSource):
                 source.close()
@@ -186,8 +187,10 @@ class Engine:
             source=source.source, video_fps=float(source.fps), total_frames=int(source.num_frames),
             sampled_fps=sampled_fps, frame_size=self.adapter.frame_size(source.height, source.width, self.sampling,
                                                                  num_frames=len(indices)),
-            frame_indices=[int(i) for i in indices],
-            timestamps=[float(i) / float(source.fps) for i in indices],
+            frame_indices=[int(i) for i in indices], timestamps=sampling.timestamps.tolist(),
+            requested_fps=sampling.requested_fps, duration=sampling.duration,
+            segments=[segment(source.source, sampling, size=(source.width, source.height),
+                              start=float(getattr(source, "start_time", 0.0)))],
         )
         return source, indices, info
 
@@ -226,13 +229,19 @@ class Engine:
         """Continue `cache`'s video: same model, prefill config and frame size; frames and times continue after it."""
         old = cache.video
         offset_frames = old.frame_indices[-1] + 1 if old.frame_indices else 0
-        offset_time = old.timestamps[-1] + 1.0 / old.sampled_fps if old.timestamps else 0.0
-        start_time = info.timestamps[0] if info.timestamps else 0.0
+        # the stream's first source and the new one, resized by the family's rule for the same frame count: a
+        # different result means another shape would be squeezed into the stream's patch grid (refused)
+        first_w, first_h = old.segments[0]["size"] if old.segments else (old.frame_size[1], old.frame_size[0])
+        expected = self.adapter.frame_size(first_h, first_w, self.sampling, num_frames=len(info.frame_indices))
+        offset_time, segments = resume_timing(old.segments, old.timestamps, old.duration, old.sampled_fps,
+                                              info.segments[0], frame_size=expected,
+                                              new_frame_size=info.frame_size)
         video = VideoInfo(
             source=old.source, video_fps=old.video_fps, total_frames=old.total_frames + info.total_frames,
             sampled_fps=old.sampled_fps, frame_size=old.frame_size,
             frame_indices=old.frame_indices + [offset_frames + i for i in info.frame_indices],
-            timestamps=old.timestamps + [offset_time + t - start_time for t in info.timestamps],
+            timestamps=old.timestamps + [offset_time + t for t in info.timestamps],
+            requested_fps=old.requested_fps, duration=offset_time + info.duration, segments=segments,
         )
         resumed = dataclasses.replace(cache, video=video, chunks=list(cache.chunks) if keep_chunks else [],
                                       chunk_tokens=list(cache.chunk_tokens), cursor=dict(cache.cursor))
@@ -363,7 +372,6 @@ class Engine:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         tokenizer = a.tokenizer
         with torch.inference_mode():
-            dev = self.device
             prompt = a.answer_inputs(question, cache.cursor, cache.config.layout)
             decoder_kwargs = a.decoder_kwargs(cache.cursor)
             embeds, positions = prompt.embeds, prompt.position_ids

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import queue
 import resource
@@ -29,9 +28,9 @@ from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import fetch_file, fetch_member
 from pipelines.indexing.probe import cache_uri
 from pipelines.indexing.report import REPORT_COLUMNS
-from statekv.errors import EmptyVideoError, VideoNotFoundError
+from statekv.errors import VideoNotFoundError
 from statekv.store import prefill_to_store
-from statekv.video import iter_frame_batches, open_video
+from statekv.video import ClipSource, iter_frame_batches, open_video
 
 logger = logging.getLogger(__name__)
 
@@ -48,28 +47,6 @@ def report_row(row: dict[str, Any], status: str, *, error: str = "", **fields: A
 # --- frame sources ---------------------------------------------------------------------------------------------
 
 
-class ClipSource:
-    """The frames of `base` within [start, end) seconds, presented as a video of its own (timestamps from 0)."""
-
-    def __init__(self, base, start: float, end: float) -> None:
-        self.base, self.source, self.fps = base, base.source, base.fps
-        self.height, self.width = base.height, base.width
-        first = 0 if math.isnan(start) else max(0, math.ceil(start * base.fps - 1e-6))
-        last = base.num_frames if math.isnan(end) else min(base.num_frames, math.ceil(end * base.fps - 1e-6))
-        if last <= first:
-            raise EmptyVideoError(base.source, f"no frames in [{start}, {end}) s of a {base.num_frames}-frame video")
-        self.offset, self.num_frames = first, last - first
-
-    def read(self, indices: np.ndarray) -> np.ndarray:
-        return self.base.read(np.asarray(indices, dtype=np.int64) + self.offset)
-
-    def iter_batches(self, indices: np.ndarray, batch_frames: int) -> Iterator[np.ndarray]:
-        return iter_frame_batches(self.base, np.asarray(indices, dtype=np.int64) + self.offset, batch_frames)
-
-    def close(self) -> None:
-        self.base.close()
-
-
 _DONE = object()
 
 
@@ -83,6 +60,7 @@ class PrefetchSource:
         self.base, self.depth = base, max(1, depth)
         self.source, self.fps, self.num_frames = base.source, base.fps, base.num_frames
         self.height, self.width = base.height, base.width
+        self.frame_times, self.start_time = getattr(base, "frame_times", None), getattr(base, "start_time", 0.0)
         self.wait_s = 0.0
         self.frames = 0
         self._stop = threading.Event()
@@ -175,7 +153,7 @@ class IndexActor:
         pixels = {k: v for k, v in (("min_pixels", c.min_pixels), ("max_pixels", c.max_pixels)) if v is not None}
         self.engine = Engine.from_pretrained(
             c.model, policy=make_policy(c.policy, **settings), device=c.device,
-            dtype=getattr(torch, c.dtype) if c.dtype else None, sampling=SamplingConfig(fps=c.fps, **pixels),
+            dtype=getattr(torch, c.dtype) if c.dtype else None, sampling=SamplingConfig(fps=c.fps, max_frames=c.max_frames, **pixels),
             chunks_per_step=c.chunks_per_step)
         self._hook = _load_hook(c.video_hook) if c.video_hook else None
         logger.info("actor %d ready: %s on %s", os.getpid(), c.model, self.engine.device)

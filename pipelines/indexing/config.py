@@ -17,6 +17,7 @@ class IndexConfig:
     policy: str = "statekv"  # statekv | window | full
     capacity: int = 4096  # carried tokens per layer (statekv, window)
     fps: float = 2.0  # frames sampled per second of video
+    max_frames: int | None = None  # cap on sampled frames per video (None: no cap; a cap that lowers fps warns)
     min_pixels: int | None = None  # per frame after resizing (default: SamplingConfig's)
     max_pixels: int | None = None
     chunks_per_step: int = 1  # temporal chunks per model call

@@ -21,10 +21,17 @@ def state_tokens(manifest: dict[str, Any]) -> int:
     return tokens if capacity is None else min(capacity, tokens)
 
 
+def _duration(video: dict[str, Any]) -> float:
+    """Seconds of video the cache covers (recorded; else frames / fps)."""
+    if video.get("duration"):
+        return float(video["duration"])
+    return video["total_frames"] / video["video_fps"] if video["video_fps"] else 0.0
+
+
 def describe_manifest(uri: str, m: dict[str, Any], fingerprint: str | None = None) -> dict[str, Any]:
     """The fields `statekv inspect` prints, structured, and its text as `summary`."""
     video, totals, model, prefill = m["video"], m["totals"], m["model"], m["prefill"]
-    duration = video["total_frames"] / video["video_fps"] if video["video_fps"] else 0.0
+    duration = _duration(video)
     return {
         "video_id": m["video_id"], "uri": uri,
         "source": (m.get("source") or {}).get("uri") or video["source"],
@@ -49,7 +56,7 @@ def describe_manifest(uri: str, m: dict[str, Any], fingerprint: str | None = Non
 def format_manifest(uri: str, m: dict[str, Any]) -> str:
     """`statekv inspect`'s text: one `name: value` line per aspect of the cache."""
     video, totals, model, prefill = m["video"], m["totals"], m["model"], m["prefill"]
-    duration = video["total_frames"] / video["video_fps"] if video["video_fps"] else 0.0
+    duration = _duration(video)
     policy = ", ".join(f"{k}={v}" for k, v in prefill["policy"].items() if k != "name" and v is not None)
     per_chunk = sorted(set(m["chunks"]["tokens"]))
     per_chunk_text = str(per_chunk[0]) if len(per_chunk) == 1 else f"{per_chunk[0]}..{per_chunk[-1]}"

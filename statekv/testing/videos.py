@@ -49,3 +49,27 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 4.0, *
         for rgb in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
         container.mux(stream.encode(None))  # flush delayed (B-)frames
+
+
+def write_vfr_video(path: str | os.PathLike, frames: np.ndarray, times: list[float] | np.ndarray, *,
+                    codec: str = "libx264") -> None:
+    """Encode frames shown at irregular `times` (seconds, increasing), as phones record variable frame rate.
+
+    Timestamps are stored in milliseconds; the container's average rate is then far from any one interval.
+    """
+    import av
+
+    if len(times) != len(frames) or np.any(np.diff(times) <= 0):
+        raise ValueError("need one increasing time per frame")
+    height, width = int(frames.shape[1]), int(frames.shape[2])
+    base = Fraction(1, 1000)
+    with av.open(os.fspath(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = base
+        stream.codec_context.time_base = base
+        for rgb, t in zip(frames, times):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = round(float(t) * 1000), base
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))

@@ -11,11 +11,12 @@ from statekv.video.preprocess import (
     smart_resize,
 )
 from statekv.video.readers import BACKENDS, open_video
-from statekv.video.sampling import FrameSampling, SamplingConfig, sample_frames
-from statekv.video.source import FramesSource, VideoSource, iter_frame_batches
+from statekv.video.sampling import FrameSampling, SamplingConfig, sample_frames, sample_source
+from statekv.video.source import ClipSource, FramesSource, VideoSource, iter_frame_batches
 
 __all__ = [
     "BACKENDS",
+    "ClipSource",
     "FrameSampling",
     "FramesSource",
     "IMAGE_MEAN",
@@ -30,5 +31,6 @@ __all__ = [
     "preprocess_frames",
     "resize_frames",
     "sample_frames",
+    "sample_source",
     "smart_resize",
 ]

@@ -8,26 +8,33 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable
 from typing import BinaryIO
 
 import numpy as np
 
 from statekv.errors import EmptyVideoError, VideoDecodeError
-from statekv.video.source import check_indices
+from statekv.video.source import check_indices, presentation_times
 
 logger = logging.getLogger(__name__)
 
 
+_LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")  # "[20:11:54] /src/video/video_reader.cc:486: "
+
+
 def _reason(err: BaseException) -> str:
-    """decord's message without the C++ stack trace it appends."""
+    """decord's message on one line, without the C++ stack trace and source locations it adds."""
     text = str(err).strip().split("\n\nStack trace")[0]
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = [_LOG_PREFIX.sub("", line).strip() for line in text.splitlines() if line.strip()]
     return "decord: " + (" ".join(lines)[:500] if lines else type(err).__name__)
 
 
 class DecordReader:
-    """A `VideoSource` decoding with decord; frame count and fps come from decord's index of the file."""
+    """A `VideoSource` decoding with decord; frame count, fps and presentation times come from decord's index.
+
+    `frame_times`: float64 (num_frames,) seconds from the first frame, from the packets' presentation timestamps.
+    """
 
     def __init__(
         self,
@@ -52,11 +59,13 @@ class DecordReader:
             if self.num_frames == 0:
                 raise EmptyVideoError(source, "video has no frames")
             first = self._vr[0].asnumpy()  # (H, W, 3); proves the stream decodes
+            times = np.asarray(self._vr.get_frame_timestamp(np.arange(self.num_frames))[:, 0], np.float64)
         except self._errors as err:
             raise VideoDecodeError(source, _reason(err)) from err
         if not math.isfinite(self.fps) or self.fps <= 0:
             raise VideoDecodeError(source, f"decord: unknown frame rate ({self.fps})")
         self.height, self.width = int(first.shape[0]), int(first.shape[1])
+        self.frame_times = presentation_times(times, self.num_frames)
         self._on_close = on_close  # the caller keeps cleanup duty until construction succeeds
 
     def read(self, indices: np.ndarray) -> np.ndarray:

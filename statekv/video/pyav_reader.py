@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from statekv.errors import EmptyVideoError, VideoDecodeError
-from statekv.video.source import check_indices
+from statekv.video.source import check_indices, presentation_times
 
 logger = logging.getLogger(__name__)
 
@@ -21,9 +21,11 @@ logger = logging.getLogger(__name__)
 class PyAVReader:
     """A `VideoSource` decoding with PyAV (FFmpeg).
 
-    Frame count: the container's `stream.frames` when it states one; otherwise (Matroska/WebM, some streams)
-    the number of non-empty packets found by demuxing the whole file once, which reads its bytes without
-    decoding. fps: `stream.average_rate`, falling back to `guessed_rate`.
+    The whole file is demuxed once at open (its bytes are read, nothing is decoded) to collect every packet's
+    presentation timestamp: `frame_times` (float64 (num_frames,), seconds from the first frame, None when the
+    packets carry none). Frames come upright: a display rotation (phones' portrait video) is applied, as decord
+    and players do. Frame count: the container's `stream.frames` when it states one, else the number of
+    non-empty packets (Matroska/WebM). fps: `stream.average_rate`, falling back to `guessed_rate`.
     """
 
     def __init__(
@@ -56,10 +58,13 @@ class PyAVReader:
                 raise VideoDecodeError(self.source, f"pyav: {err}") from err
             if first is None:
                 raise EmptyVideoError(self.source, "video stream has no decodable frames")
-            self.height, self.width = int(first.height), int(first.width)
-        if num_frames <= 0:
-            num_frames = self._count_packets()
-        self.num_frames = num_frames
+            self._coded = (int(first.height), int(first.width))
+            # phones store portrait video as landscape plus a display rotation; show it upright, as players do
+            self._turns = (int(getattr(first, "rotation", 0) or 0) // 90) % 4  # counterclockwise quarter turns
+            self.height, self.width = self._coded[::-1] if self._turns % 2 else self._coded
+        packets, pts = self._packet_times()
+        self.num_frames = num_frames if num_frames > 0 else packets
+        self.frame_times = None if pts is None else presentation_times(np.sort(pts), self.num_frames)
 
     def _open(self) -> Any:
         """Open a fresh container positioned at the start of the file."""
@@ -79,15 +84,27 @@ class PyAVReader:
         stream.thread_type = "AUTO"
         return stream
 
-    def _count_packets(self) -> int:
+    def _packet_times(self) -> tuple[int, np.ndarray | None]:
+        """Number of non-empty packets and their presentation times in seconds (None when any lacks a pts)."""
         import av
 
+        times: list[float] = []
+        missing = False
         with self._open() as container:
             stream = self._video_stream(container)
+            base = stream.time_base
             try:
-                return sum(1 for packet in container.demux(stream) if packet.size > 0)
+                for packet in container.demux(stream):
+                    if packet.size <= 0:
+                        continue
+                    if packet.pts is None or base is None:
+                        missing = True
+                        times.append(0.0)
+                    else:
+                        times.append(float(packet.pts * base))
             except av.FFmpegError as err:
                 raise VideoDecodeError(self.source, f"pyav: {err}") from err
+        return len(times), None if missing else np.asarray(times, dtype=np.float64)
 
     def _decode_sorted(self, indices: np.ndarray) -> Iterator[np.ndarray]:
         """Yield one (H, W, 3) frame per entry of non-decreasing `indices`, in a single decoding pass."""
@@ -104,7 +121,9 @@ class PyAVReader:
                     decoded += 1
                     if indices[k] != i:
                         continue
-                    rgb = frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
+                    rgb = frame.to_ndarray(format="rgb24", width=self._coded[1], height=self._coded[0])
+                    if self._turns:
+                        rgb = np.ascontiguousarray(np.rot90(rgb, self._turns))  # (H, W, 3) as displayed
                     while k < len(indices) and indices[k] == i:
                         yield rgb
                         k += 1

@@ -1,31 +1,37 @@
 """`open_video`: find a video's bytes (local path, `file://`, any fsspec URL, file object) and pick a decoder.
 
-Backends: "decord" (random access; the default for paths), "pyav" (streams; the default for file objects) and
-"auto" (decord, falling back to PyAV when decord is missing or cannot decode the file). decord reads file objects
+Backends: "pyav" (streams, one forward pass, host memory flat in video length), "decord" (random access) and
+"auto": PyAV, falling back to decord when PyAV cannot open the file or fails while decoding it (the frames not yet
+read then come from decord). Where neither can decode, one `VideoDecodeError` names the file and both reasons.
+PyAV leads because it decoded every codec of docs/benchmarks.md ("Decoders"), AV1 included, and because decord's
+decoder thread runs ahead of the reader: between two reads separated by model work it buffers frames until the
+next seek, so decord's host memory grows with the stretch of video between keyframes. decord reads file objects
 fully into memory, so for remote URLs it gets a local temporary copy, removed when the reader is closed; PyAV
 streams remote objects through an fsspec file object instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 import fsspec
+import numpy as np
 
-from statekv.errors import VideoError, VideoNotFoundError
+from statekv.errors import VideoDecodeError, VideoError, VideoNotFoundError
 from statekv.video.decord_reader import DecordReader
 from statekv.video.pyav_reader import PyAVReader
 from statekv.video.source import FramesSource, VideoSource, iter_frame_batches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "FramesSource", "VideoSource", "iter_frame_batches", "open_video"]
+__all__ = ["BACKENDS", "FallbackReader", "FramesSource", "VideoSource", "iter_frame_batches", "open_video"]
 
 BACKENDS = ("auto", "decord", "pyav")
 _LOCAL_PROTOCOLS = (None, "file", "local")
@@ -83,29 +89,121 @@ def _construct(build: Callable[[], VideoSource], cleanup: Callable[[], None] | N
 
 
 def _open_path(path: str, name: str, backend: str, *, cleanup: Callable[[], None] | None) -> VideoSource:
-    """Open a local file with `backend`; "auto" tries decord, then PyAV."""
+    """Open a local file with `backend`; "auto" is PyAV, falling back to decord (at open or while decoding)."""
     if backend == "pyav":
         return _construct(lambda: PyAVReader(path, name, on_close=cleanup), cleanup)
     if backend == "decord":
         return _construct(lambda: DecordReader(path, name, on_close=cleanup), cleanup)
     try:
-        return DecordReader(path, name, on_close=cleanup)
-    except ImportError as err:
-        logger.debug("decord unavailable (%s); opening %s with PyAV", err, name)
-        decord_error: VideoError | None = None
+        return FallbackReader(PyAVReader(path, name), lambda: DecordReader(path, name), on_close=cleanup)
     except VideoError as err:
-        logger.debug("decord failed on %s (%s); retrying with PyAV", name, err.reason)
-        decord_error = err
+        logger.debug("pyav failed on %s (%s); retrying with decord", name, err.reason)
+        pyav_error = err
     except BaseException:
         if cleanup is not None:
             cleanup()
         raise
     try:
-        return _construct(lambda: PyAVReader(path, name, on_close=cleanup), cleanup)
+        return _construct(lambda: DecordReader(path, name, on_close=cleanup), cleanup)
+    except ImportError:
+        raise pyav_error from None
     except VideoError as err:
-        if decord_error is None:
-            raise
-        raise type(err)(name, f"{err.reason}; {decord_error.reason}") from err
+        raise type(pyav_error)(name, f"{pyav_error.reason}; {err.reason}") from err
+
+
+class FallbackReader:
+    """A `VideoSource` reading with `primary` until it fails to decode, then with the reader `fallback()` opens.
+
+    Frames already read stay as they are; the rest come from the fallback, which must see the same video (frame
+    count and size), else the error says so. Timing (`fps`, `frame_times`) is the primary's.
+    """
+
+    def __init__(self, primary: VideoSource, fallback: Callable[[], VideoSource], *,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self._primary, self._open_fallback = primary, fallback
+        self._fallback: VideoSource | None = None
+        self.source, self.num_frames, self.fps = primary.source, primary.num_frames, primary.fps
+        self.height, self.width = primary.height, primary.width
+        self.frame_times = getattr(primary, "frame_times", None)
+        self._on_close = on_close
+        self._closed = False
+
+    @property
+    def backend(self) -> str:
+        """Name of the reader in use: the primary's class until a decoding error switched to the fallback."""
+        return type(self._fallback or self._primary).__name__
+
+    def _switch(self, err: VideoError) -> VideoSource:
+        if self._fallback is not None:
+            return self._fallback
+        try:
+            fallback = self._open_fallback()
+        except ImportError:
+            raise err from None
+        except VideoError as other:
+            raise type(other)(self.source, f"{err.reason}; {other.reason}") from other
+        logger.warning("video %s: %s; continuing with %s", self.source, err.reason, type(fallback).__name__)
+        if (fallback.num_frames, fallback.height, fallback.width) != (self.num_frames, self.height, self.width):
+            fallback.close()
+            raise VideoDecodeError(self.source, f"{err.reason}; {type(fallback).__name__} sees "
+                                                f"{fallback.num_frames} frames of {fallback.width}x{fallback.height}"
+                                                f", not {self.num_frames} of {self.width}x{self.height}")
+        self._primary.close()
+        self._fallback, self._primary_error = fallback, err
+        return fallback
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Return uint8 (n, H, W, 3) RGB frames at `indices`."""
+        if self._fallback is None:
+            try:
+                return self._primary.read(indices)
+            except VideoDecodeError as err:
+                self._switch(err)
+        with self._both_reasons():
+            return self._fallback.read(indices)
+
+    @contextlib.contextmanager
+    def _both_reasons(self) -> Iterator[None]:
+        """Errors of the fallback also say why the primary was given up."""
+        try:
+            yield
+        except VideoError as err:
+            raise type(err)(self.source, f"{self._primary_error.reason}; {err.reason}") from err
+
+    def iter_batches(self, indices: np.ndarray, batch_frames: int) -> Iterator[np.ndarray]:
+        """Yield uint8 (b, H, W, 3) batches, streamed by the primary (one PyAV pass); after a decoding error the
+        frames not yet yielded stream from the fallback."""
+        done = 0
+        if self._fallback is None:
+            try:
+                for batch in iter_frame_batches(self._primary, indices, batch_frames):
+                    done += len(batch)
+                    yield batch
+                return
+            except VideoDecodeError as err:
+                self._switch(err)
+        if done < len(indices):
+            with self._both_reasons():
+                yield from iter_frame_batches(self._fallback, indices[done:], batch_frames)
+
+    def close(self) -> None:
+        """Close both readers and run the opener's cleanup (removing a temporary file) once."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._primary.close()
+            if self._fallback is not None:
+                self._fallback.close()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    def __enter__(self) -> FallbackReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _download(fs: fsspec.AbstractFileSystem, path: str, name: str) -> str:

@@ -55,6 +55,15 @@ def check_indices(indices: np.ndarray | list[int], num_frames: int, source: str)
     return arr
 
 
+def presentation_times(times: np.ndarray, num_frames: int) -> np.ndarray | None:
+    """float64 (num_frames,) seconds from the first frame when `times` (a reader's PTS in seconds) are usable:
+    finite, one per frame, non-decreasing. None otherwise, and sampling then assumes a constant frame rate."""
+    times = np.asarray(times, dtype=np.float64)
+    if times.shape != (num_frames,) or not np.all(np.isfinite(times)) or np.any(np.diff(times) < 0):
+        return None
+    return times - times[0]
+
+
 def iter_frame_batches(video: VideoSource, indices: np.ndarray, batch_frames: int) -> Iterator[np.ndarray]:
     """Yield the frames at `indices` in order as uint8 (b, H, W, 3) batches with b <= batch_frames.
 
@@ -100,3 +109,38 @@ class FramesSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ClipSource:
+    """The frames of `base` within [start, end) seconds of presentation time, as a video of its own.
+
+    Its `frame_times` start at 0; `start_time` is where in `base` its first frame is, which a cache records as its
+    window so that each frame maps back to the source. NaN for `start` / `end` means the start / end of `base`.
+    """
+
+    def __init__(self, base: VideoSource, start: float, end: float) -> None:
+        self.base, self.source, self.fps = base, base.source, base.fps
+        self.height, self.width = base.height, base.width
+        times = getattr(base, "frame_times", None)
+        if times is None:
+            times = np.arange(base.num_frames, dtype=np.float64) / base.fps
+        first = 0 if math.isnan(start) else int(np.searchsorted(times, start - 1e-6, side="left"))
+        last = base.num_frames if math.isnan(end) else int(np.searchsorted(times, end - 1e-6, side="left"))
+        if last <= first:
+            raise EmptyVideoError(base.source, f"no frames in [{start}, {end}) s of a {base.num_frames}-frame video")
+        self.offset, self.num_frames = first, last - first
+        self.start_time = float(times[first])
+        self.frame_times = times[first:last] - times[first]
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """uint8 (n, H, W, 3) frames at clip `indices`."""
+        return self.base.read(check_indices(indices, self.num_frames, self.source) + self.offset)
+
+    def iter_batches(self, indices: np.ndarray, batch_frames: int) -> Iterator[np.ndarray]:
+        """The clip's frames at `indices` in bounded batches, streamed by `base` when it can."""
+        return iter_frame_batches(self.base, check_indices(indices, self.num_frames, self.source) + self.offset,
+                                  batch_frames)
+
+    def close(self) -> None:
+        """Close `base`."""
+        self.base.close()

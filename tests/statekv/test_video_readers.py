@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 import tempfile
@@ -15,9 +16,11 @@ import numpy as np
 import pytest
 
 from statekv.errors import EmptyVideoError, VideoDecodeError, VideoError, VideoNotFoundError
-from statekv.testing.videos import synthetic_frames, write_video
-from statekv.video import FramesSource, iter_frame_batches, open_video
+from statekv.testing.videos import synthetic_frames, write_vfr_video, write_video
+from statekv.video import ClipSource, FramesSource, SamplingConfig, iter_frame_batches, open_video, sample_source
+from statekv.video.decord_reader import DecordReader
 from statekv.video.pyav_reader import PyAVReader
+from statekv.video.readers import FallbackReader
 
 NUM_FRAMES, FPS = 24, 8.0
 ALL_BACKENDS = ["auto", "decord", "pyav"]
@@ -172,9 +175,11 @@ def test_batch_arguments_are_checked_at_call_time(frames: np.ndarray) -> None:
         iter_frame_batches(video, np.array([NUM_FRAMES]), 4)
 
 
-def test_pyav_batches_come_from_one_decoding_pass(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("backend", ["pyav", "auto"])
+def test_pyav_batches_come_from_one_decoding_pass(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                                  backend: str) -> None:
     """Regression guard: batch iteration must not re-open and re-decode from the start for every batch."""
-    with open_video(videos["mp4"], backend="pyav") as video:
+    with open_video(videos["mp4"], backend=backend) as video:
         opened = []
         original = PyAVReader._open
         monkeypatch.setattr(PyAVReader, "_open", lambda self: opened.append(1) or original(self))
@@ -238,10 +243,15 @@ def test_container_without_frames_is_empty(videos: dict[str, Path], backend: str
         open_video(videos["no_stream"], backend=backend)
 
 
-def test_auto_falls_back_to_pyav_without_decord(videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_reads_with_pyav_and_works_without_decord(videos: dict[str, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    with open_video(videos["mp4"]) as video:
+        assert video.backend == "PyAVReader"
     monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
     with open_video(videos["mp4"]) as video:
-        assert isinstance(video, PyAVReader)
+        assert video.backend == "PyAVReader" and video.read(np.array([0])).shape == (1, 56, 84, 3)
+    with pytest.raises(VideoDecodeError, match="pyav"):
+        open_video(videos["random"])  # no decord to fall back to: PyAV's reason
     with pytest.raises(ImportError):
         open_video(videos["mp4"], backend="decord")
 
@@ -249,3 +259,145 @@ def test_auto_falls_back_to_pyav_without_decord(videos: dict[str, Path], monkeyp
 def test_unknown_backend_lists_valid_names(videos: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="auto, decord, pyav"):
         open_video(videos["mp4"], backend="opencv")
+
+
+# --- presentation time, clips, decoding errors after open ------------------------------------------------------
+
+# 30 fps for 2 s, then a frame every 0.5 s up to 6 s: the frame at 4.0 s is frame 64 (64 / average fps = 5.8 s)
+VFR_TIMES = np.concatenate([np.arange(60) / 30.0, 2.0 + 0.5 * np.arange(9)])
+
+
+@pytest.fixture(scope="module")
+def vfr_video(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    frames = synthetic_frames(len(VFR_TIMES), 56, 84, seed=3)
+    path = tmp_path_factory.mktemp("vfr") / "phone.mp4"
+    write_vfr_video(path, frames, VFR_TIMES)
+    return path, frames
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_variable_frame_rate_is_stamped_and_sampled_by_presentation_time(
+    vfr_video: tuple[Path, np.ndarray], backend: str
+) -> None:
+    path, frames = vfr_video
+    with open_video(path, backend=backend) as video:
+        np.testing.assert_allclose(video.frame_times, VFR_TIMES, atol=1e-3)
+        sampling = sample_source(video, SamplingConfig(fps=2.0))
+        decoded = video.read(sampling.indices)
+    shown = nearest_source_frame(decoded, frames)  # which frame of the clip each sampled frame really is
+    np.testing.assert_allclose(sampling.timestamps, VFR_TIMES[shown], atol=1e-3)
+    assert 64 in shown.tolist()
+    assert sampling.timestamps[shown.tolist().index(64)] == pytest.approx(4.0, abs=1e-3)  # not 5.8 s
+    uniform = np.linspace(0.0, VFR_TIMES[-1], sampling.num_frames)
+    assert np.abs(sampling.timestamps - uniform).max() <= 0.25 + 1e-3  # half the sparse interval: uniform in time
+
+
+def test_clip_source_is_a_window_in_presentation_time(vfr_video: tuple[Path, np.ndarray]) -> None:
+    path, frames = vfr_video
+    with open_video(path, backend="pyav") as video:
+        clip = ClipSource(video, 2.0, 4.5)
+        assert clip.start_time == pytest.approx(2.0) and clip.num_frames == 5  # 2.0, 2.5, 3.0, 3.5, 4.0
+        np.testing.assert_allclose(clip.frame_times, [0.0, 0.5, 1.0, 1.5, 2.0], atol=1e-3)
+        got = np.concatenate(list(iter_frame_batches(clip, np.arange(5), 2)))
+        np.testing.assert_array_equal(nearest_source_frame(got, frames), np.arange(60, 65))
+        with pytest.raises(EmptyVideoError, match="phone.mp4"):
+            ClipSource(video, 7.0, 8.0)
+
+
+@pytest.fixture(scope="module")
+def corrupt_vp9(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    """A VP9 WebM with 2 kB of garbage 30% in: both decoders open it and fail once they reach the bad packets."""
+    root = tmp_path_factory.mktemp("vp9")
+    frames = synthetic_frames(240, 128, 192)
+    clean, corrupt = root / "clean.webm", root / "corrupt.webm"
+    write_video(clean, frames, 24.0, codec="libvpx-vp9")
+    data = bytearray(clean.read_bytes())
+    at = int(len(data) * 0.3)
+    data[at : at + 2000] = np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    corrupt.write_bytes(bytes(data))
+    return clean, corrupt, frames
+
+
+def _faststart_mp4(path: Path, frames: np.ndarray) -> None:
+    """H.264 MP4 with its index (moov) first, so a cut file still promises every frame."""
+    with av.open(str(path), mode="w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for rgb in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+@pytest.fixture(scope="module")
+def truncated_mp4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    root = tmp_path_factory.mktemp("cut")
+    frames = synthetic_frames(120, 56, 84)
+    whole, cut = root / "whole.mp4", root / "cut.mp4"
+    _faststart_mp4(whole, frames)
+    data = whole.read_bytes()
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    return whole, cut, frames
+
+
+def test_decoding_error_after_open_continues_with_the_fallback(
+    truncated_mp4: tuple[Path, Path, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    """PyAV opens the cut file and fails when its frames run out; the frames read before stay, the rest come from
+    the fallback (here decord on the whole file, the same video) at the same indices."""
+    whole, cut, frames = truncated_mp4
+    indices = np.arange(0, 120, 3)
+    reader = FallbackReader(PyAVReader(str(cut), str(cut)), lambda: DecordReader(str(whole), str(whole)))
+    with caplog.at_level(logging.WARNING, logger="statekv.video.readers"), reader:
+        assert reader.backend == "PyAVReader"
+        got = np.concatenate(list(iter_frame_batches(reader, indices, 8)))
+        assert reader.backend == "DecordReader"
+        np.testing.assert_array_equal(nearest_source_frame(reader.read(indices[-3:]), frames), indices[-3:])
+    np.testing.assert_array_equal(nearest_source_frame(got, frames), indices)
+    [record] = caplog.records
+    assert str(cut) in record.message and "stream ended" in record.message and "DecordReader" in record.message
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_decoding_error_after_open_is_one_line_naming_the_file(
+    corrupt_vp9: tuple[Path, Path, np.ndarray], backend: str
+) -> None:
+    _, corrupt, _ = corrupt_vp9
+    with open_video(corrupt, backend=backend) as video, pytest.raises(VideoDecodeError) as info:
+        for _ in iter_frame_batches(video, np.arange(0, video.num_frames, 6), 8):
+            pass
+    message = str(info.value)
+    assert str(corrupt) in message and "\n" not in message
+    assert "video_reader.cc" not in message  # decord's source locations are not the reader's business
+    wanted = {"auto": ["pyav", "decord"], "pyav": ["pyav"], "decord": ["decord"]}[backend]
+    assert all(f"{name}: " in message for name in wanted)  # auto: both reasons
+
+
+def test_truncated_file_is_one_error_naming_the_file(truncated_mp4: tuple[Path, Path, np.ndarray]) -> None:
+    """The cut MP4 promises frames it no longer has: PyAV says how far it got, on one line naming the file."""
+    _, cut, _ = truncated_mp4
+    with pytest.raises(VideoDecodeError) as info:
+        with open_video(cut, backend="pyav") as video:
+            for _ in iter_frame_batches(video, np.arange(video.num_frames), 8):
+                pass
+    message = str(info.value)
+    assert str(cut) in message and "\n" not in message and "stream ended after" in message
+
+
+def test_display_rotation_is_applied_by_every_backend(tmp_path: Path) -> None:
+    """A phone's portrait clip: landscape pixels plus a 90° display matrix in the MOV track header."""
+    import struct
+
+    frames = synthetic_frames(8, 56, 84, seed=5)
+    path = tmp_path / "phone.mov"
+    write_video(path, frames, FPS)
+    data = bytearray(path.read_bytes())
+    matrix = data.index(b"tkhd") + 44  # version-0 tkhd: the 3x3 matrix follows 40 bytes of header fields
+    assert struct.unpack(">9i", data[matrix : matrix + 36]) == (65536, 0, 0, 0, 65536, 0, 0, 0, 1 << 30)
+    data[matrix : matrix + 36] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)
+    path.write_bytes(bytes(data))
+    upright = np.rot90(frames, -1, axes=(1, 2))  # (T, 84, 56, 3)
+    for backend in ALL_BACKENDS:
+        with open_video(path, backend=backend) as video:
+            assert (video.height, video.width) == (84, 56), backend
+            got = video.read(np.arange(8))
+        assert got.shape == upright.shape and np.abs(got.astype(int) - upright).mean() < 4.0, backend

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -27,7 +28,7 @@ def reference_nframes(total: int, video_fps: float, fps: float, min_frames: int,
         (37, 10.0, 6),  # 3.7 s -> 7.4 frames, floored to even
         (125, 25.0, 10),
         (30, 30.0, 4),  # 1 s -> 2 frames, clamped up to min_frames
-        (30 * 3600, 30.0, 768),  # an hour, clamped down to max_frames
+        (30 * 3600, 30.0, 7200),  # an hour at 2 fps: no cap by default
         (4, 30.0, 4),
         (5, 30.0, 4),  # clamped to the video, then floored to even
     ],
@@ -110,3 +111,56 @@ def test_bad_frame_rate(video_fps: float) -> None:
 def test_config_validation_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingConfig(**kwargs)
+
+
+def test_max_frames_defaults_to_no_cap() -> None:
+    """An hour asked at 2 fps is sampled at 2 fps (the old default silently gave 0.21 fps)."""
+    sampling = sample_frames(30 * 3600, 30.0, SamplingConfig(fps=2.0))
+    assert SamplingConfig().max_frames is None
+    assert sampling.num_frames == 7200 and not sampling.capped
+    assert sampling.requested_fps == sampling.sampled_fps == pytest.approx(2.0)
+
+
+def test_max_frames_that_lowers_the_fps_warns_and_records_both(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="statekv.video.sampling"):
+        sampling = sample_frames(30 * 600, 30.0, SamplingConfig(fps=2.0, max_frames=768), source="ten.mp4")
+    assert sampling.num_frames == 768 and sampling.capped
+    assert sampling.requested_fps == 2.0 and sampling.sampled_fps == pytest.approx(1.28)
+    [record] = caplog.records
+    assert "ten.mp4" in record.message and "max_frames=768" in record.message and "1.28 fps" in record.message
+
+
+def test_max_frames_above_the_need_is_silent(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        sampling = sample_frames(300, 30.0, SamplingConfig(fps=2.0, max_frames=768))
+    assert sampling.num_frames == 20 and not sampling.capped and not caplog.records
+    assert sampling.sampled_fps == pytest.approx(2.0)
+
+
+# Phone-style variable frame rate: 30 fps for 1 s, then one frame every 0.2 s for 4 s (average 12.2 fps).
+VFR_TIMES = np.concatenate([np.arange(30) / 30.0, 1.0 + 0.2 * np.arange(21)])
+
+
+def test_variable_frame_rate_is_sampled_uniformly_in_time() -> None:
+    sampling = sample_frames(len(VFR_TIMES), len(VFR_TIMES) / 5.0, SamplingConfig(fps=2.0), frame_times=VFR_TIMES)
+    assert sampling.num_frames == 10 and sampling.duration == pytest.approx(5.2)  # the last frame shows 0.2 s
+    np.testing.assert_allclose(sampling.timestamps, VFR_TIMES[sampling.indices])  # stamped by presentation time
+    uniform = np.linspace(0.0, VFR_TIMES[-1], 10)
+    assert np.abs(sampling.timestamps - uniform).max() <= 0.1 + 1e-9  # the nearest frame to each uniform time
+    assert sampling.timestamps[-1] == pytest.approx(5.0) and sampling.timestamps[0] == 0.0
+    assert sampling.sampled_fps == pytest.approx(10 / 5.2) and sampling.requested_fps == 2.0
+    by_index = sample_frames(len(VFR_TIMES), len(VFR_TIMES) / 5.0, SamplingConfig(fps=2.0))
+    assert np.abs(VFR_TIMES[by_index.indices] - uniform).max() > 1.0  # what frame-index sampling gave
+
+
+def test_frame_times_of_a_constant_rate_match_the_index_recipe() -> None:
+    times = np.arange(301) / 30.0 + 7.0  # a stream that starts at 7 s: times are taken from its first frame
+    with_times = sample_frames(301, 30.0, SamplingConfig(fps=2.0), frame_times=times)
+    without = sample_frames(301, 30.0, SamplingConfig(fps=2.0))
+    np.testing.assert_array_equal(with_times.indices, without.indices)
+    np.testing.assert_allclose(with_times.timestamps, without.timestamps)
+
+
+def test_bad_frame_times_are_a_video_error() -> None:
+    with pytest.raises(VideoError, match="clip.mp4.*frame times"):
+        sample_frames(3, 30.0, SamplingConfig(), frame_times=np.array([0.0, 0.2, 0.1]), source="clip.mp4")
