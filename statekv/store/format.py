@@ -69,10 +69,12 @@ def prefix_schema(num_layers: int) -> pa.Schema:
 STATE_SCHEMA = pa.schema([
     pa.field("layer", pa.int64(), nullable=False),
     pa.field("size", pa.int64(), nullable=False),  # S carried tokens
-    pa.field("keys", pa.binary(), nullable=False),  # (Hkv, S, D) cache dtype
+    pa.field("keys", pa.binary(), nullable=False),  # (Hkv, S, D) cache dtype, or int8 with storage "int8"
     pa.field("values", pa.binary(), nullable=False),
     pa.field("token_index", pa.binary(), nullable=False),  # int64 (Hkv, S)
     pa.field("scores", pa.binary(), nullable=True),  # float32 (Hkv, S) or null
+    pa.field("keys_scale", pa.binary(), nullable=True),  # int8 storage: float32 (Hkv, 1, D); else null
+    pa.field("values_scale", pa.binary(), nullable=True),  # int8 storage: float32 (Hkv, S, 1); else null
     pa.field("crc", pa.int64(), nullable=False),
 ])
 

@@ -7,7 +7,7 @@ group per chunk or few chunks), so reading k chunks of l layers transfers about 
 from __future__ import annotations
 
 import bisect
-import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,35 +22,56 @@ from statekv.cache import ChunkKV, ModelInfo, VideoInfo, VideoKVCache
 from statekv.errors import ModelMismatchError
 from statekv.policies import LayerState
 from statekv.store import format as F
+from statekv.store import manifest as manifest_schema
 from statekv.store import serde
-from statekv.store.errors import CacheCorruptError, CacheNotFoundError
-from statekv.store.fs import StorageOptionsLike, is_local, join, resolve
+from statekv.store.errors import CacheChangedError, CacheCorruptError, CacheNotFoundError, CacheUnavailableError
+from statekv.store.fs import (TRANSPORT_ERRORS, StorageOptionsLike, is_local, is_transport_error, join,
+                              object_version, read_versioned, resolve)
+
+logger = logging.getLogger(__name__)
 
 
 def read_manifest(uri: str | os.PathLike, *, storage_options: StorageOptionsLike = None,
                   filesystem: fsspec.AbstractFileSystem | None = None) -> dict[str, Any]:
-    """The committed manifest at `uri` (= `<root>/<video_id>`); CacheNotFoundError if there is none."""
+    """The committed, validated manifest at `uri` (= `<root>/<video_id>`).
+
+    CacheNotFoundError if there is none, CacheCorruptError (naming the field) if it fails its checksum, schema
+    or consistency rules, CacheUnavailableError if the store did not deliver it.
+    """
     uri = os.fspath(uri)
     fs, path = resolve(uri, storage_options, filesystem)
-    return _read_manifest(fs, path, uri)
+    return _read_manifest(fs, path, uri)[0]
 
 
-def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, Any]:
-    try:
-        data = fs.cat_file(join(path, F.MANIFEST))
-    except FileNotFoundError:
-        raise CacheNotFoundError(uri) from None
+def manifest_version(uri: str | os.PathLike, *, storage_options: StorageOptionsLike = None,
+                     filesystem: fsspec.AbstractFileSystem | None = None) -> str:
+    """The committed manifest's version (S3 ETag / MD5 of its bytes) at the cost of one HEAD: compare it with a
+    loaded cache's `manifest_version` to detect a re-prefill cheaply. CacheNotFoundError if there is none."""
+    uri = os.fspath(uri)
+    fs, path = resolve(uri, storage_options, filesystem)
     video_id = path.rsplit("/", 1)[-1]
     try:
-        manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CacheCorruptError(video_id, F.MANIFEST, f"not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "statekv-cache":
-        raise CacheCorruptError(video_id, F.MANIFEST, "not a statekv cache manifest")
-    if manifest.get("format_version") != F.FORMAT_VERSION:
-        raise CacheCorruptError(video_id, F.MANIFEST, f"format version {manifest.get('format_version')!r}; this "
-                                f"statekv reads version {F.FORMAT_VERSION}")
-    return manifest
+        return object_version(fs, join(path, F.MANIFEST))
+    except FileNotFoundError:
+        raise CacheNotFoundError(uri) from None
+    except (OSError, *TRANSPORT_ERRORS) as e:
+        if isinstance(e, PermissionError) or not is_transport_error(e):
+            raise
+        raise CacheUnavailableError(video_id, F.MANIFEST, e) from None
+
+
+def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[dict[str, Any], str]:
+    """(validated manifest, its version)."""
+    video_id = path.rsplit("/", 1)[-1]
+    try:
+        data, version = read_versioned(fs, join(path, F.MANIFEST))
+    except FileNotFoundError:
+        raise CacheNotFoundError(uri) from None
+    except (OSError, *TRANSPORT_ERRORS) as e:
+        if isinstance(e, PermissionError) or not is_transport_error(e):
+            raise
+        raise CacheUnavailableError(video_id, F.MANIFEST, e) from None
+    return manifest_schema.parse(data, video_id), version
 
 
 @dataclass
@@ -65,35 +86,106 @@ class CacheEntry:
     storage: str
     created: str
     fingerprint: str
+    checksum: str = ""  # the manifest's content checksum: changes with every commit
+
+    @classmethod
+    def from_manifest(cls, root: str, video_id: str, m: dict[str, Any]) -> "CacheEntry":
+        return cls(video_id, f"{root}/{video_id}", m["totals"]["chunks"], m["totals"]["tokens"], m["totals"]["bytes"],
+                   m["storage"], m["created"], m["model"]["fingerprint"], m["checksum"])
+
+
+@dataclass
+class InvalidCache:
+    """A cache folder whose manifest could not be used (skipped by `list_caches`): `reason` says why."""
+
+    video_id: str
+    uri: str
+    reason: str
+
+
+class CacheListing(list):
+    """`list_caches`' result: the valid caches (a list of CacheEntry) plus `invalid`, those skipped and why."""
+
+    def __init__(self, entries: Iterable[CacheEntry] = (), invalid: Iterable[InvalidCache] = ()) -> None:
+        super().__init__(entries)
+        self.invalid: list[InvalidCache] = list(invalid)
 
 
 def list_caches(root: str | os.PathLike, *, storage_options: StorageOptionsLike = None,
-                filesystem: fsspec.AbstractFileSystem | None = None) -> list[CacheEntry]:
-    """Committed caches under `root` (only a manifest makes a cache), sorted by video id."""
+                filesystem: fsspec.AbstractFileSystem | None = None, use_catalog: bool = True) -> CacheListing:
+    """Committed caches under `root`, sorted by video id; invalid manifests are skipped, logged and listed in
+    the result's `invalid`. With a catalog under the root (see `catalog`) this costs a few reads whatever the
+    number of caches; `use_catalog=False` (or a root without one) reads every manifest."""
+    from statekv.store import catalog
+
     root = os.fspath(root).rstrip("/")
     fs, path = resolve(root, storage_options, filesystem)
+    if use_catalog:
+        listing = catalog.read(fs, path, root)
+        if listing is not None:
+            return listing
+    return scan(fs, path, root)
+
+
+def scan(fs: fsspec.AbstractFileSystem, path: str, root: str) -> CacheListing:
+    """Read every manifest under `root` (the catalog-less listing); invalid ones are reported, not raised."""
     if not is_local(fs):
         fs.invalidate_cache()
-    out = []
+    out, invalid = [], []
     for found in sorted(fs.glob(join(path, "*", F.MANIFEST))):
         vpath = fs._strip_protocol(found).rsplit("/", 1)[0]
         video_id = vpath.rsplit("/", 1)[-1]
         uri = f"{root}/{video_id}"
         try:
-            m = _read_manifest(fs, vpath, uri)
+            m, _ = _read_manifest(fs, vpath, uri)
         except CacheNotFoundError:  # deleted between listing and reading
             continue
-        out.append(CacheEntry(video_id, uri, m["totals"]["chunks"], m["totals"]["tokens"], m["totals"]["bytes"],
-                              m["storage"], m["created"], m["model"]["fingerprint"]))
-    return out
+        except CacheCorruptError as err:
+            logger.warning("skipping cache %s: %s", uri, err)
+            invalid.append(InvalidCache(video_id, uri, str(err)))
+            continue
+        out.append(CacheEntry.from_manifest(root, video_id, m))
+    return CacheListing(out, invalid)
+
+
+class _GuardedFile:
+    """A file object that remembers the exception its reads raised: tells a transport failure under pyarrow
+    (bytes that did not arrive) from a format failure in pyarrow's own parser (bytes that are wrong)."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.error: BaseException | None = None
+
+    def _guard(self, name: str, *args):
+        try:
+            return getattr(self._f, name)(*args)
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def read(self, *args):
+        return self._guard("read", *args)
+
+    def readinto(self, *args):
+        return self._guard("readinto", *args)
+
+    def seek(self, *args):
+        return self._guard("seek", *args)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+_READ_FAILURES = (pa.ArrowException, OSError, *TRANSPORT_ERRORS)
 
 
 class _Store:
     """Reads the parts of one committed cache, verifying what it reads."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, uri: str, manifest: dict[str, Any],
-                 layers: list[int], verify: bool) -> None:
+                 layers: list[int], verify: bool, version: str = "") -> None:
         self.fs, self.path, self.uri, self.m = fs, path, uri, manifest
+        self.version = version
         self.video_id = manifest["video_id"]
         self.layers = layers
         self.verify = verify
@@ -107,40 +199,97 @@ class _Store:
 
     # --- objects -----------------------------------------------------------------------------------------------
 
+    def _failure(self, entry: dict[str, Any], e: BaseException, what: str = "") -> BaseException:
+        """The store error for a failed read of `entry`'s bytes (not of their decoding)."""
+        part = f"file {entry['path']}" + (f", {what}" if what else "")
+        if isinstance(e, FileNotFoundError):
+            self.check_unchanged()
+            return CacheCorruptError(self.video_id, f"file {entry['path']}", "missing")
+        if isinstance(e, PermissionError):
+            return e
+        if is_transport_error(e):
+            return CacheUnavailableError(self.video_id, part, e)
+        return CacheCorruptError(self.video_id, part, f"unreadable ({e})")
+
+    def check_unchanged(self) -> None:
+        """CacheChangedError if the committed manifest is no longer the one this reader follows (a re-prefill
+        retired the files it names): the caller reads the new one."""
+        if not self.version:
+            return
+        try:
+            m, version = _read_manifest(self.fs, self.path, self.uri)
+        except CacheNotFoundError:
+            return
+        if version != self.version:
+            raise CacheChangedError(self.video_id, m.get("created"))
+
     def _check_size(self, entry: dict[str, Any]) -> None:
         if not self.verify or entry["path"] in self._sizes_checked:
             return
         try:
             size = self.fs.size(join(self.path, entry["path"]))
-        except FileNotFoundError:
-            raise CacheCorruptError(self.video_id, f"file {entry['path']}", "missing") from None
+        except _READ_FAILURES as e:
+            raise self._failure(entry, e) from None
         if size != entry["bytes"]:
+            self.check_unchanged()
             raise CacheCorruptError(self.video_id, f"file {entry['path']}",
                                     f"{size} bytes stored, the manifest says {entry['bytes']} (truncated?)")
         self._sizes_checked.add(entry["path"])
 
     def open(self, entry: dict[str, Any], *, whole: bool = False, page_checksums: bool = True) -> pq.ParquetFile:
-        """A ParquetFile on the object; `whole` reads it in one request and checks its CRC-32 (full loads)."""
+        """A ParquetFile on the object; `whole` reads it in one request and checks its CRC-32 (full loads).
+
+        Its row and row-group counts are checked against the manifest's (a manifest claiming fewer chunks than
+        the file holds, or more, is refused).
+        """
         self._check_size(entry)
         full = join(self.path, entry["path"])
+        guard = None
         try:
             if whole:
                 data = self.fs.cat_file(full)
                 if self.verify and serde.crc32(data) != entry["crc32"]:
+                    self.check_unchanged()
                     raise CacheCorruptError(self.video_id, f"file {entry['path']}", "CRC-32 differs from the manifest")
                 source: Any = pa.BufferReader(data)
             else:
-                source = self.fs.open(full, "rb", cache_type="none")
-            return pq.ParquetFile(source, pre_buffer=not whole, page_checksum_verification=self.verify and page_checksums)
-        except FileNotFoundError:
-            raise CacheCorruptError(self.video_id, f"file {entry['path']}", "missing") from None
-        except (pa.ArrowException, OSError) as e:
+                source = guard = _GuardedFile(self.fs.open(full, "rb", cache_type="none"))
+            pf = pq.ParquetFile(source, pre_buffer=not whole,
+                                page_checksum_verification=self.verify and page_checksums)
+        except _READ_FAILURES as e:
+            if isinstance(e, CacheCorruptError):
+                raise
+            cause = guard.error if guard is not None and guard.error is not None else e
+            if guard is None or guard.error is not None or isinstance(e, (FileNotFoundError, *TRANSPORT_ERRORS)):
+                raise self._failure(entry, cause) from None
             raise CacheCorruptError(self.video_id, f"file {entry['path']}", f"unreadable Parquet ({e})") from None
+        pf.statekv_guard = guard  # type: ignore[attr-defined]
+        self._check_counts(entry, pf)
+        return pf
 
-    def _read(self, entry: dict[str, Any], what: str, read) -> pa.Table:
+    def _check_counts(self, entry: dict[str, Any], pf: pq.ParquetFile) -> None:
+        kind = entry["kind"]
+        if kind == "chunks":
+            rows, groups = entry["num_chunks"], -(-entry["num_chunks"] // entry["chunks_per_row_group"])
+        elif kind == "state":
+            rows = groups = self.num_layers
+        else:
+            rows = groups = 1
+        md = pf.metadata
+        if (md.num_rows, md.num_row_groups) != (rows, groups):
+            raise CacheCorruptError(self.video_id, f"file {entry['path']}",
+                                    f"{md.num_rows} rows in {md.num_row_groups} row groups; the manifest implies "
+                                    f"{rows} rows in {groups}")
+
+    def _read(self, entry: dict[str, Any], what: str, read, pf: pq.ParquetFile | None = None) -> pa.Table:
         try:
             return read()
-        except (pa.ArrowException, OSError) as e:
+        except _READ_FAILURES as e:
+            guard = getattr(pf, "statekv_guard", None)
+            if guard is not None and guard.error is not None:
+                raise self._failure(entry, guard.error, what) from None
+            if isinstance(e, TRANSPORT_ERRORS) and not isinstance(e, OSError):
+                raise self._failure(entry, e, what) from None
             raise CacheCorruptError(self.video_id, f"file {entry['path']}, {what}", f"unreadable ({e})") from None
 
     def _tensor(self, data: bytes, dtype: torch.dtype, shape: tuple[int, ...], part: str) -> torch.Tensor:
@@ -160,7 +309,7 @@ class _Store:
         cols = ["prefix_ids", "ids_crc"] + [c for l in self.layers for c in
                                              (f"k_{F.layer_tag(l)}", f"v_{F.layer_tag(l)}", f"crc_{F.layer_tag(l)}")]
         pf = self.open(entry, whole=whole)
-        row = self._read(entry, "prefix", lambda: pf.read(columns=cols)).to_pylist()[0]
+        row = self._read(entry, "prefix", lambda: pf.read(columns=cols), pf).to_pylist()[0]
         part = f"file {entry['path']}"
         self._check_crc(row["ids_crc"], f"{part}, prefix ids", row["prefix_ids"])
         p = self.m["prefix_len"]
@@ -180,18 +329,27 @@ class _Store:
         if entry is None:
             return None
         pf = self.open(entry, whole=whole)
-        rows = self._read(entry, "state", lambda: pf.read_row_groups(self.layers)).to_pylist()
+        rows = self._read(entry, "state", lambda: pf.read_row_groups(self.layers), pf).to_pylist()
         out: list[LayerState | None] = [None] * self.num_layers
         for l, row in zip(self.layers, rows):
             part = f"file {entry['path']}, state, layer {l}"
             if row["layer"] != l:
                 raise CacheCorruptError(self.video_id, part, f"row holds layer {row['layer']}")
-            self._check_crc(row["crc"], part, row["keys"], row["values"], row["token_index"], row["scores"])
+            ks, vs = row.get("keys_scale"), row.get("values_scale")
+            self._check_crc(row["crc"], part, row["keys"], row["values"], row["token_index"], row["scores"], ks, vs)
             s = row["size"]
             shape = (self.heads, s, self.head_dim)
+            if ks is not None and vs is not None:  # int8 storage: same quantisation as the chunks'
+                keys = serde.dequantize(self._tensor(row["keys"], torch.int8, shape, part),
+                                        self._tensor(ks, torch.float32, (self.heads, 1, self.head_dim), part),
+                                        self.dtype)
+                values = serde.dequantize(self._tensor(row["values"], torch.int8, shape, part),
+                                          self._tensor(vs, torch.float32, (self.heads, s, 1), part), self.dtype)
+            else:
+                keys = self._tensor(row["keys"], self.dtype, shape, part)
+                values = self._tensor(row["values"], self.dtype, shape, part)
             out[l] = LayerState(
-                self._tensor(row["keys"], self.dtype, shape, part), self._tensor(row["values"], self.dtype, shape, part),
-                self._tensor(row["token_index"], torch.int64, (self.heads, s), part),
+                keys, values, self._tensor(row["token_index"], torch.int64, (self.heads, s), part),
                 None if row["scores"] is None else self._tensor(row["scores"], torch.float32, (self.heads, s), part))
         return out
 
@@ -217,12 +375,12 @@ class _Store:
             pf = self.open(entry, whole=whole)
             try:
                 table = self._read(entry, f"chunks {sorted(wanted)}",
-                                   lambda: pf.read_row_groups(sorted(rgs), columns=cols))
+                                   lambda: pf.read_row_groups(sorted(rgs), columns=cols), pf)
             except CacheCorruptError:
                 # a page CRC failed: read again without page CRCs so the per-layer CRCs name the chunk and layer
                 pf = self.open(entry, whole=whole, page_checksums=False)
                 for row in self._read(entry, f"chunks {sorted(wanted)}",
-                                      lambda: pf.read_row_groups(sorted(rgs), columns=cols)).to_pylist():
+                                      lambda: pf.read_row_groups(sorted(rgs), columns=cols), pf).to_pylist():
                     self._chunk(row, entry)
                 raise
             for row in table.to_pylist():
@@ -257,10 +415,27 @@ class _Store:
                 k = self._tensor(row[f"k_{t}"], self.dtype, shape, lp)
                 v = self._tensor(row[f"v_{t}"], self.dtype, shape, lp)
             keys[l], values[l] = k, v
+        positions = self._tensor(row["position_ids"], torch.int64, (3, n), part)
+        self._check_chunk_against_manifest(row, positions, part)
         return ChunkKV(index=index, frame_range=(row["frame_start"], row["frame_end"]),
                        source_frames=list(row["source_frames"]), timestamps=list(row["timestamps"]),
-                       position_ids=self._tensor(row["position_ids"], torch.int64, (3, n), part),
-                       keys=keys, values=values)
+                       position_ids=positions, keys=keys, values=values)
+
+    def _check_chunk_against_manifest(self, row: dict[str, Any], positions: torch.Tensor, part: str) -> None:
+        """The manifest's frame list and max position agree with what the chunk itself stores (a manifest whose
+        numbers were changed and re-checksummed would otherwise shift answers silently)."""
+        s = self.m["sampling"]
+        a, b = row["frame_start"], row["frame_end"]
+        if not (0 <= a <= b <= len(s["frame_indices"])) or list(row["source_frames"]) != s["frame_indices"][a:b] \
+                or [float(t) for t in row["timestamps"]] != [float(t) for t in s["timestamps"][a:b]]:
+            raise CacheCorruptError(self.video_id, f"{F.MANIFEST} field 'sampling'",
+                                    f"frames [{a}, {b}) disagree with those stored in {part}")
+        if positions.numel():
+            top = int(positions.max())
+            last = row["chunk_index"] == self.m["grid"]["grid_t"] - 1
+            if top > self.m["max_position"] or (last and top != self.m["max_position"]):
+                raise CacheCorruptError(self.video_id, f"{F.MANIFEST} field 'max_position'",
+                                        f"{self.m['max_position']}, but {part} stores positions up to {top}")
 
 
 class LazyChunks(Sequence[ChunkKV]):
@@ -320,10 +495,28 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
     tensors are None in `prefix_keys`, `prefix_values`, each chunk's `keys`/`values` and `state`; the cache's
     `loaded_layers` attribute lists the layers present. A full, eager load reads each object in one request and
     checks its whole-file CRC-32; partial and lazy loads check per-layer and page checksums of what they read.
+
+    A cache re-prefilled while this call reads it is read again from its new commit (CacheChangedError after a
+    few tries); a lazy cache's later chunk reads raise CacheChangedError if its files were retired meanwhile.
+    `cache.manifest_version` identifies the commit read (see `manifest_version`).
     """
     uri = os.fspath(uri)
     fs, path = resolve(uri, storage_options, filesystem)
-    m = _read_manifest(fs, path, uri)
+    for attempt in range(_CHANGED_RETRIES):
+        try:
+            return _load(fs, path, uri, chunks, layers, lazy, verify, expect_fingerprint)
+        except CacheChangedError:  # re-prefilled while we read: read the new commit
+            if attempt == _CHANGED_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+_CHANGED_RETRIES = 3
+
+
+def _load(fs: fsspec.AbstractFileSystem, path: str, uri: str, chunks: Iterable[int] | None,
+          layers: Iterable[int] | None, lazy: bool, verify: bool, expect_fingerprint: str | None) -> VideoKVCache:
+    m, version = _read_manifest(fs, path, uri)
     model = ModelInfo(**m["model"])
     if expect_fingerprint is not None and expect_fingerprint != model.fingerprint:
         raise ModelMismatchError("model", f"{model.name_or_path} (fingerprint {model.fingerprint})",
@@ -338,13 +531,17 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
     bad = [c for c in index_list if not 0 <= c < grid_t]
     if bad:
         raise ValueError(f"chunks {bad} out of range: the cache has {grid_t} chunks")
-    store = _Store(fs, path, uri, m, layer_list, verify)
+    store = _Store(fs, path, uri, m, layer_list, verify, version)
     whole = not lazy and chunks is None and layers is None
     prefix_ids, prefix_keys, prefix_values = store.read_prefix(whole)
     state = store.read_state(whole)
     seq = LazyChunks(store, index_list)
     if not lazy:
         seq._loaded.update(store.read_chunks(index_list, whole=whole))
+        tokens = sum(c.num_tokens for c in seq._loaded.values())
+        if chunks is None and tokens != m["totals"]["tokens"]:
+            raise CacheCorruptError(m["video_id"], f"{F.MANIFEST} field 'totals.tokens'",
+                                    f"{m['totals']['tokens']}, but the chunks hold {tokens} tokens")
     s = m["sampling"]
     video = VideoInfo(source=s["source"], video_fps=s["video_fps"], total_frames=s["total_frames"],
                       sampled_fps=s["sampled_fps"], second_per_grid_t=s["second_per_grid_t"],
@@ -355,6 +552,7 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
                          state=state, grid_t=grid_t, max_position=m["max_position"])
     cache.loaded_layers = layer_list  # type: ignore[attr-defined]
     cache.manifest = m  # type: ignore[attr-defined]
+    cache.manifest_version = version  # type: ignore[attr-defined]  # compare with manifest_version(uri)
     return cache
 
 
@@ -364,8 +562,8 @@ def load_summary_keys(uri: str | os.PathLike, layer: int, *, chunks: Iterable[in
     """(chunk indices, (C, Hkv, D) float32 mean keys) at `layer`: the retrieval index, without reading K/V."""
     uri = os.fspath(uri)
     fs, path = resolve(uri, storage_options, filesystem)
-    m = _read_manifest(fs, path, uri)
-    store = _Store(fs, path, uri, m, [layer], verify=True)
+    m, version = _read_manifest(fs, path, uri)
+    store = _Store(fs, path, uri, m, [layer], verify=True, version=version)
     index_list = list(range(m["grid"]["grid_t"])) if chunks is None else [int(c) for c in chunks]
     t = F.layer_tag(layer)
     cols = ["chunk_index", f"summary_k_{t}"]
@@ -376,7 +574,8 @@ def load_summary_keys(uri: str | os.PathLike, layer: int, *, chunks: Iterable[in
     found: dict[int, bytes] = {}
     for entry, rgs in by_file.values():
         pf = store.open(entry)
-        for row in store._read(entry, "summaries", lambda: pf.read_row_groups(sorted(rgs), columns=cols)).to_pylist():
+        for row in store._read(entry, "summaries", lambda: pf.read_row_groups(sorted(rgs), columns=cols),
+                               pf).to_pylist():
             found[row["chunk_index"]] = row[f"summary_k_{t}"]
     h, d = m["layout"]["num_kv_heads"], m["layout"]["head_dim"]
     out = [store._tensor(found[i], torch.float32, (h, d), f"chunk {i}, layer {layer}, summary") for i in index_list]
