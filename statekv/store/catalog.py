@@ -109,17 +109,19 @@ def rebuild(root: str | os.PathLike, *, storage_options: StorageOptionsLike = No
 def _build(fs: fsspec.AbstractFileSystem, path: str, root: str, expect: str | None):
     from statekv.store.reader import CacheListing, scan
 
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat()
     listing = scan(fs, path, root)
     rows = {e.video_id: {**{k: getattr(e, k) for k in ENTRY_FIELDS}, "invalid": None} for e in listing}
-    for bad in listing.invalid:
+    for bad in listing.invalid:  # found invalid at `started`: only a later commit replaces it
         rows[bad.video_id] = {"video_id": bad.video_id, "chunks": 0, "tokens": 0, "bytes": 0, "storage": "",
-                              "created": "", "fingerprint": "", "checksum": "", "invalid": bad.reason}
+                              "created": started, "fingerprint": "", "checksum": "", "invalid": bad.reason}
     logs = _log_names(fs, path)
     _fold(fs, path, logs, rows)  # commits during the scan
     if not rows and not logs:
         return _listing(CacheListing, root, rows)  # nothing here (perhaps no root): create nothing
     try:
-        _write_snapshot(fs, path, rows, expect)
+        if _write_snapshot(fs, path, rows, expect) is not None:
+            _remove_logs(fs, path, logs)
     except PermissionError as e:  # read-only credentials: list without writing the catalog
         logger.info("cannot write the catalog of %s (%s): listing by scan", root, e)
     return _listing(CacheListing, root, rows)
@@ -146,7 +148,7 @@ def _fold(fs: fsspec.AbstractFileSystem, path: str, logs: list[str], rows: dict[
         except (UnicodeDecodeError, json.JSONDecodeError):  # not a statekv log object: ignore it
             continue
         old = rows.get(entry.get("video_id"))
-        if old is None or old["invalid"] is not None or _when(entry["created"]) >= _when(old["created"]):
+        if old is None or _when(entry["created"]) > _when(old["created"]):
             rows[entry["video_id"]] = {**{k: entry[k] for k in ENTRY_FIELDS}, "invalid": None}
     return True
 
@@ -165,10 +167,15 @@ def _compact(fs: fsspec.AbstractFileSystem, path: str, rows: dict[str, dict[str,
     try:
         if _write_snapshot(fs, path, rows, version) is None:
             return  # another reader compacted first
-        for name in logs:
-            fs.rm(join(path, FOLDER, LOG, name))
+        _remove_logs(fs, path, logs)
     except _FAILURES as e:  # read-only or unreachable: the next listing tries again
         logger.info("could not compact the catalog under %s: %s", path, e)
+
+
+def _remove_logs(fs: fsspec.AbstractFileSystem, path: str, logs: list[str]) -> None:
+    """Delete log objects folded into a written snapshot (one batch request on S3)."""
+    if logs:
+        fs.rm([join(path, FOLDER, LOG, name) for name in logs])
 
 
 def _write_snapshot(fs: fsspec.AbstractFileSystem, path: str, rows: dict[str, dict[str, Any]],

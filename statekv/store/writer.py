@@ -290,8 +290,11 @@ class CacheWriter:
         self._done = True
         if committed is None:
             self._lost()
-        self._retire(manifest)
-        sweep(self.uri, grace_s=self.sweep_grace_s, filesystem=self.fs)
+        try:  # committed: what follows is housekeeping, and its failure must not undo the commit's success
+            self._retire(manifest)
+            sweep(self.uri, grace_s=self.sweep_grace_s, filesystem=self.fs)
+        except OSError as e:
+            logger.warning("committed %s; sweeping old attempts failed (a later commit retries): %s", self.uri, e)
         from statekv.store import catalog
 
         catalog.record(self.fs, self.path, manifest)
