@@ -353,14 +353,12 @@ class DroppingProxy:
 
 def test_a_dropped_connection_is_a_retryable_error_not_corruption(s3_server):
     """Regression: a dropped connection while reading a chunk was reported as a corrupt cache."""
-    from statekv.store import StorageOptions
-
-    endpoint, options = s3_server
+    endpoint, _ = s3_server
     host, port = endpoint.removeprefix("http://").split(":")
     proxy = DroppingProxy((host, int(port)))
     try:
-        via = StorageOptions(endpoint_url=f"http://127.0.0.1:{proxy.port}", key="testing", secret="testing",
-                             region="us-east-1")
+        via = {"endpoint_url": f"http://127.0.0.1:{proxy.port}", "key": "testing", "secret": "testing",
+               "region": "us-east-1", "config_kwargs": {"retries": {"max_attempts": 1}}}
         uri = "s3://caches/dropped/vid"
         cache = fake_cache(4)
         save_cache(cache, uri, storage_options=via)
