@@ -244,25 +244,23 @@ class _Store:
         """
         self._check_size(entry)
         full = join(self.path, entry["path"])
+        try:  # fetching bytes: failures here are the store's (missing, denied, not delivered)
+            raw = self.fs.cat_file(full) if whole else self.fs.open(full, "rb", cache_type="none")
+        except _READ_FAILURES as e:
+            raise self._failure(entry, e) from None
         guard = None
-        try:
-            if whole:
-                data = self.fs.cat_file(full)
-                if self.verify and serde.crc32(data) != entry["crc32"]:
-                    self.check_unchanged()
-                    raise CacheCorruptError(self.video_id, f"file {entry['path']}", "CRC-32 differs from the manifest")
-                source: Any = pa.BufferReader(data)
-            else:
-                source = guard = _GuardedFile(self.fs.open(full, "rb", cache_type="none"))
+        if whole:
+            if self.verify and serde.crc32(raw) != entry["crc32"]:
+                self.check_unchanged()
+                raise CacheCorruptError(self.video_id, f"file {entry['path']}", "CRC-32 differs from the manifest")
+            source: Any = pa.BufferReader(raw)
+        else:
+            source = guard = _GuardedFile(raw)
+        try:  # parsing: failures are the bytes' (corrupt), unless the guarded file's own reads failed
             pf = pq.ParquetFile(source, pre_buffer=not whole,
                                 page_checksum_verification=self.verify and page_checksums)
         except _READ_FAILURES as e:
-            if isinstance(e, CacheCorruptError):
-                raise
-            cause = guard.error if guard is not None and guard.error is not None else e
-            if guard is None or guard.error is not None or isinstance(e, (FileNotFoundError, *TRANSPORT_ERRORS)):
-                raise self._failure(entry, cause) from None
-            raise CacheCorruptError(self.video_id, f"file {entry['path']}", f"unreadable Parquet ({e})") from None
+            raise self._parse_failure(entry, e, guard, "Parquet footer") from None
         pf.statekv_guard = guard  # type: ignore[attr-defined]
         self._check_counts(entry, pf)
         return pf
@@ -285,12 +283,14 @@ class _Store:
         try:
             return read()
         except _READ_FAILURES as e:
-            guard = getattr(pf, "statekv_guard", None)
-            if guard is not None and guard.error is not None:
-                raise self._failure(entry, guard.error, what) from None
-            if isinstance(e, TRANSPORT_ERRORS) and not isinstance(e, OSError):
-                raise self._failure(entry, e, what) from None
-            raise CacheCorruptError(self.video_id, f"file {entry['path']}, {what}", f"unreadable ({e})") from None
+            raise self._parse_failure(entry, e, getattr(pf, "statekv_guard", None), what) from None
+
+    def _parse_failure(self, entry: dict[str, Any], e: BaseException, guard: _GuardedFile | None,
+                       what: str) -> BaseException:
+        """A failure raised through pyarrow: the store's if the file object's reads failed, else corruption."""
+        if guard is not None and guard.error is not None:
+            return self._failure(entry, guard.error, what)
+        return CacheCorruptError(self.video_id, f"file {entry['path']}, {what}", f"unreadable ({e})")
 
     def _tensor(self, data: bytes, dtype: torch.dtype, shape: tuple[int, ...], part: str) -> torch.Tensor:
         try:

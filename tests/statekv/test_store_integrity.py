@@ -375,6 +375,21 @@ def test_a_dropped_connection_is_a_retryable_error_not_corruption(s3_server):
         proxy.close()
 
 
+def test_a_garbled_parquet_footer_is_still_corruption(store_root):
+    """The other side of the split: bytes that arrive but do not parse are corruption, not a store outage."""
+    root, options = store_root
+    uri = f"{root}/vid"
+    m = save_cache(fake_cache(4), uri, storage_options=options)
+    fs, path = resolve(uri, options)
+    entry = next(f for f in m["files"] if f["kind"] == "chunks")
+    data = bytearray(fs.cat_file(f"{path}/{entry['path']}"))
+    footer = int.from_bytes(data[-8:-4], "little")
+    data[-8 - footer:-8] = bytes(b ^ 0x5A for b in data[-8 - footer:-8])  # the footer's metadata, same size
+    fs.pipe_file(f"{path}/{entry['path']}", bytes(data))
+    with pytest.raises(CacheCorruptError, match="chunks-00000.parquet.*unreadable"):
+        list(load_cache(uri, storage_options=options).chunks)
+
+
 # --- issue 8.13: cheap staleness detection ----------------------------------------------------------------------
 
 
