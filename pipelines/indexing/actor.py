@@ -29,7 +29,7 @@ from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import fetch_file, fetch_member
 from statekv.errors import EmptyVideoError, VideoError, VideoNotFoundError
 from statekv.store import CacheStoreError, prefill_to_store, read_manifest
-from statekv.store.errors import CacheNotFoundError
+from statekv.store.errors import CacheCorruptError, CacheNotFoundError
 from statekv.store.fs import resolve
 from statekv.video import iter_frame_batches, open_video
 
@@ -151,7 +151,7 @@ def probe_rows(batch: dict[str, np.ndarray], *, config: IndexConfig) -> dict[str
         if not config.overwrite:
             try:
                 m = read_manifest(cache_uri(config, row["video_id"]), storage_options=config.storage_options)
-            except CacheNotFoundError:
+            except (CacheNotFoundError, CacheCorruptError):  # a corrupt cache is prefilled again (replaced)
                 m = None
             if m is not None:
                 row.update(status="skipped", error="committed cache exists")

@@ -49,29 +49,25 @@ def manifest_version(uri: str | os.PathLike, *, storage_options: StorageOptionsL
     loaded cache's `manifest_version` to detect a re-prefill cheaply. CacheNotFoundError if there is none."""
     uri = os.fspath(uri)
     fs, path = resolve(uri, storage_options, filesystem)
-    video_id = path.rsplit("/", 1)[-1]
-    try:
-        return object_version(fs, join(path, F.MANIFEST))
-    except FileNotFoundError:
-        raise CacheNotFoundError(uri) from None
-    except (OSError, *TRANSPORT_ERRORS) as e:
-        if isinstance(e, PermissionError) or not is_transport_error(e):
-            raise
-        raise CacheUnavailableError(video_id, F.MANIFEST, e) from None
+    return _manifest_call(path, uri, lambda: object_version(fs, join(path, F.MANIFEST)))
 
 
 def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[dict[str, Any], str]:
     """(validated manifest, its version)."""
-    video_id = path.rsplit("/", 1)[-1]
+    data, version = _manifest_call(path, uri, lambda: read_versioned(fs, join(path, F.MANIFEST)))
+    return manifest_schema.parse(data, path.rsplit("/", 1)[-1]), version
+
+
+def _manifest_call(path: str, uri: str, fetch):
+    """Run `fetch` on the manifest object: absent -> CacheNotFoundError, not delivered -> CacheUnavailableError."""
     try:
-        data, version = read_versioned(fs, join(path, F.MANIFEST))
+        return fetch()
     except FileNotFoundError:
         raise CacheNotFoundError(uri) from None
     except (OSError, *TRANSPORT_ERRORS) as e:
         if isinstance(e, PermissionError) or not is_transport_error(e):
             raise
-        raise CacheUnavailableError(video_id, F.MANIFEST, e) from None
-    return manifest_schema.parse(data, video_id), version
+        raise CacheUnavailableError(path.rsplit("/", 1)[-1], F.MANIFEST, e) from None
 
 
 @dataclass
