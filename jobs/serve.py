@@ -24,8 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     parser.add_argument("--replicas", type=int, default=1, help="replicas (each loads the model once)")
     parser.add_argument("--lru-bytes", type=int, default=4 << 30, help="host memory for loaded caches, per replica")
-    parser.add_argument("--max-question-chars", type=int, default=4000, help="longer questions get 413")
-    parser.add_argument("--max-new-tokens-limit", type=int, default=512, help="largest max_new_tokens accepted")
+    parser.add_argument("--max-question-tokens", type=int, default=1024,
+                        help="longest question in tokens, chat template included (longer: 413 naming the limit)")
+    parser.add_argument("--max-question-chars", type=int, default=4000,
+                        help="cheap bound on the question's characters, checked before tokenizing (longer: 422)")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=512,
+                        help="largest max_new_tokens accepted (the OpenAPI schema's maximum)")
+    parser.add_argument("--revalidate-s", type=float, default=1.0,
+                        help="seconds a loaded cache is served before its manifest is checked again (one HEAD); "
+                             "a cache re-prefilled under its id is stale for at most this long (0: every request)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, a local S3 server, ...)")
@@ -40,7 +47,8 @@ def config_from_args(args: argparse.Namespace):
     return ServiceConfig(
         model=args.model, caches_root=args.caches, endpoint_url=args.endpoint_url, region=args.region,
         device=args.device, dtype=args.dtype, lru_bytes=args.lru_bytes, max_question_chars=args.max_question_chars,
-        max_new_tokens_limit=args.max_new_tokens_limit, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
+        max_question_tokens=args.max_question_tokens, max_new_tokens_limit=args.max_new_tokens_limit,
+        revalidate_s=args.revalidate_s, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
         autoscaling={"min_replicas": args.replicas, "max_replicas": args.replicas, "target_ongoing_requests": 8})
 
 

@@ -21,9 +21,11 @@ class ServiceConfig:
     device: str | None = None  # default: cuda when available
     dtype: str | None = None  # float32 / bfloat16 / float16 (default: bfloat16 on cuda, float32 on cpu)
     lru_bytes: int = 4 << 30  # host memory for loaded caches, per replica
-    max_question_chars: int = 4000
-    max_new_tokens_limit: int = 512
+    max_question_chars: int = 4000  # a cheap bound checked before tokenizing (422 above it)
+    max_question_tokens: int = 1024  # the question's limit in tokens, chat template included (413 above it)
+    max_new_tokens_limit: int = 512  # the schema's maximum of max_new_tokens
     retry_after_s: int = 5  # Retry-After of a 503 when the store is unreachable
+    revalidate_s: float = 1.0  # a kept cache re-prefilled under its id is served stale for at most this long
     num_gpus: float = 0.0
     num_cpus: float = 1.0
     max_ongoing_requests: int = 16
@@ -35,9 +37,12 @@ class ServiceConfig:
             raise ValueError("model is required (checkpoint directory or hub id)")
         if not self.caches_root:
             raise ValueError("caches_root is required (local directory or s3://bucket/prefix)")
-        for name in ("lru_bytes", "max_question_chars", "max_new_tokens_limit", "max_ongoing_requests"):
+        for name in ("lru_bytes", "max_question_chars", "max_question_tokens", "max_new_tokens_limit",
+                     "max_ongoing_requests"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.revalidate_s >= 0:
+            raise ValueError(f"revalidate_s must be >= 0, got {self.revalidate_s}")
         if self.num_gpus < 0 or self.num_cpus < 0:
             raise ValueError("num_gpus and num_cpus must be >= 0")
 

@@ -1,169 +1,65 @@
 """The query service's logic, Ray-free: resolve a video safely under the root, load its cache once into a
 byte-bounded LRU, answer (or stream) from it without prefilling, list and describe the stored caches.
 
-The Serve deployment in `app.py` only parses HTTP input and delegates here; tests use this class directly too.
-Errors a caller can act on are `ServiceError`s carrying the HTTP status, a short code and a message.
+The Serve deployment in `app.py` only speaks HTTP and delegates here; tests use this class directly too.
+Requests are validated by the same pydantic model that the OpenAPI schema is generated from (schema.py).
+
+Freshness: a cache kept in the LRU is revalidated against its manifest's identity (ETag on S3, mtime/inode
+locally: one HEAD, no read) at most every `revalidate_s` seconds, so a cache re-prefilled under the same id is
+served stale for at most that long; `revalidate_s=0` checks on every request.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from pipelines.serving.errors import (BadRequest, ClientGone, Conflict, NotFound, PayloadTooLarge, ServiceError,
+                                      Unavailable, Unprocessable, network_cause, public_location, public_name,
+                                      public_text)
+from pipelines.serving.lru import CacheLRU
+from pipelines.serving.schema import VIDEO_ID_PATTERN, ask_request_model, validation_message
 from statekv.cache import VideoKVCache
 from statekv.engine import Engine
 from statekv.errors import ModelMismatchError
-from statekv.store import CacheCorruptError, CacheNotFoundError, list_caches, load_cache, read_manifest
+from statekv.store import CacheCorruptError, CacheNotFoundError, load_cache, read_manifest
+from statekv.store import format as store_format
+from statekv.store.fs import is_local, join, resolve
+
+__all__ = ["BadRequest", "CacheLRU", "ClientGone", "Conflict", "NotFound", "PayloadTooLarge", "QueryService",
+           "ServiceError", "Unavailable", "Unprocessable", "describe_manifest"]
 
 logger = logging.getLogger(__name__)
 
-# one path segment, no traversal: starts with a letter or digit, then letters, digits, ".", "_", "-"
-VIDEO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-DEFAULT_MAX_NEW_TOKENS = 64  # when a request gives none (capped by the service's limit)
+VIDEO_ID = re.compile(VIDEO_ID_PATTERN.strip("^$"))
 
 
-# --- errors ------------------------------------------------------------------------------------------------------
+@dataclass
+class _Loaded:
+    """An LRU entry: the cache and the identity of the manifest it was read under."""
 
-class ServiceError(Exception):
-    """An error answered to the client: HTTP `status`, a stable `code` and a message a user can act on."""
+    cache: VideoKVCache
+    identity: Any
+    checked_at: float
 
-    status = 500
-    code = "internal"
-
-    def __init__(self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message}}
-
-
-class BadRequest(ServiceError):
-    status, code = 400, "bad_request"
-
-
-class NotFound(ServiceError):
-    status, code = 404, "not_found"
-
-
-class Conflict(ServiceError):
-    status, code = 409, "model_mismatch"
-
-
-class PayloadTooLarge(ServiceError):
-    status, code = 413, "question_too_long"
-
-
-class Unprocessable(ServiceError):
-    status, code = 422, "invalid_request"
-
-
-class Unavailable(ServiceError):
-    status, code = 503, "storage_unavailable"
-
-
-def _storage_unreachable_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    try:
-        from botocore import exceptions as boto
-
-        types += [boto.ConnectionError, boto.HTTPClientError]
-    except ImportError:  # no S3 support installed: only local roots
-        pass
-    try:
-        import aiohttp
-
-        types.append(aiohttp.ClientConnectionError)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
-_UNREACHABLE = _storage_unreachable_types()
-
-
-# --- the byte-bounded LRU ----------------------------------------------------------------------------------------
-
-class CacheLRU:
-    """Loaded caches by video id, least recently used evicted first once their bytes exceed `capacity_bytes`.
-
-    Thread-safe. Concurrent misses of one key share a single load (the others wait for it); a failed load is
-    not remembered. An item larger than the whole capacity is returned but not kept.
-    """
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = int(capacity_bytes)
-        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
-        self._loading: dict[str, Future] = {}
-        self._lock = threading.Lock()
-        self.bytes = 0
-        self.hits = self.misses = self.loads = self.evictions = 0
-
-    def get(self, key: str, load: Callable[[], tuple[Any, int]]) -> tuple[Any, bool]:
-        """(value, hit): the kept value, or `load()`'s (value, nbytes) run once however many ask at once."""
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return self._items[key][0], True
-            pending = self._loading.get(key)
-            owner = pending is None
-            if owner:
-                pending = self._loading[key] = Future()
-                self.misses += 1
-            else:
-                self.hits += 1  # shares the load in flight
-        if not owner:
-            return pending.result(), True
-        try:
-            value, nbytes = load()
-        except BaseException as err:
-            with self._lock:
-                del self._loading[key]
-            pending.set_exception(err)
-            raise
-        with self._lock:
-            del self._loading[key]
-            self.loads += 1
-            if nbytes <= self.capacity_bytes:
-                self._items[key] = (value, nbytes)
-                self.bytes += nbytes
-                while self.bytes > self.capacity_bytes:
-                    _, (_, size) = self._items.popitem(last=False)
-                    self.bytes -= size
-                    self.evictions += 1
-        pending.set_result(value)
-        return value, False
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {"entries": len(self._items), "bytes": self.bytes, "capacity_bytes": self.capacity_bytes,
-                    "hits": self.hits, "misses": self.misses, "loads": self.loads, "evictions": self.evictions}
-
-    def keys(self) -> list[str]:
-        with self._lock:
-            return list(self._items)
-
-
-# --- the service -------------------------------------------------------------------------------------------------
 
 class QueryService:
     """Answers questions over the committed caches under `caches_root` with one loaded model."""
 
     def __init__(self, model: str | os.PathLike | Engine, caches_root: str, *,
                  storage_options: dict[str, Any] | None = None, lru_bytes: int = 4 << 30,
-                 max_question_chars: int = 4000, max_new_tokens_limit: int = 512, retry_after_s: int = 5,
-                 device: str | None = None, dtype: str | None = None) -> None:
+                 max_question_chars: int = 4000, max_question_tokens: int = 1024, max_new_tokens_limit: int = 512,
+                 retry_after_s: int = 5, revalidate_s: float = 1.0, device: str | None = None,
+                 dtype: str | None = None) -> None:
         if isinstance(model, Engine):
             self.engine = model
         else:
@@ -174,12 +70,19 @@ class QueryService:
         self.model_info = self.engine.model_info()
         self.root = _normalise_root(caches_root)
         self.storage_options = storage_options
-        self.max_question_chars = int(max_question_chars)
+        self.max_question_tokens = int(max_question_tokens)
         self.max_new_tokens_limit = int(max_new_tokens_limit)
         self.retry_after_s = int(retry_after_s)
+        self.revalidate_s = float(revalidate_s)
+        self.ask_model = ask_request_model(max_new_tokens_limit=self.max_new_tokens_limit,
+                                           max_question_chars=int(max_question_chars),
+                                           max_question_tokens=self.max_question_tokens)
         self.lru = CacheLRU(lru_bytes)
+        self._fs_lock = threading.Lock()
+        self._fs: Any = None
         self._counter_lock = threading.Lock()
-        self.counters = {"vision_tower_calls": 0, "prefill_calls": 0, "store_loads": 0}
+        self.counters = {"vision_tower_calls": 0, "prefill_calls": 0, "store_loads": 0, "generated_tokens": 0,
+                         "in_flight": 0, "cancelled": 0}
         self._count_calls(self.engine.adapter, "video_features", "vision_tower_calls")
         self._count_calls(self.engine, "prefill", "prefill_calls")
 
@@ -187,19 +90,32 @@ class QueryService:
     def from_config(cls, config) -> "QueryService":
         """From a `ServiceConfig`."""
         return cls(config.model, config.caches_root, storage_options=config.storage(), lru_bytes=config.lru_bytes,
-                   max_question_chars=config.max_question_chars, max_new_tokens_limit=config.max_new_tokens_limit,
-                   retry_after_s=config.retry_after_s, device=config.device, dtype=config.dtype)
+                   max_question_chars=config.max_question_chars, max_question_tokens=config.max_question_tokens,
+                   max_new_tokens_limit=config.max_new_tokens_limit, retry_after_s=config.retry_after_s,
+                   revalidate_s=config.revalidate_s, device=config.device, dtype=config.dtype)
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[key] += n
 
     def _count_calls(self, obj: Any, name: str, key: str) -> None:
         """Count calls of `obj.name` (the proof that answering never runs the vision tower or prefill)."""
         original = getattr(obj, name)
 
         def counted(*args: Any, **kwargs: Any) -> Any:
-            with self._counter_lock:
-                self.counters[key] += 1
+            self._count(key)
             return original(*args, **kwargs)
 
         setattr(obj, name, counted)
+
+    @property
+    def public_root(self) -> str | None:
+        """The root as clients may see it: a remote URI, or None for a local directory (a host path)."""
+        return None if self._local_root else self.root
+
+    @property
+    def _local_root(self) -> bool:
+        return "://" not in self.root
 
     # --- resolving a request's video ------------------------------------------------------------------------
 
@@ -221,131 +137,219 @@ class QueryService:
                 rest = uri[len(prefix) + 1:]
                 if VIDEO_ID.fullmatch(rest):
                     return rest
-        raise BadRequest(f"cache_uri {cache_uri!r} is outside this service's cache root {self.root!r}; "
-                         f"ask for a cache under it (or pass video_id)", code="outside_root")
+        where = f" {self.public_root!r}" if self.public_root else ""
+        raise BadRequest(f"cache_uri {public_text(cache_uri)!r} is outside this service's cache root{where}; "
+                         "ask for a cache under it (or pass video_id)", code="outside_root")
 
     def check_video_id(self, video_id: str) -> str:
-        if not VIDEO_ID.fullmatch(video_id):
-            raise BadRequest(f"video_id {video_id!r} is not a valid id (one path segment of letters, digits, "
-                             "'.', '_' or '-', starting with a letter or digit)", code="invalid_video_id")
+        if not isinstance(video_id, str) or not VIDEO_ID.fullmatch(video_id):
+            raise Unprocessable(f"video_id {public_text(str(video_id))!r} is not a valid id (one path segment of "
+                                "letters, digits, '.', '_' or '-', starting with a letter or digit)")
         return video_id
 
     def _root_spellings(self) -> list[str]:
-        if "://" in self.root:
+        if not self._local_root:
             return [self.root]
         return [self.root, "file://" + self.root]
 
     def uri_of(self, video_id: str) -> str:
         return f"{self.root}/{video_id}"
 
-    # --- loading ------------------------------------------------------------------------------------------------
+    def public_uri(self, video_id: str) -> str | None:
+        return None if self._local_root else self.uri_of(video_id)
+
+    # --- the store ----------------------------------------------------------------------------------------------
+
+    def filesystem(self) -> tuple[Any, str]:
+        """(fsspec filesystem, root path) made once per service: manifest HEADs and listings reuse its client."""
+        with self._fs_lock:
+            if self._fs is None:
+                self._fs = self._store_call("the cache root", lambda: resolve(self.root, self.storage_options))
+            return self._fs
+
+    def _unavailable(self, what: str, err: BaseException) -> Unavailable:
+        logger.warning("cache store unreachable (%s): %r", what, err)
+        return Unavailable(f"the cache store is unreachable or dropped the connection while reading {what}; "
+                           f"retry in {self.retry_after_s} s", headers={"Retry-After": str(self.retry_after_s)})
 
     def _store_call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run a store operation, turning store failures into ServiceErrors."""
+        """Run a store operation, turning store failures into ServiceErrors with path-free messages."""
         try:
             return fn()
         except CacheNotFoundError:
-            raise NotFound(f"no committed cache for {what} under {self.root!r}; list them with GET /v1/videos "
-                           "or index the video first (statekv prefill / statekv index)") from None
+            raise NotFound(f"no committed cache for {what}; list them with GET /v1/videos or index the video "
+                           "first (statekv prefill / statekv index)") from None
         except CacheCorruptError as err:
-            raise ServiceError(f"{err}; re-prefill the video", code="cache_corrupt") from None
-        except ModelMismatchError as err:
-            raise Conflict(f"{err}; ask a service running the cache's model, or prefill the video again") from None
-        except _UNREACHABLE as err:
-            logger.warning("cache store unreachable (%s): %s", what, err)
-            raise Unavailable(f"the cache store at {self.root!r} is unreachable; retry in {self.retry_after_s} s",
-                              headers={"Retry-After": str(self.retry_after_s)}) from None
+            if network_cause(err) is not None:  # a dropped connection mid-read is not a damaged cache
+                raise self._unavailable(what, err) from None
+            logger.error("corrupt cache (%s): %s", what, err)
+            raise ServiceError(f"the stored cache of {what} is corrupt at {public_text(err.part)}: "
+                               f"{public_text(err.reason)}; re-prefill the video", code="cache_corrupt") from None
+        except ModelMismatchError:
+            raise Conflict(f"the cache of {what} was made with another model; ask a service running the cache's "
+                           "model, or prefill the video again") from None
         except PermissionError as err:
-            raise ServiceError(f"the cache store refused access to {what}: {err}", code="storage_denied") from None
+            logger.error("cache store refused access (%s): %s", what, err)
+            raise ServiceError(f"the cache store refused access to {what}; the server log has the details",
+                               code="storage_denied") from None
+        except Exception as err:  # noqa: BLE001 - only connection failures are re-raised as 503
+            if network_cause(err) is not None:
+                raise self._unavailable(what, err) from None
+            raise
 
-    def _load(self, video_id: str) -> tuple[VideoKVCache, int]:
+    def manifest_identity(self, video_id: str) -> Any:
+        """What changes whenever the cache at `video_id` is committed again (one HEAD); None if it is gone.
+
+        S3 gives the manifest's ETag (an MD5 of content that holds its `created` time); a local manifest is
+        replaced by an atomic rename, so its inode and mtime change.
+        """
+        fs, root = self.filesystem()
+        path = join(root, video_id, store_format.MANIFEST)
+        try:
+            if not is_local(fs):
+                fs.invalidate_cache(path)
+            info = fs.info(path)
+        except FileNotFoundError:
+            return None
+        return tuple(info.get(k) for k in ("ETag", "LastModified", "mtime", "ino", "size"))
+
+    def _load(self, video_id: str) -> tuple[_Loaded, int]:
         uri = self.uri_of(video_id)
-        manifest = self._store_call(f"video {video_id!r}", lambda: read_manifest(uri,
-                                                                              storage_options=self.storage_options))
-        self._check_model(video_id, manifest["model"])
-        with self._counter_lock:
-            self.counters["store_loads"] += 1
-        cache = self._store_call(f"video {video_id!r}", lambda: load_cache(
-            uri, lazy=False, storage_options=self.storage_options, expect_fingerprint=self.model_info.fingerprint))
-        return cache, cache.nbytes
+        what = f"video {video_id!r}"
+        identity = self._store_call(what, lambda: self.manifest_identity(video_id))
+        fs, _ = self.filesystem()  # one client for every read (a new S3 client per call costs more than the read)
+        manifest = self._store_call(what, lambda: read_manifest(uri, filesystem=fs))
+        self._check_model(video_id, manifest)
+        self._count("store_loads")
+        cache = self._store_call(what, lambda: load_cache(
+            uri, lazy=False, filesystem=fs, expect_fingerprint=self.model_info.fingerprint))
+        return _Loaded(cache, identity, time.monotonic()), cache.nbytes
 
-    def _check_model(self, video_id: str, cache_model: dict[str, Any]) -> None:
+    def _check_model(self, video_id: str, manifest: dict[str, Any]) -> None:
         mine = self.model_info
-        if cache_model["fingerprint"] != mine.fingerprint:
+        try:
+            theirs = {k: str(manifest["model"][k]) for k in ("fingerprint", "name_or_path", "model_type")}
+        except (KeyError, TypeError):
+            raise ServiceError(f"the stored cache of video {video_id!r} is corrupt at manifest.json: no model "
+                               "record; re-prefill the video", code="cache_corrupt") from None
+        if theirs["fingerprint"] != mine.fingerprint:
             raise Conflict(
-                f"the cache of video {video_id!r} was made with model {cache_model['name_or_path']!r} "
-                f"({cache_model['model_type']}, fingerprint {cache_model['fingerprint']}), but this service runs "
-                f"{mine.name_or_path!r} ({mine.model_type}, fingerprint {mine.fingerprint}); ask a service "
-                f"running that model, or prefill the video again with this one")
+                f"the cache of video {video_id!r} was made with model {public_name(theirs['name_or_path'])!r} "
+                f"({theirs['model_type']}, fingerprint {theirs['fingerprint']}), but this service runs "
+                f"{public_name(mine.name_or_path)!r} ({mine.model_type}, fingerprint {mine.fingerprint}); ask a "
+                "service running that model, or prefill the video again with this one")
 
     def get_cache(self, video_id: str) -> tuple[VideoKVCache, bool, float]:
-        """(cache, LRU hit, seconds spent getting it)."""
+        """(cache, LRU hit, seconds spent getting it); a kept cache whose manifest changed is loaded again."""
         start = time.perf_counter()
-        cache, hit = self.lru.get(video_id, lambda: self._load(video_id))
-        return cache, hit, time.perf_counter() - start
+        kept = self.lru.peek(video_id)
+        if kept is not None and time.monotonic() - kept.checked_at >= self.revalidate_s:
+            try:
+                identity = self.manifest_identity(video_id)
+            except Exception as err:  # noqa: BLE001 - the store is unreachable: the kept copy still answers
+                logger.warning("cannot revalidate the cache of %r, serving the kept copy: %r", video_id, err)
+            else:
+                if identity != kept.identity:
+                    logger.info("the cache of %r was committed again; reloading it", video_id)
+                    self.lru.discard(video_id, kept)
+                else:
+                    kept.checked_at = time.monotonic()
+        loaded, hit = self.lru.get(video_id, lambda: self._load(video_id))
+        return loaded.cache, hit, time.perf_counter() - start
 
     # --- answering ---------------------------------------------------------------------------------------------
 
-    def _check_question(self, question: str, max_new_tokens: int, temperature: float, top_p: float) -> None:
-        if len(question) > self.max_question_chars:
-            raise PayloadTooLarge(f"the question has {len(question)} characters; this service takes at most "
-                                  f"{self.max_question_chars}")
-        if not question.strip():
-            raise Unprocessable("the question is empty")
+    def parse_ask(self, fields: dict[str, Any]):
+        """The validated request (the schema's model) from keyword fields; Unprocessable naming each field."""
+        fields = {k: v for k, v in fields.items() if not (k in ("video_id", "cache_uri") and v is None)}
         try:
-            question.encode("utf-8")
+            return self.ask_model.model_validate(fields)
+        except ValidationError as err:
+            raise Unprocessable(validation_message(err)) from None
+
+    def _prepare(self, fields: dict[str, Any]):
+        req = self.parse_ask(fields)
+        vid = self.resolve(req.video_id if "video_id" in req.model_fields_set else None,
+                           req.cache_uri if "cache_uri" in req.model_fields_set else None)
+        if not req.question.strip():
+            raise Unprocessable("question: the question is empty")
+        try:
+            prompt_len = len(self.engine.adapter.question_ids(req.question))
         except UnicodeEncodeError:
-            raise Unprocessable("the question is not valid Unicode text (lone surrogate)") from None
-        if not 1 <= max_new_tokens <= self.max_new_tokens_limit:
-            raise Unprocessable(f"max_new_tokens must be between 1 and {self.max_new_tokens_limit}, "
-                                f"got {max_new_tokens}")
-        if not (temperature >= 0 and 0 < top_p <= 1):
-            raise Unprocessable("temperature must be >= 0 and top_p in (0, 1]")
-
-    def _prepare(self, video_id, cache_uri, question, max_new_tokens, temperature, top_p):
-        vid = self.resolve(video_id, cache_uri)
-        if max_new_tokens is None:
-            max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens_limit)
-        self._check_question(question, max_new_tokens, temperature, top_p)
+            raise Unprocessable("question: not valid Unicode text (lone surrogate)") from None
+        if prompt_len > self.max_question_tokens:
+            raise PayloadTooLarge(f"the question is {prompt_len} tokens long with the chat template; this service "
+                                  f"takes at most {self.max_question_tokens} tokens")
         cache, hit, load_s = self.get_cache(vid)
-        return vid, cache, hit, load_s, max_new_tokens
+        return req, vid, cache, hit, load_s, prompt_len
 
-    def ask(self, *, question: str, video_id: str | None = None, cache_uri: str | None = None,
-            max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-            seed: int | None = None) -> dict[str, Any]:
-        """Answer `question` about a stored video; the response body of POST /v1/ask."""
-        vid, cache, hit, load_s, max_new_tokens = self._prepare(video_id, cache_uri, question, max_new_tokens, temperature, top_p)
-        answer = self.engine.ask(cache, question, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed)
-        return self._result(vid, cache, hit, answer.text, answer.token_ids, len(answer.prompt_ids),
-                            answer.finish_reason, load_s, answer.first_token_s, answer.total_s)
+    def _generate(self, req, cache: VideoKVCache) -> Iterator[Any]:
+        """The engine's token events, counted (so a test can see work stop)."""
+        for event in self.engine.stream(cache, req.question, max_new_tokens=req.max_new_tokens,
+                                        temperature=req.temperature, top_p=req.top_p, seed=req.seed):
+            self._count("generated_tokens")
+            yield event
 
-    def stream(self, *, question: str, video_id: str | None = None, cache_uri: str | None = None,
-               max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None) -> Iterator[dict[str, Any]]:
-        """Validate and load now (errors raise here), then return the events: one per token, a final "done"."""
-        vid, cache, hit, load_s, max_new_tokens = self._prepare(video_id, cache_uri, question, max_new_tokens, temperature, top_p)
-        prompt_len = len(self.engine.adapter.question_ids(question))
-        eos = self.engine.adapter.eos_token_ids
+    def ask(self, *, cancelled: Callable[[], bool] | None = None, **fields: Any) -> dict[str, Any]:
+        """Answer a question about a stored video; the response body of POST /v1/ask.
 
-        def events() -> Iterator[dict[str, Any]]:
+        `fields` are the request's (video_id or cache_uri, question, max_new_tokens, temperature, top_p, seed).
+        `cancelled` is polled between tokens: once it returns True the work stops and ClientGone is raised.
+        """
+        fields.pop("stream", None)
+        req, vid, cache, hit, load_s, prompt_len = self._prepare(fields)
+        self._count("in_flight")
+        try:
             start = time.perf_counter()
             first = 0.0
             ids: list[int] = []
-            text = ""
-            finish = "length"
-            for event in self.engine.stream(cache, question, max_new_tokens=max_new_tokens,
-                                            temperature=temperature, top_p=top_p, seed=seed):
+            for event in self._generate(req, cache):
                 if not ids:
                     first = time.perf_counter() - start
                 ids.append(event.token_id)
-                text += event.text
-                if event.token_id in eos:
-                    finish = "eos"
-                yield {"type": "token", "text": event.text, "token_id": event.token_id}
-            final = self._result(vid, cache, hit, text, ids, prompt_len, finish, load_s, first,
-                                 time.perf_counter() - start)
-            yield {"type": "done", **final}
+                if cancelled is not None and cancelled():
+                    self._count("cancelled")
+                    raise ClientGone(f"the client of a question about {vid!r} left after {len(ids)} tokens")
+            text = self.engine.adapter.tokenizer.decode(ids, skip_special_tokens=True)
+            finish = "eos" if ids and ids[-1] in self.engine.adapter.eos_token_ids else "length"
+            return self._result(vid, cache, hit, text, ids, prompt_len, finish, load_s, first,
+                                time.perf_counter() - start)
+        finally:
+            self._count("in_flight", -1)
+
+    def stream(self, **fields: Any) -> Iterator[dict[str, Any]]:
+        """Validate and load now (errors raise here), then return the events: one per token, a final "done".
+
+        A failure after the first token ends the events with an "error" event (the status is already sent).
+        """
+        fields.pop("stream", None)
+        req, vid, cache, hit, load_s, prompt_len = self._prepare(fields)
+        eos = self.engine.adapter.eos_token_ids
+
+        def events() -> Iterator[dict[str, Any]]:
+            self._count("in_flight")
+            try:
+                start = time.perf_counter()
+                first = 0.0
+                ids: list[int] = []
+                text = ""
+                for event in self._generate(req, cache):
+                    if not ids:
+                        first = time.perf_counter() - start
+                    ids.append(event.token_id)
+                    text += event.text
+                    yield {"type": "token", "text": event.text, "token_id": event.token_id}
+                finish = "eos" if ids and ids[-1] in eos else "length"
+                final = self._result(vid, cache, hit, text, ids, prompt_len, finish, load_s, first,
+                                     time.perf_counter() - start)
+                yield {"type": "done", **final}
+            except Exception as err:  # noqa: BLE001 - the stream must end with an event, never be cut
+                logger.exception("answer stream for %r failed", vid)
+                error = err if isinstance(err, ServiceError) else ServiceError(
+                    "internal error while answering; the server log has the details")
+                yield {"type": "error", **error.body()}
+            finally:
+                self._count("in_flight", -1)
 
         return events()
 
@@ -361,35 +365,74 @@ class QueryService:
 
     # --- listing and describing --------------------------------------------------------------------------------
 
+    def _entries(self) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """(servable caches, invalid ones with the reason) under the root, by video id.
+
+        One invalid manifest is reported, not fatal for the listing. (Once the store's `list_caches` skips and
+        reports invalid manifests itself, this becomes a call to it.)
+        """
+        fs, root = self.filesystem()
+        if not is_local(fs):
+            fs.invalidate_cache()
+        found = sorted(fs.glob(join(root, "*", store_format.MANIFEST)))
+        mine = self.model_info.fingerprint
+        videos, invalid = [], []
+        for path in found:
+            vid = fs._strip_protocol(path).rstrip("/").rsplit("/", 2)[-2]
+            if not VIDEO_ID.fullmatch(vid):
+                invalid.append({"video_id": public_text(vid), "reason": "not a valid video id for this service"})
+                continue
+            try:
+                m = read_manifest(self.uri_of(vid), filesystem=fs)
+                totals = m["totals"]
+                entry = {"video_id": vid, "uri": self.public_uri(vid), "chunks": int(totals["chunks"]),
+                         "tokens": int(totals["tokens"]), "bytes": int(totals["bytes"]), "storage": str(m["storage"]),
+                         "created": str(m["created"]), "fingerprint": str(m["model"]["fingerprint"])}
+            except CacheNotFoundError:  # deleted between listing and reading
+                continue
+            except CacheCorruptError as err:
+                if network_cause(err) is not None:
+                    raise
+                invalid.append({"video_id": vid, "reason": public_text(f"{err.part}: {err.reason}")})
+                continue
+            except (KeyError, TypeError, ValueError) as err:
+                invalid.append({"video_id": vid, "reason": f"manifest.json: missing or invalid field {err}"})
+                continue
+            entry["compatible"] = entry["fingerprint"] == mine
+            videos.append(entry)
+        return videos, invalid
+
     def list_videos(self, *, limit: int = 100, offset: int = 0) -> dict[str, Any]:
-        """One page of the committed caches under the root, sorted by video id."""
+        """One page of the servable caches under the root, sorted by video id, and the invalid ones."""
         if not (1 <= limit <= 1000 and offset >= 0):
             raise Unprocessable("limit must be in [1, 1000] and offset >= 0")
-        entries = self._store_call("the cache root", lambda: list_caches(self.root,
-                                                                         storage_options=self.storage_options))
-        page = entries[offset:offset + limit]
-        mine = self.model_info.fingerprint
-        videos = [{"video_id": e.video_id, "uri": e.uri, "chunks": e.chunks, "tokens": e.tokens, "bytes": e.bytes,
-                   "storage": e.storage, "created": e.created, "fingerprint": e.fingerprint,
-                   "compatible": e.fingerprint == mine} for e in page]
+        videos, invalid = self._store_call("the cache root", self._entries)
+        page = videos[offset:offset + limit]
         nxt = offset + len(page)
-        return {"videos": videos, "total": len(entries), "limit": limit, "offset": offset,
-                "next_offset": nxt if nxt < len(entries) else None}
+        return {"videos": page, "invalid": invalid, "total": len(videos), "limit": limit, "offset": offset,
+                "next_offset": nxt if nxt < len(videos) else None}
 
     def describe(self, video_id: str) -> dict[str, Any]:
         """What `statekv inspect` shows for one cache, as JSON (plus its text and whether this model can use it)."""
         vid = self.check_video_id(video_id)
-        uri = self.uri_of(vid)
-        m = self._store_call(f"video {vid!r}", lambda: read_manifest(uri, storage_options=self.storage_options))
-        return describe_manifest(uri, m, self.model_info.fingerprint)
+        what = f"video {vid!r}"
+        fs, _ = self.filesystem()
+        m = self._store_call(what, lambda: read_manifest(self.uri_of(vid), filesystem=fs))
+        try:
+            return describe_manifest(self.public_uri(vid) or vid, m, self.model_info.fingerprint,
+                                     public_uri=self.public_uri(vid))
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as err:
+            logger.error("invalid manifest of %r: %r", vid, err)
+            raise ServiceError(f"the stored cache of {what} is corrupt at manifest.json: missing or invalid field "
+                               f"{public_text(str(err))}; re-prefill the video", code="cache_corrupt") from None
 
     # --- health ------------------------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
         self.check_health()
-        return {"status": "ok", "model": self.model_info.name_or_path, "model_type": self.model_info.model_type,
-                "fingerprint": self.model_info.fingerprint, "caches_root": self.root, "lru": self.lru.stats(),
-                "counters": dict(self.counters)}
+        return {"status": "ok", "model": public_name(self.model_info.name_or_path),
+                "model_type": self.model_info.model_type, "fingerprint": self.model_info.fingerprint,
+                "caches_root": self.public_root, "lru": self.lru.stats(), "counters": dict(self.counters)}
 
     def check_health(self) -> None:
         """Raises if this replica cannot answer (Serve restarts it)."""
@@ -406,17 +449,30 @@ def _normalise_root(root: str | os.PathLike) -> str:
     return os.path.abspath(os.path.expanduser(root))
 
 
-def describe_manifest(uri: str, m: dict[str, Any], fingerprint: str | None = None) -> dict[str, Any]:
-    """The fields `statekv inspect` prints, structured, and its text as `summary`."""
+def _public_manifest(m: dict[str, Any]) -> dict[str, Any]:
+    """A copy of manifest `m` with the host paths it records (source video, local model) shortened."""
+    m = copy.deepcopy(m)
+    if isinstance(m.get("source"), dict) and m["source"].get("uri"):
+        m["source"]["uri"] = public_location(m["source"]["uri"])
+    if isinstance(m.get("sampling"), dict) and isinstance(m["sampling"].get("source"), str):
+        m["sampling"]["source"] = public_location(m["sampling"]["source"])
+    m["model"]["name_or_path"] = public_name(m["model"]["name_or_path"])
+    return m
+
+
+def describe_manifest(uri: str, m: dict[str, Any], fingerprint: str | None = None, *,
+                      public_uri: str | None = None) -> dict[str, Any]:
+    """The fields `statekv inspect` prints, structured, and its text as `summary`, without host paths."""
     from jobs.cli import _describe_manifest, _state_tokens
 
+    m = _public_manifest(m)
     sampling, grid, totals, model = m["sampling"], m["grid"], m["totals"], m["model"]
     duration = sampling["total_frames"] / sampling["video_fps"] if sampling["video_fps"] else 0.0
     return {
-        "video_id": m["video_id"], "uri": uri,
+        "video_id": m["video_id"], "uri": public_uri,
         "source": (m.get("source") or {}).get("uri") or sampling["source"],
-        "model": {k: model[k] for k in ("name_or_path", "model_type", "fingerprint")},
-        "compatible": None if fingerprint is None else model["fingerprint"] == fingerprint,
+        "model": {k: str(model[k]) for k in ("name_or_path", "model_type", "fingerprint")},
+        "compatible": model["fingerprint"] == fingerprint,
         "policy": m["policy"],
         "frames": {"sampled": len(sampling["frame_indices"]), "sampled_fps": sampling["sampled_fps"],
                    "total": sampling["total_frames"], "width": sampling["frame_size"][1],

@@ -1,0 +1,180 @@
+"""The query service's API types: the one definition of what a request may hold and what a response holds.
+
+The request model is built from the service's own limits (`ask_request_model`), so the OpenAPI schema states
+exactly the limits that are enforced, and the plain `QueryService` validates its Python callers through the same
+model. Types are strict: `"7"` is not a seed and `"yes"` is not a boolean. What JSON Schema cannot say (the
+question's limit in tokens, a `cache_uri` under the root) is in the field descriptions and the listed errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# one path segment, no traversal: starts with a letter or digit, then letters, digits, ".", "_", "-"
+VIDEO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+DEFAULT_MAX_NEW_TOKENS = 64  # when a request gives none (capped by the service's limit)
+MAX_SEED = 2**53 - 1  # exact in every JSON parser (and in the schema, whose bounds are floats)
+MAX_TEMPERATURE = 100.0  # above this sampling is uniform for any model; a larger value is a mistake
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # an optional field that, when given, must be a string (never null)
+
+
+class AskRequestBase(BaseModel):
+    """A question about one stored video, named by exactly one of `video_id` or `cache_uri`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": ["video_id"]}, {"required": ["cache_uri"]}]})
+
+    video_id: str = Field(None, pattern=VIDEO_ID_PATTERN, examples=["clip"], json_schema_extra=_no_default,
+                          description="a cache directly under the service's root")
+    cache_uri: str = Field(None, min_length=1, max_length=2048, examples=["s3://bucket/caches/clip"],
+                           json_schema_extra=_no_default,
+                           description="<root>/<video_id> spelled exactly; anything else is 400 outside_root")
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+                               description="0 is greedy; a temperature too small to represent is greedy too")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False,
+                         description="nucleus sampling mass; the most likely token is always kept")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="makes sampling reproducible")
+    stream: bool = Field(False, description="answer as server-sent events, one per token")
+
+    @model_validator(mode="after")
+    def _one_video(self) -> "AskRequestBase":
+        if ("video_id" in self.model_fields_set) == ("cache_uri" in self.model_fields_set):
+            raise ValueError("give exactly one of video_id and cache_uri")
+        return self
+
+
+def ask_request_model(*, max_new_tokens_limit: int, max_question_chars: int,
+                      max_question_tokens: int) -> type[AskRequestBase]:
+    """The request body of POST /v1/ask with this service's limits as schema bounds."""
+    default_tokens = min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens_limit)
+
+    class AskRequest(AskRequestBase):
+        question: str = Field(..., min_length=1, max_length=max_question_chars,
+                              examples=["What happens in the video?"],
+                              description=f"at most {max_question_chars} characters and at most "
+                                          f"{max_question_tokens} tokens (413 question_too_long)")
+        max_new_tokens: int = Field(default_tokens, ge=1, le=max_new_tokens_limit,
+                                    description="tokens to generate at most")
+
+    return AskRequest
+
+
+def validation_message(err: ValidationError | list[dict[str, Any]]) -> str:
+    """One line naming each offending field and why (never the input value)."""
+    errors = err.errors() if isinstance(err, ValidationError) else err
+    parts = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return "; ".join(parts) or "malformed request"
+
+
+# --- responses -------------------------------------------------------------------------------------------------
+
+class Tokens(BaseModel):
+    prompt: int = Field(description="question tokens with the chat template around them")
+    context: int = Field(description="prefix and video tokens the answer attended to")
+    generated: int
+
+
+class Timings(BaseModel):
+    load_s: float
+    first_token_s: float
+    total_s: float
+
+
+class AskResponse(BaseModel):
+    answer: str
+    video_id: str
+    finish_reason: Literal["eos", "length"]
+    token_ids: list[int]
+    tokens: Tokens
+    timings: Timings
+    cache: Literal["hit", "miss"]
+
+
+class VideoEntry(BaseModel):
+    video_id: str
+    uri: str | None = Field(description="the cache's URI for cache_uri (null under a local root: use video_id)")
+    chunks: int
+    tokens: int
+    bytes: int
+    storage: str
+    created: str
+    fingerprint: str
+    compatible: bool = Field(description="made with this service's model")
+
+
+class InvalidEntry(BaseModel):
+    video_id: str
+    reason: str
+
+
+class VideoPage(BaseModel):
+    videos: list[VideoEntry]
+    invalid: list[InvalidEntry] = Field(description="caches under the root that cannot be served, and why")
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class VideoInfo(BaseModel):
+    video_id: str
+    uri: str | None
+    source: str | None
+    model: dict[str, str]
+    compatible: bool
+    policy: dict[str, Any]
+    frames: dict[str, int | float]
+    duration_s: float
+    tokens: dict[str, Any]
+    state_tokens: int | None
+    storage: str
+    dtype: str
+    bytes: int
+    files: int
+    created: str
+    statekv_version: str
+    summary: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    model_type: str
+    fingerprint: str
+    caches_root: str | None = Field(description="the root's URI (null for a local root)")
+    lru: dict[str, int]
+    counters: dict[str, int]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+_STATUS = {
+    400: "outside_root: cache_uri is not <root>/<video_id> under this service's root",
+    404: "not_found: no committed cache for that video",
+    409: "model_mismatch: the cache was made with another model",
+    413: "question_too_long: the question has more tokens than the service takes (the limit is in the message)",
+    422: "invalid_request: the body or a parameter does not match this schema",
+    500: "cache_corrupt: the stored cache is damaged (re-prefill the video); internal: a server fault",
+    503: "storage_unavailable: the cache store is unreachable or dropped the connection (see Retry-After)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for the error statuses an operation returns."""
+    return {s: {"model": ErrorBody, "description": _STATUS[s]} for s in statuses}
