@@ -116,9 +116,12 @@ class _ParquetFile:
 class CacheWriter:
     """Write one video's cache to `uri` (= `<root>/<video_id>`), streaming: use `write_chunk` as the engine's sink.
 
-    mode: "overwrite" replaces a committed cache on commit (the old one stays readable until then); "skip" does
-    nothing if a cache is committed (`skipped` is True); "append" adds chunks to a committed cache (a resumed
-    stream) without rewriting its chunk files. `int8=True` stores chunk K/V as int8 with scales.
+    mode: "overwrite" replaces a committed cache on commit (the old one stays readable until then, and for
+    `sweep_grace_s` after); "skip" does nothing if a valid cache is committed (`skipped` is True); "append" adds
+    chunks to a committed cache (a resumed stream) without rewriting its chunk files. A corrupt committed
+    manifest is replaced by "overwrite" and "skip" (`replaced_corrupt` holds its error) and refused by "append".
+    `int8=True` stores chunk K/V and the carried state as int8 with scales. The commit is single-winner: if
+    another writer commits this cache after this one started, `commit` raises ConcurrentWriteError.
     """
 
     def __init__(self, uri: str | os.PathLike, *, mode: str = "overwrite", int8: bool | None = None,
