@@ -5,7 +5,9 @@
         w.commit(cache)
     cache = load_cache("s3://bucket/caches/vid1")          # lazy: chunks read on first access
 
-Bytes move through fsspec (`fs`), tensors are (de)serialised in `serde`; the layout is in `format` and
+Bytes move through fsspec (`fs`, which also makes commits single-winner), tensors are (de)serialised in
+`serde`; the layout is in `format`, the manifest's schema, checksum and consistency rules in `manifest`, the
+root's listing index in `catalog`, the error classes (and which are retryable) in `errors`; see
 docs/cache-format.md.
 """
 
