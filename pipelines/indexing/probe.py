@@ -18,7 +18,7 @@ from typing import Any
 from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import expand_shard
 from statekv.store import read_manifest
-from statekv.store.errors import CacheNotFoundError
+from statekv.store.errors import CacheCorruptError, CacheNotFoundError
 from statekv.store.fs import resolve
 
 logger = logging.getLogger(__name__)
@@ -68,9 +68,10 @@ def probe_row(row: dict[str, Any], config: IndexConfig) -> dict[str, Any]:
 
 
 def _committed(config: IndexConfig, video_id: str) -> bool:
+    """A readable committed cache exists (a corrupt one is prefilled again, replacing it)."""
     try:
         read_manifest(cache_uri(config, video_id), storage_options=config.storage_options)
-    except CacheNotFoundError:
+    except (CacheNotFoundError, CacheCorruptError):
         return False
     return True
 

@@ -45,6 +45,14 @@ def _distances(p_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[float, f
     return kl, tv
 
 
+def _bytes_by_kind(manifest: dict[str, Any]) -> dict[str, int]:
+    """Stored bytes per file kind (prefix / chunks / state): where int8 saves and where it cannot."""
+    out: dict[str, int] = {}
+    for f in manifest["files"]:
+        out[f["kind"]] = out.get(f["kind"], 0) + f["bytes"]
+    return out
+
+
 def _mb(n: int) -> float:
     return n / 1e6
 
@@ -92,7 +100,8 @@ def run(checkpoint: str | None = None, *, num_chunks: int = 200, frame_hw: tuple
                 m, write_s, read_s = _timed_round_trip(cache, uri, storage == "int8", opts)
                 n = m["totals"]["bytes"]
                 row[storage] = {"bytes": n, "bytes_per_chunk": n / num_chunks, "write_s": write_s,
-                                "read_s": read_s, "write_MBps": _mb(n) / write_s, "read_MBps": _mb(n) / read_s}
+                                "read_s": read_s, "write_MBps": _mb(n) / write_s, "read_MBps": _mb(n) / read_s,
+                                "bytes_by_kind": _bytes_by_kind(m)}
                 t0 = time.perf_counter()
                 part = load_cache(uri, chunks=range(10), storage_options=opts)
                 list(part.chunks)
@@ -146,12 +155,14 @@ def run(checkpoint: str | None = None, *, num_chunks: int = 200, frame_hw: tuple
             video = VideoInfo("<frames>", 2.0, len(fr), 2.0, (224, 448), fr, [i / 2 for i in fr])
             shared_k = [r(H, N, D) for _ in range(L)]  # reuse tensors: the store does not care
             chunks = [ChunkKV(i, (2 * i, 2 * i + 2), fr[2 * i:2 * i + 2], video.timestamps[2 * i:2 * i + 2],
-                              torch.zeros(3, N, dtype=torch.long), shared_k, shared_k) for i in range(large_chunks)]
+                              torch.full((3, N), 20 + i, dtype=torch.long), shared_k, shared_k)
+                      for i in range(large_chunks)]
             config = PrefillConfig(policy={"name": "full"}, chunks_per_step=1, layout="prefix-first", sampling={},
                                    adapter={}, attention_backend="auto")
             big = VideoKVCache(ModelInfo("7b-like", "qwen2_vl", "x", L, H, D), config, torch.bfloat16,
                                video, torch.arange(20), [r(H, 20, D) for _ in range(L)], [r(H, 20, D) for _ in range(L)],
-                               chunks, [LayerState(r(H, 8, D), r(H, 8, D), torch.zeros(H, 8, dtype=torch.long))] * L,
+                               chunks, [LayerState(r(H, 256, D), r(H, 256, D),  # a capacity-256 carried state
+                                                   torch.zeros(H, 256, dtype=torch.long))] * L,
                                large_chunks, [N] * large_chunks, {})
             result["large_layout"] = {"layout": {"layers": L, "kv_heads": H, "head_dim": D, "tokens_per_chunk": N,
                                                  "dtype": "bfloat16", "chunks": large_chunks}}
@@ -162,12 +173,88 @@ def run(checkpoint: str | None = None, *, num_chunks: int = 200, frame_hw: tuple
                     m, write_s, read_s = _timed_round_trip(big, uri, storage == "int8", opts)
                     n = m["totals"]["bytes"]
                     row[storage] = {"bytes_per_chunk": n / large_chunks, "write_MBps": _mb(n) / write_s,
-                                    "read_MBps": _mb(n) / read_s}
+                                    "read_MBps": _mb(n) / read_s, "bytes_by_kind": _bytes_by_kind(m)}
                 result["large_layout"][name] = row
     finally:
         if s3_ctx is not None:
             s3_ctx.__exit__(None, None, None)
     return result
+
+
+def catalog_listing(num_caches: int = 500, *, s3: bool = True, workdir: str | None = None) -> dict[str, Any]:
+    """Listing cost of a root of `num_caches` caches: every manifest read (scan) vs the catalog. Counts S3
+    requests (GET/LIST/HEAD) and times both; the caches are copies of one tiny cache (same objects per cache)."""
+    from statekv.store import catalog, list_caches, save_cache
+    from statekv.store import manifest as schema
+    from statekv.store.fs import resolve
+
+    work = workdir or tempfile.mkdtemp(prefix="bench_catalog_")
+    out: dict[str, Any] = {"caches": num_caches}
+    s3_ctx = loopback_s3() if s3 else None
+    try:
+        roots = {"local": (f"{work}/catalog", None)}
+        if s3_ctx is not None:
+            roots["s3_loopback"] = (f"s3://bench/catalog-{uuid.uuid4().hex}", s3_ctx.__enter__())
+        for name, (root, opts) in roots.items():
+            template = save_cache(_tiny_cache(), f"{root}/template", storage_options=opts)
+            fs, path = resolve(root, opts)
+            blobs = {f["path"]: fs.cat_file(f"{path}/template/{f['path']}") for f in template["files"]}
+            for i in range(num_caches):
+                vid = f"v{i:06d}"
+                for rel, data in blobs.items():
+                    if fs.__class__.__name__ == "LocalFileSystem":
+                        fs.makedirs(f"{path}/{vid}/{rel.rsplit('/', 1)[0]}", exist_ok=True)
+                    fs.pipe_file(f"{path}/{vid}/{rel}", data)
+                fs.pipe_file(f"{path}/{vid}/manifest.json", schema.encode(schema.seal({**template, "video_id": vid})))
+            fs.rm(f"{path}/template", recursive=True)
+            fs.rm(f"{path}/_catalog", recursive=True)  # the copies were not committed: no catalog yet
+            row: dict[str, Any] = {}
+            for label, kwargs in (("scan", {"use_catalog": False}), ("catalog_first", {}), ("catalog", {})):
+                fs, _ = resolve(root, opts)
+                counter = _count_requests(fs)
+                t0 = time.perf_counter()
+                listing = list_caches(root, filesystem=fs, **kwargs)
+                row[label] = {"seconds": time.perf_counter() - t0, "s3_requests": counter(),
+                              "listed": len(listing)}
+            save_cache(_tiny_cache(), f"{root}/v-new", storage_options=opts)  # one commit since the snapshot
+            fs, _ = resolve(root, opts)
+            counter = _count_requests(fs)
+            t0 = time.perf_counter()
+            listing = list_caches(root, filesystem=fs)
+            row["catalog_after_a_commit"] = {"seconds": time.perf_counter() - t0, "s3_requests": counter(),
+                                             "listed": len(listing)}
+            out[name] = row
+        out["compact_after"] = catalog.COMPACT_AFTER
+    finally:
+        if s3_ctx is not None:
+            s3_ctx.__exit__(None, None, None)
+    return out
+
+
+def _count_requests(fs: Any):
+    """Count the S3 API calls `fs` makes through s3fs from now on (None for local filesystems): returns a getter.
+    Conditional PUTs (catalog compaction) go through the raw client and are not counted."""
+    calls = [0]
+    inner = getattr(fs, "_call_s3", None)
+    if inner is not None:
+        async def counted(*args, **kwargs):
+            calls[0] += 1
+            return await inner(*args, **kwargs)
+
+        fs._call_s3 = counted  # this instance only: the benchmark's own filesystem
+    return lambda: calls[0] if inner is not None else None
+
+
+def _tiny_cache() -> "VideoKVCache":
+    from statekv.cache import ChunkKV, ModelInfo, VideoInfo, VideoKVCache
+    from statekv.policies import LayerState
+
+    video = VideoInfo("<frames>", 2.0, 2, 2.0, 1.0, (28, 28), (2, 2), [0, 1], [0.0, 0.5])
+    z = torch.zeros(1, 1, 8)
+    chunk = ChunkKV(0, (0, 2), [0, 1], [0.0, 0.5], torch.full((3, 1), 2, dtype=torch.long), [z], [z])
+    return VideoKVCache(ModelInfo("tiny", "qwen2_vl", "x", 1, 1, 8, 1), {"name": "full"}, torch.float32, video,
+                        torch.arange(2), [torch.zeros(1, 2, 8)], [torch.zeros(1, 2, 8)], [chunk],
+                        [LayerState(z, z, torch.zeros(1, 1, dtype=torch.long))], 1, 2)
 
 
 def _timed_round_trip(cache: "VideoKVCache", uri: str, int8: bool, opts: Any) -> tuple[dict[str, Any], float, float]:

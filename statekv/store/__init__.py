@@ -5,26 +5,33 @@
         w.commit(cache)
     cache = load_cache("s3://bucket/caches/vid1")          # lazy: chunks read on first access
 
-Bytes move through fsspec (`fs`), tensors are (de)serialised in `serde`; the layout is in `format` and
+Bytes move through fsspec (`fs`, which also makes commits single-winner), tensors are (de)serialised in
+`serde`; the layout is in `format`, the manifest's schema, checksum and consistency rules in `manifest`, the
+root's listing index in `catalog`, the error classes (and which are retryable) in `errors`; see
 docs/cache-format.md.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
-from statekv.store import serde
-from statekv.store.errors import CacheCorruptError, CacheNotFoundError, CacheStoreError, CacheVersionError
+from statekv.store import catalog, serde
+from statekv.store.errors import (CacheChangedError, CacheCorruptError, CacheNotFoundError, CacheStoreError,
+                                  CacheUnavailableError, CacheVersionError, ConcurrentWriteError)
 from statekv.store.fs import StorageOptions
-from statekv.store.reader import CacheEntry, LazyChunks, list_caches, load_cache, load_summary_keys, read_manifest
-from statekv.store.writer import CacheWriter, save_cache
+from statekv.store.reader import (CacheEntry, CacheListing, InvalidCache, LazyChunks, list_caches, load_cache,
+                                  load_summary_keys, manifest_version, read_manifest)
+from statekv.store.writer import CacheWriter, footage_identity, same_footage, save_cache, sweep
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CacheCorruptError", "CacheEntry", "CacheNotFoundError", "CacheStoreError", "CacheVersionError", "CacheWriter",
-    "LazyChunks",
-    "StorageOptions", "list_caches", "load_cache", "load_summary_keys", "prefill_to_store", "read_manifest",
-    "save_cache",
+    "CacheChangedError", "CacheCorruptError", "CacheEntry", "CacheListing", "CacheNotFoundError", "CacheStoreError",
+    "CacheUnavailableError", "CacheVersionError", "CacheWriter", "ConcurrentWriteError", "InvalidCache", "LazyChunks",
+    "StorageOptions", "catalog", "footage_identity", "list_caches", "load_cache", "load_summary_keys",
+    "manifest_version", "prefill_to_store", "read_manifest", "save_cache", "sweep",
 ]
 
 
@@ -34,13 +41,25 @@ def prefill_to_store(engine, video, uri: str | os.PathLike, *, mode: str = "over
     """Prefill `video` straight into the store at `uri` (chunks streamed, none kept); returns the manifest.
 
     mode "skip" returns the committed manifest without prefilling. `resume=True` continues the committed cache's
-    video with `video` (its carried state) and appends the new chunks. The manifest's `skipped` key says whether
-    this call wrote anything.
+    video with `video` (its carried state) and appends the new chunks; resuming with footage the cache already
+    holds (same content and sampling, per the manifest's `appends`) is a no-op. The manifest's `skipped` key
+    says whether this call wrote anything, `message` why not.
     """
     writer_kwargs = dict(writer_kwargs or {})
     # the video is stat-ed (size, etag) with the options it is read with, else the store's
-    writer_kwargs.setdefault("source_storage_options", prefill_kwargs.get("storage_options") or storage_options)
+    source_options = prefill_kwargs.get("storage_options") or storage_options
+    writer_kwargs.setdefault("source_storage_options", source_options)
+    footage = footage_identity(video, source_options, sampling=getattr(engine, "sampling", None),
+                               fps=prefill_kwargs.get("fps"))
     if resume:
+        committed = read_manifest(uri, storage_options=storage_options, filesystem=filesystem)
+        for seg in committed.get("appends", []):
+            if same_footage(seg.get("footage"), footage):
+                a, b = seg["chunks"]
+                message = (f"the cache {os.fspath(uri)!r} already holds this footage (chunks [{a}, {b}), committed "
+                           f"{committed['created']}): nothing appended")
+                logger.info("%s", message)
+                return {**committed, "skipped": True, "message": message}
         base = load_cache(uri, storage_options=storage_options, filesystem=filesystem,
                           expect_fingerprint=engine.model_info().fingerprint)
         writer = CacheWriter(uri, mode="append", storage_options=storage_options, filesystem=filesystem,
@@ -51,6 +70,6 @@ def prefill_to_store(engine, video, uri: str | os.PathLike, *, mode: str = "over
                              **writer_kwargs)
     with writer:
         if writer.skipped:
-            return {**writer.existing, "skipped": True}
+            return {**writer.existing, "skipped": True, "message": "a committed cache exists (mode skip)"}
         cache = engine.prefill(video, sink=writer.write_chunk, keep_chunks=False, **prefill_kwargs)
-        return {**writer.commit(cache), "skipped": False}
+        return {**writer.commit(cache, footage=footage), "skipped": False}

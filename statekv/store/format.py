@@ -98,10 +98,12 @@ def prefix_schema(num_layers: int) -> pa.Schema:
 STATE_SCHEMA = pa.schema([
     pa.field("layer", pa.int64(), nullable=False),
     pa.field("size", pa.int64(), nullable=False),  # S carried tokens
-    pa.field("keys", pa.binary(), nullable=False),  # (Hkv, S, D) cache dtype
+    pa.field("keys", pa.binary(), nullable=False),  # (Hkv, S, D) cache dtype, or int8 with storage "int8"
     pa.field("values", pa.binary(), nullable=False),
     pa.field("token_index", pa.binary(), nullable=False),  # int64 (Hkv, S)
     pa.field("scores", pa.binary(), nullable=True),  # float32 (Hkv, S) or null
+    pa.field("keys_scale", pa.binary(), nullable=True),  # int8 storage: float32 (Hkv, 1, D); else null
+    pa.field("values_scale", pa.binary(), nullable=True),  # int8 storage: float32 (Hkv, S, 1); else null
     pa.field("crc", pa.int64(), nullable=False),
 ])
 
@@ -133,6 +135,12 @@ def parse_manifest(data: bytes, video_id: str) -> dict[str, Any]:
         raise CacheCorruptError(video_id, MANIFEST, f"not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheCorruptError(video_id, MANIFEST, "not a statekv cache manifest")
+    check_format_version(manifest, video_id)
+    return manifest
+
+
+def check_format_version(manifest: dict[str, Any], video_id: str) -> None:
+    """CacheVersionError unless the manifest is of the version this statekv reads (an older one: re-index)."""
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         if isinstance(version, int) and version < FORMAT_VERSION:
@@ -142,7 +150,6 @@ def parse_manifest(data: bytes, video_id: str) -> dict[str, Any]:
         else:
             reason = f"format version {version!r}; this statekv reads version {FORMAT_VERSION}"
         raise CacheVersionError(video_id, reason)
-    return manifest
 
 
 # --- the manifest's description of a cache (written by the writer, read by the reader) ---------------------------

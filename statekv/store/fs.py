@@ -6,6 +6,7 @@ variables unless `StorageOptions` (or a plain dict of s3fs/fsspec options) says 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -94,3 +95,139 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         os.replace(tmp, path)  # rename is atomic on one POSIX filesystem
     else:
         fs.pipe_file(path, data)  # an S3 PUT is atomic: the key has the old or the new object
+
+
+def _s3(fs: fsspec.AbstractFileSystem) -> Any:
+    """The s3fs filesystem behind `fs` (possibly a wrapper with `.fs`), or None."""
+    try:
+        from s3fs import S3FileSystem
+    except ImportError:  # no S3 support installed
+        return None
+    inner = getattr(fs, "fs", fs)
+    return inner if isinstance(inner, S3FileSystem) else None
+
+
+def _local_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return getattr(fs, "fs", fs)._strip_protocol(path)
+
+
+def read_versioned(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, str]:
+    """(bytes, version) of one object; the version identifies exactly those bytes (S3: the ETag of that GET;
+    elsewhere the MD5 of the bytes, which is what S3 gives for a single-part PUT too). FileNotFoundError if absent."""
+    s3 = _s3(fs)
+    if s3 is None:
+        data = fs.cat_file(path)
+        return data, hashlib.md5(data).hexdigest()
+    bucket, key, _ = s3.split_path(path)
+
+    async def get() -> tuple[bytes, str]:
+        resp = await s3._call_s3("get_object", Bucket=bucket, Key=key)
+        body = resp["Body"]
+        try:
+            data = await body.read()
+        finally:
+            body.close()
+        return data, resp["ETag"].strip('"')
+
+    return fsspec.asyn.sync(s3.loop, get)
+
+
+def object_version(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The current version of one object, as `read_versioned` gives it, at the cost of one HEAD on S3."""
+    s3 = _s3(fs)
+    if s3 is None:
+        return read_versioned(fs, path)[1]  # a local manifest is small: reading it is as cheap as a stat
+    return str(s3.info(path, refresh=True)["ETag"]).strip('"')
+
+
+def put_if_version(fs: fsspec.AbstractFileSystem, path: str, data: bytes, expect: str | None) -> str | None:
+    """Write `data` at `path` only if the object there is still version `expect` (None: only if absent).
+
+    Returns the new version, or None when the condition failed (another writer got there first). Local: under
+    an exclusive lock on `<dir>/.lock` (every statekv writer takes it), compare then atomic rename. S3: a
+    conditional PUT (If-None-Match: * to create, If-Match: <etag> to replace). Other filesystems: an
+    unconditional atomic write (no single-winner guarantee).
+    """
+    s3 = _s3(fs)
+    if s3 is not None:
+        return _s3_put_if(s3, path, data, expect)
+    if not is_local(fs):
+        put_atomic(fs, path, data)
+        return hashlib.md5(data).hexdigest()
+    import fcntl
+
+    local = _local_path(fs, path)
+    folder = os.path.dirname(local)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, LOCK_NAME), "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        try:
+            with open(local, "rb") as f:
+                current: str | None = hashlib.md5(f.read()).hexdigest()
+        except FileNotFoundError:
+            current = None
+        if current != expect:
+            return None
+        put_atomic(fs, path, data)
+    return hashlib.md5(data).hexdigest()
+
+
+LOCK_NAME = ".lock"  # local writers' commit lock inside a cache folder
+
+
+def _s3_put_if(s3: Any, path: str, data: bytes, expect: str | None) -> str | None:
+    from botocore.exceptions import ClientError
+
+    bucket, key, _ = s3.split_path(path)
+    cond = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": f'"{expect}"'}
+
+    async def put() -> str | None:
+        client = await s3.set_session()
+        try:
+            resp = await client.put_object(Bucket=bucket, Key=key, Body=data, **cond)
+        except ClientError as e:
+            # 412: the condition failed; 409: a concurrent conditional write to the same key is in flight
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            raise
+        return resp["ETag"].strip('"')
+
+    try:
+        return fsspec.asyn.sync(s3.loop, put)
+    finally:
+        s3.invalidate_cache(path)
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean the bytes did not arrive (network, timeouts), as opposed to wrong bytes."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        from botocore import exceptions as boto
+
+        types += [boto.ConnectionError, boto.HTTPClientError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        types += [aiohttp.ClientError]
+    except ImportError:
+        pass
+    try:
+        from fsspec.exceptions import FSTimeoutError
+
+        types.append(FSTimeoutError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+TRANSPORT_ERRORS = transport_errors()
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """True for a failure to deliver bytes: a network error, or an I/O error that is not 'missing'/'denied'."""
+    if isinstance(exc, (FileNotFoundError, PermissionError)):
+        return False
+    return isinstance(exc, TRANSPORT_ERRORS) or type(exc) is OSError or isinstance(exc, (BlockingIOError,
+                                                                                         InterruptedError))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,21 +23,52 @@ from statekv.cache import ChunkKV, VideoKVCache
 from statekv.errors import ModelMismatchError
 from statekv.policies import LayerState
 from statekv.store import format as F
+from statekv.store import manifest as manifest_schema
 from statekv.store import serde
-from statekv.store.errors import CacheCorruptError, CacheNotFoundError
-from statekv.store.fs import StorageOptionsLike, is_local, join, resolve
+from statekv.store.errors import CacheChangedError, CacheCorruptError, CacheNotFoundError, CacheUnavailableError
+from statekv.store.fs import (TRANSPORT_ERRORS, StorageOptionsLike, is_local, is_transport_error, join,
+                              object_version, read_versioned, resolve)
+
+logger = logging.getLogger(__name__)
 
 
 def read_manifest(uri: str | os.PathLike, *, storage_options: StorageOptionsLike = None,
                   filesystem: fsspec.AbstractFileSystem | None = None) -> dict[str, Any]:
-    """The committed manifest at `uri` (= `<root>/<video_id>`); CacheNotFoundError if there is none."""
+    """The committed, validated manifest at `uri` (= `<root>/<video_id>`).
+
+    CacheNotFoundError if there is none, CacheCorruptError (naming the field) if it fails its checksum, schema
+    or consistency rules, CacheUnavailableError if the store did not deliver it.
+    """
     uri = os.fspath(uri)
     fs, path = resolve(uri, storage_options, filesystem)
-    return _read_manifest(fs, path, uri)
+    return _read_manifest(fs, path, uri)[0]
 
 
-def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, Any]:
-    return F.read_manifest_at(fs, path, uri)
+def manifest_version(uri: str | os.PathLike, *, storage_options: StorageOptionsLike = None,
+                     filesystem: fsspec.AbstractFileSystem | None = None) -> str:
+    """The committed manifest's version (S3 ETag / MD5 of its bytes) at the cost of one HEAD: compare it with a
+    loaded cache's `manifest_version` to detect a re-prefill cheaply. CacheNotFoundError if there is none."""
+    uri = os.fspath(uri)
+    fs, path = resolve(uri, storage_options, filesystem)
+    return _manifest_call(path, uri, lambda: object_version(fs, join(path, F.MANIFEST)))
+
+
+def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[dict[str, Any], str]:
+    """(validated manifest, its version)."""
+    data, version = _manifest_call(path, uri, lambda: read_versioned(fs, join(path, F.MANIFEST)))
+    return manifest_schema.parse(data, path.rsplit("/", 1)[-1]), version
+
+
+def _manifest_call(path: str, uri: str, fetch):
+    """Run `fetch` on the manifest object: absent -> CacheNotFoundError, not delivered -> CacheUnavailableError."""
+    try:
+        return fetch()
+    except FileNotFoundError:
+        raise CacheNotFoundError(uri) from None
+    except (OSError, *TRANSPORT_ERRORS) as e:
+        if isinstance(e, PermissionError) or not is_transport_error(e):
+            raise
+        raise CacheUnavailableError(path.rsplit("/", 1)[-1], F.MANIFEST, e) from None
 
 
 @dataclass
@@ -51,35 +83,106 @@ class CacheEntry:
     storage: str
     created: str
     fingerprint: str
+    checksum: str = ""  # the manifest's content checksum: changes with every commit
+
+    @classmethod
+    def from_manifest(cls, root: str, video_id: str, m: dict[str, Any]) -> "CacheEntry":
+        return cls(video_id, f"{root}/{video_id}", m["totals"]["chunks"], m["totals"]["tokens"], m["totals"]["bytes"],
+                   m["storage"], m["created"], m["model"]["fingerprint"], m["checksum"])
+
+
+@dataclass
+class InvalidCache:
+    """A cache folder whose manifest could not be used (skipped by `list_caches`): `reason` says why."""
+
+    video_id: str
+    uri: str
+    reason: str
+
+
+class CacheListing(list):
+    """`list_caches`' result: the valid caches (a list of CacheEntry) plus `invalid`, those skipped and why."""
+
+    def __init__(self, entries: Iterable[CacheEntry] = (), invalid: Iterable[InvalidCache] = ()) -> None:
+        super().__init__(entries)
+        self.invalid: list[InvalidCache] = list(invalid)
 
 
 def list_caches(root: str | os.PathLike, *, storage_options: StorageOptionsLike = None,
-                filesystem: fsspec.AbstractFileSystem | None = None) -> list[CacheEntry]:
-    """Committed caches under `root` (only a manifest makes a cache), sorted by video id."""
+                filesystem: fsspec.AbstractFileSystem | None = None, use_catalog: bool = True) -> CacheListing:
+    """Committed caches under `root`, sorted by video id; invalid manifests are skipped, logged and listed in
+    the result's `invalid`. With a catalog under the root (see `catalog`) this costs a few reads whatever the
+    number of caches; `use_catalog=False` (or a root without one) reads every manifest."""
+    from statekv.store import catalog
+
     root = os.fspath(root).rstrip("/")
     fs, path = resolve(root, storage_options, filesystem)
+    if use_catalog:
+        listing = catalog.read(fs, path, root)
+        if listing is not None:
+            return listing
+    return scan(fs, path, root)
+
+
+def scan(fs: fsspec.AbstractFileSystem, path: str, root: str) -> CacheListing:
+    """Read every manifest under `root` (the catalog-less listing); invalid ones are reported, not raised."""
     if not is_local(fs):
         fs.invalidate_cache()
-    out = []
+    out, invalid = [], []
     for found in sorted(fs.glob(join(path, "*", F.MANIFEST))):
         vpath = fs._strip_protocol(found).rsplit("/", 1)[0]
         video_id = vpath.rsplit("/", 1)[-1]
         uri = f"{root}/{video_id}"
         try:
-            m = _read_manifest(fs, vpath, uri)
+            m, _ = _read_manifest(fs, vpath, uri)
         except CacheNotFoundError:  # deleted between listing and reading
             continue
-        out.append(CacheEntry(video_id, uri, m["totals"]["chunks"], m["totals"]["tokens"], m["totals"]["bytes"],
-                              m["storage"], m["created"], m["model"]["fingerprint"]))
-    return out
+        except CacheCorruptError as err:
+            logger.warning("skipping cache %s: %s", uri, err)
+            invalid.append(InvalidCache(video_id, uri, str(err)))
+            continue
+        out.append(CacheEntry.from_manifest(root, video_id, m))
+    return CacheListing(out, invalid)
+
+
+class _GuardedFile:
+    """A file object that remembers the exception its reads raised: tells a transport failure under pyarrow
+    (bytes that did not arrive) from a format failure in pyarrow's own parser (bytes that are wrong)."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.error: BaseException | None = None
+
+    def _guard(self, name: str, *args):
+        try:
+            return getattr(self._f, name)(*args)
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def read(self, *args):
+        return self._guard("read", *args)
+
+    def readinto(self, *args):
+        return self._guard("readinto", *args)
+
+    def seek(self, *args):
+        return self._guard("seek", *args)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+_READ_FAILURES = (pa.ArrowException, OSError, *TRANSPORT_ERRORS)
 
 
 class _Store:
     """Reads the parts of one committed cache, verifying what it reads."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, uri: str, manifest: dict[str, Any],
-                 layers: list[int], verify: bool) -> None:
+                 layers: list[int], verify: bool, version: str = "") -> None:
         self.fs, self.path, self.uri, self.m = fs, path, uri, manifest
+        self.version = version
         self.video_id = manifest["video_id"]
         self.layers = layers
         self.verify = verify
@@ -95,46 +198,102 @@ class _Store:
 
     # --- objects -----------------------------------------------------------------------------------------------
 
+    def _failure(self, entry: dict[str, Any], e: BaseException, what: str = "") -> BaseException:
+        """The store error for a failed read of `entry`'s bytes (not of their decoding)."""
+        part = f"file {entry['path']}" + (f", {what}" if what else "")
+        if isinstance(e, FileNotFoundError):
+            self.check_unchanged()
+            return CacheCorruptError(self.video_id, f"file {entry['path']}", "missing")
+        if isinstance(e, PermissionError):
+            return e
+        if is_transport_error(e):
+            return CacheUnavailableError(self.video_id, part, e)
+        return CacheCorruptError(self.video_id, part, f"unreadable ({e})")
+
+    def check_unchanged(self) -> None:
+        """CacheChangedError if the committed manifest is no longer the one this reader follows (a re-prefill
+        retired the files it names): the caller reads the new one."""
+        if not self.version:
+            return
+        try:
+            m, version = _read_manifest(self.fs, self.path, self.uri)
+        except CacheNotFoundError:
+            return
+        if version != self.version:
+            raise CacheChangedError(self.video_id, m.get("created"))
+
     def _check_size(self, entry: dict[str, Any]) -> None:
         if not self.verify or entry["path"] in self._sizes_checked:
             return
         try:
             size = self.fs.size(join(self.path, entry["path"]))
-        except FileNotFoundError:
-            raise CacheCorruptError(self.video_id, f"file {entry['path']}", "missing") from None
+        except _READ_FAILURES as e:
+            raise self._failure(entry, e) from None
         if size != entry["bytes"]:
+            self.check_unchanged()
             raise CacheCorruptError(self.video_id, f"file {entry['path']}",
                                     f"{size} bytes stored, the manifest says {entry['bytes']} (truncated?)")
         self._sizes_checked.add(entry["path"])
 
     def open(self, entry: dict[str, Any], *, whole: bool = False, page_checksums: bool = True) -> pq.ParquetFile:
-        """A ParquetFile on the object; `whole` reads it in one request and checks its CRC-32 (full loads)."""
+        """A ParquetFile on the object; `whole` reads it in one request and checks its CRC-32 (full loads).
+
+        Its row and row-group counts are checked against the manifest's (a manifest claiming fewer chunks than
+        the file holds, or more, is refused).
+        """
         self._check_size(entry)
         full = join(self.path, entry["path"])
-        try:
-            if whole:
-                data = self.fs.cat_file(full)
-                if self.verify and serde.crc32(data) != entry["crc32"]:
-                    raise CacheCorruptError(self.video_id, f"file {entry['path']}", "CRC-32 differs from the manifest")
-                source: Any = pa.BufferReader(data)
-            else:
-                source = self.fs.open(full, "rb", cache_type="none")
+        try:  # fetching bytes: failures here are the store's (missing, denied, not delivered)
+            raw = self.fs.cat_file(full) if whole else self.fs.open(full, "rb", cache_type="none")
+        except _READ_FAILURES as e:
+            raise self._failure(entry, e) from None
+        guard = None
+        if whole:
+            if self.verify and serde.crc32(raw) != entry["crc32"]:
+                self.check_unchanged()
+                raise CacheCorruptError(self.video_id, f"file {entry['path']}", "CRC-32 differs from the manifest")
+            source: Any = pa.BufferReader(raw)
+        else:
+            source = guard = _GuardedFile(raw)
+        try:  # parsing: failures are the bytes' (corrupt), unless the guarded file's own reads failed
             # the footer is read once per object and kept: later partial reads (one layer at a time, for
             # retrieval) fetch only their column chunks
             pf = pq.ParquetFile(source, pre_buffer=not whole, metadata=self._footers.get(entry["path"]),
                                 page_checksum_verification=self.verify and page_checksums)
-            self._footers.setdefault(entry["path"], pf.metadata)
-            return pf
-        except FileNotFoundError:
-            raise CacheCorruptError(self.video_id, f"file {entry['path']}", "missing") from None
-        except (pa.ArrowException, OSError) as e:
-            raise CacheCorruptError(self.video_id, f"file {entry['path']}", f"unreadable Parquet ({e})") from None
+        except _READ_FAILURES as e:
+            raise self._parse_failure(entry, e, guard, "Parquet footer") from None
+        pf.statekv_guard = guard  # type: ignore[attr-defined]
+        if entry["path"] not in self._footers:
+            self._check_counts(entry, pf)
+            self._footers[entry["path"]] = pf.metadata
+        return pf
 
-    def _read(self, entry: dict[str, Any], what: str, read) -> pa.Table:
+    def _check_counts(self, entry: dict[str, Any], pf: pq.ParquetFile) -> None:
+        kind = entry["kind"]
+        if kind in ("chunks", "summaries"):
+            rows, groups = entry["num_chunks"], -(-entry["num_chunks"] // entry["chunks_per_row_group"])
+        elif kind == "state":
+            rows = groups = self.num_layers
+        else:
+            rows = groups = 1
+        md = pf.metadata
+        if (md.num_rows, md.num_row_groups) != (rows, groups):
+            raise CacheCorruptError(self.video_id, f"file {entry['path']}",
+                                    f"{md.num_rows} rows in {md.num_row_groups} row groups; the manifest implies "
+                                    f"{rows} rows in {groups}")
+
+    def _read(self, entry: dict[str, Any], what: str, read, pf: pq.ParquetFile | None = None) -> pa.Table:
         try:
             return read()
-        except (pa.ArrowException, OSError) as e:
-            raise CacheCorruptError(self.video_id, f"file {entry['path']}, {what}", f"unreadable ({e})") from None
+        except _READ_FAILURES as e:
+            raise self._parse_failure(entry, e, getattr(pf, "statekv_guard", None), what) from None
+
+    def _parse_failure(self, entry: dict[str, Any], e: BaseException, guard: _GuardedFile | None,
+                       what: str) -> BaseException:
+        """A failure raised through pyarrow: the store's if the file object's reads failed, else corruption."""
+        if guard is not None and guard.error is not None:
+            return self._failure(entry, guard.error, what)
+        return CacheCorruptError(self.video_id, f"file {entry['path']}, {what}", f"unreadable ({e})")
 
     def _tensor(self, data: bytes, dtype: torch.dtype, shape: tuple[int, ...], part: str) -> torch.Tensor:
         try:
@@ -153,7 +312,7 @@ class _Store:
         cols = ["prefix_ids", "ids_crc"] + [c for l in self.layers for c in
                                              (f"k_{F.layer_tag(l)}", f"v_{F.layer_tag(l)}", f"crc_{F.layer_tag(l)}")]
         pf = self.open(entry, whole=whole)
-        row = self._read(entry, "prefix", lambda: pf.read(columns=cols)).to_pylist()[0]
+        row = self._read(entry, "prefix", lambda: pf.read(columns=cols), pf).to_pylist()[0]
         part = f"file {entry['path']}"
         self._check_crc(row["ids_crc"], f"{part}, prefix ids", row["prefix_ids"])
         p = self.m["prefix_len"]
@@ -177,18 +336,27 @@ class _Store:
         if entry is None:
             return None
         pf = self.open(entry, whole=whole)
-        rows = self._read(entry, "state", lambda: pf.read_row_groups(self.layers)).to_pylist()
+        rows = self._read(entry, "state", lambda: pf.read_row_groups(self.layers), pf).to_pylist()
         out: list[LayerState | None] = [None] * self.num_layers
         for l, row in zip(self.layers, rows):
             part = f"file {entry['path']}, state, layer {l}"
             if row["layer"] != l:
                 raise CacheCorruptError(self.video_id, part, f"row holds layer {row['layer']}")
-            self._check_crc(row["crc"], part, row["keys"], row["values"], row["token_index"], row["scores"])
+            ks, vs = row.get("keys_scale"), row.get("values_scale")
+            self._check_crc(row["crc"], part, row["keys"], row["values"], row["token_index"], row["scores"], ks, vs)
             s = row["size"]
             shape = (self.heads, s, self.head_dim)
+            if ks is not None and vs is not None:  # int8 storage: same quantisation as the chunks'
+                keys = serde.dequantize(self._tensor(row["keys"], torch.int8, shape, part),
+                                        self._tensor(ks, torch.float32, (self.heads, 1, self.head_dim), part),
+                                        self.dtype)
+                values = serde.dequantize(self._tensor(row["values"], torch.int8, shape, part),
+                                          self._tensor(vs, torch.float32, (self.heads, s, 1), part), self.dtype)
+            else:
+                keys = self._tensor(row["keys"], self.dtype, shape, part)
+                values = self._tensor(row["values"], self.dtype, shape, part)
             out[l] = LayerState(
-                self._tensor(row["keys"], self.dtype, shape, part), self._tensor(row["values"], self.dtype, shape, part),
-                self._tensor(row["token_index"], torch.int64, (self.heads, s), part),
+                keys, values, self._tensor(row["token_index"], torch.int64, (self.heads, s), part),
                 None if row["scores"] is None else self._tensor(row["scores"], torch.float32, (self.heads, s), part))
         return out
 
@@ -214,12 +382,12 @@ class _Store:
             pf = self.open(entry, whole=whole)
             try:
                 table = self._read(entry, f"chunks {sorted(wanted)}",
-                                   lambda: pf.read_row_groups(sorted(rgs), columns=cols))
+                                   lambda: pf.read_row_groups(sorted(rgs), columns=cols), pf)
             except CacheCorruptError:
                 # a page CRC failed: read again without page CRCs so the per-layer CRCs name the chunk and layer
                 pf = self.open(entry, whole=whole, page_checksums=False)
                 for row in self._read(entry, f"chunks {sorted(wanted)}",
-                                      lambda: pf.read_row_groups(sorted(rgs), columns=cols)).to_pylist():
+                                      lambda: pf.read_row_groups(sorted(rgs), columns=cols), pf).to_pylist():
                     self._chunk(row, entry)
                 raise
             for row in table.to_pylist():
@@ -287,10 +455,25 @@ class _Store:
                 k = self._tensor(row[f"k_{t}"], self.dtype, shape, lp)
                 v = self._tensor(row[f"v_{t}"], self.dtype, shape, lp)
             keys[l], values[l] = k, v
+        positions = self._tensor(row["position_ids"], torch.int64, (self.position_rows, n), part)
+        self._check_chunk_against_manifest(row, part)
         return ChunkKV(index=index, frame_range=(row["frame_start"], row["frame_end"]),
                        source_frames=list(row["source_frames"]), timestamps=list(row["timestamps"]),
-                       position_ids=self._tensor(row["position_ids"], torch.int64, (self.position_rows, n), part),
-                       keys=keys, values=values)
+                       position_ids=positions, keys=keys, values=values)
+
+    def _check_chunk_against_manifest(self, row: dict[str, Any], part: str) -> None:
+        """The manifest's frame list and chunk boundaries agree with what the chunk itself stores (a manifest whose
+        numbers were changed and re-checksummed would otherwise shift answers silently)."""
+        v = self.m["video"]
+        a, b = row["frame_start"], row["frame_end"]
+        if not (0 <= a <= b <= len(v["frame_indices"])) or list(row["source_frames"]) != v["frame_indices"][a:b] \
+                or [float(t) for t in row["timestamps"]] != [float(t) for t in v["timestamps"][a:b]]:
+            raise CacheCorruptError(self.video_id, f"{F.MANIFEST} field 'video'",
+                                    f"frames [{a}, {b}) disagree with those stored in {part}")
+        index, tokens = row["chunk_index"], self.m["chunks"]["tokens"]
+        if not 0 <= index < len(tokens) or tokens[index] != row["num_tokens"]:
+            raise CacheCorruptError(self.video_id, f"{F.MANIFEST} field 'chunks.tokens'",
+                                    f"disagrees with the {row['num_tokens']} tokens stored in {part}")
 
 
 class LazyChunks(Sequence[ChunkKV]):
@@ -404,10 +587,28 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
     tensors are None in `prefix_keys`, `prefix_values`, each chunk's `keys`/`values` and `state`; the cache's
     `loaded_layers` attribute lists the layers present. A full, eager load reads each object in one request and
     checks its whole-file CRC-32; partial and lazy loads check per-layer and page checksums of what they read.
+
+    A cache re-prefilled while this call reads it is read again from its new commit (CacheChangedError after a
+    few tries); a lazy cache's later chunk reads raise CacheChangedError if its files were retired meanwhile.
+    `cache.manifest_version` identifies the commit read (see `manifest_version`).
     """
     uri = os.fspath(uri)
     fs, path = resolve(uri, storage_options, filesystem)
-    m = _read_manifest(fs, path, uri)
+    for attempt in range(_CHANGED_RETRIES):
+        try:
+            return _load(fs, path, uri, chunks, layers, lazy, verify, expect_fingerprint)
+        except CacheChangedError:  # re-prefilled while we read: read the new commit
+            if attempt == _CHANGED_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+_CHANGED_RETRIES = 3
+
+
+def _load(fs: fsspec.AbstractFileSystem, path: str, uri: str, chunks: Iterable[int] | None,
+          layers: Iterable[int] | None, lazy: bool, verify: bool, expect_fingerprint: str | None) -> VideoKVCache:
+    m, version = _read_manifest(fs, path, uri)
     fields = F.cache_fields(m)
     model = fields["model"]
     if expect_fingerprint is not None and expect_fingerprint != model.fingerprint:
@@ -423,7 +624,7 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
     bad = [c for c in index_list if not 0 <= c < num_chunks]
     if bad:
         raise ValueError(f"chunks {bad} out of range: the cache has {num_chunks} chunks")
-    store = _Store(fs, path, uri, m, layer_list, verify)
+    store = _Store(fs, path, uri, m, layer_list, verify, version)
     whole = not lazy and chunks is None and layers is None
     prefix_ids, prefix_keys, prefix_values = store.read_prefix(whole)
     # the carried state is needed only to resume a stream, never to answer: a lazy load reads it on first use
@@ -433,10 +634,15 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
     seq = LazyChunks(store, index_list)
     if not lazy:
         seq._loaded.update(store.read_chunks(index_list, whole=whole))
+        tokens = sum(c.num_tokens for c in seq._loaded.values())
+        if chunks is None and index_list and tokens != m["totals"]["tokens"]:
+            raise CacheCorruptError(m["video_id"], f"{F.MANIFEST} field 'totals.tokens'",
+                                    f"{m['totals']['tokens']}, but the chunks hold {tokens} tokens")
     cache = VideoKVCache(dtype=store.dtype, prefix_ids=prefix_ids, prefix_keys=prefix_keys,
                          prefix_values=prefix_values, chunks=seq if lazy else list(seq), state=state, **fields)
     cache.loaded_layers = layer_list  # type: ignore[attr-defined]
     cache.manifest = m  # type: ignore[attr-defined]
+    cache.manifest_version = version  # type: ignore[attr-defined]  # compare with manifest_version(uri)
     return cache
 
 
@@ -446,7 +652,7 @@ def load_summary_keys(uri: str | os.PathLike, layer: int, *, chunks: Iterable[in
     """(chunk indices, (C, Hkv, D) float32 mean keys) at `layer`: the retrieval index, without reading K/V."""
     uri = os.fspath(uri)
     fs, path = resolve(uri, storage_options, filesystem)
-    m = _read_manifest(fs, path, uri)
-    store = _Store(fs, path, uri, m, [layer], verify=True)
+    m, version = _read_manifest(fs, path, uri)
+    store = _Store(fs, path, uri, m, [layer], verify=True, version=version)
     index_list = list(range(m["chunks"]["count"])) if chunks is None else [int(c) for c in chunks]
     return index_list, store.read_summaries(layer, index_list)

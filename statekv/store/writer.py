@@ -1,16 +1,22 @@
 """Streaming writer: chunk KV goes to Parquet row groups as the engine makes it; `commit` writes the manifest.
 
 Atomic from a reader's view: every file of one attempt lives under `<video_id>/parts-<uuid>/`, and the cache
-exists only once `manifest.json` (which names those files) is written. Files no manifest names are garbage that
-the next commit of the same video deletes. One writer per video at a time (Ray retries are sequential).
+exists only once `manifest.json` (which names those files) is written. Single winner: the manifest is written
+only if it is still the version this writer started from (a conditional create/replace, see
+`fs.put_if_version`); a writer that lost deletes its own attempt and raises ConcurrentWriteError. A committed
+cache's files are never deleted while it can still be read: the winner marks the attempts it superseded as
+retired, and `sweep` deletes unnamed attempts only once they are `sweep_grace_s` old (so a reader of the old
+manifest finishes, or finds the new one).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
+import time
 import uuid
 import zlib
 from typing import Any
@@ -21,13 +27,17 @@ import torch
 
 from statekv.cache import ChunkKV, VideoKVCache
 from statekv.store import format as F
+from statekv.store import manifest as manifest_schema
 from statekv.store import serde
-from statekv.store.errors import CacheNotFoundError
-from statekv.store.fs import StorageOptionsLike, is_local, join, put_atomic, resolve
+from statekv.store.errors import CacheCorruptError, CacheNotFoundError, ConcurrentWriteError
+from statekv.store.fs import (LOCK_NAME, StorageOptionsLike, is_local, join, put_if_version, read_versioned,
+                              resolve)
 
 logger = logging.getLogger(__name__)
 
 MODES = ("overwrite", "skip", "append")
+SWEEP_GRACE_S = 900.0  # a retired or abandoned attempt is deleted once this old: readers take far less
+RETIRED = "RETIRED"  # marker object a winner writes into each attempt folder its commit superseded
 
 
 class _CountingSink:
@@ -106,15 +116,18 @@ class _ParquetFile:
 class CacheWriter:
     """Write one video's cache to `uri` (= `<root>/<video_id>`), streaming: use `write_chunk` as the engine's sink.
 
-    mode: "overwrite" replaces a committed cache on commit (the old one stays readable until then); "skip" does
-    nothing if a cache is committed (`skipped` is True); "append" adds chunks to a committed cache (a resumed
-    stream) without rewriting its chunk files. `int8=True` stores chunk K/V as int8 with scales.
+    mode: "overwrite" replaces a committed cache on commit (the old one stays readable until then, and for
+    `sweep_grace_s` after); "skip" does nothing if a valid cache is committed (`skipped` is True); "append" adds
+    chunks to a committed cache (a resumed stream) without rewriting its chunk files. A corrupt committed
+    manifest is replaced by "overwrite" and "skip" (`replaced_corrupt` holds its error) and refused by "append".
+    `int8=True` stores chunk K/V and the carried state as int8 with scales. The commit is single-winner: if
+    another writer commits this cache after this one started, `commit` raises ConcurrentWriteError.
     """
 
     def __init__(self, uri: str | os.PathLike, *, mode: str = "overwrite", int8: bool | None = None,
                  storage_options: StorageOptionsLike = None, filesystem: fsspec.AbstractFileSystem | None = None,
                  chunks_per_row_group: int = 1, chunks_per_file: int = 256,
-                 source_storage_options: StorageOptionsLike = None) -> None:
+                 source_storage_options: StorageOptionsLike = None, sweep_grace_s: float = SWEEP_GRACE_S) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown write mode {mode!r}; valid modes: {', '.join(MODES)}")
         if chunks_per_row_group < 1 or chunks_per_file < chunks_per_row_group:
@@ -126,10 +139,8 @@ class CacheWriter:
         self.source_storage_options = source_storage_options  # to stat the source video (size, etag)
         self.chunks_per_row_group = chunks_per_row_group
         self.chunks_per_file = chunks_per_file
-        try:
-            self.existing: dict[str, Any] | None = F.read_manifest_at(self.fs, self.path, self.uri)
-        except CacheNotFoundError:
-            self.existing = None
+        self.sweep_grace_s = sweep_grace_s
+        self.existing, self._expect_version, self.replaced_corrupt = self._read_existing(mode)
         self.skipped = mode == "skip" and self.existing is not None
         self.base: dict[str, Any] | None = None
         if mode == "append":
@@ -155,6 +166,24 @@ class CacheWriter:
         self._done = False
         self._summaries: _ParquetFile | None = None
         self._summaries_first = 0
+
+    def _read_existing(self, mode: str) -> tuple[dict[str, Any] | None, str | None, CacheCorruptError | None]:
+        """(committed manifest or None, the version the commit must replace, the corruption if it was corrupt).
+
+        A corrupt manifest does not block "overwrite" (nor "skip", which then rewrites): re-prefilling is how a
+        corrupt cache is repaired. Appending to one is refused.
+        """
+        try:
+            data, version = read_versioned(self.fs, join(self.path, F.MANIFEST))
+        except FileNotFoundError:
+            return None, None, None
+        try:
+            return manifest_schema.parse(data, self.video_id), version, None
+        except CacheCorruptError as err:
+            if mode == "append":
+                raise
+            logger.warning("cache %s has a corrupt manifest; it will be replaced: %s", self.uri, err)
+            return None, version, err
 
     # --- streaming ---------------------------------------------------------------------------------------------
 
@@ -263,10 +292,13 @@ class CacheWriter:
 
     # --- commit ------------------------------------------------------------------------------------------------
 
-    def commit(self, cache: VideoKVCache) -> dict[str, Any]:
-        """Write prefix and state, then the manifest (the commit), then delete older attempts. Returns the manifest.
+    def commit(self, cache: VideoKVCache, *, footage: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write prefix and state, then the manifest (the commit, if no other writer committed since this one
+        started), then retire what it replaced and sweep old attempts. Returns the manifest.
 
-        `cache` is what prefill returned (with keep_chunks=False its chunks were all given to `write_chunk`).
+        `cache` is what prefill returned (with keep_chunks=False its chunks were all given to `write_chunk`);
+        `footage` identifies what this write consumed (see `prefill_to_store`), recorded in `appends` so that a
+        repeated append of the same footage can be recognised. ConcurrentWriteError if another writer won.
         """
         if self.skipped:
             logger.info("cache %s is committed already: skipped", self.uri)
@@ -291,15 +323,45 @@ class CacheWriter:
         files = [prefix_entry, *files, *self._chunk_files, *self._close_summaries()]
         if cache.state is not None:
             files.append(self._write_state(cache))
-        manifest = self._manifest(cache, files)
+        segment = {"chunks": [self._first_index, self._next_index], "footage": footage}
+        appends = [*(self.base.get("appends", []) if self.base else []), segment]
+        manifest = manifest_schema.seal(self._manifest(cache, files, appends))
         self._written = files
         self._check_written()
-        put_atomic(self.fs, join(self.path, F.MANIFEST), json.dumps(manifest, indent=1).encode())
+        committed = put_if_version(self.fs, join(self.path, F.MANIFEST), manifest_schema.encode(manifest),
+                                   self._expect_version)
         self._done = True
-        self._cleanup(manifest)
+        if committed is None:
+            self._lost()
+        try:  # committed: what follows is housekeeping, and its failure must not undo the commit's success
+            self._retire(manifest)
+            sweep(self.uri, grace_s=self.sweep_grace_s, filesystem=self.fs)
+        except OSError as e:
+            logger.warning("committed %s; sweeping old attempts failed (a later commit retries): %s", self.uri, e)
+        from statekv.store import catalog
+
+        catalog.record(self.fs, self.path, manifest)
         logger.info("committed cache %s: %d chunks, %d bytes", self.uri, manifest["totals"]["chunks"],
                     manifest["totals"]["bytes"])
         return manifest
+
+    def _lost(self) -> None:
+        """Another writer committed first: delete this attempt's own files and say who won."""
+        self._remove_attempt()
+        try:
+            winner: dict[str, Any] | None = manifest_schema.parse(
+                read_versioned(self.fs, join(self.path, F.MANIFEST))[0], self.video_id)
+        except (FileNotFoundError, CacheCorruptError):
+            winner = None
+        raise ConcurrentWriteError(self.uri, winner.get("created") if winner else None)
+
+    def _retire(self, manifest: dict[str, Any]) -> None:
+        """Mark the attempt folders the replaced manifest named, and the new one does not, as retired now."""
+        if self.existing is None:
+            return
+        keep = {f["path"].split("/")[0] for f in manifest["files"]}
+        for folder in sorted({f["path"].split("/")[0] for f in self.existing["files"]} - keep):
+            self.fs.pipe_file(join(self.path, folder, RETIRED), b"")
 
     def _write_prefix(self, cache: VideoKVCache, num_layers: int) -> dict[str, Any]:
         rel = f"{self.attempt}/prefix.parquet"
@@ -317,18 +379,24 @@ class CacheWriter:
         rel = f"{self.attempt}/state.parquet"
         f = _ParquetFile(self.fs, join(self.path, rel), rel, F.STATE_SCHEMA, "state")
         for layer, s in enumerate(cache.state):
-            kb, vb = serde.to_bytes(s.keys), serde.to_bytes(s.values)
+            if self.int8:  # the same quantisation as the chunks' (the state is a selection of chunk tokens)
+                qk, sk = serde.quantize_keys(s.keys)
+                qv, sv = serde.quantize_values(s.values)
+                kb, vb, ksb, vsb = (serde.to_bytes(x) for x in (qk, qv, sk, sv))
+            else:
+                kb, vb, ksb, vsb = serde.to_bytes(s.keys), serde.to_bytes(s.values), None, None
             ib = serde.to_bytes(s.token_index.to(torch.int64))
             sb = None if s.scores is None else serde.to_bytes(s.scores.float())
             f.add({"layer": layer, "size": s.size, "keys": kb, "values": vb, "token_index": ib, "scores": sb,
-                   "crc": serde.crc32(kb, vb, ib, sb)})
+                   "keys_scale": ksb, "values_scale": vsb, "crc": serde.crc32(kb, vb, ib, sb, ksb, vsb)})
             f.flush_row_group()  # one row group per layer: a layer subset reads only its own
         return f.close()
 
-    def _manifest(self, cache: VideoKVCache, files: list[dict[str, Any]]) -> dict[str, Any]:
+    def _manifest(self, cache: VideoKVCache, files: list[dict[str, Any]], appends: list[dict[str, Any]],
+                  ) -> dict[str, Any]:
         import statekv
 
-        tokens = (self.base["totals"]["tokens"] if self.base else 0) + self._tokens
+        tokens = cache.num_video_tokens
         return {
             "format": F.FORMAT,
             "format_version": F.FORMAT_VERSION,
@@ -339,39 +407,41 @@ class CacheWriter:
             "byteorder": "little",
             "totals": {"chunks": cache.num_chunks, "tokens": tokens, "bytes": sum(f["bytes"] for f in files)},
             "files": files,
+            "appends": appends,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "statekv_version": statekv.__version__,
         }
 
     def _check_written(self) -> None:
-        """Every file this attempt names is there in full (guards against a concurrent cleanup)."""
+        """Every file this attempt names is there in full (a sweep may have removed a doomed attempt's files)."""
         mine = [f for f in self._written if f["path"].startswith(self.attempt)]
         for f in mine:
-            size = self.fs.size(join(self.path, f["path"]))
+            try:
+                size = self.fs.size(join(self.path, f["path"]))
+            except FileNotFoundError:
+                size = None
             if size != f["bytes"]:
+                self._done = True
+                self._lost_if_replaced()
                 raise OSError(f"{self.uri}/{f['path']}: {size} bytes stored, {f['bytes']} written")
 
-    def _cleanup(self, manifest: dict[str, Any]) -> None:
-        """Delete everything under the video's prefix that the manifest does not name (older attempts)."""
-        keep = {join(self.path, f["path"]) for f in manifest["files"]}
-        keep_dirs = {p.rsplit("/", 1)[0] for p in keep}
+    def _lost_if_replaced(self) -> None:
+        try:
+            current: str | None = read_versioned(self.fs, join(self.path, F.MANIFEST))[1]
+        except FileNotFoundError:
+            current = None
+        if current != self._expect_version:
+            self._lost()
+
+    def _remove_attempt(self) -> None:
+        target = join(self.path, self.attempt)
         if not is_local(self.fs):
             self.fs.invalidate_cache(self.path)
-        for entry in self.fs.ls(self.path, detail=False):
-            entry = self.fs._strip_protocol(entry).rstrip("/")
-            name = entry.rsplit("/", 1)[-1]
-            if name == F.MANIFEST:
-                continue
-            if entry in keep_dirs:
-                for sub in self.fs.ls(entry, detail=False):
-                    sub = self.fs._strip_protocol(sub).rstrip("/")
-                    if sub not in keep:
-                        self.fs.rm(sub, recursive=True)
-            else:
-                self.fs.rm(entry, recursive=True)
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
 
     def abort(self) -> None:
-        """Stop without committing and delete this attempt's files (a crash leaves them for the next commit)."""
+        """Stop without committing and delete this attempt's files (a crash leaves them for a later sweep)."""
         if self._done:
             return
         self._done = True
@@ -379,9 +449,7 @@ class CacheWriter:
             if f is not None:
                 f.abort()
         self._file = self._summaries = None
-        target = join(self.path, self.attempt)
-        if self.fs.exists(target):
-            self.fs.rm(target, recursive=True)
+        self._remove_attempt()
 
     def __enter__(self) -> "CacheWriter":
         return self
@@ -389,6 +457,53 @@ class CacheWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def sweep(uri: str | os.PathLike, *, grace_s: float = SWEEP_GRACE_S, storage_options: StorageOptionsLike = None,
+          filesystem: fsspec.AbstractFileSystem | None = None) -> list[str]:
+    """Delete what the committed manifest of `uri` does not name (retired and abandoned attempt folders, stray
+    temporary files) once it is `grace_s` old; returns the deleted paths.
+
+    Age is that of the newest object inside a folder: its last write, or the RETIRED marker its superseding
+    commit wrote, so a reader that opened the old manifest less than `grace_s` ago still finds every file. A
+    corrupt manifest keeps everything (what it names cannot be told).
+    """
+    fs, path = resolve(os.fspath(uri), storage_options, filesystem)
+    video_id = path.rsplit("/", 1)[-1]
+    try:
+        named = manifest_schema.parse(read_versioned(fs, join(path, F.MANIFEST))[0], video_id)["files"]
+    except FileNotFoundError:
+        named = []
+    except CacheCorruptError:
+        return []
+    keep = {F.MANIFEST, LOCK_NAME, *(f["path"].split("/")[0] for f in named)}
+    if not is_local(fs):
+        fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    now = time.time()
+    removed = []
+    for entry in entries:
+        full = fs._strip_protocol(entry["name"]).rstrip("/")
+        if full.rsplit("/", 1)[-1] in keep:
+            continue
+        inside = list(fs.find(full, detail=True).values()) if entry.get("type") == "directory" else []
+        newest = max((_mtime(x) for x in [*inside, entry] if _mtime(x) is not None), default=None)
+        if newest is not None and now - newest < grace_s:
+            continue
+        fs.rm(full, recursive=True)
+        removed.append(full)
+    return removed
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    """Seconds since the epoch of a listing entry's last change (local `mtime`, S3 `LastModified`)."""
+    value = info.get("mtime", info.get("LastModified"))
+    if value is None:
+        return None
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
 def source_info(source: str, storage_options: StorageOptionsLike = None) -> dict[str, Any] | None:
@@ -408,6 +523,65 @@ def source_info(source: str, storage_options: StorageOptionsLike = None) -> dict
     if mtime is not None:
         out["mtime"] = mtime.isoformat() if hasattr(mtime, "isoformat") else float(mtime)
     return out
+
+
+def footage_identity(video: Any, storage_options: StorageOptionsLike = None, *, sampling: Any = None,
+                     fps: float | None = None) -> dict[str, Any] | None:
+    """What a prefill of `video` consumes, to recognise the same footage again: the source (URI, size, etag or
+    mtime), a content hash where cheap (frame arrays; local files, hashed as read), and the sampling settings.
+    None for inputs that cannot be identified (file objects)."""
+    import numpy as np
+
+    settings = _plain(sampling)
+    if fps is not None:
+        settings = {**(settings or {}), "fps": float(fps)}
+    if isinstance(video, np.ndarray):
+        digest = hashlib.blake2b(np.ascontiguousarray(video).data, digest_size=16).hexdigest()
+        return {"source": None, "content": f"frames:{list(video.shape)}:{digest}", "sampling": settings}
+    if isinstance(video, (str, os.PathLike)):
+        uri = os.fspath(video)
+    elif isinstance(getattr(video, "source", None), str):  # an opened VideoSource
+        uri = video.source
+    else:
+        return None
+    info = source_info(uri, storage_options)
+    content = None
+    if info is not None and "size" in info and "etag" not in info:
+        fs, path = resolve(uri, storage_options)
+        if is_local(fs):
+            content = "blake2b:" + _hash_file(path)
+    elif info is not None and "etag" in info:
+        content = f"etag:{info['etag']}:{info.get('size')}"
+    return {"source": info, "content": content, "sampling": settings}
+
+
+def _hash_file(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _plain(obj: Any) -> Any:
+    """A dataclass (or dict) as JSON-able plain data; None stays None."""
+    import dataclasses
+
+    if obj is None:
+        return None
+    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    return json.loads(json.dumps(data, default=str))
+
+
+def same_footage(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two footage identities name the same frames sampled the same way (unknown footage never matches)."""
+    if not a or not b or a.get("sampling") != b.get("sampling"):
+        return False
+    if a.get("content") and b.get("content"):
+        return a["content"] == b["content"]
+    sa, sb = a.get("source") or {}, b.get("source") or {}
+    keys = ("uri", "size", "etag", "mtime")
+    return bool(sa.get("uri")) and all(sa.get(k) == sb.get(k) for k in keys)
 
 
 def save_cache(cache: VideoKVCache, uri: str | os.PathLike, *, mode: str = "overwrite", int8: bool = False,
