@@ -9,9 +9,12 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from statekv.cache import VideoKVCache
 
 logger = logging.getLogger(__name__)
 
@@ -246,15 +249,17 @@ def _count_requests(fs: Any):
 
 
 def _tiny_cache() -> "VideoKVCache":
-    from statekv.cache import ChunkKV, ModelInfo, VideoInfo, VideoKVCache
+    from statekv.cache import ChunkKV, ModelInfo, PrefillConfig, VideoInfo, VideoKVCache
     from statekv.policies import LayerState
 
-    video = VideoInfo("<frames>", 2.0, 2, 2.0, 1.0, (28, 28), (2, 2), [0, 1], [0.0, 0.5])
+    video = VideoInfo("<frames>", 2.0, 2, 2.0, (28, 28), [0, 1], [0.0, 0.5])
     z = torch.zeros(1, 1, 8)
     chunk = ChunkKV(0, (0, 2), [0, 1], [0.0, 0.5], torch.full((3, 1), 2, dtype=torch.long), [z], [z])
-    return VideoKVCache(ModelInfo("tiny", "qwen2_vl", "x", 1, 1, 8, 1), {"name": "full"}, torch.float32, video,
+    config = PrefillConfig(policy={"name": "full"}, chunks_per_step=1, layout="prefix-first", sampling={},
+                           adapter={}, attention_backend="auto")
+    return VideoKVCache(ModelInfo("tiny", "qwen2_vl", "x", 1, 1, 8), config, torch.float32, video,
                         torch.arange(2), [torch.zeros(1, 2, 8)], [torch.zeros(1, 2, 8)], [chunk],
-                        [LayerState(z, z, torch.zeros(1, 1, dtype=torch.long))], 1, 2)
+                        [LayerState(z, z, torch.zeros(1, 1, dtype=torch.long))], 1, [1], {})
 
 
 def _timed_round_trip(cache: "VideoKVCache", uri: str, int8: bool, opts: Any) -> tuple[dict[str, Any], float, float]:
