@@ -48,3 +48,21 @@ class ModelMismatchError(StateKVError, ValueError):
         self.cache_side = cache_side
         self.engine_side = engine_side
         super().__init__(f"{what} mismatch: the cache was made with {cache_side}, this engine has {engine_side}")
+
+
+class ModelNotFoundError(StateKVError, FileNotFoundError):
+    """A checkpoint could not be found: no such local directory, or a hub id that is neither cached nor reachable."""
+
+    def __init__(self, model: object, reason: str) -> None:
+        self.model = str(model)
+        self.reason = reason
+        super().__init__(f"model {self.model!r}: {reason}")
+
+
+class DeviceError(StateKVError, ValueError):
+    """The requested device does not exist or this torch build cannot use it (e.g. cuda on a CPU-only torch)."""
+
+    def __init__(self, device: object, reason: str) -> None:
+        self.device = str(device)
+        self.reason = reason
+        super().__init__(f"device {self.device!r}: {reason}")

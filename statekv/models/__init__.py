@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from statekv.errors import UnsupportedModelError
+from statekv.locate import check_device, hub_kwargs, locate_checkpoint
 from statekv.models.base import ATTENTION_NAME, KVLayout, VideoLMAdapter
 from statekv.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from statekv.models.qwen2_vl import Qwen2VLAdapter
@@ -22,16 +23,22 @@ __all__ = ["ADAPTERS", "KVLayout", "VideoLMAdapter", "load_adapter"]
 
 def load_adapter(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, **from_pretrained_kwargs: Any) -> VideoLMAdapter:
-    """Load a checkpoint (local directory or hub id) with `from_pretrained` behind the adapter for its family."""
+    """Load a checkpoint (local directory or hub id) with `from_pretrained` behind the adapter for its family.
+
+    Raises ModelNotFoundError (no such directory, hub id neither cached nor reachable), DeviceError, or
+    UnsupportedModelError (no adapter for its model_type), each naming the model or device.
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     from statekv.attention import register_attention
 
     register_attention()
-    name = os.fspath(name_or_path)
-    if os.path.exists(name) and not os.path.isdir(name):
-        raise UnsupportedModelError(name, None, sorted(ADAPTERS)) from None
-    config = AutoConfig.from_pretrained(name)
+    check_device(device)
+    # a local directory comes back absolute (that is what the cache records); a missing path or an unreachable
+    # hub fails here in one line; revision/token/cache_dir reach the config and the tokenizer, not only the weights
+    name, from_pretrained_kwargs = locate_checkpoint(name_or_path, **from_pretrained_kwargs)
+    hub = hub_kwargs(from_pretrained_kwargs)
+    config = AutoConfig.from_pretrained(name, **hub)
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
         raise UnsupportedModelError(name, model_type, sorted(ADAPTERS))
@@ -43,6 +50,6 @@ def load_adapter(name_or_path: str | os.PathLike, *, device: str | torch.device 
         **from_pretrained_kwargs,
     )
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = AutoTokenizer.from_pretrained(name, **hub)
     logger.info("loaded %s (%s) on %s as %s", name, model_type, device, dtype)
     return cls(model, tokenizer, name_or_path=name)

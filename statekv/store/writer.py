@@ -24,6 +24,7 @@ from statekv.store import format as F
 from statekv.store import serde
 from statekv.store.errors import CacheNotFoundError
 from statekv.store.fs import StorageOptionsLike, is_local, join, put_atomic, resolve
+from statekv.video_ids import validate_video_id
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class CacheWriter:
 
         self.uri = os.fspath(uri)
         self.fs, self.path = resolve(self.uri, storage_options, filesystem)
-        self.video_id = self.path.rstrip("/").rsplit("/", 1)[-1]
+        self.video_id = validate_video_id(self.path.rstrip("/").rsplit("/", 1)[-1])  # the rule the service reads by
         self.mode = mode
         self.source_storage_options = source_storage_options  # to stat the source video (size, etag)
         self.chunks_per_row_group = chunks_per_row_group
@@ -359,6 +360,8 @@ class CacheWriter:
         target = join(self.path, self.attempt)
         if self.fs.exists(target):
             self.fs.rm(target, recursive=True)
+        if self.existing is None and is_local(self.fs) and self.fs.isdir(self.path) and not self.fs.ls(self.path):
+            self.fs.rmdir(self.path)  # a failed first prefill leaves no empty <root>/<video_id>/ behind
 
     def __enter__(self) -> "CacheWriter":
         return self

@@ -30,6 +30,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The families a tiny checkpoint can be built for, with the transformers class that builds it: the registry
+# `statekv tiny-model` lists (add a family here and in `tiny_config`).
+FAMILIES: dict[str, str] = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
 SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -111,12 +118,14 @@ def tiny_config(family: str, tokenizer, *, hidden_size: int = 64, num_layers: in
 
 def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_vl", *, seed: int = 0, **config_kwargs) -> Path:
     """Write a tiny random checkpoint (weights, config, tokenizer with chat template) to `path`."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    import transformers
 
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; known families: {', '.join(FAMILIES)}")
     path = Path(path)
     tokenizer = build_tokenizer()
     config = tiny_config(family, tokenizer, **config_kwargs)
-    cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    cls = getattr(transformers, FAMILIES[family])
     torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():  # random init is tiny; widen it so tokens differ clearly and greedy answers vary
