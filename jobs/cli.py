@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=_CurrentStderr(),
                         format="%(levelname)s %(name)s: %(message)s")
     handler = {"prefill": cmd_prefill, "ask": cmd_ask, "inspect": cmd_inspect, "ls": cmd_ls, "demo": cmd_demo,
                "index": cmd_index, "serve": cmd_serve, "tiny-model": cmd_tiny_model}
@@ -234,11 +234,18 @@ def _quiet_native_libraries(*, enabled: bool) -> Iterator[None]:
         return
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
-    if sys.stderr is not sys.__stderr__ or not _has_fd(sys.stderr):
-        yield
-        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+        if sys.stderr is not sys.__stderr__ or not _has_fd(sys.stderr):
+            yield
+        else:
+            with _native_stderr_to_devnull():
+                yield
+
+
+@contextlib.contextmanager
+def _native_stderr_to_devnull() -> Iterator[None]:
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -255,6 +262,16 @@ def _quiet_native_libraries(*, enabled: bool) -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         python_stderr.close()
+
+
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is at the time (log lines follow it while native stderr is redirected)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def _has_fd(stream: Any) -> bool:
