@@ -1,23 +1,51 @@
-"""The `statekv` command line: prefill a video into a stored cache, ask it questions, inspect and list caches,
-index a video archive with Ray (`index`) and serve questions over HTTP (`serve`).
+"""The `statekv` command line: prefill a video into a stored cache, ask it questions, inspect and list caches, index a
+video archive with Ray (`index`), serve questions over HTTP (`serve`), write a tiny random model (`tiny-model`)
+and run the whole path on embedded defaults (`demo`).
 
-An entry point only: it parses arguments, calls the library (or the Ray glue in `pipelines/`) and prints. Errors a user can act on (a missing
-video or cache, a corrupt object, a model mismatch, bad arguments) are one line on stderr and exit status 1 or 2,
-never a traceback.
+An entry point only: it parses arguments, calls the library (or the Ray glue in `pipelines/`) and prints. Nothing
+heavy is imported before a command runs (`--help` loads no torch), and each command checks its cheap inputs (the
+video exists, the cache id is valid, a committed cache makes prefill a no-op, the model directory exists) before it
+loads a model or starts Ray. Errors a user can act on (a missing video, model or cache, a corrupt object, a model
+mismatch, no S3 credentials, an unreachable endpoint, a device this torch cannot use) are one line on stderr
+naming the input and the reason, with exit status 1 (2 for bad arguments); `-v` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
+import time
+import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from jobs.options import add_prefill_options
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+# torch CPU threads for the model commands. Measured with `python -m jobs.bench_prefill --threads 1|2` on a
+# 2-core machine (README, "CPU threads"): one thread was as fast or faster for the tiny and the mid config, and
+# it does not fight other processes for cores. --threads 0 keeps torch's own default (one per core).
+DEFAULT_THREADS = 1
+NOISY_COMMANDS = ("prefill", "ask", "demo", "tiny-model")  # they run decoders / load models in this process
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, False) or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _paragraph(doc: str | None) -> str:
+    """The first paragraph of a docstring as one line (argparse wraps it)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 def _add_storage_args(parser: argparse.ArgumentParser) -> None:
@@ -25,121 +53,301 @@ def _add_storage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region", help="S3 region (default: from the AWS environment)")
 
 
-def _storage(args: argparse.Namespace) -> dict[str, Any] | None:
-    from statekv.store import StorageOptions
-
+def _storage(args: argparse.Namespace) -> Any:
     if not (getattr(args, "endpoint_url", None) or getattr(args, "region", None)):
         return None
+    from statekv.store.fs import StorageOptions
+
     return StorageOptions(endpoint_url=args.endpoint_url, region=args.region)
 
 
 def _add_model_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("--model", required=required,
-                        help="checkpoint directory or hub id" + ("" if required else
-                                                                  " (default: the model recorded in the cache)"))
+                        help="checkpoint directory or hub id (`statekv tiny-model` writes a tiny random one)"
+                             + ("" if required else "; default: the model recorded in the cache"))
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help="torch CPU threads (0: torch's own choice, one per core)")
+
+
+def _add_json_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", action="store_true", help=f"print {what} as one JSON object on stdout")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="statekv", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the library")
+    parser = argparse.ArgumentParser(prog="statekv", description=_paragraph(__doc__), formatter_class=HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress of the library; print the traceback of an error")
+    common = argparse.ArgumentParser(add_help=False)  # -v also after the command name
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress of the library; print the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("prefill", help="prefill a video and store its cache",
-                            description="Prefill VIDEO chunk by chunk and write its cache to --out.")
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=description, parents=[common],
+                                   formatter_class=HelpFormatter)
+
+    p = command("prefill", "prefill a video and store its cache",
+                "Prefill VIDEO chunk by chunk and write its cache to --out. A cache committed at --out already is "
+                "left alone (a rerun is a no-op, as with `statekv index`) unless --overwrite or --resume.")
     p.add_argument("video", metavar="VIDEO", help="video path or URL (s3://...)")
     _add_model_args(p, required=True)
-    p.add_argument("--out", required=True, metavar="URI", help="cache location: <root>/<video_id> (local or s3://)")
+    p.add_argument("--out", required=True, metavar="URI",
+                   help="cache location <root>/<video_id> (local or s3://); the id: letters, digits, '.', '_', '-'")
     add_prefill_options(p)
-    p.add_argument("--mode", choices=["overwrite", "skip"], default="overwrite",
-                   help="what to do when a committed cache exists at --out")
     p.add_argument("--resume", action="store_true", help="append VIDEO's frames to the committed cache at --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_json_flag(p, "the committed cache's summary")
     _add_storage_args(p)
 
-    p = commands.add_parser("ask", help="answer a question from a stored cache",
-                            description="Answer QUESTION from the cache at URI, without prefilling the video.")
+    p = command("ask", "answer a question from a stored cache",
+                "Answer QUESTION from the cache at URI, without prefilling the video.")
     p.add_argument("uri", metavar="URI", help="cache location")
     p.add_argument("question", metavar="QUESTION")
     _add_model_args(p, required=False)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    out.add_argument("--json", action="store_true",
+                     help="print the answer, token ids, finish reason and timings as one JSON object")
     _add_storage_args(p)
 
-    p = commands.add_parser("inspect", help="describe a stored cache",
-                            description="Print model, policy, frames, tokens, duration, bytes, state size.")
+    p = command("inspect", "describe a stored cache",
+                "Print model, policy, frames, tokens, duration, bytes, state size.")
     p.add_argument("uri", metavar="URI")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     _add_storage_args(p)
 
-    p = commands.add_parser("ls", help="list committed caches under a root",
-                            description="List the committed caches under ROOT with their sizes.")
+    p = command("ls", "list committed caches under a root",
+                "List the committed caches under ROOT with their sizes; a ROOT that does not exist is an error.")
     p.add_argument("root", metavar="ROOT")
+    _add_json_flag(p, "the caches (a list under \"caches\")")
     _add_storage_args(p)
 
     from jobs import index_videos, serve
 
-    p = commands.add_parser("index", help="index a video archive into caches with Ray",
-                            description=index_videos.__doc__.split("\n")[0])
+    p = command("index", "index a video archive into caches with Ray", _paragraph(index_videos.__doc__))
     index_videos.add_arguments(p)
-    p = commands.add_parser("serve", help="answer questions over stored caches over HTTP (Ray Serve)",
-                            description=serve.__doc__.split("\n")[0])
+    p = command("serve", "answer questions over stored caches over HTTP (Ray Serve)", _paragraph(serve.__doc__))
     serve.add_arguments(p)
 
-    p = commands.add_parser("demo", help="the main job on embedded defaults",
-                            description="Prefill a sample video into a local store with a tiny model (or --model), "
-                                        "then answer a question from the stored cache.")
+    p = command("tiny-model", "write a tiny random checkpoint (no download) to try the commands with",
+                "Write a tiny random checkpoint of FAMILY (a few MB: random weights, a small tokenizer with the "
+                "family's chat template) to DIR, loadable wherever a model is asked for (--model DIR). Its answers "
+                "are random tokens: it exercises the whole path, not the words. --list shows the families.")
+    p.add_argument("family", metavar="FAMILY", nargs="?", help="model family, e.g. qwen2_vl (see --list)")
+    p.add_argument("dir", metavar="DIR", nargs="?", help="folder to write (must not hold a checkpoint already)")
+    p.add_argument("--list", action="store_true", help="list the families and exit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
+    p = command("demo", "the main job on embedded defaults",
+                "Prefill a sample video into a local store with a tiny random model (or --model), then answer a "
+                "question from the stored cache.")
     p.add_argument("--model", help="checkpoint (default: a tiny random Qwen2-VL built locally)")
     p.add_argument("--video", help="video (default: a synthetic sample video)")
-    p.add_argument("--out", help="cache root (default: ~/.cache/statekv/caches)")
-    p.add_argument("--question", default="What happens in the video?")
+    p.add_argument("--out", help="cache root (default: ~/.cache/statekv/caches, or $STATEKV_HOME/caches)")
+    p.add_argument("--question", default="What happens in the video?", help="the question asked")
     p.add_argument("--capacity", type=int, default=512,
-                   help="carried tokens per layer (small by default so the sample video exceeds it)")
-    p.add_argument("--device", help="cuda or cpu")
+                   help="carried tokens per layer (small so that the sample video exceeds it)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="torch CPU threads (0: torch's own choice, one per core)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=_CurrentStderr(),
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # weight-loading bars would drown the command's own output
-    from statekv.errors import StateKVError
-
-    from jobs import index_videos, serve
-
     handler = {"prefill": cmd_prefill, "ask": cmd_ask, "inspect": cmd_inspect, "ls": cmd_ls, "demo": cmd_demo,
-               "index": index_videos.run, "serve": serve.run}
+               "index": cmd_index, "serve": cmd_serve, "tiny-model": cmd_tiny_model}
     try:
-        return handler[args.command](args)
-    except (StateKVError, FileNotFoundError, ValueError, OSError) as err:
-        print(f"statekv {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+        with _quiet_native_libraries(enabled=args.command in NOISY_COMMANDS and not args.verbose):
+            return handler[args.command](args)
     except KeyboardInterrupt:
         print(f"statekv {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # only the errors a user can act on become one line; the others stay tracebacks
+        if not isinstance(err, _user_errors()):
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"statekv {args.command}: error: {_one_line(err, args)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or an unavailable resource (not a bug): ours, OS/IO, bad values, S3 clients'."""
+    from statekv.errors import StateKVError
+
+    types: list[type[BaseException]] = [StateKVError, OSError, ValueError]
+    if "botocore" in sys.modules:  # only imported once an S3 store was touched
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        types += [BotoCoreError, ClientError]
+    return tuple(types)
+
+
+def _remote_inputs(args: argparse.Namespace) -> list[str]:
+    names = ("uri", "root", "out", "video", "input", "output", "caches")
+    return [v for v in (getattr(args, n, None) for n in names) if isinstance(v, str) and "://" in v
+            and not v.startswith("file://")]
+
+
+def _one_line(err: BaseException, args: argparse.Namespace) -> str:
+    """The error as one line; S3 client errors (which name no input) get the command's remote input and a hint."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    if "botocore" in sys.modules:
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+        where = ", ".join(_remote_inputs(args)) or "the S3 store"
+        if isinstance(err, NoCredentialsError):
+            return (f"{where}: no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                    "AWS_PROFILE, or use an instance role)")
+        if isinstance(err, EndpointConnectionError):
+            endpoint = getattr(args, "endpoint_url", None) or err.kwargs.get("endpoint_url", "")
+            return f"{where}: cannot connect to the S3 endpoint {endpoint.split('?')[0]}"
+        if isinstance(err, (BotoCoreError, ClientError)):
+            return f"{where}: {text}"
+    return text
+
+
+@contextlib.contextmanager
+def _quiet_native_libraries(*, enabled: bool) -> Iterator[None]:
+    """Keep native libraries' own stderr writes (decord's FFmpeg and its C++ log lines) off the terminal.
+
+    Python's own stderr (progress bars, warnings, our error line) moves to a duplicate of the terminal's file
+    descriptor, and descriptor 2, where C code writes, goes to /dev/null until the command ends. Not done when
+    stderr is not the process's own (under pytest's capture) or with -v. Python warnings from transformers'
+    deprecations are hidden too: they are about our internals, not the user's input.
+    """
+    if not enabled:
+        yield
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+        if sys.stderr is not sys.__stderr__ or not _has_fd(sys.stderr):
+            yield
+        else:
+            with _native_stderr_to_devnull():
+                yield
+
+
+@contextlib.contextmanager
+def _native_stderr_to_devnull() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    python_stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding=sys.stderr.encoding,
+                              errors="backslashreplace")
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = python_stderr
+    try:
+        yield
+    finally:
+        python_stderr.flush()
+        sys.stderr = sys.__stderr__
+        os.dup2(saved, 2)
+        os.close(saved)
+        python_stderr.close()
+
+
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is at the time (log lines follow it while native stderr is redirected)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _has_fd(stream: Any) -> bool:
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+# --- commands -------------------------------------------------------------------------------------------------------
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _quiet_transformers() -> None:
+    """No weight-loading / writing progress bars unless -v: they would drown the command's own output."""
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _engine(model: str, args: argparse.Namespace, policy=None, sampling=None, chunks_per_step: int = 1):
+    """Load the model (after the device check, which needs torch but no model)."""
     import torch
 
     from statekv import Engine
 
+    _set_threads(getattr(args, "threads", DEFAULT_THREADS))
+    _quiet_transformers()
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     return Engine.from_pretrained(model, policy=policy, device=args.device, dtype=dtype, sampling=sampling,
                                   chunks_per_step=chunks_per_step)
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    """A device this torch cannot use fails before the model loads (imports torch, nothing else)."""
+    if getattr(args, "device", None):
+        from statekv.locate import check_device
+
+        check_device(args.device)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
 def cmd_prefill(args: argparse.Namespace) -> int:
+    from jobs.checks import check_cache_uri, check_model, check_video
+
+    started = time.perf_counter()
+    check_cache_uri(args.out)
+    check_video(args.video)
+    model = check_model(args.model)
+    _check_device(args)
+    from statekv.store import read_manifest
+    from statekv.store.errors import CacheNotFoundError
+
+    storage = _storage(args)
+    if args.resume:
+        read_manifest(args.out, storage_options=storage)  # nothing to resume: fail before loading the model
+    elif not args.overwrite:
+        try:
+            committed = read_manifest(args.out, storage_options=storage)
+        except CacheNotFoundError:
+            committed = None
+        if committed is not None:
+            _report_prefill(args, {**committed, "skipped": True}, time.perf_counter() - started)
+            return 0
+
     from statekv.policies import make_policy
     from statekv.store import prefill_to_store
     from statekv.video import SamplingConfig
@@ -148,7 +356,7 @@ def cmd_prefill(args: argparse.Namespace) -> int:
     policy = make_policy(args.policy, **settings)
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
     sampling = SamplingConfig(fps=args.fps, max_frames=args.max_frames, **pixels)
-    engine = _engine(args.model, args, policy=policy, sampling=sampling, chunks_per_step=args.chunks_per_step)
+    engine = _engine(model, args, policy=policy, sampling=sampling, chunks_per_step=args.chunks_per_step)
     bar = None
     progress = None
     if not args.no_progress:
@@ -161,31 +369,59 @@ def cmd_prefill(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
     try:
-        result = prefill_to_store(engine, args.video, args.out, mode=args.mode, int8=args.int8, resume=args.resume,
-                                  storage_options=_storage(args), progress=progress, backend=args.backend)
+        result = prefill_to_store(engine, args.video, args.out, mode="overwrite" if args.overwrite else "skip",
+                                  int8=args.int8, resume=args.resume, storage_options=storage, progress=progress,
+                                  backend=args.backend)
     finally:
         if bar is not None:
             bar.close()
-    print(_describe(result))
+    _report_prefill(args, result, time.perf_counter() - started)
     return 0
 
 
+def _report_prefill(args: argparse.Namespace, manifest: dict[str, Any], seconds: float) -> None:
+    if not args.json:
+        print(_describe(manifest))
+        return
+    _print_json({"uri": args.out, "video_id": manifest["video_id"], "skipped": bool(manifest.get("skipped")),
+                 "seconds": round(seconds, 3), "totals": manifest["totals"], "model": manifest["model"],
+                 "policy": manifest["policy"], "storage": manifest["storage"]})
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
+    from jobs.checks import check_model
     from statekv.store import load_cache, read_manifest
 
     storage = _storage(args)
     manifest = read_manifest(args.uri, storage_options=storage)
-    model = args.model or manifest["model"]["name_or_path"]
+    model = check_model(args.model or manifest["model"]["name_or_path"])
+    _check_device(args)
+    start = time.perf_counter()
     engine = _engine(model, args)
+    load_model_s = time.perf_counter() - start
+    start = time.perf_counter()
     cache = load_cache(args.uri, storage_options=storage)
+    load_cache_s = time.perf_counter() - start
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed)
     if args.stream:
         for event in engine.stream(cache, args.question, **options):
             print(event.text, end="", flush=True)
         print()
-    else:
-        print(engine.ask(cache, args.question, **options).text)
+        return 0
+    answer = engine.ask(cache, args.question, **options)
+    if not args.json:
+        print(answer.text)
+        return 0
+    _print_json({
+        "uri": args.uri, "question": args.question, "answer": answer.text, "finish_reason": answer.finish_reason,
+        "token_ids": answer.token_ids, "prompt_ids": answer.prompt_ids,
+        "tokens": {"prompt": len(answer.prompt_ids), "context": manifest["prefix_len"] + manifest["totals"]["tokens"],
+                   "generated": len(answer.token_ids)},
+        "timings": {"load_model_s": round(load_model_s, 4), "load_cache_s": round(load_cache_s, 4),
+                    "first_token_s": round(answer.first_token_s, 4), "total_s": round(answer.total_s, 4)},
+        "model": model,
+    })
     return 0
 
 
@@ -199,28 +435,81 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from jobs.checks import check_root
+
+    storage = _storage(args)
+    check_root(args.root, storage)
     from statekv.store import list_caches
     from statekv.store.describe import human_bytes
 
-    entries = list_caches(args.root, storage_options=_storage(args))
+    entries = list_caches(args.root, storage_options=storage)
+    if args.json:
+        _print_json({"root": args.root, "caches": [asdict(e) for e in entries]})
+        return 0
     for entry in entries:
         print(f"{entry.video_id}\t{human_bytes(entry.bytes)}\t{entry.uri}")
     print(f"{len(entries)} committed cache(s) under {args.root}", file=sys.stderr)
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    import time
+def cmd_index(args: argparse.Namespace) -> int:
+    from jobs import index_videos
+    from jobs.checks import check_index_input, check_model
 
+    check_index_input(args.input, _storage(args))  # before a Ray cluster starts
+    args.model = check_model(args.model)  # a local directory, absolute: what the caches record
+    return index_videos.run(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from jobs import serve
+    from jobs.checks import check_model
+
+    args.model = check_model(args.model)  # before a Ray cluster starts
+    return serve.run(args)
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from statekv.testing.checkpoints import TINY_CHECKPOINTS
+
+    if args.list or not args.family:
+        print("\n".join(TINY_CHECKPOINTS))
+        if not args.list:
+            print("statekv tiny-model: give FAMILY and DIR, e.g. `statekv tiny-model qwen2_vl ./tiny-qwen2vl`",
+                  file=sys.stderr)
+        return 0 if args.list else EXIT_USAGE
+    if args.family not in TINY_CHECKPOINTS:
+        raise ValueError(f"family {args.family!r} is not known; families: {', '.join(TINY_CHECKPOINTS)}")
+    if not args.dir:
+        raise ValueError("give the folder to write, e.g. `statekv tiny-model qwen2_vl ./tiny-qwen2vl`")
+    path = Path(args.dir).expanduser()
+    if (path / "config.json").exists():
+        raise FileExistsError(f"{args.dir!r}: holds a checkpoint already (config.json); choose another folder")
+    from statekv.testing.checkpoints import save_tiny_checkpoint
+
+    _quiet_transformers()
+    save_tiny_checkpoint(path, args.family, seed=args.seed)
+    print(f"wrote a tiny random {args.family} checkpoint to {path.resolve()} (random weights: answers are noise)")
+    print(f"try: statekv prefill VIDEO --model {args.dir} --out caches/VIDEO_ID")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     from statekv import StateKV, samples
     from statekv.store import load_cache, prefill_to_store
     from statekv.store.describe import format_manifest
 
+    _check_device(args)
     model = args.model or str(samples.tiny_checkpoint())
     video = args.video or str(samples.sample_video())
     root = args.out or str(samples.DEFAULT_HOME / "caches")
     uri = f"{root.rstrip('/')}/sample"
-    engine = _engine(model, argparse.Namespace(device=args.device, dtype=None), policy=StateKV(capacity=args.capacity))
+    engine = _engine(model, argparse.Namespace(device=args.device, dtype=None, threads=args.threads),
+                     policy=StateKV(capacity=args.capacity))
     start = time.perf_counter()
     prefill_to_store(engine, video, uri, mode="overwrite")
     prefill_s = time.perf_counter() - start
@@ -232,6 +521,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"prefill + store: {prefill_s:.2f} s; load + answer: {answer_s:.2f} s")
     print(f"question: {args.question}")
     print(f"answer:   {answer.text!r}")
+    if not args.model:
+        print("\nThe model is a tiny random Qwen2-VL (random weights, built locally), so the answer is noise: the "
+              "demo shows the path (prefill -> store -> answer from the store), not the words. Next:\n"
+              f"  statekv inspect {uri}\n"
+              f"  statekv ask {uri} \"What moves?\" --json\n"
+              "  statekv prefill your.mp4 --model Qwen/Qwen2-VL-2B-Instruct --out caches/your   "
+              "# a real model (from the hub)\n"
+              "  statekv tiny-model --list   # tiny random checkpoints of every family, to try offline")
     return 0
 
 
@@ -245,7 +542,8 @@ def _describe(manifest: dict[str, Any]) -> str:
     from statekv.store.describe import human_bytes
 
     if manifest.get("skipped"):
-        return f"skipped: a committed cache already exists for {manifest['video_id']}"
+        return (f"skipped: a committed cache already exists for {manifest['video_id']} "
+                "(--overwrite redoes it, --resume appends to it)")
     totals = manifest["totals"]
     return (f"committed {manifest['video_id']}: {totals['chunks']} chunks, {totals['tokens']} video tokens, "
             f"{human_bytes(totals['bytes'])}")

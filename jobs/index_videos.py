@@ -36,7 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser, *, positional: bool = True) -
     parser.add_argument("--decode-cpus", type=float, default=1.0,
                         help="CPUs reserved per actor for its decode thread (and the model on CPU actors)")
     add_prefill_options(parser)
-    parser.add_argument("--overwrite", action="store_true", help="redo committed caches (default: skip them)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when the actor has a GPU)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
     parser.add_argument("--prefetch", type=int, default=4, help="decoded frame batches queued ahead, per actor")

@@ -56,3 +56,19 @@ class PrefillConfigMismatchError(ModelMismatchError):
     def __init__(self, field: str, cache_side: object, engine_side: object) -> None:
         self.field = field
         super().__init__(f"prefill config field {field!r}", repr(cache_side), repr(engine_side))
+class ModelNotFoundError(StateKVError, FileNotFoundError):
+    """A checkpoint could not be found: no such local directory, or a hub id that is neither cached nor reachable."""
+
+    def __init__(self, model: object, reason: str) -> None:
+        self.model = str(model)
+        self.reason = reason
+        super().__init__(f"model {self.model!r}: {reason}")
+
+
+class DeviceError(StateKVError, ValueError):
+    """The requested device does not exist or this torch build cannot use it (e.g. cuda on a CPU-only torch)."""
+
+    def __init__(self, device: object, reason: str) -> None:
+        self.device = str(device)
+        self.reason = reason
+        super().__init__(f"device {self.device!r}: {reason}")

@@ -15,11 +15,21 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _VALID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _RESERVED_PREFIXES = ("parts-",)  # the store's attempt folders
 SEPARATOR = "--"  # stands for "/" between path components
+# The whole rule of `validate_video_id` as one regular expression, for places that need a pattern (an OpenAPI
+# schema, the query service's request checks): a letter or digit first, then letters, digits, '.', '_', '-', at most
+# MAX_LEN characters, not starting with a reserved prefix, not ending with '.'.
+VIDEO_ID_PATTERN = rf"^(?!{'|'.join(map(re.escape, _RESERVED_PREFIXES))})[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_LEN - 1}}}(?<!\.)$"
+_PATTERN = re.compile(VIDEO_ID_PATTERN)
 
 
 def short_hash(text: str, n: int = 8) -> str:
     """First `n` hex digits of the SHA-1 of `text`."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:n]
+
+
+def is_valid_video_id(video_id: object) -> bool:
+    """Whether `video_id` is a safe object name (the rule `validate_video_id` explains when it is not)."""
+    return isinstance(video_id, str) and _PATTERN.fullmatch(video_id) is not None
 
 
 def validate_video_id(video_id: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from statekv.errors import UnsupportedModelError
+from statekv.locate import check_device, hub_kwargs, locate_checkpoint
 from statekv.models.base import (ATTENTION_NAME, LAYOUTS, AnswerInputs, ChunkInputs, KVLayout, VideoLMAdapter,
                                  load_preprocessor_config)
 from statekv.models.internvl import InternVLAdapter
@@ -38,16 +39,20 @@ def load_adapter(name_or_path: str | os.PathLike, *, device: str | torch.device 
     """Load a checkpoint (local directory or hub id) with `from_pretrained` behind the adapter for its family.
 
     `adapter_options` go to the family's adapter (e.g. Qwen's `position_rule`); they are recorded with caches.
+    Raises ModelNotFoundError (no such directory, hub id neither cached nor reachable), DeviceError, or
+    UnsupportedModelError (no adapter for its model_type), each naming the model or device.
     """
     from transformers import AutoConfig, AutoTokenizer
 
     from statekv.attention import register_attention
 
     register_attention()
-    name = os.fspath(name_or_path)
-    if os.path.exists(name) and not os.path.isdir(name):
-        raise UnsupportedModelError(name, None, sorted(ADAPTERS)) from None
-    config = AutoConfig.from_pretrained(name)
+    check_device(device)
+    # a local directory comes back absolute (that is what the cache records); a missing path or an unreachable
+    # hub fails here in one line; revision/token/cache_dir reach the config and the tokenizer, not only the weights
+    name, from_pretrained_kwargs = locate_checkpoint(name_or_path, **from_pretrained_kwargs)
+    hub = hub_kwargs(from_pretrained_kwargs)
+    config = AutoConfig.from_pretrained(name, **hub)
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
         raise UnsupportedModelError(name, model_type, sorted(ADAPTERS))
@@ -59,7 +64,7 @@ def load_adapter(name_or_path: str | os.PathLike, *, device: str | torch.device 
         **from_pretrained_kwargs,
     )
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = AutoTokenizer.from_pretrained(name, **hub)
     logger.info("loaded %s (%s) on %s as %s", name, model_type, device, dtype)
     return cls(model, tokenizer, name_or_path=name, preprocessor=load_preprocessor_config(name),
                **(adapter_options or {}))

@@ -32,6 +32,7 @@ from statekv.store import serde
 from statekv.store.errors import CacheCorruptError, CacheNotFoundError, ConcurrentWriteError
 from statekv.store.fs import (LOCK_NAME, StorageOptionsLike, is_local, join, put_if_version, read_versioned,
                               resolve)
+from statekv.video_ids import validate_video_id
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class CacheWriter:
             raise ValueError("need 1 <= chunks_per_row_group <= chunks_per_file")
         self.uri = os.fspath(uri)
         self.fs, self.path = resolve(self.uri, storage_options, filesystem)
-        self.video_id = self.path.rstrip("/").rsplit("/", 1)[-1]
+        self.video_id = validate_video_id(self.path.rstrip("/").rsplit("/", 1)[-1])  # the rule the service reads by
         self.mode = mode
         self.source_storage_options = source_storage_options  # to stat the source video (size, etag)
         self.chunks_per_row_group = chunks_per_row_group
@@ -450,6 +451,8 @@ class CacheWriter:
                 f.abort()
         self._file = self._summaries = None
         self._remove_attempt()
+        if self.existing is None and is_local(self.fs) and self.fs.isdir(self.path) and not self.fs.ls(self.path):
+            self.fs.rmdir(self.path)  # a failed first prefill leaves no empty <root>/<video_id>/ behind
 
     def __enter__(self) -> "CacheWriter":
         return self

@@ -54,9 +54,9 @@ def test_prefill_inspect_ls_ask_local(capsys, tmp_path, video, tiny_checkpoints)
     code, streamed, _ = run(capsys, "ask", uri, "What happens?", "--max-new-tokens", "6", "--stream")
     assert code == 0 and streamed == answer
 
-    code, out, _ = run(capsys, "prefill", video, "--model", model, "--out", uri, "--capacity", "8", "--mode", "skip",
+    code, out, _ = run(capsys, "prefill", video, "--model", model, "--out", uri, "--capacity", "8",
                        "--no-progress", *PIXELS)
-    assert code == 0 and "skipped" in out
+    assert code == 0 and "skipped" in out  # a committed cache is left alone by default, as `index` does
 
 
 def test_prefill_int8_on_s3(capsys, video, tiny_checkpoints, s3_server, monkeypatch):
@@ -94,7 +94,7 @@ def test_bad_arguments_exit_2_with_usage(capsys, argv):
     assert "usage: statekv" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["prefill", "ask", "inspect", "ls", "demo"])
+@pytest.mark.parametrize("command", ["prefill", "ask", "inspect", "ls", "index", "serve", "tiny-model", "demo"])
 def test_every_command_has_help(capsys, command):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
@@ -117,4 +117,266 @@ def test_demo_runs_the_main_job_on_embedded_defaults(tmp_path):
                           text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert "state:    64 tokens per layer" in done.stdout and "answer:" in done.stdout
+    assert "random weights" in done.stdout and "statekv tiny-model --list" in done.stdout  # what it is, what next
+    assert "statekv ask" in done.stdout and "Qwen/" in done.stdout
     assert (tmp_path / "caches" / "sample" / "manifest.json").exists()
+
+
+# --- start-up cost and cheap checks (issue 8, point 10) ---------------------------------------------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "transformers", "ray")
+
+
+def run_reporting_imports(argv: list[str], env: dict | None = None) -> dict:
+    """Run the CLI in a fresh interpreter; return its exit code, stderr and which heavy modules it imported."""
+    import json
+    import os
+
+    code = ("import json, sys\nfrom jobs.cli import main\ntry:\n    rc = main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            f"print(json.dumps({{'rc': rc, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**report, "stderr": done.stderr}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["prefill", "--help"], ["index", "--help"], ["serve", "--help"]])
+def test_help_imports_no_torch_transformers_or_ray(argv):
+    """Regression: `--help` took 5-9 s importing torch and transformers eagerly."""
+    report = run_reporting_imports(argv)
+    assert report["rc"] == 0 and report["heavy"] == []
+
+
+def test_a_missing_video_fails_before_any_model_loads(tmp_path, tiny_checkpoints):
+    report = run_reporting_imports(["prefill", str(tmp_path / "missing.mp4"), "--model", tiny_checkpoints["qwen2_vl"],
+                                    "--out", str(tmp_path / "caches" / "x")])
+    assert report["rc"] == 1 and report["heavy"] == []
+    assert report["stderr"].strip() == f"statekv prefill: error: video '{tmp_path / 'missing.mp4'}': no such file"
+    assert not (tmp_path / "caches").exists()
+
+
+def test_a_committed_cache_is_skipped_without_loading_the_model(tmp_path, video, tiny_checkpoints, capsys):
+    uri = str(tmp_path / "caches" / "clip")
+    code, _, err = run(capsys, "prefill", video, "--model", tiny_checkpoints["qwen2_vl"], "--out", uri,
+                       "--no-progress", *PIXELS)
+    assert code == 0, err
+    report = run_reporting_imports(["prefill", video, "--model", tiny_checkpoints["qwen2_vl"], "--out", uri])
+    assert report["rc"] == 0 and "transformers" not in report["heavy"]
+
+
+def test_index_with_a_missing_input_fails_before_ray_starts(tmp_path, tiny_checkpoints):
+    report = run_reporting_imports(["index", str(tmp_path / "nothing"), str(tmp_path / "out"),
+                                    "--model", tiny_checkpoints["qwen2_vl"]])
+    assert report["rc"] == 1 and "ray" not in report["heavy"]
+    assert "input" in report["stderr"] and "nothing" in report["stderr"] and "Traceback" not in report["stderr"]
+
+
+def test_a_missing_model_directory_fails_before_torch_loads(tmp_path, video):
+    report = run_reporting_imports(["prefill", video, "--model", "./tny-typo", "--out", str(tmp_path / "c" / "x")])
+    assert report["rc"] == 1 and report["heavy"] == []
+    assert report["stderr"].strip().startswith("statekv prefill: error: model './tny-typo': no such directory")
+
+
+# --- one-line errors (point 9) ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def closed_port():
+    """A loopback port that refuses connections (bound, never listening)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def no_aws_credentials(monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup on a laptop or CI runner
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.mark.parametrize("argv", [["ls", "s3://caches/cli"], ["inspect", "s3://caches/cli/clip"]])
+def test_missing_s3_credentials_are_one_line(capsys, s3_server, no_aws_credentials, argv):
+    endpoint, _ = s3_server
+    code, _, err = run(capsys, *argv, "--endpoint-url", endpoint)
+    assert code == 1
+    assert err.strip() == f"statekv {argv[0]}: error: {argv[1]}: no AWS credentials found (set AWS_ACCESS_KEY_ID " \
+                          "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or use an instance role)"
+    code, _, err = run(capsys, "-v", *argv, "--endpoint-url", endpoint)
+    assert code == 1 and "Traceback" in err and "NoCredentialsError" in err  # -v shows where
+
+
+def test_an_unreachable_s3_endpoint_is_one_line(capsys, closed_port, monkeypatch):
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    endpoint = f"http://127.0.0.1:{closed_port}"
+    code, _, err = run(capsys, "ls", "s3://caches/cli", "--endpoint-url", endpoint)
+    assert code == 1
+    assert err.strip() == f"statekv ls: error: s3://caches/cli: cannot connect to the S3 endpoint {endpoint}"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a torch without CUDA")
+def test_cuda_on_a_cpu_torch_is_one_line_before_the_model_loads(tmp_path, video, tiny_checkpoints):
+    report = run_reporting_imports(["prefill", video, "--model", tiny_checkpoints["qwen2_vl"], "--device", "cuda",
+                                    "--out", str(tmp_path / "c" / "x")])
+    assert report["rc"] == 1 and "transformers" not in report["heavy"]
+    lines = report["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("statekv prefill: error: device 'cuda': this torch")
+
+
+def test_an_undecodable_video_is_one_line_without_decoder_noise(tmp_path, tiny_checkpoints):
+    """Regression: decord's FFmpeg printed `moov atom not found` and a C++ log line before our error."""
+    import os
+
+    fake = tmp_path / "notes.mp4"
+    fake.write_text("a text file renamed .mp4\n")
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "prefill", str(fake), "--model",
+                           tiny_checkpoints["qwen2_vl"], "--out", str(tmp_path / "caches" / "notes"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"statekv prefill: error: video '{fake}'")
+    assert not (tmp_path / "caches" / "notes").exists()
+
+
+# --- scripting and consistency (point 11) -------------------------------------------------------------------------
+
+def test_ls_of_a_missing_root_is_an_error(capsys, tmp_path):
+    code, out, err = run(capsys, "ls", str(tmp_path / "no-such-root"))
+    assert code == 1 and out == ""
+    assert err.strip() == f"statekv ls: error: '{tmp_path / 'no-such-root'}': no such directory"
+    (tmp_path / "empty").mkdir()
+    code, out, _ = run(capsys, "ls", str(tmp_path / "empty"), "--json")
+    assert code == 0 and __import__("json").loads(out) == {"root": str(tmp_path / "empty"), "caches": []}
+
+
+def test_json_output_of_prefill_ls_and_ask(capsys, tmp_path, video, tiny_checkpoints):
+    import json
+
+    model = tiny_checkpoints["qwen2_vl"]
+    root = tmp_path / "caches"
+    code, out, err = run(capsys, "prefill", video, "--model", model, "--out", str(root / "clip"), "--capacity", "8",
+                         "--no-progress", "--json", *PIXELS)
+    assert code == 0, err
+    made = json.loads(out)
+    assert made["video_id"] == "clip" and made["skipped"] is False and made["totals"]["chunks"] == 4
+    assert made["policy"] == {"name": "statekv", "capacity": 8, "decay": None}
+    code, out, _ = run(capsys, "prefill", video, "--model", model, "--out", str(root / "clip"), "--json")
+    assert code == 0 and json.loads(out)["skipped"] is True
+
+    code, out, _ = run(capsys, "ls", str(root), "--json")
+    listed = json.loads(out)["caches"]
+    assert code == 0 and [(c["video_id"], c["chunks"], c["tokens"]) for c in listed] == [("clip", 4, 24)]
+
+    code, out, _ = run(capsys, "ask", str(root / "clip"), "What happens?", "--max-new-tokens", "5", "--json")
+    assert code == 0
+    answer = json.loads(out)
+    assert answer["finish_reason"] in ("eos", "length") and 1 <= len(answer["token_ids"]) <= 5
+    assert answer["tokens"]["generated"] == len(answer["token_ids"])
+    assert set(answer["timings"]) == {"load_model_s", "load_cache_s", "first_token_s", "total_s"}
+    code, text, _ = run(capsys, "ask", str(root / "clip"), "What happens?", "--max-new-tokens", "5")
+    assert text == answer["answer"] + "\n"
+
+
+def test_overwrite_redoes_a_committed_cache(capsys, tmp_path, video, tiny_checkpoints):
+    uri = str(tmp_path / "caches" / "clip")
+    base = ["prefill", video, "--model", tiny_checkpoints["qwen2_vl"], "--out", uri, "--no-progress", *PIXELS]
+    assert run(capsys, *base, "--capacity", "8")[0] == 0
+    code, out, _ = run(capsys, *base, "--capacity", "12", "--overwrite")
+    assert code == 0 and out.startswith("committed clip")
+    code, out, _ = run(capsys, "inspect", uri)
+    assert "statekv (capacity=12)" in out
+
+
+def test_a_relative_model_path_is_recorded_absolute(capsys, tmp_path, video, tiny_checkpoints, monkeypatch):
+    """Regression: `--model ./ckpt` was recorded as typed, so `ask` from another folder looked on the hub."""
+    import json
+    from pathlib import Path
+
+    model = Path(tiny_checkpoints["qwen2_vl"])
+    uri = str(tmp_path / "caches" / "clip")
+    monkeypatch.chdir(model.parent)
+    assert run(capsys, "prefill", video, "--model", f"./{model.name}", "--out", uri, "--no-progress", *PIXELS)[0] == 0
+    code, out, _ = run(capsys, "inspect", uri, "--json")
+    assert json.loads(out)["model"]["name_or_path"] == str(model.resolve())
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "ask", uri, "Why?", "--max-new-tokens", "2")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("out", ["my video", "parts-1", "clip."])
+def test_prefill_refuses_an_id_the_service_would_refuse(capsys, tmp_path, video, out):
+    uri = str(tmp_path / "caches" / out)
+    code, _, err = run(capsys, "prefill", video, "--model", "./unused-model", "--out", uri)
+    assert code == 1 and err.startswith(f"statekv prefill: error: cache location {uri!r}: video id {out!r}")
+    assert not (tmp_path / "caches").exists()
+
+
+def test_help_shows_defaults_and_the_whole_description(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "run the whole path on embedded defaults (`demo`)." in out
+    with pytest.raises(SystemExit):
+        main(["prefill", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 4096)", "(default: 2.0)", "(default: statekv)", "(default: 1)"):
+        assert shown in out
+
+
+def test_the_cli_policy_names_are_the_library_policies():
+    from jobs.options import POLICY_NAMES
+    from statekv.policies import POLICIES
+
+    assert list(POLICY_NAMES) == list(POLICIES)
+
+
+def test_threads_flag_sets_torch_threads(capsys, tmp_path, video, tiny_checkpoints):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        uri = str(tmp_path / "caches" / "clip")
+        assert run(capsys, "prefill", video, "--model", tiny_checkpoints["qwen2_vl"], "--out", uri, "--no-progress",
+                   *PIXELS)[0] == 0
+        assert torch.get_num_threads() == 1  # the measured default (README, "CPU threads")
+        assert run(capsys, "ask", uri, "Why?", "--max-new-tokens", "1", "--threads", "2")[0] == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- tiny models from the command line (point 7) ------------------------------------------------------------------
+
+def test_tiny_model_lists_every_family(capsys):
+    from statekv.testing.checkpoints import TINY_CHECKPOINTS
+
+    code, out, _ = run(capsys, "tiny-model", "--list")
+    assert code == 0 and out.split() == list(TINY_CHECKPOINTS)
+
+
+@pytest.mark.parametrize("family", list(__import__("statekv.testing.checkpoints", fromlist=["TINY_CHECKPOINTS"]).TINY_CHECKPOINTS))
+def test_tiny_model_writes_a_loadable_checkpoint(capsys, tmp_path, family):
+    from statekv.models import load_adapter
+
+    code, out, err = run(capsys, "tiny-model", family, str(tmp_path / "tiny"))
+    assert code == 0, err
+    assert "random weights" in out and f"--model {tmp_path / 'tiny'}" in out
+    adapter = load_adapter(tmp_path / "tiny")
+    assert adapter.name_or_path == str(tmp_path / "tiny")
+    code, _, err = run(capsys, "tiny-model", family, str(tmp_path / "tiny"))
+    assert code == 1 and "holds a checkpoint already" in err
+
+
+def test_tiny_model_names_the_families_for_an_unknown_one(capsys, tmp_path):
+    code, _, err = run(capsys, "tiny-model", "llama", str(tmp_path / "x"))
+    assert code == 1 and "'llama'" in err and "qwen2_vl" in err
