@@ -348,12 +348,11 @@ def cmd_prefill(args: argparse.Namespace) -> int:
             _report_prefill(args, {**committed, "skipped": True}, time.perf_counter() - started)
             return 0
 
-    from statekv.policies import make_policy
+    from statekv.policies import policy_from_size
     from statekv.store import prefill_to_store
     from statekv.video import SamplingConfig
 
-    settings = {} if args.policy == "full" else {"capacity": args.capacity}
-    policy = make_policy(args.policy, **settings)
+    policy = policy_from_size(args.policy, args.capacity)
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
     sampling = SamplingConfig(fps=args.fps, max_frames=args.max_frames, **pixels)
     engine = _engine(model, args, policy=policy, sampling=sampling, chunks_per_step=args.chunks_per_step)
@@ -385,7 +384,8 @@ def _report_prefill(args: argparse.Namespace, manifest: dict[str, Any], seconds:
         return
     _print_json({"uri": args.out, "video_id": manifest["video_id"], "skipped": bool(manifest.get("skipped")),
                  "seconds": round(seconds, 3), "totals": manifest["totals"], "model": manifest["model"],
-                 "policy": manifest["policy"], "storage": manifest["storage"]})
+                 "policy": manifest["prefill"]["policy"], "prefill": manifest["prefill"],
+                     "storage": manifest["storage"]})
 
 
 def cmd_ask(args: argparse.Namespace) -> int:

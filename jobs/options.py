@@ -6,7 +6,7 @@ import argparse
 
 # The names of statekv.policies.POLICIES (a test keeps them equal), spelled out so that building the parser, and
 # so `--help`, does not import torch.
-POLICY_NAMES = ("full", "window", "statekv")
+POLICY_NAMES = ("full", "window", "statekv", "infinipot")
 
 VIDEO_BACKENDS = ("auto", "decord", "pyav")  # statekv.video.BACKENDS, spelled out: --help imports no decoder
 
@@ -14,7 +14,7 @@ VIDEO_BACKENDS = ("auto", "decord", "pyav")  # statekv.video.BACKENDS, spelled o
 def add_prefill_options(parser: argparse.ArgumentParser) -> None:
     """Policy, sampling, chunking and storage flags, with the same names and defaults everywhere."""
     parser.add_argument("--policy", default="statekv", choices=POLICY_NAMES, help="carried-state policy")
-    parser.add_argument("--capacity", type=int, default=4096, help="carried tokens per layer (statekv, window)")
+    parser.add_argument("--capacity", type=int, default=4096, help="carried tokens per layer and KV head (statekv, window; the budget of infinipot)")
     parser.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
     parser.add_argument("--max-frames", type=int, default=None, metavar="N",
                         help="cap on sampled frames per video (default: no cap); a cap that lowers the fps of a "

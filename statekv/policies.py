@@ -216,3 +216,11 @@ def make_policy(name: str, **settings: Any) -> Policy:
 def _check_capacity(capacity: int) -> None:
     if not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+
+
+def policy_from_size(name: str, size: int) -> Policy:
+    """A policy from a command-line name and its one size setting: `capacity` (window, statekv) or InfiniPot-V's
+    `budget`; `full` takes none."""
+    if name == "full":
+        return make_policy(name)
+    return make_policy(name, **({"budget": size} if name == "infinipot" else {"capacity": size}))

@@ -142,17 +142,16 @@ class IndexActor:
         import torch
 
         from statekv import Engine
-        from statekv.policies import make_policy
+        from statekv.policies import policy_from_size
         from statekv.video import SamplingConfig
 
         self.config = config if isinstance(config, IndexConfig) else IndexConfig(**config)
         c = self.config
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("pipelines").setLevel(logging.INFO)
-        settings = {} if c.policy == "full" else {"capacity": c.capacity}
         pixels = {k: v for k, v in (("min_pixels", c.min_pixels), ("max_pixels", c.max_pixels)) if v is not None}
         self.engine = Engine.from_pretrained(
-            c.model, policy=make_policy(c.policy, **settings), device=c.device,
+            c.model, policy=policy_from_size(c.policy, c.capacity), device=c.device,
             dtype=getattr(torch, c.dtype) if c.dtype else None, sampling=SamplingConfig(fps=c.fps, max_frames=c.max_frames, **pixels),
             chunks_per_step=c.chunks_per_step)
         self._hook = _load_hook(c.video_hook) if c.video_hook else None

@@ -21,8 +21,9 @@ from statekv.store import catalog, serde
 from statekv.store.errors import (CacheChangedError, CacheCorruptError, CacheNotFoundError, CacheStoreError,
                                   CacheUnavailableError, CacheVersionError, ConcurrentWriteError)
 from statekv.store.fs import StorageOptions
-from statekv.store.reader import (CacheEntry, CacheListing, InvalidCache, LazyChunks, list_caches, load_cache,
-                                  load_summary_keys, manifest_version, read_manifest)
+from statekv.store.catalog import list_caches
+from statekv.store.reader import (CacheEntry, CacheListing, InvalidCache, LazyChunks, load_cache, load_summary_keys,
+                                  manifest_version, read_manifest)
 from statekv.store.writer import CacheWriter, footage_identity, same_footage, save_cache, sweep
 
 logger = logging.getLogger(__name__)

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from statekv.store.fs import (TRANSPORT_ERRORS, StorageOptionsLike, is_local, join, put_atomic, put_if_version,
                               read_versioned, resolve)
+from statekv.store.reader import CacheEntry, CacheListing, InvalidCache, scan
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,6 @@ def _sortable_now() -> str:
 
 def read(fs: fsspec.AbstractFileSystem, path: str, root: str):
     """The listing from the catalog (a `CacheListing`), building the snapshot by a scan if there is none."""
-    from statekv.store.reader import CacheListing
 
     snap = join(path, FOLDER, SNAPSHOT)
     for _ in range(3):
@@ -107,7 +107,6 @@ def rebuild(root: str | os.PathLike, *, storage_options: StorageOptionsLike = No
 
 
 def _build(fs: fsspec.AbstractFileSystem, path: str, root: str, expect: str | None):
-    from statekv.store.reader import CacheListing, scan
 
     started = _dt.datetime.now(_dt.timezone.utc).isoformat()
     listing = scan(fs, path, root)
@@ -187,7 +186,6 @@ def _write_snapshot(fs: fsspec.AbstractFileSystem, path: str, rows: dict[str, di
 
 
 def _listing(cls, root: str, rows: dict[str, dict[str, Any]]):
-    from statekv.store.reader import CacheEntry, InvalidCache
 
     ok = [CacheEntry(r["video_id"], f"{root}/{r['video_id']}", r["chunks"], r["tokens"], r["bytes"], r["storage"],
                      r["created"], r["fingerprint"], r["checksum"]) for k, r in sorted(rows.items())
@@ -195,3 +193,17 @@ def _listing(cls, root: str, rows: dict[str, dict[str, Any]]):
     bad = [InvalidCache(r["video_id"], f"{root}/{r['video_id']}", r["invalid"]) for k, r in sorted(rows.items())
            if r["invalid"] is not None]
     return cls(ok, bad)
+
+
+def list_caches(root: str | os.PathLike, *, storage_options: StorageOptionsLike = None,
+                filesystem: fsspec.AbstractFileSystem | None = None, use_catalog: bool = True) -> CacheListing:
+    """Committed caches under `root`, sorted by video id; invalid manifests are skipped, logged and listed in
+    the result's `invalid`. With a catalog under the root (see this module) this costs a few reads whatever the
+    number of caches; `use_catalog=False` (or a root without one) reads every manifest."""
+    root = os.fspath(root).rstrip("/")
+    fs, path = resolve(root, storage_options, filesystem)
+    if use_catalog:
+        listing = read(fs, path, root)
+        if listing is not None:
+            return listing
+    return scan(fs, path, root)

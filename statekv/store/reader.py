@@ -108,22 +108,6 @@ class CacheListing(list):
         self.invalid: list[InvalidCache] = list(invalid)
 
 
-def list_caches(root: str | os.PathLike, *, storage_options: StorageOptionsLike = None,
-                filesystem: fsspec.AbstractFileSystem | None = None, use_catalog: bool = True) -> CacheListing:
-    """Committed caches under `root`, sorted by video id; invalid manifests are skipped, logged and listed in
-    the result's `invalid`. With a catalog under the root (see `catalog`) this costs a few reads whatever the
-    number of caches; `use_catalog=False` (or a root without one) reads every manifest."""
-    from statekv.store import catalog
-
-    root = os.fspath(root).rstrip("/")
-    fs, path = resolve(root, storage_options, filesystem)
-    if use_catalog:
-        listing = catalog.read(fs, path, root)
-        if listing is not None:
-            return listing
-    return scan(fs, path, root)
-
-
 def scan(fs: fsspec.AbstractFileSystem, path: str, root: str) -> CacheListing:
     """Read every manifest under `root` (the catalog-less listing); invalid ones are reported, not raised."""
     if not is_local(fs):
