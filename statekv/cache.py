@@ -144,13 +144,13 @@ class VideoKVCache:
     prefix_values: list[torch.Tensor | None]
     chunks: list[ChunkKV] = field(default_factory=list)  # empty when chunks were streamed to a sink only
     state: list[LayerState | None] | None = None  # per layer (None at linear layers); None before the first chunk
+    num_chunks: int = 0  # chunks prefilled so far
+    chunk_tokens: list[int] = field(default_factory=list)  # tokens of each chunk, in order
+    cursor: dict[str, Any] = field(default_factory=dict)  # the adapter's position cursor after the last chunk
     # linear-attention layers only: {layer: state after the prefix} and {layer: state after the last prefilled
     # token} (= after the prefix before the first chunk). Answering starts from `recurrent` (a copy), resume too.
     prefix_recurrent: dict[int, RecurrentState] = field(default_factory=dict)
     recurrent: dict[int, RecurrentState] = field(default_factory=dict)
-    num_chunks: int = 0  # chunks prefilled so far
-    chunk_tokens: list[int] = field(default_factory=list)  # tokens of each chunk, in order
-    cursor: dict[str, Any] = field(default_factory=dict)  # the adapter's position cursor after the last chunk
 
     @property
     def policy(self) -> dict[str, Any]:

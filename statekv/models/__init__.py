@@ -17,14 +17,14 @@ from statekv.models.base import (ATTENTION_NAME, LAYOUTS, AnswerInputs, ChunkInp
                                  load_preprocessor_config)
 from statekv.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from statekv.models.qwen2_vl import Qwen2VLAdapter
-from statekv.models.qwen3_5 import Qwen3_5Adapter
+from statekv.models.qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
 from statekv.models.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 
 logger = logging.getLogger(__name__)
 
 ADAPTERS: dict[str, type[VideoLMAdapter]] = {
     cls.model_type: cls for cls in (Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter,
-                                     Qwen3_5Adapter)
+                                     Qwen3_5Adapter, Qwen3_5MoeAdapter)
 }
 
 __all__ = ["ADAPTERS", "LAYOUTS", "AnswerInputs", "ChunkInputs", "KVLayout", "VideoLMAdapter", "load_adapter"]

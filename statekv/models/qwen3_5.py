@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Qwen3_5ForConditionalGeneration
+from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
 from statekv.models.qwen3_vl import Qwen3VLAdapter
 
@@ -47,3 +47,11 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         grid = torch.tensor([pre.grid_thw], dtype=torch.long, device=self.device)
         out = self.model.model.get_video_features(pre.pixel_values.to(self.device), grid)
         return torch.cat(list(out.pooler_output), dim=0).to(self.dtype), [], pre.grid_thw
+
+
+class Qwen3_5MoeAdapter(Qwen3_5Adapter):
+    """Qwen3.5-MoE (e.g. Qwen3.5-35B-A3B): the same processor, vision tower, positions and hybrid layer layout; only
+    the text layers' MLPs are mixtures of experts (plus a shared expert), which changes nothing the engine sees."""
+
+    model_type = "qwen3_5_moe"
+    model_class = Qwen3_5MoeForConditionalGeneration

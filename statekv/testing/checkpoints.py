@@ -460,6 +460,7 @@ TINY_CHECKPOINTS = {
     "qwen3_vl": _save_qwen3_vl,
     "qwen3_vl_moe": _save_qwen3_vl,
     "qwen3_5": _save_qwen3_5,
+    "qwen3_5_moe": _save_qwen3_5,
 }
 
 

@@ -89,6 +89,23 @@ def test_full_equals_one_forward_of_the_plain_model(checkpoint, model, frames, l
     report.assert_exact(1e-4)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_moe_variant_equals_one_forward_of_the_plain_model(tmp_path_factory, frames, layout):
+    """Qwen3.5-MoE (model_type qwen3_5_moe): the same hybrid layout, expert MLPs in the text layers.
+
+    Answer logits <= 1e-4 and greedy tokens identical; K/V of the attention layer <= 2e-4 (measured 6e-5 and 1.1e-4
+    at |K/V| up to 5, i.e. 2e-5 relative, at a handful of tokens): float32 rounding of the grouped expert matmuls
+    (batched per chunk here, over the whole sequence in the reference) and of the linear layers' chunked kernel."""
+    path = str(save_tiny_checkpoint(tmp_path_factory.mktemp("qwen3_5_moe") / "tiny", "qwen3_5_moe"))
+    model = reference_model(path)
+    assert type(model).__name__ == "Qwen3_5MoeForConditionalGeneration"
+    assert model.config.text_config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    report = check_against_transformers(path, frames, fps=FPS, sampling=SAMPLING, layout=layout,
+                                        question=QUESTION, max_new_tokens=6, model=model)
+    assert max(report.max_key_diff, report.max_value_diff) <= 2e-4
+    assert report.max_logit_diff <= 1e-4 and report.tokens == report.reference_tokens
+
+
 def test_non_thinking_prompt_equals_one_forward(checkpoint, model, frames):
     """`enable_thinking=False` (the empty think block after the question). Greedy tokens identical; logits within
     1e-3, not 1e-4: on this prompt the tiny random model is ill-conditioned at steps 2-5, where BOTH float32 paths
