@@ -215,7 +215,8 @@ def test_statekv_prefill_flops_grow_linearly_in_chunks(checkpoint):
 
 @torch.inference_mode()
 def test_a_stored_cache_answers_like_the_in_memory_one(checkpoint, frames, store_root):
-    """prefill_to_store -> load_cache -> ask == ask on the in-memory cache, bit for bit; the manifest records the
+    """prefill_to_store -> load_cache -> ask == ask on the in-memory cache, bit for bit (and the query service
+    answers the same); the manifest records the
     layer types, chunk files hold K/V of the attention layer only, the linear states are in recurrent.parquet."""
     from statekv.store import load_cache, prefill_to_store, read_manifest
 
@@ -236,6 +237,11 @@ def test_a_stored_cache_answers_like_the_in_memory_one(checkpoint, frames, store
         got = engine.ask(loaded, QUESTION, max_new_tokens=6, output_scores=True)
         assert got.token_ids == want.token_ids
         assert max(float((x - y).abs().max()) for x, y in zip(got.scores, want.scores)) == 0.0
+    from pipelines.serving.service import QueryService
+
+    service = QueryService(engine, root, storage_options=options, lru_bytes=16 << 20)
+    reply = service.ask(video_id="clip", question=QUESTION, max_new_tokens=6)
+    assert reply["token_ids"] == want.token_ids and reply["answer"] == want.text
     if options is None:
         chunk_file = next(f for f in manifest["files"] if f["kind"] == "chunks")
         names = pq.read_schema(f"{root}/clip/{chunk_file['path']}").names
