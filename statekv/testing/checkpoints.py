@@ -51,6 +51,13 @@ _CORPUS = [
 ]
 
 
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """The Qwen configs' special-token ids (image/video pads, vision start/end) in `tokenizer`."""
+    return {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+
+
 def build_tokenizer(vocab_size: int = 400):
     """A byte-level BPE tokenizer with Qwen's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -84,9 +91,7 @@ def tiny_config(family: str, tokenizer, *, hidden_size: int = 64, num_layers: in
     head_dim = hidden_size // num_heads
     half = head_dim // 2
     mrope_section = [half - 2 * (half // 3), half // 3, half // 3]  # sums to head_dim / 2
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    ids = vision_token_ids(tokenizer)
     vocab = len(tokenizer)
     text = dict(
         vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -301,6 +306,15 @@ QWEN3_VL_IMAGE_PROCESSOR = dict(image_processor_type="Qwen2VLImageProcessor",
 )
 
 
+def write_qwen3_vl_processor_files(path: Path, preprocessor: dict | None = None) -> None:
+    """The (video) preprocessor configs a Qwen3-VL / Qwen3.5 repo ships (`preprocessor`: the video one, else the
+    release's), naming `Qwen3VLProcessor`."""
+    video = preprocessor if preprocessor is not None else QWEN3_VL_VIDEO_PROCESSOR
+    for name, processor_config in (("preprocessor_config.json", QWEN3_VL_IMAGE_PROCESSOR),
+                                   ("video_preprocessor_config.json", video)):
+        (path / name).write_text(json.dumps({**processor_config, "processor_class": "Qwen3VLProcessor"}, indent=2))
+
+
 def build_qwen3_vl_tokenizer():
     """`build_tokenizer`'s BPE with every Qwen3-VL special token and the Qwen3-VL Instruct chat template."""
     tokenizer = build_tokenizer()
@@ -324,9 +338,7 @@ def qwen3_vl_tiny_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 
     head_dim = hidden_size // num_heads
     half = head_dim // 2
     mrope_section = [half - 2 * (half // 3), half // 3, half // 3]  # sums to head_dim / 2
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    ids = vision_token_ids(tokenizer)
     text = dict(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -361,10 +373,7 @@ def _save_qwen3_vl(path: Path, family: str, *, seed: int, preprocessor: dict | N
     _widen_random_init(model)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)  # with chat_template.jinja, which the tokenizer and processor both read
-    video = preprocessor if preprocessor is not None else QWEN3_VL_VIDEO_PROCESSOR
-    for name, processor_config in (("preprocessor_config.json", QWEN3_VL_IMAGE_PROCESSOR),
-                                   ("video_preprocessor_config.json", video)):
-        (path / name).write_text(json.dumps({**processor_config, "processor_class": "Qwen3VLProcessor"}, indent=2))
+    write_qwen3_vl_processor_files(path, preprocessor)
     return path
 
 
@@ -406,9 +415,7 @@ def qwen3_5_tiny_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 4
     mrope_section = [half - 2 * (half // 3), half // 3, half // 3]  # sums to the rotary half
     if layer_types is None:
         layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(num_layers)]
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    ids = vision_token_ids(tokenizer)
     text = dict(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -444,10 +451,7 @@ def _save_qwen3_5(path: Path, family: str, *, seed: int, preprocessor: dict | No
     _widen_random_init(model)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    video = preprocessor if preprocessor is not None else QWEN3_VL_VIDEO_PROCESSOR
-    for name, processor_config in (("preprocessor_config.json", QWEN3_VL_IMAGE_PROCESSOR),
-                                   ("video_preprocessor_config.json", video)):
-        (path / name).write_text(json.dumps({**processor_config, "processor_class": "Qwen3VLProcessor"}, indent=2))
+    write_qwen3_vl_processor_files(path, preprocessor)
     return path
 
 
