@@ -21,6 +21,14 @@ def state_tokens(manifest: dict[str, Any]) -> int:
     return tokens if capacity is None else min(capacity, tokens)
 
 
+def linear_note(manifest: dict[str, Any]) -> str:
+    """", layers 0, 1, 2 linear attention (exact recurrent state)" for hybrid models; "" otherwise."""
+    linear = [i for i, kind in enumerate(manifest["layout"].get("layer_types") or []) if kind == "linear_attention"]
+    if not linear:
+        return ""
+    return f"; layers {', '.join(map(str, linear))} linear attention (exact recurrent state, no K/V)"
+
+
 def describe_manifest(uri: str, m: dict[str, Any], fingerprint: str | None = None) -> dict[str, Any]:
     """The fields `statekv inspect` prints, structured, and its text as `summary`."""
     video, totals, model, prefill = m["video"], m["totals"], m["model"], m["prefill"]
@@ -65,7 +73,8 @@ def format_manifest(uri: str, m: dict[str, Any]) -> str:
         ("duration", f"{duration:.1f} s"),
         ("tokens", f"{totals['tokens']} video tokens in {totals['chunks']} chunks "
                    + (f"({per_chunk_text} per chunk), " if per_chunk else "") + f"prefix {m['prefix_len']}"),
-        ("state", f"{state_tokens(m)} tokens per layer and KV head" if m.get("has_state") else "none"),
+        ("state", (f"{state_tokens(m)} tokens per layer and KV head" if m.get("has_state") else "none")
+         + linear_note(m)),
         ("storage", f"{m['storage']}{' (int8 K/V with scales)' if m['storage'] == 'int8' else ''}, "
                     f"dtype {m['dtype']}"),
         ("bytes", f"{human_bytes(totals['bytes'])} in {len(m['files'])} files"),

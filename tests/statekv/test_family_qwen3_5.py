@@ -228,6 +228,9 @@ def test_a_stored_cache_answers_like_the_in_memory_one(checkpoint, frames, store
     manifest = read_manifest(f"{root}/clip", storage_options=options)
     assert manifest["layout"]["layer_types"] == ["linear_attention"] * 3 + ["full_attention"]
     assert {f["kind"] for f in manifest["files"]} == {"prefix", "chunks", "state", "recurrent"}
+    from statekv.store.describe import format_manifest
+
+    assert "layers 0, 1, 2 linear attention" in format_manifest(f"{root}/clip", manifest)  # `statekv inspect`
     for lazy in (True, False):
         loaded = load_cache(f"{root}/clip", storage_options=options, lazy=lazy)
         assert loaded.model.linear_layers == [0, 1, 2]
