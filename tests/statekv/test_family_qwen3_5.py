@@ -249,3 +249,21 @@ def test_a_stored_cache_answers_like_the_in_memory_one(checkpoint, frames, store
         chunk_file = next(f for f in manifest["files"] if f["kind"] == "chunks")
         names = pq.read_schema(f"{root}/clip/{chunk_file['path']}").names
         assert "k_003" in names and not any(n.startswith(("k_000", "v_001", "k_002")) for n in names)
+
+
+@torch.inference_mode()
+def test_partial_loads_of_a_hybrid_cache(checkpoint, frames, tmp_path):
+    """`layers=` picks K/V of the attention layers and states of the linear ones; a linear layer has no summary keys."""
+    from statekv.store import load_cache, load_summary_keys
+
+    engine = make_engine(checkpoint, StateKV(capacity=8))
+    cache = engine.prefill(frames, fps=FPS)
+    cache.save(str(tmp_path / "clip"))
+    part = load_cache(str(tmp_path / "clip"), layers=[1, 3], lazy=False)
+    assert sorted(part.recurrent) == sorted(part.prefix_recurrent) == [1]
+    assert torch.equal(part.recurrent[1].conv, cache.recurrent[1].conv)
+    assert part.prefix_keys[1] is None and part.chunks[0].keys[1] is None and part.state[1] is None
+    assert torch.equal(part.chunks[2].keys[3], cache.chunks[2].keys[3]) and part.state[3].size == 8
+    assert torch.equal(load_summary_keys(str(tmp_path / "clip"), 3)[1][0], cache.chunks[0].keys[3].float().mean(1))
+    with pytest.raises(ValueError, match="layer 0 .* is a linear-attention layer"):
+        load_summary_keys(str(tmp_path / "clip"), 0)
