@@ -1,7 +1,8 @@
 """`VideoKVCache`: what streaming prefill produces and answering consumes. A plain container: no I/O, no family.
 
 It holds the text prefix's KV, every chunk's own KV (the per-frame cache used for answering), the final carried
-state (to resume a stream), the prefill config it was made with, and the family adapter's position cursor (an
+state (to resume a stream), for hybrid models the exact recurrent states of the linear-attention layers (after the
+prefix and after the last chunk; those layers have no KV: their entries in the per-layer KV lists are None), the prefill config it was made with, and the family adapter's position cursor (an
 opaque JSON-able dict: only the adapter reads it). Chunks carry their own token counts and (R, n) positions.
 Tensors live on the host; answering moves them to the model's device.
 """
@@ -17,6 +18,25 @@ from statekv.policies import LayerState
 
 
 @dataclass
+class RecurrentState:
+    """The exact state of one linear-attention layer (e.g. Gated DeltaNet) after a prefix of the sequence.
+
+    Everything the layer needs to continue: nothing is approximated or selected (the layer's cost per token is
+    constant already). Shapes as transformers' `LinearAttentionLayer` holds them, without the batch axis.
+    """
+
+    conv: torch.Tensor  # (C, K): the last K inputs of the short causal convolution (C = 2·key dim + value dim)
+    recurrent: torch.Tensor  # (Hv, Dk, Dv): the delta rule's state (float32 in transformers' kernels)
+
+    def to(self, device: torch.device | str, *, copy: bool = False) -> "RecurrentState":
+        return RecurrentState(self.conv.to(device, copy=copy), self.recurrent.to(device, copy=copy))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.conv, self.recurrent))
+
+
+@dataclass
 class ChunkKV:
     """One chunk (the family's unit: e.g. two frames for Qwen, one for InternVL) and the KV its tokens produced."""
 
@@ -25,8 +45,8 @@ class ChunkKV:
     source_frames: list[int]  # frame indices in the source video
     timestamps: list[float]  # seconds, one per sampled frame
     position_ids: torch.Tensor  # (R, n) int64: R = the family's position rows (3 for M-RoPE, 1 for 1-D RoPE)
-    keys: list[torch.Tensor]  # per layer (Hkv, n, D)
-    values: list[torch.Tensor]  # per layer (Hkv, n, D)
+    keys: list[torch.Tensor | None]  # per layer (Hkv, n, D); None at linear-attention layers (and unloaded ones)
+    values: list[torch.Tensor | None]  # per layer (Hkv, n, D)
 
     @property
     def num_tokens(self) -> int:
@@ -48,6 +68,16 @@ class ModelInfo:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    linear_layers: list[int] = field(default_factory=list)  # layers with a recurrent state and no KV
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if i not in self.linear_layers]
+
+    @property
+    def layer_types(self) -> list[str]:
+        """transformers' names: "linear_attention" or "full_attention" per layer (recorded in the manifest)."""
+        return ["linear_attention" if i in self.linear_layers else "full_attention" for i in range(self.num_layers)]
 
 
 @dataclass
@@ -119,14 +149,18 @@ class VideoKVCache:
     dtype: torch.dtype
     video: VideoInfo
     prefix_ids: torch.Tensor  # (P,) int64: what was prefilled before the first chunk (depends on the layout)
-    prefix_keys: list[torch.Tensor]  # per layer (Hkv, P, D)
-    prefix_values: list[torch.Tensor]
+    prefix_keys: list[torch.Tensor | None]  # per layer (Hkv, P, D); None at linear-attention layers
+    prefix_values: list[torch.Tensor | None]
     chunks: list[ChunkKV] = field(default_factory=list)  # empty when chunks were streamed to a sink only
-    state: list[LayerState] | None = None  # per layer; None before the first chunk
+    state: list[LayerState | None] | None = None  # per layer (None at linear layers); None before the first chunk
     num_chunks: int = 0  # chunks prefilled so far
     chunk_tokens: list[int] = field(default_factory=list)  # tokens of each chunk, in order
     cursor: dict[str, Any] = field(default_factory=dict)  # the adapter's position cursor after the last chunk
     scenes: list[tuple[int, int]] = field(default_factory=list)  # [start, end) chunk ranges of scenes (retrieval)
+    # linear-attention layers only: {layer: state after the prefix} and {layer: state after the last prefilled
+    # token} (= after the prefix before the first chunk). Answering starts from `recurrent` (a copy), resume too.
+    prefix_recurrent: dict[int, RecurrentState] = field(default_factory=dict)
+    recurrent: dict[int, RecurrentState] = field(default_factory=dict)
 
     @property
     def policy(self) -> dict[str, Any]:
@@ -150,17 +184,24 @@ class VideoKVCache:
 
     @property
     def nbytes(self) -> int:
-        prefix = sum(t.numel() * t.element_size() for t in (*self.prefix_keys, *self.prefix_values))
-        return prefix + sum(c.nbytes for c in self.chunks)
+        prefix = sum(t.numel() * t.element_size() for t in (*self.prefix_keys, *self.prefix_values) if t is not None)
+        return prefix + sum(c.nbytes for c in self.chunks) + self.recurrent_nbytes
+
+    @property
+    def recurrent_nbytes(self) -> int:
+        """Bytes of the linear layers' final states: fixed by the model, independent of the video's length."""
+        return sum(s.nbytes for s in self.recurrent.values())
 
     # --- KV access ------------------------------------------------------------------------------------------
 
     def frame_keys(self, layer: int) -> torch.Tensor:
         """(Hkv, N, D) keys of every video token at `layer`, in temporal order."""
+        self._require_kv(layer)
         self._require_chunks()
         return torch.cat([c.keys[layer] for c in self.chunks], dim=1)
 
     def frame_values(self, layer: int) -> torch.Tensor:
+        self._require_kv(layer)
         self._require_chunks()
         return torch.cat([c.values[layer] for c in self.chunks], dim=1)
 
@@ -173,6 +214,7 @@ class VideoKVCache:
             s = self.state[layer]
             return (torch.cat([self.prefix_keys[layer], s.keys], dim=1),
                     torch.cat([self.prefix_values[layer], s.values], dim=1))
+        self._require_kv(layer)
         if chunks is None:
             self._require_chunks()
             chunks = self.chunks
@@ -181,8 +223,13 @@ class VideoKVCache:
         return keys, values
 
     def state_sizes(self) -> list[int]:
-        """Carried tokens per layer (the same for every KV head)."""
-        return [] if self.state is None else [s.size for s in self.state]
+        """Carried tokens per attention layer (the same for every KV head); linear layers carry no tokens."""
+        return [] if self.state is None else [s.size for s in self.state if s is not None]
+
+    def _require_kv(self, layer: int) -> None:
+        if layer in self.model.linear_layers:
+            raise ValueError(f"layer {layer} is a linear-attention layer: it has no KV, its state is "
+                             f"cache.recurrent[{layer}]")
 
     def _require_chunks(self) -> None:
         if len(self.chunks) != self.num_chunks:

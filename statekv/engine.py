@@ -5,6 +5,12 @@ video chunk after chunk (`chunks_per_step` chunks per model call): preprocess ->
 [prefix | carried state] -> decode -> policy update per layer and KV head -> split at chunk boundaries -> each
 chunk's KV leaves the model's device as soon as it is made, so device memory depends on prefix + capacity + step,
 not on video length.
+
+Hybrid stacks (the adapter's `layout.linear_layers`, e.g. Qwen3.5's Gated DeltaNet layers): a linear-attention layer
+has no KV; its exact convolution and recurrent states are carried from step to step (streaming them is the same
+computation as one pass: nothing is approximated), and the policy, chunk KV and retrieval concern the other
+(full-attention) layers only. The states after the prefix and after the last chunk are kept in the cache; answering
+starts from a copy of the latter (asking never changes a cache), resuming from the latter.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from statekv.cache import ChunkKV, ModelInfo, PrefillConfig, VideoInfo, VideoKVCache
+from statekv.cache import ChunkKV, ModelInfo, PrefillConfig, RecurrentState, VideoInfo, VideoKVCache
 from statekv.errors import ModelMismatchError, PrefillConfigMismatchError, VideoError
 from statekv.generation import next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
@@ -125,7 +131,7 @@ class Engine:
     def model_info(self) -> ModelInfo:
         a = self.adapter
         return ModelInfo(a.name_or_path, a.model_type, a.fingerprint(), a.layout.num_layers,
-                         a.layout.num_kv_heads, a.layout.head_dim)
+                         a.layout.num_kv_heads, a.layout.head_dim, list(a.layout.linear_layers))
 
     def prefill_config(self) -> PrefillConfig:
         """The settings recorded with every cache this engine makes (a resume must match them)."""
@@ -201,20 +207,26 @@ class Engine:
         prefix_ids = a.prefix_ids(self.layout)
         cursor = a.plan_video(a.new_cursor(prefix_len=len(prefix_ids), frame_size=info.frame_size,
                                            sampled_fps=info.sampled_fps), num_frames)
+        linear = a.layout.linear_layers
         dyn = DynamicCache(config=a.model.config)
+        recurrent: dict[int, RecurrentState] = {}
         if len(prefix_ids):
             a.decode(a.embed(prefix_ids), a.text_positions(0, len(prefix_ids)), dyn,
                      statekv_backend=self.attention_backend, **a.decoder_kwargs(cursor))
-            prefix_kv = [(layer.keys, layer.values) for layer in dyn.layers]  # each (1, Hkv, P, D)
+            prefix_kv = [None if i in linear else (layer.keys, layer.values)  # each (1, Hkv, P, D)
+                         for i, layer in enumerate(dyn.layers)]
+            recurrent = read_recurrent(dyn, linear)
         else:
             empty = torch.empty(1, a.layout.num_kv_heads, 0, a.layout.head_dim, dtype=a.dtype, device=self.device)
-            prefix_kv = [(empty, empty)] * a.layout.num_layers
+            prefix_kv = [None if i in linear else (empty, empty) for i in range(a.layout.num_layers)]
         cache = VideoKVCache(
             model=self.model_info(), config=self.prefill_config(), dtype=a.dtype, video=info,
             prefix_ids=prefix_ids.clone(),
-            prefix_keys=[k[0].to("cpu", copy=True) for k, _ in prefix_kv],
-            prefix_values=[v[0].to("cpu", copy=True) for _, v in prefix_kv],
+            prefix_keys=[None if kv is None else kv[0][0].to("cpu", copy=True) for kv in prefix_kv],
+            prefix_values=[None if kv is None else kv[1][0].to("cpu", copy=True) for kv in prefix_kv],
             cursor=cursor,
+            prefix_recurrent={i: r.to("cpu", copy=True) for i, r in recurrent.items()},
+            recurrent={i: r.to("cpu", copy=True) for i, r in recurrent.items()},
         )
         return cache, prefix_kv
 
@@ -244,9 +256,10 @@ class Engine:
             requested_fps=old.requested_fps, duration=offset_time + info.duration, segments=segments,
         )
         resumed = dataclasses.replace(cache, video=video, chunks=list(cache.chunks) if keep_chunks else [],
-                                      chunk_tokens=list(cache.chunk_tokens), cursor=dict(cache.cursor))
+                                      chunk_tokens=list(cache.chunk_tokens), cursor=dict(cache.cursor),
+                                      recurrent=dict(cache.recurrent))
         dev = self.device
-        prefix_kv = [(k.to(dev).unsqueeze(0), v.to(dev).unsqueeze(0))
+        prefix_kv = [None if k is None else (k.to(dev).unsqueeze(0), v.to(dev).unsqueeze(0))
                      for k, v in zip(cache.prefix_keys, cache.prefix_values)]
         return resumed, prefix_kv, len(old.frame_indices)
 
@@ -259,9 +272,12 @@ class Engine:
         else:
             cache, prefix_kv, first_frame = self._resume(resume_from, info, keep_chunks)
         dev = self.device
+        linear = a.layout.linear_layers
         states: list[LayerState | None] = (
-            [s.to(dev) for s in cache.state] if cache.state is not None else [None] * a.layout.num_layers
+            [None if s is None else s.to(dev) for s in cache.state] if cache.state is not None
+            else [None] * a.layout.num_layers
         )
+        recurrent = {i: r.to(dev) for i, r in cache.recurrent.items()}  # linear layers: exact states, carried
         step_frames = a.frames_per_chunk * self.chunks_per_step
         total_chunks = math.ceil(len(indices) / a.frames_per_chunk)
         prefix_len = cache.prefix_len
@@ -273,22 +289,23 @@ class Engine:
             times = [i / cache.video.video_fps for i in cache.video.frame_indices[frame_lo:frame_lo + len(frames)]]
             inputs = a.chunk_inputs(frames, cache.cursor, timestamps=times)
             n = inputs.embeds.shape[0]
-            dyn = DynamicCache(
-                ddp_cache_data=[
-                    (pk, pv) if s is None else (torch.cat([pk, s.keys.unsqueeze(0)], 2),
-                                                torch.cat([pv, s.values.unsqueeze(0)], 2))
-                    for (pk, pv), s in zip(prefix_kv, states)
-                ],
-                config=a.model.config,
-            )
+            dyn = build_cache(a.model.config, [
+                None if kv is None else kv if s is None else (torch.cat([kv[0], s.keys.unsqueeze(0)], 2),
+                                                              torch.cat([kv[1], s.values.unsqueeze(0)], 2))
+                for kv, s in zip(prefix_kv, states)
+            ], recurrent)
             scores: dict[int, torch.Tensor] | None = {} if self.policy.needs_scores else None
             a.decode(inputs.embeds, inputs.position_ids, dyn, statekv_scores=scores,
                      statekv_backend=self.attention_backend, **inputs.decoder_kwargs)
-            keys = [layer.keys[0, :, -n:] for layer in dyn.layers]  # per layer (Hkv, n, D)
-            values = [layer.values[0, :, -n:] for layer in dyn.layers]
+            recurrent = read_recurrent(dyn, linear)
+            keys = [None if i in linear else layer.keys[0, :, -n:]  # per layer (Hkv, n, D)
+                    for i, layer in enumerate(dyn.layers)]
+            values = [None if i in linear else layer.values[0, :, -n:] for i, layer in enumerate(dyn.layers)]
             first_token = cache.num_video_tokens
             token_index = torch.arange(first_token, first_token + n, device=dev)
             for layer, (k, v) in enumerate(zip(keys, values)):
+                if k is None:  # a linear-attention layer: its state is exact, no policy
+                    continue
                 chunk_state = LayerState(k, v, token_index.expand(k.shape[0], -1))
                 layer_scores = None if scores is None else scores[layer][0, :, prefix_len:]
                 states[layer] = self.policy.update(states[layer], chunk_state, layer_scores)
@@ -302,8 +319,8 @@ class Engine:
                     source_frames=cache.video.frame_indices[frame_lo:frame_lo + n_frames],
                     timestamps=cache.video.timestamps[frame_lo:frame_lo + n_frames],
                     position_ids=inputs.position_ids[:, rows].clone(),
-                    keys=[k[:, rows].to("cpu", copy=True) for k in keys],
-                    values=[v[:, rows].to("cpu", copy=True) for v in values],
+                    keys=[None if k is None else k[:, rows].to("cpu", copy=True) for k in keys],
+                    values=[None if v is None else v[:, rows].to("cpu", copy=True) for v in values],
                 )
                 if self.answer_from == "chunks":
                     if sink is not None:
@@ -320,7 +337,8 @@ class Engine:
             cache.scenes = scenes.segments
             if progress is not None:
                 progress(done, total_chunks)
-        cache.state = [s.to("cpu") for s in states]
+        cache.state = [None if s is None else s.to("cpu") for s in states]
+        cache.recurrent = {i: r.to("cpu", copy=True) for i, r in recurrent.items()}
         logger.info("prefilled %s: %d chunks, %d video tokens, state %s", cache.video.source, cache.num_chunks,
                     cache.num_video_tokens, cache.state_sizes())
         return cache
@@ -377,7 +395,7 @@ class Engine:
             embeds, positions = prompt.embeds, prompt.position_ids
             context = None
             if retrieval is None:
-                dyn = self._answer_cache(cache, [cache.layer_kv(i) for i in range(a.layout.num_layers)])
+                dyn = self._answer_cache(cache, cache.layer_kv)
             else:
                 dyn, context = self._retrieval_cache(cache, retrieval, embeds, positions)
             position = prompt.next_position
@@ -404,10 +422,15 @@ class Engine:
                 positions = a.text_positions(position, 1)
                 position += 1
 
-    def _answer_cache(self, cache: VideoKVCache, layer_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    def _answer_cache(self, cache: VideoKVCache, layer_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+                      ) -> DynamicCache:
+        """The answer's transformers cache on the device: `layer_kv(i)` at attention layers, and copies of the
+        linear layers' states after the video (the cache itself stays as it is)."""
         dev = self.device
-        return DynamicCache(ddp_cache_data=[(k.to(dev).unsqueeze(0), v.to(dev).unsqueeze(0)) for k, v in layer_kv],
-                            config=self.adapter.model.config)
+        linear = self.adapter.layout.linear_layers
+        return build_cache(self.adapter.model.config, [
+            None if i in linear else tuple(t.to(dev).unsqueeze(0) for t in layer_kv(i))
+            for i in range(self.adapter.layout.num_layers)], {i: r.to(dev) for i, r in cache.recurrent.items()})
 
     def _retrieval_cache(self, cache: VideoKVCache, retrieval: Retrieval, embeds: torch.Tensor,
                          positions: torch.Tensor) -> tuple[DynamicCache, RetrievalContext]:
@@ -421,7 +444,7 @@ class Engine:
         if len(cache.chunks) != cache.num_chunks:
             raise ValueError(f"retrieval needs every chunk addressable: the cache holds {len(cache.chunks)} of "
                              f"{cache.num_chunks} (load it from its store, lazily)")
-        prefix = [(cache.prefix_keys[i], cache.prefix_values[i]) for i in range(a.layout.num_layers)]
+        prefix = lambda i: (cache.prefix_keys[i], cache.prefix_values[i])  # noqa: E731
         common = dict(frame_seconds=1.0 / cache.video.sampled_fps, segments=cache.scenes or None)
         budgets = None
         if retrieval.adaptive:
@@ -442,6 +465,29 @@ class Engine:
             raise ModelMismatchError(
                 "model", f"{cache.model.name_or_path} (fingerprint {cache.model.fingerprint})",
                 f"{mine.name_or_path} (fingerprint {mine.fingerprint})")
+
+
+def build_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor] | None],
+                recurrent: dict[int, RecurrentState]) -> DynamicCache:
+    """A transformers cache holding `kv` (1, Hkv, S, D) at attention layers (None at linear ones) and COPIES of the
+    linear layers' states (transformers updates those in place during decoding)."""
+    dyn = DynamicCache(ddp_cache_data=[(None, None) if x is None else x for x in kv], config=config)
+    for layer, state in recurrent.items():
+        dyn.update_conv_state(state.conv.unsqueeze(0), layer)  # a fresh layer: allocates and copies
+        dyn.update_recurrent_state(state.recurrent.unsqueeze(0), layer)
+    return dyn
+
+
+def read_recurrent(dyn: DynamicCache, layers: tuple[int, ...]) -> dict[int, RecurrentState]:
+    """The linear layers' states in `dyn` after a forward, copied out (the cache reuses its buffers)."""
+    out = {}
+    for layer in layers:
+        if getattr(dyn.layers[layer], "number_of_states", 1) != 1:
+            raise NotImplementedError(f"layer {layer}: linear-attention layers with several states")
+        conv, rec = dyn.get_conv_state(layer), dyn.get_recurrent_state(layer)
+        if conv is not None and rec is not None:
+            out[layer] = RecurrentState(conv[0].clone(), rec[0].clone())
+    return out
 
 
 def _lookup(config: PrefillConfig, where: str) -> Any:

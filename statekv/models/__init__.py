@@ -20,12 +20,14 @@ from statekv.models.internvl import InternVLAdapter
 from statekv.models.llava_onevision import LlavaOnevisionAdapter
 from statekv.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from statekv.models.qwen2_vl import Qwen2VLAdapter
+from statekv.models.qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
 from statekv.models.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 
 logger = logging.getLogger(__name__)
 
 ADAPTERS: dict[str, type[VideoLMAdapter]] = {
-    cls.model_type: cls for cls in (Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter)
+    cls.model_type: cls for cls in (Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter,
+                                     Qwen3_5Adapter, Qwen3_5MoeAdapter)
 }
 # one frame per chunk, 1-D RoPE (statekv/models/single_frame.py)
 ADAPTERS.update({cls.model_type: cls for cls in (InternVLAdapter, LlavaOnevisionAdapter)})

@@ -78,6 +78,7 @@ logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "statekv"  # the name our attention function is registered under in transformers
 LAYOUTS = ("prefix-first", "video-first")
+LINEAR_LAYER_TYPES = ("linear_attention",)  # transformers' layer types whose cache is a recurrent + conv state
 PREPROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
 
 
@@ -88,6 +89,14 @@ class KVLayout:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    # layers with a recurrent state instead of KV (transformers' "linear_attention" layer type, e.g. Gated DeltaNet):
+    # the engine carries their exact state from chunk to chunk; policies and chunk KV concern the other layers
+    linear_layers: tuple[int, ...] = ()
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """Layers with KV (the ones policies bound and the store keeps per chunk)."""
+        return tuple(i for i in range(self.num_layers) if i not in self.linear_layers)
 
 
 @dataclass
@@ -150,6 +159,8 @@ class VideoLMAdapter:
             num_layers=text.num_hidden_layers,
             num_kv_heads=text.num_key_value_heads,
             head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            linear_layers=tuple(i for i, kind in enumerate(getattr(text, "layer_types", None) or [])
+                                if kind in LINEAR_LAYER_TYPES),
         )
         self.eos_token_ids: set[int] = _eos_ids(model, tokenizer)
 
@@ -242,12 +253,17 @@ class VideoLMAdapter:
     video_open_tokens: ClassVar[int] = 0  # tokens before the placeholder that belong to the video block
     video_close_tokens: ClassVar[int] = 0  # tokens after the placeholder run that belong to the video block
 
+    def template_kwargs(self) -> dict[str, Any]:
+        """Extra variables for the chat template (e.g. Qwen3.5's `enable_thinking`); none by default."""
+        return {}
+
     def render(self, question: str) -> list[int]:
         """The chat template's ids for one user turn [video, question] with the generation prompt."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.name_or_path!r}: the tokenizer has no chat template")
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 **self.template_kwargs())
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in transformers 5.x
             ids = ids["input_ids"]
         return list(ids)

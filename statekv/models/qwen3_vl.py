@@ -163,7 +163,8 @@ class Qwen3VLAdapter(VideoLMAdapter):
             chunk_tokens.append(len(opening) + n + 1)
             chunk_frames.append(count)
         mask = torch.cat(visual).to(self.device)
-        decoder_kwargs = {"visual_pos_masks": mask.unsqueeze(0), "deepstack_visual_embeds": deepstack}
+        decoder_kwargs = ({"visual_pos_masks": mask.unsqueeze(0), "deepstack_visual_embeds": deepstack}
+                          if deepstack else {})  # a family without DeepStack (Qwen3.5) gets none
         new = dict(cursor, next_position=pos)
         return ChunkInputs(embeds=torch.cat(embeds), position_ids=torch.cat(positions, dim=1),
                            chunk_tokens=chunk_tokens, chunk_frames=chunk_frames, cursor=new,
@@ -187,7 +188,8 @@ class Qwen3VLAdapter(VideoLMAdapter):
 
         processor = load_reference_processor(self.name_or_path)
         return processor_inputs(processor, frames, list(range(len(frames))), sampled_fps, question, layout=layout,
-                                frame_size=tuple(frame_size)).as_model_inputs()
+                                frame_size=tuple(frame_size),
+                                template_kwargs=self.template_kwargs()).as_model_inputs()
 
 
 class Qwen3VLMoeAdapter(Qwen3VLAdapter):

@@ -26,6 +26,12 @@ def _duration(video: dict[str, Any]) -> float:
     if video.get("duration"):
         return float(video["duration"])
     return video["total_frames"] / video["video_fps"] if video["video_fps"] else 0.0
+def linear_note(manifest: dict[str, Any]) -> str:
+    """", layers 0, 1, 2 linear attention (exact recurrent state)" for hybrid models; "" otherwise."""
+    linear = [i for i, kind in enumerate(manifest["layout"].get("layer_types") or []) if kind == "linear_attention"]
+    if not linear:
+        return ""
+    return f"; layers {', '.join(map(str, linear))} linear attention (exact recurrent state, no K/V)"
 
 
 def describe_manifest(uri: str, m: dict[str, Any], fingerprint: str | None = None) -> dict[str, Any]:
@@ -72,7 +78,8 @@ def format_manifest(uri: str, m: dict[str, Any]) -> str:
         ("duration", f"{duration:.1f} s"),
         ("tokens", f"{totals['tokens']} video tokens in {totals['chunks']} chunks "
                    + (f"({per_chunk_text} per chunk), " if per_chunk else "") + f"prefix {m['prefix_len']}"),
-        ("state", f"{state_tokens(m)} tokens per layer and KV head" if m.get("has_state") else "none"),
+        ("state", (f"{state_tokens(m)} tokens per layer and KV head" if m.get("has_state") else "none")
+         + linear_note(m)),
         ("storage", f"{m['storage']}{' (int8 K/V with scales)' if m['storage'] == 'int8' else ''}, "
                     f"dtype {m['dtype']}"),
         ("bytes", f"{human_bytes(totals['bytes'])} in {len(m['files'])} files"),

@@ -6,7 +6,12 @@ and version-checking a manifest, and the mapping between a `VideoKVCache` and it
     <root>/<video_id>/manifest.json                       written last: the commit marker
     <root>/<video_id>/parts-<attempt>/prefix.parquet      1 row: prefix token ids + per-layer K/V
     <root>/<video_id>/parts-<attempt>/chunks-00000.parquet  1 row per chunk, 1 row group per few chunks
-    <root>/<video_id>/parts-<attempt>/state.parquet       1 row (and row group) per layer: carried state
+    <root>/<video_id>/parts-<attempt>/state.parquet       1 row (and row group) per attention layer: carried state
+    <root>/<video_id>/parts-<attempt>/recurrent.parquet   hybrid models only: 2 rows per linear-attention layer,
+                                                          its exact conv + recurrent state after the prefix / video
+
+Hybrid models (manifest layout.layer_types with "linear_attention" layers): K/V columns, prefix K/V and carried
+state exist for the attention layers only; the linear layers' states are in recurrent.parquet.
 """
 
 from __future__ import annotations
@@ -47,7 +52,19 @@ CHUNK_META = ["chunk_index", "frame_start", "frame_end", "source_frames", "times
               "position_ids", "meta_crc"]
 
 
-def chunk_schema(num_layers: int, int8: bool) -> pa.Schema:
+def kv_layers(manifest: dict[str, Any]) -> list[int]:
+    """The layers with K/V in a manifest (all but its linear-attention layers)."""
+    return [i for i, kind in enumerate(layer_types(manifest)) if kind != "linear_attention"]
+
+
+def layer_types(manifest: dict[str, Any]) -> list[str]:
+    """Per layer "full_attention" or "linear_attention" (manifests without the key: all full attention)."""
+    lay = manifest["layout"]
+    return list(lay.get("layer_types") or ["full_attention"] * lay["num_layers"])
+
+
+def chunk_schema(layers: list[int], int8: bool) -> pa.Schema:
+    """Chunk rows with K/V columns for `layers` (the model's attention layers)."""
     fields = [
         pa.field("chunk_index", pa.int64(), nullable=False),
         pa.field("frame_start", pa.int64(), nullable=False),
@@ -58,7 +75,7 @@ def chunk_schema(num_layers: int, int8: bool) -> pa.Schema:
         pa.field("position_ids", pa.binary(), nullable=False),  # int64 (R, n), R = manifest layout.position_rows
         pa.field("meta_crc", pa.int64(), nullable=False),  # CRC-32 of the fields above
     ]
-    for layer in range(num_layers):
+    for layer in layers:
         t = layer_tag(layer)
         fields += [pa.field(f"k_{t}", pa.binary(), nullable=False),  # (Hkv, n, D) cache dtype or int8
                    pa.field(f"v_{t}", pa.binary(), nullable=False)]
@@ -73,22 +90,22 @@ def chunk_schema(num_layers: int, int8: bool) -> pa.Schema:
 SUMMARY_ROWS_PER_GROUP = 256  # chunks per row group of the summaries file: one layer's keys of 256 chunks per read
 
 
-def summary_schema(num_layers: int) -> pa.Schema:
+def summary_schema(layers: list[int]) -> pa.Schema:
     """The retrieval index: one row per chunk, per layer its float32 (Hkv, D) mean key and that cell's CRC-32.
 
     The same summary keys are in the chunk rows (covered by their CRC); this side file holds them contiguously, so
     scoring every chunk of a long video reads one column chunk per 256 chunks instead of one per chunk."""
     fields = [pa.field("chunk_index", pa.int64(), nullable=False)]
-    for layer in range(num_layers):
+    for layer in layers:  # the layers with K/V (not a hybrid model's linear-attention layers)
         t = layer_tag(layer)
         fields += [pa.field(f"summary_k_{t}", pa.binary(), nullable=False),
                    pa.field(f"summary_crc_{t}", pa.int64(), nullable=False)]
     return pa.schema(fields)
 
 
-def prefix_schema(num_layers: int) -> pa.Schema:
+def prefix_schema(layers: list[int]) -> pa.Schema:
     fields = [pa.field("prefix_ids", pa.binary(), nullable=False), pa.field("ids_crc", pa.int64(), nullable=False)]
-    for layer in range(num_layers):
+    for layer in layers:
         t = layer_tag(layer)
         fields += [pa.field(f"k_{t}", pa.binary(), nullable=False), pa.field(f"v_{t}", pa.binary(), nullable=False),
                    pa.field(f"crc_{t}", pa.int64(), nullable=False)]
@@ -106,6 +123,26 @@ STATE_SCHEMA = pa.schema([
     pa.field("values_scale", pa.binary(), nullable=True),  # int8 storage: float32 (Hkv, S, 1); else null
     pa.field("crc", pa.int64(), nullable=False),
 ])
+
+
+RECURRENT_AFTER = ("prefix", "video")  # a linear layer's state after the prefix / after the last chunk
+RECURRENT_SCHEMA = pa.schema([
+    pa.field("layer", pa.int64(), nullable=False),
+    pa.field("after", pa.string(), nullable=False),  # one of RECURRENT_AFTER
+    pa.field("conv", pa.binary(), nullable=False),  # (C, K) conv_dtype
+    pa.field("conv_shape", pa.list_(pa.int64()), nullable=False),
+    pa.field("conv_dtype", pa.string(), nullable=False),
+    pa.field("recurrent", pa.binary(), nullable=False),  # (Hv, Dk, Dv) recurrent_dtype
+    pa.field("recurrent_shape", pa.list_(pa.int64()), nullable=False),
+    pa.field("recurrent_dtype", pa.string(), nullable=False),
+    pa.field("crc", pa.int64(), nullable=False),  # CRC-32 of layer/after/shapes/dtypes and both tensors
+])
+
+
+def recurrent_crc(row: dict[str, Any]) -> int:
+    head = json.dumps([row["layer"], row["after"], list(row["conv_shape"]), row["conv_dtype"],
+                       list(row["recurrent_shape"]), row["recurrent_dtype"]]).encode()
+    return serde.crc32(head, row["conv"], row["recurrent"])
 
 
 def parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
@@ -164,10 +201,11 @@ def describe_cache(cache: VideoKVCache, position_rows: int | None) -> dict[str, 
     m, v = cache.model, cache.video
     return {
         "model": {"name_or_path": m.name_or_path, "model_type": m.model_type, "fingerprint": m.fingerprint,
-                  "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim},
+                  "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
+                  "linear_layers": list(m.linear_layers)},
         "dtype": serde.dtype_name(cache.dtype),
         "layout": {"num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
-                   "position_rows": position_rows},
+                   "position_rows": position_rows, "layer_types": m.layer_types},
         "prefill": cache.config.to_dict(),
         "video": {"source": v.source, "video_fps": v.video_fps, "total_frames": v.total_frames,
                   "sampled_fps": v.sampled_fps, "frame_size": list(v.frame_size),

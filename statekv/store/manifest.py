@@ -57,6 +57,8 @@ SCHEMA: dict[str, Field] = {
     "model.num_layers": Field(_INT, min=1),
     "model.num_kv_heads": Field(_INT, min=1),
     "model.head_dim": Field(_INT, min=1),
+    "model.linear_layers": Field((list,), required=False),  # hybrid models: layers with a recurrent state, no K/V
+    "model.linear_layers[]": _count(),
     "dtype": Field(_STR, choices=("float32", "float16", "bfloat16")),
     "storage": Field(_STR, choices=F.STORAGES),
     "byteorder": Field(_STR, choices=("little",)),
@@ -65,6 +67,8 @@ SCHEMA: dict[str, Field] = {
     "layout.num_kv_heads": Field(_INT, min=1),
     "layout.head_dim": Field(_INT, min=1),
     "layout.position_rows": Field((int, None), min=1),
+    "layout.layer_types": Field((list, None), required=False),
+    "layout.layer_types[]": Field(_STR),
     "prefill": Field((dict,)),
     "prefill.policy": Field((dict,)),
     "prefill.policy.name": Field(_STR),
@@ -108,7 +112,7 @@ SCHEMA: dict[str, Field] = {
     "files": Field((list,)),
     "files[]": Field((dict,)),
     "files[].path": Field(_STR),
-    "files[].kind": Field(_STR, choices=("prefix", "chunks", "summaries", "state")),
+    "files[].kind": Field(_STR, choices=("prefix", "chunks", "summaries", "state", "recurrent")),
     "files[].bytes": _count(),
     "files[].crc32": _count(),
     "files[].first_chunk": _count(required=False),  # required on chunk and summaries files (RULES)
@@ -244,8 +248,9 @@ def _rule_file_kinds(m: dict[str, Any]) -> tuple[str, str] | None:
     kinds = [f["kind"] for f in m["files"]]
     if kinds.count("prefix") != 1:
         return "files", f"{kinds.count('prefix')} prefix files (exactly 1 required)"
-    if kinds.count("state") > 1:
-        return "files", f"{kinds.count('state')} state files (at most 1 allowed)"
+    for kind in ("state", "recurrent"):
+        if kinds.count(kind) > 1:
+            return "files", f"{kinds.count(kind)} {kind} files (at most 1 allowed)"
     if m["has_state"] != ("state" in kinds):
         return "has_state", f"{m['has_state']} but the files {'do not ' if m['has_state'] else ''}include a state file"
     if len({f["path"] for f in m["files"]}) != len(kinds):

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from statekv.cache import ChunkKV, VideoKVCache
+from statekv.cache import ChunkKV, RecurrentState, VideoKVCache
 from statekv.errors import ModelMismatchError
 from statekv.policies import LayerState
 from statekv.store import format as F
@@ -169,6 +169,8 @@ class _Store:
         self.version = version
         self.video_id = manifest["video_id"]
         self.layers = layers
+        self.all_kv_layers = F.kv_layers(manifest)
+        self.kv_layers = [l for l in layers if l in self.all_kv_layers]  # loaded layers that have K/V
         self.verify = verify
         lay = manifest["layout"]
         self.num_layers, self.heads, self.head_dim = lay["num_layers"], lay["num_kv_heads"], lay["head_dim"]
@@ -256,8 +258,10 @@ class _Store:
         kind = entry["kind"]
         if kind in ("chunks", "summaries"):
             rows, groups = entry["num_chunks"], -(-entry["num_chunks"] // entry["chunks_per_row_group"])
-        elif kind == "state":
-            rows = groups = self.num_layers
+        elif kind == "state":  # one row (and row group) per layer with K/V
+            rows = groups = len(self.all_kv_layers)
+        elif kind == "recurrent":  # a hybrid model's linear layers: checked row by row (layer, after, CRC)
+            return
         else:
             rows = groups = 1
         md = pf.metadata
@@ -293,7 +297,7 @@ class _Store:
 
     def read_prefix(self, whole: bool) -> tuple[torch.Tensor, list, list]:
         entry = next(f for f in self.m["files"] if f["kind"] == "prefix")
-        cols = ["prefix_ids", "ids_crc"] + [c for l in self.layers for c in
+        cols = ["prefix_ids", "ids_crc"] + [c for l in self.kv_layers for c in
                                              (f"k_{F.layer_tag(l)}", f"v_{F.layer_tag(l)}", f"crc_{F.layer_tag(l)}")]
         pf = self.open(entry, whole=whole)
         row = self._read(entry, "prefix", lambda: pf.read(columns=cols), pf).to_pylist()[0]
@@ -303,7 +307,7 @@ class _Store:
         ids = self._tensor(row["prefix_ids"], torch.int64, (p,), f"{part}, prefix ids")
         keys: list = [None] * self.num_layers
         values: list = [None] * self.num_layers
-        for l in self.layers:
+        for l in self.kv_layers:
             t = F.layer_tag(l)
             lp = f"{part}, prefix, layer {l}"
             self._check_crc(row[f"crc_{t}"], lp, row[f"k_{t}"], row[f"v_{t}"])
@@ -320,9 +324,10 @@ class _Store:
         if entry is None:
             return None
         pf = self.open(entry, whole=whole)
-        rows = self._read(entry, "state", lambda: pf.read_row_groups(self.layers), pf).to_pylist()
+        groups = [self.all_kv_layers.index(l) for l in self.kv_layers]  # one row group per attention layer
+        rows = self._read(entry, "state", lambda: pf.read_row_groups(groups), pf).to_pylist() if groups else []
         out: list[LayerState | None] = [None] * self.num_layers
-        for l, row in zip(self.layers, rows):
+        for l, row in zip(self.kv_layers, rows):
             part = f"file {entry['path']}, state, layer {l}"
             if row["layer"] != l:
                 raise CacheCorruptError(self.video_id, part, f"row holds layer {row['layer']}")
@@ -344,6 +349,29 @@ class _Store:
                 None if row["scores"] is None else self._tensor(row["scores"], torch.float32, (self.heads, s), part))
         return out
 
+    def read_recurrent(self, whole: bool) -> tuple[dict[int, RecurrentState], dict[int, RecurrentState]]:
+        """({layer: state after the prefix}, {layer: state after the video}) of the loaded linear layers."""
+        entry = next((f for f in self.m["files"] if f["kind"] == "recurrent"), None)
+        if entry is None:
+            return {}, {}
+        pf = self.open(entry, whole=whole)
+        rows = self._read(entry, "recurrent states", lambda: pf.read()).to_pylist()
+        out: dict[str, dict[int, RecurrentState]] = {after: {} for after in F.RECURRENT_AFTER}
+        for row in rows:
+            if row["layer"] not in self.layers:
+                continue
+            part = f"file {entry['path']}, recurrent state of layer {row['layer']} after the {row['after']}"
+            if self.verify and F.recurrent_crc(row) != row["crc"]:
+                raise CacheCorruptError(self.video_id, part, "checksum mismatch (altered bytes)")
+            if row["after"] not in out or row["conv_dtype"] not in serde.DTYPES \
+                    or row["recurrent_dtype"] not in serde.DTYPES:
+                raise CacheCorruptError(self.video_id, part, "unknown state kind or dtype")
+            conv = self._tensor(row["conv"], serde.DTYPES[row["conv_dtype"]], tuple(row["conv_shape"]), part)
+            rec = self._tensor(row["recurrent"], serde.DTYPES[row["recurrent_dtype"]],
+                               tuple(row["recurrent_shape"]), part)
+            out[row["after"]][row["layer"]] = RecurrentState(conv, rec)
+        return out["prefix"], out["video"]
+
     # --- chunks ------------------------------------------------------------------------------------------------
 
     def locate(self, index: int) -> tuple[dict[str, Any], int]:
@@ -360,7 +388,7 @@ class _Store:
         for index in wanted:
             entry, rg = self.locate(index)
             by_file.setdefault(entry["path"], (entry, set()))[1].add(rg)
-        cols = columns or F.CHUNK_META + [c for l in self.layers for c in F.kv_columns(l, self.int8)]
+        cols = columns or F.CHUNK_META + [c for l in self.kv_layers for c in F.kv_columns(l, self.int8)]
         out: dict[int, ChunkKV] = {}
         for entry, rgs in by_file.values():
             pf = self.open(entry, whole=whole)
@@ -425,7 +453,7 @@ class _Store:
         keys: list = [None] * self.num_layers
         values: list = [None] * self.num_layers
         shape = (self.heads, n, self.head_dim)
-        for l in self.layers:
+        for l in self.kv_layers:
             t = F.layer_tag(l)
             lp = f"{part}, layer {l}"
             ks, vs = (row[f"k_scale_{t}"], row[f"v_scale_{t}"]) if self.int8 else (None, None)
@@ -615,6 +643,7 @@ def _load(fs: fsspec.AbstractFileSystem, path: str, uri: str, chunks: Iterable[i
     state = LazyState(store) if lazy and store.has_state else store.read_state(whole)
     if fields["config"].answer_from == "state":
         index_list = []  # the cache keeps no chunk rows: it answers from its carried state
+    prefix_recurrent, recurrent = store.read_recurrent(whole)
     seq = LazyChunks(store, index_list)
     if not lazy:
         seq._loaded.update(store.read_chunks(index_list, whole=whole))
@@ -623,7 +652,8 @@ def _load(fs: fsspec.AbstractFileSystem, path: str, uri: str, chunks: Iterable[i
             raise CacheCorruptError(m["video_id"], f"{F.MANIFEST} field 'totals.tokens'",
                                     f"{m['totals']['tokens']}, but the chunks hold {tokens} tokens")
     cache = VideoKVCache(dtype=store.dtype, prefix_ids=prefix_ids, prefix_keys=prefix_keys,
-                         prefix_values=prefix_values, chunks=seq if lazy else list(seq), state=state, **fields)
+                         prefix_values=prefix_values, chunks=seq if lazy else list(seq), state=state,
+                         prefix_recurrent=prefix_recurrent, recurrent=recurrent, **fields)
     cache.loaded_layers = layer_list  # type: ignore[attr-defined]
     cache.manifest = m  # type: ignore[attr-defined]
     cache.manifest_version = version  # type: ignore[attr-defined]  # compare with manifest_version(uri)
@@ -638,5 +668,7 @@ def load_summary_keys(uri: str | os.PathLike, layer: int, *, chunks: Iterable[in
     fs, path = resolve(uri, storage_options, filesystem)
     m, version = _read_manifest(fs, path, uri)
     store = _Store(fs, path, uri, m, [layer], verify=True, version=version)
+    if layer not in store.all_kv_layers:
+        raise ValueError(f"layer {layer} of {uri!r} is a linear-attention layer: it has no keys to summarise")
     index_list = list(range(m["chunks"]["count"])) if chunks is None else [int(c) for c in chunks]
     return index_list, store.read_summaries(layer, index_list)

@@ -163,6 +163,7 @@ class CacheWriter:
         self._layout: tuple[int, int, int] | None = None
         self._position_rows: int | None = self.base["layout"]["position_rows"] if self.base else None
         self._dtype: torch.dtype | None = None
+        self._kv_layers: list[int] | None = F.kv_layers(self.base) if self.base else None
         self._tokens = 0
         self._done = False
         self._summaries: _ParquetFile | None = None
@@ -196,19 +197,21 @@ class CacheWriter:
             raise RuntimeError("this CacheWriter has already committed or aborted")
         if chunk.index != self._next_index:
             raise ValueError(f"chunk {chunk.index} arrived, chunk {self._next_index} expected (chunks go in order)")
-        layout = (len(chunk.keys), chunk.keys[0].shape[0], chunk.keys[0].shape[2])
+        first = next(k for k in chunk.keys if k is not None)  # linear-attention layers have no K/V
+        layout = (len(chunk.keys), first.shape[0], first.shape[2])
         rows = chunk.position_ids.shape[0]
         if self._position_rows is None:
             self._position_rows = rows
         elif rows != self._position_rows:
             raise ValueError(f"chunk {chunk.index}: {rows} position rows, the cache has {self._position_rows}")
+        kv_layers = [i for i, k in enumerate(chunk.keys) if k is not None]
         if self._layout is None:
-            self._layout, self._dtype = layout, chunk.keys[0].dtype
+            self._layout, self._dtype, self._kv_layers = layout, first.dtype, kv_layers
             if self.base is not None:
-                self._check_like_base(layout, chunk.keys[0].dtype)
-        elif layout != self._layout or chunk.keys[0].dtype != self._dtype:
-            raise ValueError(f"chunk {chunk.index}: layout/dtype {layout}/{chunk.keys[0].dtype} differs from "
-                             f"{self._layout}/{self._dtype}")
+                self._check_like_base(layout, first.dtype)
+        elif layout != self._layout or first.dtype != self._dtype or kv_layers != self._kv_layers:
+            raise ValueError(f"chunk {chunk.index}: layout/dtype {layout}/{first.dtype} (K/V at layers {kv_layers}) "
+                             f"differs from {self._layout}/{self._dtype} (layers {self._kv_layers})")
         if self._file is None or self._file.num_rows >= self.chunks_per_file:
             self._roll_file()
         row = self._chunk_row(chunk)
@@ -227,7 +230,7 @@ class CacheWriter:
         n = len(self._chunk_files)
         rel = f"{self.attempt}/chunks-{n:05d}.parquet"
         self._file = _ParquetFile(self.fs, join(self.path, rel), rel,
-                                  F.chunk_schema(self._layout[0], self.int8), "chunks")
+                                  F.chunk_schema(self._kv_layers, self.int8), "chunks")
         self._file_first = self._next_index
 
     def _close_chunk_file(self) -> None:
@@ -241,11 +244,11 @@ class CacheWriter:
         """The chunk's summary keys also go to this attempt's summaries file (the retrieval index)."""
         if self._summaries is None:
             rel = f"{self.attempt}/summaries-{len(self._chunk_files):05d}.parquet"
-            self._summaries = _ParquetFile(self.fs, join(self.path, rel), rel, F.summary_schema(self._layout[0]),
+            self._summaries = _ParquetFile(self.fs, join(self.path, rel), rel, F.summary_schema(self._kv_layers),
                                            "summaries")
             self._summaries_first = index
         entry = {"chunk_index": index}
-        for layer in range(self._layout[0]):
+        for layer in self._kv_layers:
             t = F.layer_tag(layer)
             entry[f"summary_k_{t}"] = row[f"summary_k_{t}"]
             entry[f"summary_crc_{t}"] = serde.crc32(row[f"summary_k_{t}"])
@@ -271,6 +274,8 @@ class CacheWriter:
         }
         row["meta_crc"] = F.meta_crc(row)
         for layer, (k, v) in enumerate(zip(chunk.keys, chunk.values)):
+            if k is None:  # a linear-attention layer
+                continue
             t = F.layer_tag(layer)
             summary = serde.to_bytes(k.float().mean(dim=1))  # (Hkv, D): the chunk's mean key, for retrieval
             if self.int8:
@@ -324,6 +329,8 @@ class CacheWriter:
         files = [prefix_entry, *files, *self._chunk_files, *self._close_summaries()]
         if cache.state is not None:
             files.append(self._write_state(cache))
+        if cache.recurrent or cache.prefix_recurrent:
+            files.append(self._write_recurrent(cache))
         segment = {"chunks": [self._first_index, self._next_index], "footage": footage}
         appends = [*(self.base.get("appends", []) if self.base else []), segment]
         manifest = manifest_schema.seal(self._manifest(cache, files, appends))
@@ -366,10 +373,11 @@ class CacheWriter:
 
     def _write_prefix(self, cache: VideoKVCache, num_layers: int) -> dict[str, Any]:
         rel = f"{self.attempt}/prefix.parquet"
-        f = _ParquetFile(self.fs, join(self.path, rel), rel, F.prefix_schema(num_layers), "prefix")
+        layers = cache.model.attention_layers
+        f = _ParquetFile(self.fs, join(self.path, rel), rel, F.prefix_schema(layers), "prefix")
         ids = serde.to_bytes(cache.prefix_ids.to(torch.int64))
         row: dict[str, Any] = {"prefix_ids": ids, "ids_crc": serde.crc32(ids)}
-        for layer in range(num_layers):
+        for layer in layers:
             t = F.layer_tag(layer)
             kb, vb = serde.to_bytes(cache.prefix_keys[layer]), serde.to_bytes(cache.prefix_values[layer])
             row[f"k_{t}"], row[f"v_{t}"], row[f"crc_{t}"] = kb, vb, serde.crc32(kb, vb)
@@ -380,6 +388,8 @@ class CacheWriter:
         rel = f"{self.attempt}/state.parquet"
         f = _ParquetFile(self.fs, join(self.path, rel), rel, F.STATE_SCHEMA, "state")
         for layer, s in enumerate(cache.state):
+            if s is None:  # a linear-attention layer: its state is in recurrent.parquet
+                continue
             if self.int8:  # the same quantisation as the chunks' (the state is a selection of chunk tokens)
                 qk, sk = serde.quantize_keys(s.keys)
                 qv, sv = serde.quantize_values(s.values)
@@ -391,6 +401,22 @@ class CacheWriter:
             f.add({"layer": layer, "size": s.size, "keys": kb, "values": vb, "token_index": ib, "scores": sb,
                    "keys_scale": ksb, "values_scale": vsb, "crc": serde.crc32(kb, vb, ib, sb, ksb, vsb)})
             f.flush_row_group()  # one row group per layer: a layer subset reads only its own
+        return f.close()
+
+    def _write_recurrent(self, cache: VideoKVCache) -> dict[str, Any]:
+        """The linear layers' exact states, after the prefix and after the video, one row group per row."""
+        rel = f"{self.attempt}/recurrent.parquet"
+        f = _ParquetFile(self.fs, join(self.path, rel), rel, F.RECURRENT_SCHEMA, "recurrent")
+        for after, states in zip(F.RECURRENT_AFTER, (cache.prefix_recurrent, cache.recurrent)):
+            for layer in sorted(states):
+                s = states[layer]
+                row = {"layer": layer, "after": after,
+                       "conv": serde.to_bytes(s.conv), "conv_shape": list(s.conv.shape),
+                       "conv_dtype": serde.dtype_name(s.conv.dtype),
+                       "recurrent": serde.to_bytes(s.recurrent), "recurrent_shape": list(s.recurrent.shape),
+                       "recurrent_dtype": serde.dtype_name(s.recurrent.dtype)}
+                row["crc"] = F.recurrent_crc(row)
+                f.add(row)
         return f.close()
 
     def _manifest(self, cache: VideoKVCache, files: list[dict[str, Any]], appends: list[dict[str, Any]],

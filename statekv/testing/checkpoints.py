@@ -1,4 +1,4 @@
-"""Tiny random checkpoints (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) with a locally trained tokenizer, for tests and the demo.
+"""Tiny random checkpoints (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) with a locally trained tokenizer, for tests and the demo.
 
 Nothing here downloads anything: the tokenizer is trained on a few sentences, the weights are random, and the
 result is written with `save_pretrained` so that it loads back through the same `from_pretrained` path that real
@@ -53,6 +53,13 @@ _CORPUS = [
 ]
 
 
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """The Qwen configs' special-token ids (image/video pads, vision start/end) in `tokenizer`."""
+    return {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+
+
 def build_tokenizer(vocab_size: int = 400):
     """A byte-level BPE tokenizer with Qwen's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -86,9 +93,7 @@ def tiny_config(family: str, tokenizer, *, hidden_size: int = 64, num_layers: in
     head_dim = hidden_size // num_heads
     half = head_dim // 2
     mrope_section = [half - 2 * (half // 3), half // 3, half // 3]  # sums to head_dim / 2
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    ids = vision_token_ids(tokenizer)
     vocab = len(tokenizer)
     text = dict(
         vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -303,6 +308,15 @@ QWEN3_VL_IMAGE_PROCESSOR = dict(image_processor_type="Qwen2VLImageProcessor",
 )
 
 
+def write_qwen3_vl_processor_files(path: Path, preprocessor: dict | None = None) -> None:
+    """The (video) preprocessor configs a Qwen3-VL / Qwen3.5 repo ships (`preprocessor`: the video one, else the
+    release's), naming `Qwen3VLProcessor`."""
+    video = preprocessor if preprocessor is not None else QWEN3_VL_VIDEO_PROCESSOR
+    for name, processor_config in (("preprocessor_config.json", QWEN3_VL_IMAGE_PROCESSOR),
+                                   ("video_preprocessor_config.json", video)):
+        (path / name).write_text(json.dumps({**processor_config, "processor_class": "Qwen3VLProcessor"}, indent=2))
+
+
 def build_qwen3_vl_tokenizer():
     """`build_tokenizer`'s BPE with every Qwen3-VL special token and the Qwen3-VL Instruct chat template."""
     tokenizer = build_tokenizer()
@@ -326,9 +340,7 @@ def qwen3_vl_tiny_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 
     head_dim = hidden_size // num_heads
     half = head_dim // 2
     mrope_section = [half - 2 * (half // 3), half // 3, half // 3]  # sums to head_dim / 2
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    ids = vision_token_ids(tokenizer)
     text = dict(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -363,10 +375,85 @@ def _save_qwen3_vl(path: Path, family: str, *, seed: int, preprocessor: dict | N
     _widen_random_init(model)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)  # with chat_template.jinja, which the tokenizer and processor both read
-    video = preprocessor if preprocessor is not None else QWEN3_VL_VIDEO_PROCESSOR
-    for name, processor_config in (("preprocessor_config.json", QWEN3_VL_IMAGE_PROCESSOR),
-                                   ("video_preprocessor_config.json", video)):
-        (path / name).write_text(json.dumps({**processor_config, "processor_class": "Qwen3VLProcessor"}, indent=2))
+    write_qwen3_vl_processor_files(path, preprocessor)
+    return path
+
+
+# --- Qwen3.5 (hybrid: Gated DeltaNet linear-attention layers + full-attention layers) ---------------------------
+
+# Qwen3.5 checkpoints ship the Qwen3-VL processor (processor_class "Qwen3VLProcessor", the same video processor
+# config) and a template of the Qwen3-VL structure whose generation prompt opens a thinking block: `<think>\n`
+# after `<|im_start|>assistant\n`, or an empty block `<think>\n\n</think>\n\n` with `enable_thinking=False`.
+# This is that template rebuilt on QWEN3_VL_CHAT_TEMPLATE (not a verbatim copy of a released file: no machine
+# here reaches the hub); the part the engine depends on, the video block and the generation prompt, is the one
+# the Qwen3.5 model card documents.
+_QWEN3_VL_GENERATION_PROMPT = """{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+QWEN3_5_CHAT_TEMPLATE = QWEN3_VL_CHAT_TEMPLATE.replace(_QWEN3_VL_GENERATION_PROMPT, """{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- else %}
+        {{- '<think>\\n' }}
+    {%- endif %}
+{%- endif %}
+""")
+assert QWEN3_5_CHAT_TEMPLATE != QWEN3_VL_CHAT_TEMPLATE
+
+
+def qwen3_5_tiny_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 4, num_heads: int = 4,
+                        num_kv_heads: int = 2, layer_types: list[str] | None = None, vision_depth: int = 2,
+                        vision_dim: int = 32, moe: bool = False):
+    """A Qwen3.5 config for CPU tests: 3 Gated DeltaNet layers then 1 gated full-attention layer (the release's
+    3:1 interleave), GQA, partial interleaved M-RoPE, patch 16, no DeepStack. `moe`: Qwen3.5-MoE (4 experts, 2 per
+    token, plus the shared expert)."""
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig
+
+    head_dim = hidden_size // num_heads
+    rotary = head_dim // 2  # partial_rotary_factor 0.5: rotary dims per head
+    half = rotary // 2
+    mrope_section = [half - 2 * (half // 3), half // 3, half // 3]  # sums to the rotary half
+    if layer_types is None:
+        layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(num_layers)]
+    ids = vision_token_ids(tokenizer)
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        head_dim=head_dim, layer_types=list(layer_types), linear_conv_kernel_dim=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": mrope_section,
+                         "mrope_interleaved": True, "partial_rotary_factor": rotary / head_dim},
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
+    )
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size,
+                    shared_expert_intermediate_size=hidden_size)
+        text.pop("intermediate_size")
+    vision = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=2 * vision_dim, num_heads=2,
+                  patch_size=QWEN3_VL_VIDEO_PROCESSOR["patch_size"],
+                  spatial_merge_size=QWEN3_VL_VIDEO_PROCESSOR["merge_size"],
+                  temporal_patch_size=QWEN3_VL_VIDEO_PROCESSOR["temporal_patch_size"],
+                  out_hidden_size=hidden_size, num_position_embeddings=64)
+    cls = Qwen3_5MoeConfig if moe else Qwen3_5Config
+    return cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+
+
+def _save_qwen3_5(path: Path, family: str, *, seed: int, preprocessor: dict | None, **config_kwargs) -> Path:
+    """Weights + config, the Qwen3-VL processor files and the Qwen3.5 chat template."""
+    from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
+
+    moe = family == "qwen3_5_moe"
+    tokenizer = build_qwen3_vl_tokenizer()
+    tokenizer.chat_template = QWEN3_5_CHAT_TEMPLATE
+    config = qwen3_5_tiny_config(tokenizer, moe=moe, **config_kwargs)
+    torch.manual_seed(seed)
+    model = (Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration)(config).eval()
+    _widen_random_init(model)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    write_qwen3_vl_processor_files(path, preprocessor)
     return path
 
 
@@ -378,6 +465,8 @@ TINY_CHECKPOINTS = {
     "qwen2_5_vl": _save_qwen2,
     "qwen3_vl": _save_qwen3_vl,
     "qwen3_vl_moe": _save_qwen3_vl,
+    "qwen3_5": _save_qwen3_5,
+    "qwen3_5_moe": _save_qwen3_5,
 }
 
 

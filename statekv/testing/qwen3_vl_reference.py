@@ -101,10 +101,13 @@ class ReferenceInputs:
                                self.pixel_values_videos, self.video_grid_thw, self.prompt_len, self.patch_size)
 
 
-def chat_text(processor, question: str, layout: str = "prefix-first") -> str:
+def chat_text(processor, question: str, layout: str = "prefix-first",
+              template_kwargs: dict[str, Any] | None = None) -> str:
     """The chat template's text for [video, question]; "video-first" moves the text before the video block after it
-    (the StateKV paper's layout: the sequence opens with the video)."""
-    text = processor.apply_chat_template(video_messages(question), add_generation_prompt=True, tokenize=False)
+    (the StateKV paper's layout: the sequence opens with the video). `template_kwargs` reach the template (e.g.
+    Qwen3.5's `enable_thinking`)."""
+    text = processor.apply_chat_template(video_messages(question), add_generation_prompt=True, tokenize=False,
+                                         **(template_kwargs or {}))
     if layout == "prefix-first":
         return text
     if layout != "video-first":
@@ -116,7 +119,8 @@ def chat_text(processor, question: str, layout: str = "prefix-first") -> str:
 
 def processor_inputs(processor, frames: np.ndarray, frame_indices: list[int], video_fps: float,
                      question: str, *, layout: str = "prefix-first",
-                     frame_size: tuple[int, int] | None = None) -> ReferenceInputs:
+                     frame_size: tuple[int, int] | None = None,
+                     template_kwargs: dict[str, Any] | None = None) -> ReferenceInputs:
     """Run the processor on uint8 (T, H, W, 3) frames sampled at `frame_indices` of a `video_fps` video.
 
     The processor picks the frame size from its config; with `frame_size` the frames are resized to it first (with
@@ -126,7 +130,7 @@ def processor_inputs(processor, frames: np.ndarray, frame_indices: list[int], vi
 
     from statekv.video import resize_frames
 
-    text = chat_text(processor, question, layout)
+    text = chat_text(processor, question, layout, template_kwargs)
     if frame_size is None:
         video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
     else:

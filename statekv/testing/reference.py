@@ -3,7 +3,7 @@
 `check_against_transformers` prefills frames with `Full()` through the engine, answers a question, and compares
 with ONE forward of the checkpoint's own transformers class (transformers' SDPA attention) over the sequence the
 family's processor lays out (`adapter.reference_inputs`), the model computing its own positions:
-per-chunk K/V at every layer, the answer logits at every generated step, and the greedy tokens.
+per-chunk K/V at every attention layer, the answer logits at every generated step, and the greedy tokens.
 Family tests call it with their tiny checkpoint (see statekv/models/base.py).
 """
 
@@ -80,8 +80,8 @@ def check_against_transformers(path: str, frames: np.ndarray, *, fps: float, sam
     steps = logits[prompt_end:prompt_end + len(answer.token_ids)]
     n_ctx = cache.prefix_len + cache.num_video_tokens
     key_diff = value_diff = 0.0
-    for layer in range(engine.adapter.layout.num_layers):
-        keys, values = cache.layer_kv(layer)
+    for layer in engine.adapter.layout.attention_layers:  # linear-attention layers have no KV (their states:
+        keys, values = cache.layer_kv(layer)               # tests/statekv/test_family_qwen3_5.py)
         ref = out.past_key_values.layers[layer]
         key_diff = max(key_diff, float((keys - ref.keys[0, :, :n_ctx]).abs().max()))
         value_diff = max(value_diff, float((values - ref.values[0, :, :n_ctx]).abs().max()))

@@ -5,7 +5,9 @@ embeddings and positions of the whole sequence (captured at the input of its lan
 over `adapter.reference_inputs`), and the streaming is replayed chunk by chunk with transformers' eager attention
 and `output_attentions=True`: per layer, the chunk's attention probabilities are summed over its queries and over
 the query heads of each KV group, the top-`capacity` keys of [carried state | chunk] per layer and KV head are
-kept, in temporal order. Returns the token indices carried after every chunk.
+kept, in temporal order. Returns the token indices carried after every chunk. In hybrid stacks (Qwen3.5) the
+linear-attention layers run on transformers' own cache layers, carried from chunk to chunk as they are; only the
+attention layers are selected.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _positions(kwargs: dict[str, Any]) -> torch.Tensor:
 @torch.inference_mode()
 def reference_selection(model: Any, inputs: dict[str, Any], prefix_len: int, chunk_tokens: list[int],
                         capacity: int) -> list[list[torch.Tensor]]:
-    """[chunk][layer] -> (Hkv, S) int64 token indices (among the video's tokens) carried after that chunk.
+    """[chunk][attention layer] -> (Hkv, S) int64 token indices (among the video's tokens) carried after that chunk.
 
     `model` must use eager attention for its text stack. `chunk_tokens` gives the chunk boundaries (the family's
     chunk layout); the selection itself is recomputed here from the model's attention probabilities.
@@ -74,12 +76,16 @@ def reference_selection(model: Any, inputs: dict[str, Any], prefix_len: int, chu
     text = model.config.get_text_config()
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
     group = heads // kv_heads
+    linear = [i for i, kind in enumerate(getattr(text, "layer_types", None) or []) if kind == "linear_attention"]
+    attention = [i for i in range(text.num_hidden_layers) if i not in linear]
 
     prefix = DynamicCache(config=model.config)
     if prefix_len:
         lm(inputs_embeds=embeds[:, :prefix_len], position_ids=positions[..., :prefix_len], past_key_values=prefix,
            use_cache=True)
-    prefix_kv = [(layer.keys, layer.values) for layer in prefix.layers] if prefix_len else None
+    prefix_kv = [None if i in linear else (layer.keys, layer.values)
+                 for i, layer in enumerate(prefix.layers)] if prefix_len else None
+    running = prefix  # holds the linear layers' transformers cache layers, updated in place chunk after chunk
     state: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * text.num_hidden_layers
     out_indices: list[list[torch.Tensor]] = []
     lo = prefix_len
@@ -87,6 +93,9 @@ def reference_selection(model: Any, inputs: dict[str, Any], prefix_len: int, chu
     for n in chunk_tokens:
         data = []
         for layer, s in enumerate(state):
+            if layer in linear:
+                data.append((None, None))
+                continue
             keys = [prefix_kv[layer][0]] if prefix_kv else []
             values = [prefix_kv[layer][1]] if prefix_kv else []
             if s is not None:
@@ -95,11 +104,14 @@ def reference_selection(model: Any, inputs: dict[str, Any], prefix_len: int, chu
             data.append((torch.cat(keys, 2), torch.cat(values, 2)) if keys else None)
         dyn = DynamicCache(ddp_cache_data=data, config=model.config) if all(d is not None for d in data) \
             else DynamicCache(config=model.config)
+        for layer in linear:
+            dyn.layers[layer] = running.layers[layer]
+        running = dyn
         out = lm(inputs_embeds=embeds[:, lo:lo + n], position_ids=positions[..., lo:lo + n], past_key_values=dyn,
                  use_cache=True, output_attentions=True, **_deepstack_slice(mask, deepstack, lo, n))
         chosen = []
-        for layer in range(text.num_hidden_layers):
-            probs = out.attentions[layer][0].float()  # (H, n, P + S + n)
+        for position, layer in enumerate(attention):
+            probs = out.attentions[position][0].float()  # (H, n, P + S + n)
             mass = probs.sum(1).view(kv_heads, group, -1).sum(1)[:, prefix_len:]  # (Hkv, S + n)
             keys = dyn.layers[layer].keys[:, :, prefix_len:]  # (1, Hkv, S + n, D): [state | chunk]
             values = dyn.layers[layer].values[:, :, prefix_len:]

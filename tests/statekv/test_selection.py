@@ -60,7 +60,7 @@ def engine_selection(path: str, policy: RecordingStateKV, frames: np.ndarray, la
     engine = Engine.from_pretrained(path, policy=policy, device="cpu", dtype=torch.float32, sampling=SMALL,
                                     layout=layout)
     cache = engine.prefill(frames, fps=2.0)
-    layers = engine.adapter.layout.num_layers
+    layers = len(engine.adapter.layout.attention_layers)  # the policy sees attention layers only
     per_chunk = [policy.carried[i:i + layers] for i in range(0, len(policy.carried), layers)]
     return engine, cache, per_chunk
 
