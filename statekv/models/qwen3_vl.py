@@ -122,7 +122,8 @@ class Qwen3VLAdapter(VideoLMAdapter):
         features = torch.cat(list(out.pooler_output), dim=0).to(self.dtype)
         if not deepstack:
             return features
-        return features, [torch.cat(list(d), dim=0).to(self.dtype) for d in out.deepstack_features]
+        layers = getattr(out, "deepstack_features", None) or []  # none for a tower without DeepStack (Qwen3.5)
+        return features, [torch.cat(list(d), dim=0).to(self.dtype) for d in layers]
 
     def timestamp_ids(self, seconds: float) -> list[int]:
         """Ids of the processor's `<{t:.1f} seconds>` text (tokenised alone: special tokens delimit it)."""

@@ -227,7 +227,7 @@ def test_a_stored_cache_answers_like_the_in_memory_one(checkpoint, frames, store
     prefill_to_store(engine, frames, f"{root}/clip", fps=FPS, storage_options=options)
     manifest = read_manifest(f"{root}/clip", storage_options=options)
     assert manifest["layout"]["layer_types"] == ["linear_attention"] * 3 + ["full_attention"]
-    assert {f["kind"] for f in manifest["files"]} == {"prefix", "chunks", "state", "recurrent"}
+    assert {f["kind"] for f in manifest["files"]} == {"prefix", "chunks", "summaries", "state", "recurrent"}
     from statekv.store.describe import format_manifest
 
     assert "layers 0, 1, 2 linear attention" in format_manifest(f"{root}/clip", manifest)  # `statekv inspect`
