@@ -31,7 +31,7 @@ from pipelines.serving.schema import VIDEO_ID_PATTERN, ask_request_model, valida
 from statekv.cache import VideoKVCache
 from statekv.engine import Engine
 from statekv.errors import ModelMismatchError
-from statekv.store import CacheCorruptError, CacheNotFoundError, load_cache, read_manifest
+from statekv.store import CacheCorruptError, CacheNotFoundError, list_caches, load_cache, read_manifest
 from statekv.store import describe as store_describe
 from statekv.store import format as store_format
 from statekv.store.fs import is_local, join, resolve
@@ -369,40 +369,23 @@ class QueryService:
     # --- listing and describing --------------------------------------------------------------------------------
 
     def _entries(self) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-        """(servable caches, invalid ones with the reason) under the root, by video id.
-
-        One invalid manifest is reported, not fatal for the listing. (Once the store's `list_caches` skips and
-        reports invalid manifests itself, this becomes a call to it.)
-        """
-        fs, root = self.filesystem()
-        if not is_local(fs):
-            fs.invalidate_cache()
-        found = sorted(fs.glob(join(root, "*", store_format.MANIFEST)))
+        """(servable caches, invalid ones with the reason) under the root, by video id, from the store's listing:
+        its catalog (a few reads, whatever the number of caches; see statekv/store/catalog.py) or, for a root
+        without one, a scan that reports invalid manifests instead of failing."""
+        fs, _ = self.filesystem()
+        listing = list_caches(self.root, filesystem=fs)
         mine = self.model_info.fingerprint
         videos, invalid = [], []
-        for path in found:
-            vid = fs._strip_protocol(path).rstrip("/").rsplit("/", 2)[-2]
-            if not VIDEO_ID.fullmatch(vid):
-                invalid.append({"video_id": public_text(vid), "reason": "not a valid video id for this service"})
+        for e in listing:
+            if not VIDEO_ID.fullmatch(e.video_id):
+                invalid.append({"video_id": public_text(e.video_id), "reason": "not a valid video id for this service"})
                 continue
-            try:
-                m = read_manifest(self.uri_of(vid), filesystem=fs)
-                totals = m["totals"]
-                entry = {"video_id": vid, "uri": self.public_uri(vid), "chunks": int(totals["chunks"]),
-                         "tokens": int(totals["tokens"]), "bytes": int(totals["bytes"]), "storage": str(m["storage"]),
-                         "created": str(m["created"]), "fingerprint": str(m["model"]["fingerprint"])}
-            except CacheNotFoundError:  # deleted between listing and reading
-                continue
-            except CacheCorruptError as err:
-                if network_cause(err) is not None:
-                    raise
-                invalid.append({"video_id": vid, "reason": public_text(f"{err.part}: {err.reason}")})
-                continue
-            except (KeyError, TypeError, ValueError) as err:
-                invalid.append({"video_id": vid, "reason": f"manifest.json: missing or invalid field {err}"})
-                continue
-            entry["compatible"] = entry["fingerprint"] == mine
-            videos.append(entry)
+            videos.append({"video_id": e.video_id, "uri": self.public_uri(e.video_id), "chunks": int(e.chunks),
+                           "tokens": int(e.tokens), "bytes": int(e.bytes), "storage": str(e.storage),
+                           "created": str(e.created), "fingerprint": str(e.fingerprint),
+                           "compatible": e.fingerprint == mine})
+        for bad in listing.invalid:
+            invalid.append({"video_id": public_text(bad.video_id), "reason": public_text(bad.reason)})
         return videos, invalid
 
     def list_videos(self, *, limit: int = 100, offset: int = 0) -> dict[str, Any]:
