@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipelines.indexing import IndexConfig, list_inputs
-from pipelines.indexing.actor import _columns, probe_rows
+from pipelines.indexing.probe import probe_row
 
 
 def test_the_probe_sends_a_video_with_a_corrupt_cache_to_be_prefilled_again(tmp_path):
@@ -16,5 +16,5 @@ def test_the_probe_sends_a_video_with_a_corrupt_cache_to_be_prefilled_again(tmp_
     (tmp_path / "out" / "bad" / "manifest.json").write_text('{"format": "statekv-cache"')  # truncated
     config = IndexConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model="unused")
     rows = list_inputs(config.input)
-    out = probe_rows(_columns(rows, list(rows[0])), config=config)
-    assert dict(zip(out["video_id"], out["status"])) == {"bad": "", "good": ""}  # both still to do
+    out = [probe_row(row, config) for row in rows]
+    assert {r["video_id"]: r["status"] for r in out} == {"bad": "", "good": ""}  # both still to do
