@@ -49,5 +49,5 @@ def test_a_failed_overwrite_keeps_the_committed_cache(tmp_path, engine):
     prefill_to_store(engine, FramesSource(synthetic_frames(8, 56, 84), fps=2.0), uri)
     with pytest.raises(VideoDecodeError):
         prefill_to_store(engine, FailsPartWay(synthetic_frames(16, 56, 84), fps=2.0, fail_at=8), uri)
-    assert load_cache(uri).grid_t == 4  # still the committed one; only its own files are left
+    assert load_cache(uri).num_chunks == 4  # still the committed one; only its own files are left
     assert sorted(p.name for p in uri.iterdir() if p.name.startswith("parts-")).__len__() == 1
