@@ -46,11 +46,26 @@ class ChunkKV:
     timestamps: list[float]  # seconds, one per sampled frame
     position_ids: torch.Tensor  # (R, n) int64: R = the family's position rows (3 for M-RoPE, 1 for 1-D RoPE)
     keys: list[torch.Tensor | None]  # per layer (Hkv, n, D); None at linear-attention layers (and unloaded ones)
-    values: list[torch.Tensor | None]  # per layer (Hkv, n, D)
+    values: list[torch.Tensor | None]  # per layer (Hkv, n, D), or (Hkv, m, D) where `kept` says which m
+    # write-time compression (statekv.compression.Guided): per layer the int64 (m,) ascending indices, among the
+    # chunk's n tokens, of the tokens whose K/V is stored (the same for every KV head); None: all n are stored
+    kept: list[torch.Tensor | None] | None = None
 
     @property
     def num_tokens(self) -> int:
+        """Tokens the chunk stands for in the video (its positions); a compressed layer stores fewer."""
         return self.position_ids.shape[1]
+
+    def token_index(self, layer: int) -> torch.Tensor:
+        """(m,) int64 indices among the chunk's tokens of the K/V stored at `layer` (all n when not compressed):
+        `position_ids[:, token_index(layer)]` are the stored keys' original positions."""
+        if self.kept is not None and self.kept[layer] is not None:
+            return self.kept[layer]
+        return torch.arange(self.num_tokens)
+
+    def stored_tokens(self, layer: int) -> int:
+        """Tokens whose K/V this chunk stores at `layer`."""
+        return int(self.token_index(layer).numel())
 
     @property
     def nbytes(self) -> int:
@@ -114,6 +129,9 @@ class PrefillConfig:
     # "chunks": every chunk's own KV is kept and answers attend to all of it (StateKV, ReKV); "state": only the
     # bounded carried state is kept and answers attend to [prefix | state] (InfiniPot-V's fixed-budget cache)
     answer_from: str = "chunks"
+    # write-time compression of the stored chunk KV (statekv.compression: e.g. {"name": "guided", "prompt": ...,
+    # "keep": 0.25}); None stores every token. It never changes the carried state.
+    compression: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,7 +225,8 @@ class VideoKVCache:
 
     def layer_kv(self, layer: int, chunks: list[ChunkKV] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Hkv, P + n, D) keys and values of the prefix followed by `chunks` (all chunks by default) — or, for a
-        cache that answers from its carried state, of the prefix followed by that state."""
+        cache that answers from its carried state, of the prefix followed by that state. With write-time
+        compression n counts the tokens each chunk stores at this layer (layers may differ)."""
         if chunks is None and self.config.answer_from == "state":
             if self.state is None:
                 raise ValueError("this cache answers from its carried state, and it has none (no chunk prefilled)")

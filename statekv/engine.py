@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from statekv.cache import ChunkKV, ModelInfo, PrefillConfig, RecurrentState, VideoInfo, VideoKVCache
+from statekv.compression import Guided, compress_step, keep_tokens
 from statekv.errors import ModelMismatchError, PrefillConfigMismatchError, VideoError
 from statekv.generation import next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
@@ -85,12 +86,17 @@ class Engine:
     retrieval picks); "state" keeps only the bounded carried state — no chunk reaches a sink or the result — and
     answers attend to [prefix | state]: with `InfiniPotV(budget)` (or any bounded policy) a cache whose memory
     and stored bytes do not grow with the video.
+
+    compression: optional write-time compression of what each chunk stores (`statekv.compression.Guided`:
+    StreamKV's guidance-prompt scoring keeps the top fraction of every chunk's tokens per attention layer). It
+    changes only the stored chunk KV, never the carried state; needs answer_from="chunks".
     """
 
     def __init__(self, adapter: VideoLMAdapter, *, policy: Policy | None = None,
                  sampling: SamplingConfig | None = None, chunks_per_step: int = 1,
                  attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT,
-                 segment_rule: SegmentRule | None = None, answer_from: str = "chunks") -> None:
+                 segment_rule: SegmentRule | None = None, answer_from: str = "chunks",
+                 compression: Guided | None = None) -> None:
         if chunks_per_step < 1:
             raise ValueError(f"chunks_per_step must be >= 1, got {chunks_per_step}")
         if layout not in LAYOUTS:
@@ -104,6 +110,9 @@ class Engine:
         if answer_from not in ANSWER_FROM:
             raise ValueError(f"unknown answer_from {answer_from!r}; valid: {', '.join(ANSWER_FROM)}")
         self.answer_from = answer_from
+        if compression is not None and answer_from != "chunks":
+            raise ValueError("compression shrinks the stored chunks, and answer_from='state' stores none")
+        self.compression = compression
         # scenes for segment retrieval, from consecutive chunks' mean input embeddings (StreamKV's rule)
         self.segment_rule = segment_rule if segment_rule is not None else SegmentRule()
 
@@ -113,7 +122,7 @@ class Engine:
                         sampling: SamplingConfig | None = None, chunks_per_step: int = 1,
                         attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT,
                         adapter_options: dict[str, Any] | None = None, answer_from: str = "chunks",
-                        **from_pretrained_kwargs: Any) -> "Engine":
+                        compression: Guided | None = None, **from_pretrained_kwargs: Any) -> "Engine":
         """Load a checkpoint of a supported family (local directory or hub id). CUDA + bf16 when available."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,7 +131,8 @@ class Engine:
         adapter = load_adapter(name_or_path, device=device, dtype=dtype, adapter_options=adapter_options,
                                **from_pretrained_kwargs)
         return cls(adapter, policy=policy, sampling=sampling, chunks_per_step=chunks_per_step,
-                   attention_backend=attention_backend, layout=layout, answer_from=answer_from)
+                   attention_backend=attention_backend, layout=layout, answer_from=answer_from,
+                   compression=compression)
 
     @property
     def device(self) -> torch.device:
@@ -138,7 +148,8 @@ class Engine:
         return PrefillConfig(policy=self.policy.settings(), chunks_per_step=self.chunks_per_step,
                              layout=self.layout, sampling=dataclasses.asdict(self.sampling),
                              adapter=self.adapter.options(), attention_backend=self.attention_backend,
-                             answer_from=self.answer_from)
+                             answer_from=self.answer_from,
+                             compression=None if self.compression is None else self.compression.settings())
 
     # --- prefill ---------------------------------------------------------------------------------------------
 
@@ -301,6 +312,10 @@ class Engine:
             keys = [None if i in linear else layer.keys[0, :, -n:]  # per layer (Hkv, n, D)
                     for i, layer in enumerate(dyn.layers)]
             values = [None if i in linear else layer.values[0, :, -n:] for i, layer in enumerate(dyn.layers)]
+            kept = None if self.compression is None else iter(compress_step(  # what each chunk stores (not the state)
+                self.compression, a, [None if i in linear else (layer.keys, layer.values)
+                                      for i, layer in enumerate(dyn.layers)], recurrent, inputs.cursor,
+                inputs.chunk_tokens, layout=self.layout, backend=self.attention_backend, build_cache=build_cache))
             first_token = cache.num_video_tokens
             token_index = torch.arange(first_token, first_token + n, device=dev)
             for layer, (k, v) in enumerate(zip(keys, values)):
@@ -322,6 +337,8 @@ class Engine:
                     keys=[None if k is None else k[:, rows].to("cpu", copy=True) for k in keys],
                     values=[None if v is None else v[:, rows].to("cpu", copy=True) for v in values],
                 )
+                if kept is not None:
+                    chunk = keep_tokens(chunk, next(kept))
                 if self.answer_from == "chunks":
                     if sink is not None:
                         sink(chunk)
