@@ -39,13 +39,21 @@ def layer_tag(layer: int) -> str:
     return f"{layer:03d}"
 
 
-def kv_columns(layer: int, int8: bool) -> list[str]:
+def kv_columns(layer: int, int8: bool, kept: bool = False) -> list[str]:
     """Chunk-table columns of one layer (a projection on these reads only that layer)."""
     t = layer_tag(layer)
     cols = [f"k_{t}", f"v_{t}"]
     if int8:
         cols += [f"k_scale_{t}", f"v_scale_{t}"]
+    if kept:
+        cols.append(f"kept_{t}")
     return cols + [f"summary_k_{t}", f"crc_{t}"]
+
+
+def is_compressed(manifest: dict[str, Any]) -> bool:
+    """Whether the chunk rows store a subset of each chunk's tokens per layer (write-time compression): then they
+    have `kept_<layer>` columns and the manifest counts the stored tokens per layer in `chunks.kept_tokens`."""
+    return "kept_tokens" in manifest["chunks"]
 
 
 CHUNK_META = ["chunk_index", "frame_start", "frame_end", "source_frames", "timestamps", "num_tokens",
@@ -63,8 +71,9 @@ def layer_types(manifest: dict[str, Any]) -> list[str]:
     return list(lay.get("layer_types") or ["full_attention"] * lay["num_layers"])
 
 
-def chunk_schema(layers: list[int], int8: bool) -> pa.Schema:
-    """Chunk rows with K/V columns for `layers` (the model's attention layers)."""
+def chunk_schema(layers: list[int], int8: bool, kept: bool = False) -> pa.Schema:
+    """Chunk rows with K/V columns for `layers` (the model's attention layers); `kept`: a compressed cache's rows
+    (each layer stores m <= n of the chunk's n tokens, `kept_<layer>` says which)."""
     fields = [
         pa.field("chunk_index", pa.int64(), nullable=False),
         pa.field("frame_start", pa.int64(), nullable=False),
@@ -77,13 +86,15 @@ def chunk_schema(layers: list[int], int8: bool) -> pa.Schema:
     ]
     for layer in layers:
         t = layer_tag(layer)
-        fields += [pa.field(f"k_{t}", pa.binary(), nullable=False),  # (Hkv, n, D) cache dtype or int8
-                   pa.field(f"v_{t}", pa.binary(), nullable=False)]
+        fields += [pa.field(f"k_{t}", pa.binary(), nullable=False),  # (Hkv, m, D) cache dtype or int8; m = n
+                   pa.field(f"v_{t}", pa.binary(), nullable=False)]  # unless compressed
         if int8:
             fields += [pa.field(f"k_scale_{t}", pa.binary(), nullable=False),  # float32 (Hkv, 1, D)
-                       pa.field(f"v_scale_{t}", pa.binary(), nullable=False)]  # float32 (Hkv, n, 1)
+                       pa.field(f"v_scale_{t}", pa.binary(), nullable=False)]  # float32 (Hkv, m, 1)
+        if kept:  # int64 (m,) ascending indices among the chunk's n tokens of the K/V stored
+            fields.append(pa.field(f"kept_{t}", pa.binary(), nullable=False))
         fields += [pa.field(f"summary_k_{t}", pa.binary(), nullable=False),  # float32 (Hkv, D) mean key
-                   pa.field(f"crc_{t}", pa.int64(), nullable=False)]  # CRC-32 of k, v, [scales,] summary
+                   pa.field(f"crc_{t}", pa.int64(), nullable=False)]  # CRC-32 of k, v, [scales,] summary[, kept]
     return pa.schema(fields)
 
 

@@ -78,6 +78,8 @@ SCHEMA: dict[str, Field] = {
     "prefill.adapter": Field((dict,)),
     "prefill.attention_backend": Field(_STR),
     "prefill.answer_from": Field(_STR, required=False, choices=("chunks", "state")),
+    "prefill.compression": Field((dict, None), required=False),  # write-time compression settings (or none)
+    "prefill.compression.name": Field(_STR, choices=("guided",)),
     "video": Field((dict,)),
     "video.source": Field(_STR),
     "video.video_fps": Field(_NUM),
@@ -97,6 +99,8 @@ SCHEMA: dict[str, Field] = {
     "chunks.count": _count(),
     "chunks.tokens": Field((list,)),
     "chunks.tokens[]": _count(),
+    "chunks.kept_tokens": Field((list,), required=False),  # compressed caches: stored tokens per K/V layer
+    "chunks.kept_tokens[]": _count(),
     "family": Field((dict,)),
     "family.model_type": Field(_STR),
     "family.cursor": Field((dict,)),
@@ -323,6 +327,26 @@ def _rule_ranges(m: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _rule_kept(m: dict[str, Any]) -> tuple[str, str] | None:
+    """A compressed cache (prefill.compression set) counts its stored tokens per K/V layer, each at most the
+    video's tokens (and at least one per chunk); an uncompressed one does not."""
+    compressed = isinstance(m["prefill"].get("compression"), dict)
+    if compressed != F.is_compressed(m):
+        return "chunks.kept_tokens", ("missing: prefill.compression is set" if compressed else
+                                      "present, but prefill.compression is not set")
+    if not compressed:
+        return None
+    kept, layers = m["chunks"]["kept_tokens"], F.kv_layers(m)
+    if len(kept) != len(layers):
+        return "chunks.kept_tokens", f"{len(kept)} counts for {len(layers)} layers with K/V"
+    rows = 0 if m["prefill"].get("answer_from") == "state" else m["chunks"]["count"]
+    for i, n in enumerate(kept):
+        if not rows <= n <= m["totals"]["tokens"]:
+            return f"chunks.kept_tokens[{i}]", f"{n} is not within [{rows}, {m['totals']['tokens']}] (chunks, tokens)"
+    return None
+
+
 RULES: list[Callable[[dict[str, Any]], tuple[str, str] | None]] = [
     _rule_paths, _rule_file_kinds, _rule_chunk_files, _rule_totals, _rule_layout, _rule_video, _rule_ranges,
+    _rule_kept,
 ]

@@ -176,6 +176,7 @@ class _Store:
         self.num_layers, self.heads, self.head_dim = lay["num_layers"], lay["num_kv_heads"], lay["head_dim"]
         self.dtype = serde.DTYPES[manifest["dtype"]]
         self.int8 = manifest["storage"] == "int8"
+        self.kept = F.is_compressed(manifest)  # chunk rows store per layer a subset of the chunk's tokens
         self.position_rows = lay["position_rows"]
         self.chunk_files = [f for f in manifest["files"] if f["kind"] == "chunks"]
         self._firsts = [f["first_chunk"] for f in self.chunk_files]
@@ -388,7 +389,7 @@ class _Store:
         for index in wanted:
             entry, rg = self.locate(index)
             by_file.setdefault(entry["path"], (entry, set()))[1].add(rg)
-        cols = columns or F.CHUNK_META + [c for l in self.kv_layers for c in F.kv_columns(l, self.int8)]
+        cols = columns or F.CHUNK_META + [c for l in self.kv_layers for c in F.kv_columns(l, self.int8, self.kept)]
         out: dict[int, ChunkKV] = {}
         for entry, rgs in by_file.values():
             pf = self.open(entry, whole=whole)
@@ -452,17 +453,23 @@ class _Store:
             raise CacheCorruptError(self.video_id, part, "checksum mismatch in chunk metadata/positions")
         keys: list = [None] * self.num_layers
         values: list = [None] * self.num_layers
-        shape = (self.heads, n, self.head_dim)
+        kept: list | None = [None] * self.num_layers if self.kept else None
         for l in self.kv_layers:
             t = F.layer_tag(l)
             lp = f"{part}, layer {l}"
             ks, vs = (row[f"k_scale_{t}"], row[f"v_scale_{t}"]) if self.int8 else (None, None)
-            self._check_crc(row[f"crc_{t}"], lp, row[f"k_{t}"], row[f"v_{t}"], ks, vs, row[f"summary_k_{t}"])
+            kb = row[f"kept_{t}"] if self.kept else None
+            self._check_crc(row[f"crc_{t}"], lp, row[f"k_{t}"], row[f"v_{t}"], ks, vs, row[f"summary_k_{t}"], kb)
+            m = n
+            if kept is not None:
+                kept[l] = self._kept_index(kb, n, lp)
+                m = kept[l].numel()
+            shape = (self.heads, m, self.head_dim)
             if self.int8:
                 k = serde.dequantize(self._tensor(row[f"k_{t}"], torch.int8, shape, lp),
                                      self._tensor(ks, torch.float32, (self.heads, 1, self.head_dim), lp), self.dtype)
                 v = serde.dequantize(self._tensor(row[f"v_{t}"], torch.int8, shape, lp),
-                                     self._tensor(vs, torch.float32, (self.heads, n, 1), lp), self.dtype)
+                                     self._tensor(vs, torch.float32, (self.heads, m, 1), lp), self.dtype)
             else:
                 k = self._tensor(row[f"k_{t}"], self.dtype, shape, lp)
                 v = self._tensor(row[f"v_{t}"], self.dtype, shape, lp)
@@ -471,7 +478,17 @@ class _Store:
         self._check_chunk_against_manifest(row, part)
         return ChunkKV(index=index, frame_range=(row["frame_start"], row["frame_end"]),
                        source_frames=list(row["source_frames"]), timestamps=list(row["timestamps"]),
-                       position_ids=positions, keys=keys, values=values)
+                       position_ids=positions, keys=keys, values=values, kept=kept)
+
+    def _kept_index(self, data: bytes, n: int, part: str) -> torch.Tensor:
+        """A compressed layer's kept token indices: 1..n of them, strictly ascending, within the chunk's n tokens."""
+        if len(data) % 8 or not 8 <= len(data) <= 8 * n:
+            raise CacheCorruptError(self.video_id, part, f"{len(data)} bytes of kept token indices for a chunk of "
+                                                         f"{n} tokens")
+        index = self._tensor(data, torch.int64, (len(data) // 8,), part)
+        if int(index[0]) < 0 or int(index[-1]) >= n or bool((index[1:] <= index[:-1]).any()):
+            raise CacheCorruptError(self.video_id, part, f"kept token indices are not ascending within [0, {n})")
+        return index
 
     def _check_chunk_against_manifest(self, row: dict[str, Any], part: str) -> None:
         """The manifest's frame list and chunk boundaries agree with what the chunk itself stores (a manifest whose
@@ -651,6 +668,8 @@ def _load(fs: fsspec.AbstractFileSystem, path: str, uri: str, chunks: Iterable[i
         if chunks is None and index_list and tokens != m["totals"]["tokens"]:
             raise CacheCorruptError(m["video_id"], f"{F.MANIFEST} field 'totals.tokens'",
                                     f"{m['totals']['tokens']}, but the chunks hold {tokens} tokens")
+        if chunks is None and index_list and store.kept:
+            _check_kept_totals(m, store, seq._loaded.values())
     cache = VideoKVCache(dtype=store.dtype, prefix_ids=prefix_ids, prefix_keys=prefix_keys,
                          prefix_values=prefix_values, chunks=seq if lazy else list(seq), state=state,
                          prefix_recurrent=prefix_recurrent, recurrent=recurrent, **fields)
@@ -658,6 +677,19 @@ def _load(fs: fsspec.AbstractFileSystem, path: str, uri: str, chunks: Iterable[i
     cache.manifest = m  # type: ignore[attr-defined]
     cache.manifest_version = version  # type: ignore[attr-defined]  # compare with manifest_version(uri)
     return cache
+
+
+def _check_kept_totals(m: dict[str, Any], store: _Store, chunks: Iterable[ChunkKV]) -> None:
+    """A compressed cache's chunks store, per layer, as many tokens as the manifest counts."""
+    chunks = list(chunks)
+    for i, layer in enumerate(store.all_kv_layers):
+        if layer not in store.kv_layers:
+            continue
+        stored = sum(c.stored_tokens(layer) for c in chunks)
+        if stored != m["chunks"]["kept_tokens"][i]:
+            raise CacheCorruptError(m["video_id"], f"{F.MANIFEST} field 'chunks.kept_tokens[{i}]'",
+                                    f"{m['chunks']['kept_tokens'][i]}, but the chunks store {stored} tokens at "
+                                    f"layer {layer}")
 
 
 def load_summary_keys(uri: str | os.PathLike, layer: int, *, chunks: Iterable[int] | None = None,

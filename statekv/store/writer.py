@@ -164,6 +164,9 @@ class CacheWriter:
         self._position_rows: int | None = self.base["layout"]["position_rows"] if self.base else None
         self._dtype: torch.dtype | None = None
         self._kv_layers: list[int] | None = F.kv_layers(self.base) if self.base else None
+        # compressed chunk rows (kept_<layer> columns) or not: from the base when appending, else the first chunk
+        self._kept: bool | None = F.is_compressed(self.base) if self.base else None
+        self._kept_totals: list[int] = list(self.base["chunks"]["kept_tokens"]) if self._kept else []
         self._tokens = 0
         self._done = False
         self._summaries: _ParquetFile | None = None
@@ -212,6 +215,7 @@ class CacheWriter:
         elif layout != self._layout or first.dtype != self._dtype or kv_layers != self._kv_layers:
             raise ValueError(f"chunk {chunk.index}: layout/dtype {layout}/{first.dtype} (K/V at layers {kv_layers}) "
                              f"differs from {self._layout}/{self._dtype} (layers {self._kv_layers})")
+        self._check_kept(chunk)
         if self._file is None or self._file.num_rows >= self.chunks_per_file:
             self._roll_file()
         row = self._chunk_row(chunk)
@@ -224,13 +228,25 @@ class CacheWriter:
 
     __call__ = write_chunk
 
+    def _check_kept(self, chunk: ChunkKV) -> None:
+        """All chunks of a cache are compressed (each layer's kept tokens recorded) or none is."""
+        compressed = chunk.kept is not None
+        if self._kept is None:
+            self._kept = compressed
+        elif compressed != self._kept:
+            raise ValueError(f"chunk {chunk.index} is {'' if compressed else 'not '}compressed, the cache's chunks "
+                             f"are {'' if self._kept else 'not '}(write-time compression is per cache)")
+        if compressed:
+            counts = [chunk.stored_tokens(layer) for layer in self._kv_layers]
+            self._kept_totals = [a + b for a, b in zip(self._kept_totals, counts)] if self._kept_totals else counts
+
     def _roll_file(self) -> None:
         if self._file is not None:
             self._close_chunk_file()
         n = len(self._chunk_files)
         rel = f"{self.attempt}/chunks-{n:05d}.parquet"
         self._file = _ParquetFile(self.fs, join(self.path, rel), rel,
-                                  F.chunk_schema(self._kv_layers, self.int8), "chunks")
+                                  F.chunk_schema(self._kv_layers, self.int8, bool(self._kept)), "chunks")
         self._file_first = self._next_index
 
     def _close_chunk_file(self) -> None:
@@ -286,7 +302,10 @@ class CacheWriter:
             else:
                 kb, vb, skb, svb = serde.to_bytes(k), serde.to_bytes(v), None, None
             row[f"k_{t}"], row[f"v_{t}"], row[f"summary_k_{t}"] = kb, vb, summary
-            row[f"crc_{t}"] = serde.crc32(kb, vb, skb, svb, summary)
+            kept = None
+            if self._kept:  # which of the chunk's tokens these K/V are (summary: the mean of the kept keys)
+                kept = row[f"kept_{t}"] = serde.to_bytes(chunk.token_index(layer).to(torch.int64))
+            row[f"crc_{t}"] = serde.crc32(kb, vb, skb, svb, summary, kept)
         return row
 
     def _check_like_base(self, layout: tuple[int, int, int], dtype: torch.dtype) -> None:
@@ -424,12 +443,21 @@ class CacheWriter:
         import statekv
 
         tokens = cache.num_video_tokens
+        described = F.describe_cache(cache, self._position_rows)
+        if cache.config.compression is not None:
+            if self._kept is False:
+                raise ValueError(f"cache {self.uri!r}: the prefill config compresses chunks, the chunks written "
+                                 "are not compressed")
+            layers = self._kv_layers if self._kv_layers is not None else cache.model.attention_layers
+            described["chunks"]["kept_tokens"] = self._kept_totals or [0] * len(layers)
+        elif self._kept:
+            raise ValueError(f"cache {self.uri!r}: compressed chunks were written, the prefill config compresses none")
         return {
             "format": F.FORMAT,
             "format_version": F.FORMAT_VERSION,
             "video_id": self.video_id,
             "source": source_info(cache.video.source, self.source_storage_options),
-            **F.describe_cache(cache, self._position_rows),
+            **described,
             "storage": "int8" if self.int8 else "native",
             "byteorder": "little",
             "totals": {"chunks": cache.num_chunks, "tokens": tokens, "bytes": sum(f["bytes"] for f in files)},
