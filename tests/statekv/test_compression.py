@@ -1,0 +1,251 @@
+"""Write-time guidance-prompt compression (StreamKV, statekv/compression.py): what it keeps, what it stores, what
+it leaves alone, and the store's compressed chunk rows (local and loopback S3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from statekv import Engine, Full, StateKV
+from statekv.compression import Guided, make_compression, top_tokens
+from statekv.errors import PrefillConfigMismatchError
+from statekv.retrieval import TopK
+from statekv.store import CacheCorruptError, load_cache, prefill_to_store, save_cache
+from statekv.store import manifest as schema
+from statekv.store.fs import resolve
+from statekv.testing.reference import check_against_transformers, model_forward, reference_model
+from statekv.testing.videos import synthetic_frames
+from statekv.video import SamplingConfig
+
+# 112x168 frames: a 8x12 patch grid, 24 LLM tokens per chunk (two frames)
+SAMPLING = SamplingConfig(fps=2.0, min_pixels=28 * 28, max_pixels=112 * 168)
+FPS = 2.0
+PROMPT = "What is happening in this video?"
+QUESTION = "What happens after the dog enters?"
+
+
+def make_engine(path: str, policy=None, **kwargs) -> Engine:
+    return Engine.from_pretrained(path, policy=policy or Full(), device="cpu", dtype=torch.float32,
+                                  sampling=SAMPLING, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def path(tiny_checkpoints) -> str:
+    return tiny_checkpoints["qwen2_5_vl"]
+
+
+@pytest.fixture(scope="module")
+def frames() -> np.ndarray:
+    return synthetic_frames(8, 112, 168, seed=4)  # 4 chunks of 24 tokens
+
+
+@pytest.fixture(scope="module")
+def full_cache(path, frames):
+    return make_engine(path).prefill(frames, fps=FPS)
+
+
+@pytest.fixture(scope="module")
+def guided_engine(path):
+    return make_engine(path, compression=Guided(prompt=PROMPT, keep=0.25))
+
+
+@pytest.fixture(scope="module")
+def guided_cache(guided_engine, frames):
+    return guided_engine.prefill(frames, fps=FPS)
+
+
+def test_keep_everything_stores_exactly_what_full_stores_and_equals_the_plain_model(path, frames, full_cache):
+    """keep=1.0: every chunk's K/V bit-identical to Full's, and (check_against_transformers) equal to one forward
+    of the plain transformers model; answers identical."""
+    engine = make_engine(path, compression=Guided(prompt=PROMPT, keep=1.0))
+    cache = engine.prefill(frames, fps=FPS)
+    for a, b in zip(full_cache.chunks, cache.chunks):
+        for layer in range(len(a.keys)):
+            assert torch.equal(a.keys[layer], b.keys[layer]) and torch.equal(a.values[layer], b.values[layer])
+            assert torch.equal(b.kept[layer], torch.arange(a.num_tokens))
+    report = check_against_transformers(path, frames, fps=FPS, sampling=SAMPLING, layout="prefix-first",
+                                        engine=engine)
+    report.assert_exact(1e-4)
+
+
+@torch.inference_mode()
+def test_kept_tokens_are_those_the_guidance_prompt_attends_to_most_in_the_plain_model(path, frames, guided_engine,
+                                                                                      guided_cache):
+    """Independent computation: an eager forward of the plain transformers model over [prefix, the video up to
+    chunk c, the guidance prompt] with output_attentions; per layer the guidance rows' attention on chunk c's keys,
+    summed over rows and heads, ranks its tokens; the top quarter (in order) is what the cache stores for chunk c.
+    A mutant keeping the lowest-scoring tokens (or any other set) fails: the reference's top and bottom differ."""
+    model = reference_model(path, attn_implementation="eager")
+    a = guided_engine.adapter
+    prefix = guided_cache.prefix_len
+    guidance = a.answer_inputs(PROMPT, guided_cache.cursor, "prefix-first").embeds.shape[0]
+    for c in (0, guided_cache.num_chunks - 1):  # the first chunk and one that attends to earlier chunks
+        chunk = guided_cache.chunks[c]
+        upto = frames[:chunk.frame_range[1]]
+        inputs = a.reference_inputs(upto, PROMPT, "prefix-first", guided_cache.video.frame_size,
+                                    guided_cache.video.sampled_fps)
+        attentions = model_forward(model, inputs, output_attentions=True).attentions
+        start = prefix + sum(guided_cache.chunk_tokens[:c])
+        n = chunk.num_tokens
+        assert inputs["input_ids"].shape[1] == start + n + guidance  # [prefix | chunks up to c | guidance prompt]
+        m = Guided(keep=0.25).kept_count(n)
+        assert m == 6
+        for layer, att in enumerate(attentions):
+            mass = att[0, :, -guidance:, start:start + n].sum(dim=(0, 1))  # (n,)
+            expected = torch.sort(torch.topk(mass, m).indices).values
+            assert torch.equal(chunk.kept[layer], expected), (c, layer)
+            assert not torch.equal(expected, torch.sort(torch.topk(-mass, m).indices).values)
+            pos = chunk.position_ids[:, chunk.kept[layer]]  # the stored keys keep their original positions
+            assert pos.shape == (3, m)
+
+
+def test_the_stored_kv_shrinks_to_the_kept_fraction(full_cache, guided_cache, tmp_path):
+    for a, b in zip(full_cache.chunks, guided_cache.chunks):
+        assert b.num_tokens == a.num_tokens == 24 and b.timestamps == a.timestamps  # chunks stay chunks
+        for layer in range(len(a.keys)):
+            assert b.keys[layer].shape == (a.keys[layer].shape[0], 6, a.keys[layer].shape[2])
+            assert torch.equal(b.keys[layer], a.keys[layer][:, b.kept[layer]])  # original (rotated) keys
+            assert torch.equal(b.values[layer], a.values[layer][:, b.kept[layer]])
+        assert b.nbytes * 4 == a.nbytes
+    sizes = {}
+    for name, cache in (("full", full_cache), ("guided", guided_cache)):
+        manifest = save_cache(cache, str(tmp_path / name))
+        sizes[name] = sum(f["bytes"] for f in manifest["files"] if f["kind"] == "chunks")
+    kv = sum(c.nbytes for c in full_cache.chunks)
+    saved = sizes["full"] - sizes["guided"]
+    cells = full_cache.num_chunks * 2  # (chunk, layer) cells, each with one more column: the kept indices
+    print(f"chunk files: full {sizes['full']} B, guided(0.25) {sizes['guided']} B; K/V {kv} B, saved {saved} B")
+    # what is saved is the dropped 3/4 of the K/V, less the kept indices (6 int64), their page headers and footer
+    # entries (< 128 B per column chunk): one token more or less per layer would be 1/24 of the K/V off
+    assert 0.75 * kv - cells * (6 * 8 + 128) <= saved <= 0.75 * kv
+
+
+def test_compression_leaves_the_carried_state_and_the_prefill_alone(path, frames):
+    """The next step's policy sees the full step: state and the stored tokens' K/V equal an uncompressed run's."""
+    policy = StateKV(capacity=16)
+    plain = make_engine(path, policy).prefill(frames, fps=FPS)
+    guided = make_engine(path, policy, compression=Guided(keep=0.5)).prefill(frames, fps=FPS)
+    for s, t in zip(plain.state, guided.state):
+        assert torch.equal(s.keys, t.keys) and torch.equal(s.token_index, t.token_index)
+    for a, b in zip(plain.chunks, guided.chunks):
+        for layer in range(len(a.keys)):
+            assert torch.equal(b.keys[layer], a.keys[layer][:, b.kept[layer]])
+    assert guided.cursor == plain.cursor and guided.chunk_tokens == plain.chunk_tokens
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_stored_guided_cache_reloads_equal_and_answers_like_the_in_memory_one(guided_engine, guided_cache,
+                                                                                store_root, int8):
+    root, options = store_root
+    uri = f"{root}/guided"
+    manifest = save_cache(guided_cache, uri, int8=int8, storage_options=options)
+    assert manifest["prefill"]["compression"] == Guided(prompt=PROMPT, keep=0.25).settings()
+    assert manifest["chunks"]["kept_tokens"] == [6 * guided_cache.num_chunks] * 2
+    eager = load_cache(uri, lazy=False, storage_options=options)
+    lazy = load_cache(uri, storage_options=options)
+    assert eager.config == guided_cache.config
+    for loaded in (eager, lazy):
+        for a, b in zip(guided_cache.chunks, loaded.chunks):
+            for layer in range(len(a.keys)):
+                assert torch.equal(a.kept[layer], b.kept[layer])
+                if int8:
+                    torch.testing.assert_close(b.keys[layer], a.keys[layer], atol=0.05, rtol=0.05)
+                else:
+                    assert torch.equal(a.keys[layer], b.keys[layer]) and torch.equal(a.values[layer], b.values[layer])
+    if int8:
+        return
+    want = guided_engine.ask(guided_cache, QUESTION, max_new_tokens=4, output_scores=True)
+    for loaded in (eager, load_cache(uri, storage_options=options)):
+        got = guided_engine.ask(loaded, QUESTION, max_new_tokens=4, output_scores=True)
+        assert got.token_ids == want.token_ids
+        torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), rtol=0, atol=1e-5)
+
+
+def test_retrieval_over_a_guided_cache_scores_the_mean_of_the_kept_keys(guided_engine, guided_cache, store_root):
+    """TopK over a stored (lazy) guided cache answers as over the in-memory one; with k >= all chunks it is the
+    plain answer; summary keys are the mean of the kept keys; evidence keeps each chunk's time range."""
+    root, options = store_root
+    uri = f"{root}/guided-rt"
+    prefill_to_store(guided_engine, synthetic_frames(8, 112, 168, seed=4), uri, fps=FPS, storage_options=options)
+    stored = load_cache(uri, storage_options=options)
+    for layer in range(2):
+        means = torch.stack([c.keys[layer].float().mean(dim=1) for c in guided_cache.chunks])
+        torch.testing.assert_close(stored.chunks.summary_keys(layer), means, rtol=0, atol=1e-6)
+    plain = guided_engine.ask(guided_cache, QUESTION, max_new_tokens=3, output_scores=True)
+    every = guided_engine.ask(guided_cache, QUESTION, max_new_tokens=3, output_scores=True,
+                              retrieval=TopK(k=guided_cache.num_chunks))
+    torch.testing.assert_close(torch.stack(every.scores), torch.stack(plain.scores), rtol=0, atol=1e-5)
+    few = TopK(k=1, recent=1)
+    mem = guided_engine.ask(guided_cache, QUESTION, max_new_tokens=3, output_scores=True, retrieval=few)
+    got = guided_engine.ask(stored, QUESTION, max_new_tokens=3, output_scores=True, retrieval=few)
+    assert got.token_ids == mem.token_ids and [e.chunk for e in got.evidence] == [e.chunk for e in mem.evidence]
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(mem.scores), rtol=0, atol=1e-5)
+    for e in got.evidence:
+        c = guided_cache.chunks[e.chunk]
+        assert e.start_s == c.timestamps[0] and e.end_s == pytest.approx(c.timestamps[-1] + 1 / FPS)
+
+
+def test_resuming_continues_the_compression_and_refuses_another_setting(path, frames, guided_engine, guided_cache):
+    first = guided_engine.prefill(frames[:4], fps=FPS)
+    resumed = guided_engine.prefill(frames[4:], fps=FPS, resume_from=first)
+    for a, b in zip(guided_cache.chunks, resumed.chunks):
+        for layer in range(len(a.keys)):
+            assert torch.equal(a.kept[layer], b.kept[layer]) and torch.equal(a.keys[layer], b.keys[layer])
+    for other, field in ((make_engine(path, compression=Guided(prompt=PROMPT, keep=0.5)), "compression.keep"),
+                         (make_engine(path), "compression")):
+        with pytest.raises(PrefillConfigMismatchError, match=field.replace(".", r"\.")):
+            other.prefill(frames[4:], fps=FPS, resume_from=first)
+
+
+def _tamper(uri: str, change) -> None:
+    fs, path = resolve(uri)
+    m = json.loads(fs.cat_file(f"{path}/manifest.json"))
+    change(m)
+    fs.pipe_file(f"{path}/manifest.json", schema.encode(schema.seal(m)))
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda m: m["chunks"].pop("kept_tokens"), "chunks.kept_tokens"),
+    (lambda m: m["prefill"].update(compression=None), "chunks.kept_tokens"),
+    (lambda m: m["chunks"]["kept_tokens"].pop(), "chunks.kept_tokens"),
+    (lambda m: m["chunks"]["kept_tokens"].__setitem__(0, 10 ** 6), r"chunks.kept_tokens\[0\]"),
+    (lambda m: m["chunks"]["kept_tokens"].__setitem__(1, m["chunks"]["kept_tokens"][1] - 1),
+     r"chunks.kept_tokens\[1\]"),
+    (lambda m: m["prefill"]["compression"].update(name="other"), "prefill.compression.name"),
+])
+def test_a_manifest_disagreeing_about_compression_is_refused_naming_the_field(guided_cache, tmp_path, change, field):
+    uri = str(tmp_path / "vid")
+    save_cache(guided_cache, uri)
+    _tamper(uri, change)
+    with pytest.raises(CacheCorruptError, match=field):
+        load_cache(uri, lazy=False)
+
+
+def test_the_writer_refuses_mixing_compressed_and_plain_chunks(full_cache, guided_cache, tmp_path):
+    mixed = dataclasses.replace(guided_cache, chunks=[guided_cache.chunks[0], *full_cache.chunks[1:]])
+    with pytest.raises(ValueError, match="chunk 1 is not compressed"):
+        save_cache(mixed, str(tmp_path / "mixed"))
+    plain_config = dataclasses.replace(guided_cache, config=full_cache.config)
+    with pytest.raises(ValueError, match="compresses none"):
+        save_cache(plain_config, str(tmp_path / "unrecorded"))
+
+
+def test_settings_are_checked_and_round_trip():
+    g = Guided(prompt="Who is there?", keep=0.3)
+    assert make_compression(g.settings()) == g and make_compression(None) is None
+    assert [Guided(keep=k).kept_count(24) for k in (0.01, 0.25, 0.6, 1.0)] == [1, 6, 15, 24]
+    for keep in (0, -0.1, 1.5, True):
+        with pytest.raises(ValueError, match="keep must be a fraction"):
+            Guided(keep=keep)
+    with pytest.raises(ValueError, match="unknown compression"):
+        make_compression({"name": "nope"})
+    assert torch.equal(top_tokens(torch.tensor([0.1, 0.5, 0.5, 0.9, 0.0]), 3), torch.tensor([1, 2, 3]))
+
+
+def test_compression_needs_stored_chunks(path):
+    with pytest.raises(ValueError, match="answer_from='state' stores none"):
+        make_engine(path, compression=Guided(), answer_from="state")
