@@ -249,3 +249,40 @@ def test_settings_are_checked_and_round_trip():
 def test_compression_needs_stored_chunks(path):
     with pytest.raises(ValueError, match="answer_from='state' stores none"):
         make_engine(path, compression=Guided(), answer_from="state")
+
+
+def test_a_hybrid_model_compresses_its_attention_layers_only(tmp_path_factory, tmp_path):
+    """Qwen3.5 (Gated DeltaNet + full attention): linear layers have no K/V to compress and their exact states are
+    carried as without compression; the attention layer keeps half of each chunk; store round trip answers equal."""
+    from statekv.testing.checkpoints import save_tiny_checkpoint
+
+    ckpt = str(save_tiny_checkpoint(tmp_path_factory.mktemp("qwen3_5") / "tiny", "qwen3_5"))
+    frames = synthetic_frames(6, 70, 100, seed=3)
+    sampling = SamplingConfig(fps=FPS)
+
+    def engine(**kwargs):
+        return Engine.from_pretrained(ckpt, policy=StateKV(capacity=8), device="cpu", dtype=torch.float32,
+                                      sampling=sampling, **kwargs)
+
+    plain = engine().prefill(frames, fps=FPS)
+    guided_engine = engine(compression=Guided(keep=0.5))
+    guided = guided_engine.prefill(frames, fps=FPS)
+    linear = guided_engine.adapter.layout.linear_layers
+    assert linear and guided.model.linear_layers == list(linear)
+    for layer in linear:
+        assert torch.equal(guided.recurrent[layer].recurrent, plain.recurrent[layer].recurrent)
+        assert torch.equal(guided.recurrent[layer].conv, plain.recurrent[layer].conv)
+    for a, b in zip(plain.chunks, guided.chunks):
+        for layer in range(len(a.keys)):
+            if layer in linear:
+                assert b.keys[layer] is None and b.kept[layer] is None
+            else:
+                assert b.stored_tokens(layer) == Guided(keep=0.5).kept_count(a.num_tokens)
+                assert torch.equal(b.keys[layer], a.keys[layer][:, b.kept[layer]])
+    uri = str(tmp_path / "hybrid")
+    save_cache(guided, uri)
+    loaded = load_cache(uri)
+    want = guided_engine.ask(guided, QUESTION, max_new_tokens=3, output_scores=True)
+    got = guided_engine.ask(loaded, QUESTION, max_new_tokens=3, output_scores=True)
+    assert got.token_ids == want.token_ids
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), rtol=0, atol=1e-5)
