@@ -161,7 +161,8 @@ def run_fidelity(engine: Any, items: list[EvalItem], settings: list[Setting], *,
                  max_new_tokens: int = 16, measure_flops: bool = True, storage_options: Any = None) -> FidelityReport:
     """Answer every item under every setting (the first setting must be the `Full` reference); see the module doc.
 
-    `engine` supplies the loaded model, sampling and step settings; each setting replaces only its policy.
+    `engine` supplies the loaded model, sampling and step settings; each setting replaces only its policy (and its
+    kept cache and compression).
     """
     if not items:
         raise ValueError("no items to evaluate")
@@ -180,6 +181,7 @@ def run_fidelity(engine: Any, items: list[EvalItem], settings: list[Setting], *,
         run = copy.copy(engine)  # same model and sampling, this setting's policy and kept cache
         run.policy = setting.policy
         run.answer_from = setting.answer_from
+        run.compression = setting.compression
         for video in videos:
             uri = f"{root}/{_slug(setting.name)}/{_video_key(video)}"
             report.videos.append(_prefill(run, setting, video, uri, measure_flops, storage_options))

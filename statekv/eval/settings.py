@@ -10,6 +10,11 @@
     rekv:4096:64:8       ReKV: sliding-window prefill (4096 tokens) + top-64 retrieval + the last 8 chunks
     segments:64:8        Full prefill; StreamKV segment retrieval (whole scenes up to 64 chunks + the last 8)
     streamkv:4096:64:8   StreamKV: sliding-window prefill + segment retrieval
+    guided:0.25          Full prefill; each chunk stores the quarter of its tokens per layer that StreamKV's guidance
+                         prompt attends to most (write-time compression, statekv.compression.Guided)
+    streamkv-guided:0.6:4096:64:8
+                         StreamKV's whole recipe: guidance compression (keep 0.6) + sliding-window prefill + segment
+                         retrieval
 
 New methods add a parser to `SETTING_KINDS` (kind -> function of the spec's arguments returning a `Setting`).
 """
@@ -17,9 +22,10 @@ New methods add a parser to `SETTING_KINDS` (kind -> function of the spec's argu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from statekv.compression import Guided
 from statekv.policies import Full, InfiniPotV, Policy, StateKV, Window
 from statekv.retrieval import Segments, TopK
 
@@ -33,10 +39,12 @@ class Setting:
     ask: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of `Engine.ask`
     int8: bool = False  # store chunk K/V as int8
     answer_from: str = "chunks"  # "state": keep and answer from the bounded carried state only (Engine docs)
+    compression: Guided | None = None  # write-time compression of the stored chunks (Engine docs)
 
     @property
     def is_reference(self) -> bool:
-        return isinstance(self.policy, Full) and not self.ask and not self.int8 and self.answer_from == "chunks"
+        return (isinstance(self.policy, Full) and not self.ask and not self.int8 and self.answer_from == "chunks"
+                and self.compression is None)
 
 
 def _positive_int(text: str, what: str) -> int:
@@ -109,10 +117,37 @@ def _retrieving(kind: str, cls: type, windowed: bool) -> Callable[[list[str]], S
     return parse
 
 
+def _keep_fraction(text: str) -> float:
+    try:
+        keep = float(text)
+    except ValueError:
+        keep = -1.0
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"guided keep must be a fraction in (0, 1], got {text!r}")
+    return keep
+
+
+def _guided(args: list[str]) -> Setting:
+    if len(args) != 1:
+        raise ValueError("'guided' takes one argument: guided:KEEP (a fraction in (0, 1])")
+    keep = _keep_fraction(args[0])
+    return Setting(f"guided:{keep:g}", Full(), compression=Guided(keep=keep))
+
+
+def _streamkv_guided(args: list[str]) -> Setting:
+    if len(args) < 3:
+        raise ValueError("'streamkv-guided' takes KEEP:WINDOW:K[:RECENT]")
+    keep = _keep_fraction(args[0])
+    inner = _retrieving("streamkv", Segments, True)(args[1:])
+    return replace(inner, name=f"streamkv-guided:{keep:g}:{inner.name.split(':', 1)[1]}",
+                   compression=Guided(keep=keep))
+
+
 SETTING_KINDS: dict[str, Callable[[list[str]], Setting]] = {
     "full": _full, "window": _window, "statekv": _statekv, "infinipot": _infinipot, "infinipot-cache": _infinipot_cache,
     "topk": _retrieving("topk", TopK, False), "rekv": _retrieving("rekv", TopK, True),
     "segments": _retrieving("segments", Segments, False), "streamkv": _retrieving("streamkv", Segments, True),
+    "guided": _guided, "streamkv-guided": _streamkv_guided,
 }
 
 
@@ -127,8 +162,7 @@ def parse_setting(spec: str) -> Setting:
         raise ValueError(f"unknown setting {spec!r}; kinds: {', '.join(SETTING_KINDS)}")
     setting = SETTING_KINDS[kind](args)
     if int8:
-        setting = Setting(f"{setting.name}+int8", setting.policy, setting.ask, int8=True,
-                          answer_from=setting.answer_from)
+        setting = replace(setting, name=f"{setting.name}+int8", int8=True)
     return setting
 
 

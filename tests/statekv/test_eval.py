@@ -114,6 +114,28 @@ def test_harness_runs_end_to_end_and_writes_its_table_and_plot(tiny_checkpoint, 
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_guided_settings_parse_and_compare_in_the_harness(tiny_checkpoints, eval_video, tmp_path):
+    """StreamKV's guidance compression as harness settings: keep=1 is Full (KL 0, same stored K/V), a quarter
+    stores less and moves the answer; its whole recipe (window prefill + segments) runs too."""
+    guided = parse_setting("guided:0.25")
+    assert guided.compression.keep == 0.25 and not guided.is_reference and not parse_setting("guided:1").is_reference
+    recipe = parse_setting("streamkv-guided:0.6:6:2:1")
+    assert recipe.compression.keep == 0.6 and recipe.policy.capacity == 6 and recipe.ask["retrieval"].k == 2
+    assert parse_setting("guided:0.5+int8").compression.keep == 0.5
+    for bad in ("guided", "guided:0", "guided:1.5", "streamkv-guided:0.5:6"):
+        with pytest.raises(ValueError):
+            parse_setting(bad)
+    engine = Engine.from_pretrained(tiny_checkpoints["qwen2_vl"], device="cpu", dtype=torch.float32, sampling=SMALL)
+    items = [EvalItem(eval_video, "What happens after the dog enters?")]
+    report = run_fidelity(engine, items, parse_settings(["guided:1", "guided:0.25", "streamkv-guided:0.5:6:2:1"]),
+                          store_root=tmp_path / "caches", max_new_tokens=3, measure_flops=False)
+    rows = {r["setting"]: r for r in report.summary()}
+    assert rows["guided:1"]["first_token_kl"] < 1e-9 and rows["guided:1"]["greedy_agreement"] == 1.0
+    assert rows["guided:0.25"]["first_token_kl"] > 1e-9
+    assert rows["guided:0.25"]["stored_bytes"] < rows["full"]["stored_bytes"]
+    assert rows["streamkv-guided:0.5:6:2:1"]["stored_bytes"] < rows["full"]["stored_bytes"]
+
+
 def test_multiple_choice_scores_against_the_answer_key(tiny_checkpoints, eval_video, tmp_path):
     engine = Engine.from_pretrained(tiny_checkpoints["qwen2_vl"], device="cpu", dtype=torch.float32, sampling=SMALL)
     options = ["a dog", "a cat", "a car", "a red square"]
