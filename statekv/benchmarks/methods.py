@@ -44,12 +44,14 @@ def method_settings(tokens_per_chunk: int, chunks: int) -> list[str]:
     return [f"window:{small}", f"window:{large}", f"statekv:{small}", f"statekv:{large}",
             f"rekv:{window}:{k_small}:1", f"rekv:{window}:{k_large}:1",
             f"streamkv:{window}:{k_small}:1", f"streamkv:{window}:{k_large}:1",
-            f"infinipot:{small}", f"infinipot:{large}", f"infinipot-cache:{small}", f"infinipot-cache:{large}"]
+            f"infinipot:{small}", f"infinipot:{large}", f"infinipot-cache:{small}", f"infinipot-cache:{large}",
+            "guided:0.25", "guided:0.5", f"streamkv-guided:0.6:{window}:{k_small}:1"]
 
 
 def fidelity_tables(work: Path, *, families=("qwen2_vl", "qwen2_5_vl"), frames: int = 48,
-                    max_new_tokens: int = 8) -> dict[str, Any]:
-    """Part 1: the harness's summary per family (JSON rows + Markdown)."""
+                    max_new_tokens: int = 8, settings: list[str] | None = None) -> dict[str, Any]:
+    """Part 1: the harness's summary per family (JSON rows + Markdown); `settings` (specs) replaces the default
+    list of every method at two budgets (Full is always run: every figure is relative to it)."""
     sampling = SamplingConfig(fps=2.0, min_pixels=28 * 28, max_pixels=56 * 84)  # 6 tokens per chunk
     videos = []
     for seed in (1, 2):
@@ -61,8 +63,8 @@ def fidelity_tables(work: Path, *, families=("qwen2_vl", "qwen2_5_vl"), frames: 
     for family in families:
         ckpt = save_tiny_checkpoint(work / f"ckpt-{family}", family)
         engine = Engine.from_pretrained(ckpt, device="cpu", dtype=torch.float32, sampling=sampling)
-        settings = parse_settings(method_settings(6, frames // 2))
-        report = run_fidelity(engine, items, settings, store_root=work / f"caches-{family}",
+        specs = method_settings(6, frames // 2) if settings is None else settings
+        report = run_fidelity(engine, items, parse_settings(specs), store_root=work / f"caches-{family}",
                               max_new_tokens=max_new_tokens)
         out[family] = {"summary": report.summary(), "markdown": report.to_markdown()}
         report.write(work / f"report-{family}")
@@ -98,8 +100,10 @@ def cold_retrieval(work: Path, *, lengths=(32, 128, 512), k: int = 8) -> list[di
     return rows
 
 
-def run(out_dir: str | Path | None = None, *, lengths=(32, 128, 512), frames: int = 48) -> dict[str, Any]:
-    """Both parts; writes the harness reports under `out_dir` (a temporary folder by default)."""
+def run(out_dir: str | Path | None = None, *, lengths=(32, 128, 512), frames: int = 48,
+        settings: list[str] | None = None, families=("qwen2_vl", "qwen2_5_vl")) -> dict[str, Any]:
+    """Both parts; writes the harness reports under `out_dir` (a temporary folder by default). With `settings` only
+    those (and Full) are compared, and an empty `lengths` skips the cold-S3 part."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="statekv-methods-") as tmp:
         work = Path(out_dir) if out_dir is not None else Path(tmp)
@@ -107,6 +111,6 @@ def run(out_dir: str | Path | None = None, *, lengths=(32, 128, 512), frames: in
         return {
             "machine": {"device": "cpu", "torch_threads": 1, "processor": platform.processor() or platform.machine(),
                         "numpy": np.__version__, "torch": torch.__version__},
-            "fidelity": fidelity_tables(work, frames=frames),
-            "cold_retrieval": cold_retrieval(work, lengths=lengths),
+            "fidelity": fidelity_tables(work, frames=frames, settings=settings, families=families),
+            "cold_retrieval": cold_retrieval(work, lengths=lengths) if lengths else [],
         }
