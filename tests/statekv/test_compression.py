@@ -72,35 +72,46 @@ def test_keep_everything_stores_exactly_what_full_stores_and_equals_the_plain_mo
     report.assert_exact(1e-4)
 
 
+def reference_kept(model, adapter, cache, frames, upto: int, target: int, keep: float) -> list[torch.Tensor]:
+    """Per layer, the kept tokens of chunk `target` by an eager forward of the plain model over [prefix, chunks
+    0..upto, guidance prompt]: the guidance rows' attention on the target chunk's keys, summed over rows and
+    heads, top ceil(keep · n) in order. Asserts that the top set is not the bottom set (so a reversed mutant fails)."""
+    inputs = adapter.reference_inputs(frames[:cache.chunks[upto].frame_range[1]], PROMPT, "prefix-first",
+                                      cache.video.frame_size, cache.video.sampled_fps)
+    attentions = model_forward(model, inputs, output_attentions=True).attentions
+    guidance = adapter.answer_inputs(PROMPT, cache.cursor, "prefix-first").embeds.shape[0]
+    start = cache.prefix_len + sum(cache.chunk_tokens[:target])
+    n = cache.chunk_tokens[target]
+    assert inputs["input_ids"].shape[1] == cache.prefix_len + sum(cache.chunk_tokens[:upto + 1]) + guidance
+    m = Guided(keep=keep).kept_count(n)
+    out = []
+    for att in attentions:  # (1, H, L, L) per layer
+        mass = att[0, :, -guidance:, start:start + n].sum(dim=(0, 1))  # (n,)
+        top = torch.sort(torch.topk(mass, m).indices).values
+        assert not torch.equal(top, torch.sort(torch.topk(-mass, m).indices).values)
+        out.append(top)
+    return out
+
+
 @torch.inference_mode()
 def test_kept_tokens_are_those_the_guidance_prompt_attends_to_most_in_the_plain_model(path, frames, guided_engine,
                                                                                       guided_cache):
-    """Independent computation: an eager forward of the plain transformers model over [prefix, the video up to
-    chunk c, the guidance prompt] with output_attentions; per layer the guidance rows' attention on chunk c's keys,
-    summed over rows and heads, ranks its tokens; the top quarter (in order) is what the cache stores for chunk c.
-    A mutant keeping the lowest-scoring tokens (or any other set) fails: the reference's top and bottom differ."""
+    """Independent computation (`reference_kept`: the plain transformers model, eager attention, output_attentions).
+    One chunk per step: the guidance prompt follows each chunk. Two chunks per step: it follows the step's second
+    chunk, and both chunks are ranked from that one pass. A mutant keeping the lowest-scoring tokens fails."""
     model = reference_model(path, attn_implementation="eager")
     a = guided_engine.adapter
-    prefix = guided_cache.prefix_len
-    guidance = a.answer_inputs(PROMPT, guided_cache.cursor, "prefix-first").embeds.shape[0]
+    assert Guided(keep=0.25).kept_count(24) == 6
     for c in (0, guided_cache.num_chunks - 1):  # the first chunk and one that attends to earlier chunks
         chunk = guided_cache.chunks[c]
-        upto = frames[:chunk.frame_range[1]]
-        inputs = a.reference_inputs(upto, PROMPT, "prefix-first", guided_cache.video.frame_size,
-                                    guided_cache.video.sampled_fps)
-        attentions = model_forward(model, inputs, output_attentions=True).attentions
-        start = prefix + sum(guided_cache.chunk_tokens[:c])
-        n = chunk.num_tokens
-        assert inputs["input_ids"].shape[1] == start + n + guidance  # [prefix | chunks up to c | guidance prompt]
-        m = Guided(keep=0.25).kept_count(n)
-        assert m == 6
-        for layer, att in enumerate(attentions):
-            mass = att[0, :, -guidance:, start:start + n].sum(dim=(0, 1))  # (n,)
-            expected = torch.sort(torch.topk(mass, m).indices).values
-            assert torch.equal(chunk.kept[layer], expected), (c, layer)
-            assert not torch.equal(expected, torch.sort(torch.topk(-mass, m).indices).values)
-            pos = chunk.position_ids[:, chunk.kept[layer]]  # the stored keys keep their original positions
-            assert pos.shape == (3, m)
+        for layer, want in enumerate(reference_kept(model, a, guided_cache, frames, c, c, 0.25)):
+            assert torch.equal(chunk.kept[layer], want), (c, layer)
+            assert chunk.position_ids[:, chunk.kept[layer]].shape == (3, 6)  # original positions of the kept keys
+    steps = make_engine(path, compression=Guided(prompt=PROMPT, keep=0.25), chunks_per_step=2).prefill(frames, fps=FPS)
+    last = steps.num_chunks - 1
+    for target in (last - 1, last):  # the last step's two chunks
+        for layer, want in enumerate(reference_kept(model, a, steps, frames, last, target, 0.25)):
+            assert torch.equal(steps.chunks[target].kept[layer], want), (target, layer)
 
 
 def test_the_stored_kv_shrinks_to_the_kept_fraction(full_cache, guided_cache, tmp_path):
