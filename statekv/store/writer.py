@@ -237,6 +237,10 @@ class CacheWriter:
             raise ValueError(f"chunk {chunk.index} is {'' if compressed else 'not '}compressed, the cache's chunks "
                              f"are {'' if self._kept else 'not '}(write-time compression is per cache)")
         if compressed:
+            for layer in self._kv_layers:
+                if not _describes(chunk.token_index(layer), chunk.keys[layer].shape[1], chunk.num_tokens):
+                    raise ValueError(f"chunk {chunk.index}, layer {layer}: kept token indices must be 1..n ascending "
+                                     f"indices among the chunk's {chunk.num_tokens} tokens, one per stored key")
             counts = [chunk.stored_tokens(layer) for layer in self._kv_layers]
             self._kept_totals = [a + b for a, b in zip(self._kept_totals, counts)] if self._kept_totals else counts
 
@@ -514,6 +518,12 @@ class CacheWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _describes(index: torch.Tensor, stored: int, n: int) -> bool:
+    """Whether `index` is a valid kept-token list for `stored` keys of a chunk of `n` tokens (1..n, ascending)."""
+    return (index.dim() == 1 and index.numel() == stored and 1 <= stored <= n and int(index[0]) >= 0
+            and int(index[-1]) < n and not bool((index[1:] <= index[:-1]).any()))
 
 
 def sweep(uri: str | os.PathLike, *, grace_s: float = SWEEP_GRACE_S, storage_options: StorageOptionsLike = None,

@@ -297,3 +297,29 @@ def test_a_hybrid_model_compresses_its_attention_layers_only(tmp_path_factory, t
     got = guided_engine.ask(loaded, QUESTION, max_new_tokens=3, output_scores=True)
     assert got.token_ids == want.token_ids
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), rtol=0, atol=1e-5)
+
+
+def test_appending_to_a_stored_guided_cache_equals_one_prefill(guided_engine, guided_cache, frames, store_root):
+    """prefill_to_store, then resume=True with the rest: the appended chunks are compressed like the first ones, the
+    manifest's kept_tokens add up, and the loaded cache equals the one-shot in-memory prefill."""
+    root, options = store_root
+    uri = f"{root}/appended"
+    first = prefill_to_store(guided_engine, frames[:4], uri, fps=FPS, storage_options=options)
+    assert first["chunks"]["kept_tokens"] == [12, 12]
+    manifest = prefill_to_store(guided_engine, frames[4:], uri, fps=FPS, resume=True, storage_options=options)
+    assert manifest["chunks"]["kept_tokens"] == [24, 24] and manifest["chunks"]["count"] == 4
+    loaded = load_cache(uri, lazy=False, storage_options=options)
+    for a, b in zip(guided_cache.chunks, loaded.chunks):
+        for layer in range(len(a.keys)):
+            assert torch.equal(a.kept[layer], b.kept[layer]) and torch.equal(a.keys[layer], b.keys[layer])
+
+
+@pytest.mark.parametrize("bad", [lambda i: i.flip(0), lambda i: i + 100, lambda i: i[:-1]])
+def test_the_writer_refuses_kept_indices_that_do_not_describe_the_stored_keys(guided_cache, tmp_path, bad):
+    """Descending, out of range, or fewer indices than stored keys: refused before anything is committed."""
+    chunk = guided_cache.chunks[1]
+    broken = dataclasses.replace(chunk, kept=[bad(chunk.kept[0]), chunk.kept[1]])
+    cache = dataclasses.replace(guided_cache, chunks=[guided_cache.chunks[0], broken, *guided_cache.chunks[2:]])
+    with pytest.raises(ValueError, match="chunk 1, layer 0: kept token indices"):
+        save_cache(cache, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "manifest.json").exists()
