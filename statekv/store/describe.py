@@ -52,11 +52,23 @@ def describe_manifest(uri: str, m: dict[str, Any], fingerprint: str | None = Non
                    "per_chunk": m["chunks"]["tokens"]},
         "family": m["family"],
         "state_tokens": state_tokens(m) if m.get("has_state") else None,
+        "compression": prefill.get("compression"), "stored_tokens": m["chunks"].get("kept_tokens"),
         "storage": m["storage"], "dtype": m["dtype"],
         "bytes": totals["bytes"], "files": len(m["files"]),
         "created": m["created"], "statekv_version": m["statekv_version"],
         "summary": format_manifest(uri, m),
     }
+
+
+def compression_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    """A compressed cache's `stored` line: the compression and the tokens its chunks store per layer."""
+    settings = m["prefill"].get("compression")
+    if not settings:
+        return []
+    options = ", ".join(f"{k}={v!r}" for k, v in settings.items() if k != "name")
+    kept = sorted(set(m["chunks"].get("kept_tokens", [])))
+    counts = "/".join(str(k) for k in kept) or "0"
+    return [("stored", f"{settings['name']} ({options}): {counts} of {m['totals']['tokens']} video tokens per layer")]
 
 
 def format_manifest(uri: str, m: dict[str, Any]) -> str:
@@ -80,6 +92,7 @@ def format_manifest(uri: str, m: dict[str, Any]) -> str:
                    + (f"({per_chunk_text} per chunk), " if per_chunk else "") + f"prefix {m['prefix_len']}"),
         ("state", (f"{state_tokens(m)} tokens per layer and KV head" if m.get("has_state") else "none")
          + linear_note(m)),
+        *compression_rows(m),
         ("storage", f"{m['storage']}{' (int8 K/V with scales)' if m['storage'] == 'int8' else ''}, "
                     f"dtype {m['dtype']}"),
         ("bytes", f"{human_bytes(totals['bytes'])} in {len(m['files'])} files"),

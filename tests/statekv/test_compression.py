@@ -16,6 +16,7 @@ from statekv.errors import PrefillConfigMismatchError
 from statekv.retrieval import TopK
 from statekv.store import CacheCorruptError, load_cache, prefill_to_store, save_cache
 from statekv.store import manifest as schema
+from statekv.store.describe import format_manifest
 from statekv.store.fs import resolve
 from statekv.testing.reference import check_against_transformers, model_forward, reference_model
 from statekv.testing.videos import synthetic_frames
@@ -156,6 +157,8 @@ def test_a_stored_guided_cache_reloads_equal_and_answers_like_the_in_memory_one(
     manifest = save_cache(guided_cache, uri, int8=int8, storage_options=options)
     assert manifest["prefill"]["compression"] == Guided(prompt=PROMPT, keep=0.25).settings()
     assert manifest["chunks"]["kept_tokens"] == [6 * guided_cache.num_chunks] * 2
+    assert ("stored:   guided (prompt='What is happening in this video?', keep=0.25): 24 of 96 video tokens per "
+            "layer") in format_manifest(uri, manifest).splitlines()  # what `statekv inspect` prints
     eager = load_cache(uri, lazy=False, storage_options=options)
     lazy = load_cache(uri, storage_options=options)
     assert eager.config == guided_cache.config
