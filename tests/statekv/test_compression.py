@@ -326,3 +326,35 @@ def test_the_writer_refuses_kept_indices_that_do_not_describe_the_stored_keys(gu
     with pytest.raises(ValueError, match="chunk 1, layer 0: kept token indices"):
         save_cache(cache, str(tmp_path / "bad"))
     assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("layout", ["prefix-first", "video-first"])
+@torch.inference_mode()
+def test_every_family_keep_everything_is_full_and_a_guided_cache_survives_the_store(family_checkpoint, layout,
+                                                                                    tmp_path):
+    """Registry-wide: keep=1 stores bit for bit what Full stores; keep=0.5 stores ceil(n/2) tokens of each chunk
+    per attention layer, and answers the same after a store round trip."""
+    small = SamplingConfig(fps=2.0, min_pixels=28 * 28, max_pixels=56 * 84)  # fixed-size families ignore it
+
+    def engine(**kwargs):
+        return Engine.from_pretrained(family_checkpoint, policy=StateKV(capacity=8), device="cpu",
+                                      dtype=torch.float32, sampling=small, layout=layout, **kwargs)
+
+    full = engine()
+    video = synthetic_frames(3 * full.adapter.frames_per_chunk, 56, 84, seed=5)
+    plain = full.prefill(video, fps=FPS)
+    everything = engine(compression=Guided(keep=1.0)).prefill(video, fps=FPS)
+    half_engine = engine(compression=Guided(keep=0.5))
+    half = half_engine.prefill(video, fps=FPS)
+    for a, b, h in zip(plain.chunks, everything.chunks, half.chunks):
+        for layer, k in enumerate(a.keys):
+            if k is None:  # a linear-attention layer
+                continue
+            assert torch.equal(b.keys[layer], k) and torch.equal(b.values[layer], a.values[layer])
+            assert torch.equal(h.keys[layer], k[:, h.kept[layer]])
+            assert h.stored_tokens(layer) == -(-a.num_tokens // 2)
+    save_cache(half, str(tmp_path / "c"))
+    want = half_engine.ask(half, QUESTION, max_new_tokens=2, output_scores=True)
+    got = half_engine.ask(load_cache(str(tmp_path / "c")), QUESTION, max_new_tokens=2, output_scores=True)
+    assert got.token_ids == want.token_ids
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), rtol=0, atol=1e-5)
