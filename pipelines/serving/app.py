@@ -124,7 +124,7 @@ def create_api(service: QueryService) -> FastAPI:
         return service.list_videos(limit=limit, offset=offset)
 
     @api.get("/v1/videos/{video_id:path}", response_model=VideoInfo, responses=error_responses(404, 422, 500, 503))
-    def video(video_id: str = Path(..., pattern=VIDEO_ID_PATTERN)):
+    def video(video_id: str = Path(..., json_schema_extra={"pattern": VIDEO_ID_PATTERN})):  # enforced by describe
         return service.describe(video_id)
 
     @api.get("/healthz", response_model=Health, responses=error_responses(500))

@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-# one path segment, no traversal: starts with a letter or digit, then letters, digits, ".", "_", "-"
-VIDEO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+# the store's one rule for video ids (one path segment, no traversal, no reserved names); it uses look-arounds, so
+# the models that carry it validate with Python's `re` (pydantic's default Rust engine has none)
+from statekv.video_ids import VIDEO_ID_PATTERN
+
 DEFAULT_MAX_NEW_TOKENS = 64  # when a request gives none (capped by the service's limit)
 MAX_SEED = 2**53 - 1  # exact in every JSON parser (and in the schema, whose bounds are floats)
 MAX_TEMPERATURE = 100.0  # above this sampling is uniform for any model; a larger value is a mistake
@@ -26,7 +28,7 @@ def _no_default(schema: dict[str, Any]) -> None:
 class AskRequestBase(BaseModel):
     """A question about one stored video, named by exactly one of `video_id` or `cache_uri`."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+    model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re", json_schema_extra={
         "oneOf": [{"required": ["video_id"]}, {"required": ["cache_uri"]}]})
 
     video_id: str = Field(None, pattern=VIDEO_ID_PATTERN, examples=["clip"], json_schema_extra=_no_default,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from pipelines.serving.errors import (BadRequest, ClientGone, Conflict, NotFound
                                       Unavailable, Unprocessable, network_cause, public_location, public_name,
                                       public_text)
 from pipelines.serving.lru import CacheLRU
-from pipelines.serving.schema import VIDEO_ID_PATTERN, ask_request_model, validation_message
+from pipelines.serving.schema import ask_request_model, validation_message
 from statekv.cache import VideoKVCache
 from statekv.engine import Engine
 from statekv.errors import ModelMismatchError
@@ -35,13 +34,13 @@ from statekv.store import CacheCorruptError, CacheNotFoundError, list_caches, lo
 from statekv.store import describe as store_describe
 from statekv.store import format as store_format
 from statekv.store.fs import is_local, join, resolve
+from statekv.video_ids import is_valid_video_id, validate_video_id
 
 __all__ = ["BadRequest", "CacheLRU", "ClientGone", "Conflict", "NotFound", "PayloadTooLarge", "QueryService",
            "ServiceError", "Unavailable", "Unprocessable", "describe_manifest"]
 
 logger = logging.getLogger(__name__)
 
-VIDEO_ID = re.compile(VIDEO_ID_PATTERN.strip("^$"))
 
 
 @dataclass
@@ -136,17 +135,18 @@ class QueryService:
         for prefix in self._root_spellings():
             if uri.startswith(prefix + "/"):
                 rest = uri[len(prefix) + 1:]
-                if VIDEO_ID.fullmatch(rest):
+                if is_valid_video_id(rest):
                     return rest
         where = f" {self.public_root!r}" if self.public_root else ""
         raise BadRequest(f"cache_uri {public_text(cache_uri)!r} is outside this service's cache root{where}; "
                          "ask for a cache under it (or pass video_id)", code="outside_root")
 
     def check_video_id(self, video_id: str) -> str:
-        if not isinstance(video_id, str) or not VIDEO_ID.fullmatch(video_id):
-            raise Unprocessable(f"video_id {public_text(str(video_id))!r} is not a valid id (one path segment of "
-                                "letters, digits, '.', '_' or '-', starting with a letter or digit)")
-        return video_id
+        """`video_id` if it is a valid id (statekv.video_ids' rule, the schema's pattern), else Unprocessable why."""
+        try:
+            return validate_video_id(video_id)
+        except ValueError as err:
+            raise Unprocessable(f"video_id: {public_text(str(err))}") from None
 
     def _root_spellings(self) -> list[str]:
         if not self._local_root:
@@ -377,7 +377,7 @@ class QueryService:
         mine = self.model_info.fingerprint
         videos, invalid = [], []
         for e in listing:
-            if not VIDEO_ID.fullmatch(e.video_id):
+            if not is_valid_video_id(e.video_id):
                 invalid.append({"video_id": public_text(e.video_id), "reason": "not a valid video id for this service"})
                 continue
             videos.append({"video_id": e.video_id, "uri": self.public_uri(e.video_id), "chunks": int(e.chunks),
