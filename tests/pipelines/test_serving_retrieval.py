@@ -184,3 +184,35 @@ def test_the_lru_bound_holds_as_retrieval_entries_grow(make_service, root):
     got = service.ask(video_id="long_a", question=QUESTION, max_new_tokens=1, retrieval={"top_k": CHUNKS})
     assert got["cache"] == "hit" and len(got["evidence"]) == CHUNKS
     assert service.lru.keys() == [] and service.lru.stats()["bytes"] == 0
+
+
+def test_a_recommitted_cache_is_not_served_stale_with_retrieval(make_service, engine, tmp_path):
+    """A retrieval entry is revalidated like a whole cache; one kept past a re-prefill whose old files are gone
+    answers 503 cache_changed (retry at once) and is dropped, and the retry reads the new commit."""
+    from pipelines.serving.service import Unavailable
+
+    root = tmp_path / "caches"
+    uri = f"{root}/clip"
+
+    def commit(seed: int) -> None:  # old files deleted at once (no grace period for readers of the old commit)
+        prefill_to_store(engine, synthetic_frames(2 * CHUNKS, 56, 84, seed=seed), uri, fps=2.0,
+                         writer_kwargs={"sweep_grace_s": 0})
+
+    def ask(service, k: int) -> dict:
+        return service.ask(video_id="clip", question=QUESTION, max_new_tokens=2, retrieval={"top_k": k})
+
+    commit(0)
+    fresh, kept = make_service(str(root), revalidate_s=0), make_service(str(root), revalidate_s=3600)
+    for service in (fresh, kept):
+        ask(service, 1)
+    commit(9)
+    want = engine.ask(load_cache(uri), QUESTION, max_new_tokens=2, retrieval=TopK(k=2))
+    got = ask(fresh, 2)
+    assert got["cache"] == "miss" and fresh.lru.stats()["invalidations"] == 1
+    assert got["token_ids"] == want.token_ids and [e["chunk"] for e in got["evidence"]] == [e.chunk for e in want.evidence]
+    with pytest.raises(Unavailable) as caught:
+        ask(kept, CHUNKS)  # chunks it has not read yet: their old files are gone
+    assert caught.value.code == "cache_changed" and caught.value.headers == {"Retry-After": "0"}
+    assert kept.lru.keys() == []
+    again = ask(kept, 2)
+    assert again["cache"] == "miss" and again["token_ids"] == want.token_ids
