@@ -114,14 +114,9 @@ def _check_retrieval_args(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 def _retrieval(args: argparse.Namespace) -> Any:
     """The library's retrieval setting from the flags (None without --top-k / --segments)."""
-    if args.top_k is None and args.segments is None:
-        return None
-    from statekv.retrieval import Segments, TopK
+    from statekv.retrieval import retrieval_setting
 
-    recent = {} if args.recent is None else {"recent": args.recent}
-    if args.top_k is not None:
-        return TopK(k=args.top_k, adaptive_budget=args.adaptive, **recent)
-    return Segments(k=args.segments, **recent)
+    return retrieval_setting(top_k=args.top_k, segments=args.segments, recent=args.recent, adaptive=args.adaptive)
 
 
 def _format_evidence(evidence: list[Any]) -> str:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # the store's one rule for video ids (one path segment, no traversal, no reserved names); it uses look-arounds, so
 # the models that carry it validate with Python's `re` (pydantic's default Rust engine has none)
-from statekv.retrieval import Retrieval, Segments, TopK
+from statekv.retrieval import Retrieval, retrieval_setting
 from statekv.video_ids import VIDEO_ID_PATTERN
 
 DEFAULT_MAX_NEW_TOKENS = 64  # when a request gives none (capped by the service's limit)
@@ -56,10 +56,8 @@ class RetrievalRequest(BaseModel):
 
     def setting(self) -> Retrieval:
         """The library's retrieval setting for this request."""
-        recent = {"recent": self.recent} if "recent" in self.model_fields_set else {}
-        if "top_k" in self.model_fields_set:
-            return TopK(k=self.top_k, adaptive_budget=self.adaptive, **recent)
-        return Segments(k=self.segments, **recent)
+        return retrieval_setting(top_k=self.top_k, segments=self.segments, recent=self.recent,
+                                 adaptive=self.adaptive)
 
 
 class AskRequestBase(BaseModel):
