@@ -1,6 +1,7 @@
-"""The `statekv` command line: prefill a video into a stored cache, ask it questions, inspect and list caches, index a
-video archive with Ray (`index`), serve questions over HTTP (`serve`), write a tiny random model (`tiny-model`)
-and run the whole path on embedded defaults (`demo`).
+"""The `statekv` command line: prefill a video into a stored cache, ask it questions (from every chunk, or from the
+chunks retrieval chooses, cited with their time ranges), inspect and list caches, index a video archive with Ray
+(`index`), serve questions over HTTP (`serve`), compare cache settings with the fidelity harness (`eval`), write a
+tiny random model (`tiny-model`) and run the whole path on embedded defaults (`demo`).
 
 An entry point only: it parses arguments, calls the library (or the Ray glue in `pipelines/`) and prints. Nothing
 heavy is imported before a command runs (`--help` loads no torch), and each command checks its cheap inputs (the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -31,7 +33,7 @@ EXIT_USAGE = 2
 # 2-core machine (README, "CPU threads"): one thread was as fast or faster for the tiny and the mid config, and
 # it does not fight other processes for cores. --threads 0 keeps torch's own default (one per core).
 DEFAULT_THREADS = 1
-NOISY_COMMANDS = ("prefill", "ask", "demo", "tiny-model")  # they run decoders / load models in this process
+NOISY_COMMANDS = ("prefill", "ask", "eval", "demo", "tiny-model")  # they run decoders / load models in this process
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -70,6 +72,60 @@ def _add_model_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
                         help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="torch CPU threads (0: torch's own choice, one per core)")
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= `minimum` (else a usage error naming the flag)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # what argparse names in its message
+    return parse
+
+
+def _add_retrieval_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "retrieval", "answer from the prefix and the chunks chosen for the question only (read from the store "
+                     "alone), and print them with their time ranges in the video as evidence")
+    kind = group.add_mutually_exclusive_group()
+    kind.add_argument("--top-k", type=_at_least(1), metavar="K",
+                      help="ReKV: the K chunks per layer whose summary keys score highest for the question")
+    kind.add_argument("--segments", type=_at_least(1), metavar="K",
+                      help="StreamKV: K chunks per layer, taken as whole scenes, best-scoring first")
+    group.add_argument("--recent", type=_at_least(0), metavar="N",
+                       help="also the last N chunks, always (default: 0 with --top-k, 8 with --segments)")
+    group.add_argument("--adaptive", action="store_true",
+                       help="with --top-k: share K x layers across layers, more to those whose scores concentrate")
+
+
+def _check_retrieval_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit 2) for retrieval flags that need another."""
+    if args.top_k is None and args.segments is None and (args.recent is not None or args.adaptive):
+        parser.error(f"{'--recent' if args.recent is not None else '--adaptive'} needs --top-k or --segments")
+    if args.segments is not None and args.adaptive:
+        parser.error("--adaptive goes with --top-k, not --segments")
+
+
+def _retrieval(args: argparse.Namespace) -> Any:
+    """The library's retrieval setting from the flags (None without --top-k / --segments)."""
+    from statekv.retrieval import retrieval_setting
+
+    return retrieval_setting(top_k=args.top_k, segments=args.segments, recent=args.recent, adaptive=args.adaptive)
+
+
+def _format_evidence(evidence: list[Any]) -> str:
+    """The chunks an answer attended to, one line each: index, time range in the source video, score, layers."""
+    lines = [f"evidence: {len(evidence)} chunk(s)"]
+    for e in evidence:
+        lines.append(f"  chunk {e.chunk:>4}  {e.start_s:8.2f} s - {e.end_s:8.2f} s  score {e.score:+.4f}  "
+                     f"layers {e.layers}")
+    return "\n".join(lines)
 
 
 def _add_json_flag(parser: argparse.ArgumentParser, what: str) -> None:
@@ -114,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     out.add_argument("--json", action="store_true",
-                     help="print the answer, token ids, finish reason and timings as one JSON object")
+                     help="print the answer, token ids, finish reason, timings (and evidence) as one JSON object")
+    _add_retrieval_args(p)
+    p.set_defaults(check=functools.partial(_check_retrieval_args, p))
     _add_storage_args(p)
 
     p = command("inspect", "describe a stored cache",
@@ -129,12 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json_flag(p, "the caches (a list under \"caches\")")
     _add_storage_args(p)
 
+    from jobs import eval as eval_job
     from jobs import index_videos, serve
 
     p = command("index", "index a video archive into caches with Ray", _paragraph(index_videos.__doc__))
     index_videos.add_arguments(p)
     p = command("serve", "answer questions over stored caches over HTTP (Ray Serve)", _paragraph(serve.__doc__))
     serve.add_arguments(p)
+    p = command("eval", "compare cache settings with Full on videos and questions (fidelity harness)",
+                "Prefill each video under Full and under each --settings SPEC, ask every question, and report per "
+                "setting the KL and top-1 agreement of the first answer token against Full, greedy agreement, "
+                "prefill FLOPs, stored bytes, bytes read per question and latency (with --dataset, multiple-choice "
+                "accuracy too), as report.md / report.json / fidelity.png under --out. The same harness as "
+                "`python -m jobs.eval`. Random weights say nothing about real accuracy.")
+    eval_job.add_arguments(p)
 
     p = command("tiny-model", "write a tiny random checkpoint (no download) to try the commands with",
                 "Write a tiny random checkpoint of FAMILY (a few MB: random weights, a small tokenizer with the "
@@ -163,10 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "check", None) is not None:  # a command's checks across its flags (usage errors)
+        args.check(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=_CurrentStderr(),
                         format="%(levelname)s %(name)s: %(message)s")
     handler = {"prefill": cmd_prefill, "ask": cmd_ask, "inspect": cmd_inspect, "ls": cmd_ls, "demo": cmd_demo,
-               "index": cmd_index, "serve": cmd_serve, "tiny-model": cmd_tiny_model}
+               "index": cmd_index, "serve": cmd_serve, "eval": cmd_eval, "tiny-model": cmd_tiny_model}
     try:
         with _quiet_native_libraries(enabled=args.command in NOISY_COMMANDS and not args.verbose):
             return handler[args.command](args)
@@ -402,25 +470,37 @@ def cmd_ask(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     cache = load_cache(args.uri, storage_options=storage)
     load_cache_s = time.perf_counter() - start
+    retrieval = _retrieval(args)  # the lazily loaded cache then reads only the chosen chunks
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed)
+                   seed=args.seed, retrieval=retrieval)
     if args.stream:
-        for event in engine.stream(cache, args.question, **options):
+        evidence: list[Any] = []
+        for event in engine.stream(cache, args.question, evidence=evidence, **options):
             print(event.text, end="", flush=True)
         print()
+        if retrieval is not None:
+            print(_format_evidence(evidence))
         return 0
     answer = engine.ask(cache, args.question, **options)
     if not args.json:
         print(answer.text)
+        if retrieval is not None:
+            print(_format_evidence(answer.evidence))
         return 0
+    from dataclasses import asdict
+
+    video_tokens = manifest["totals"]["tokens"] if retrieval is None else \
+        sum(cache.chunk_tokens[e.chunk] for e in answer.evidence)
     _print_json({
         "uri": args.uri, "question": args.question, "answer": answer.text, "finish_reason": answer.finish_reason,
         "token_ids": answer.token_ids, "prompt_ids": answer.prompt_ids,
-        "tokens": {"prompt": len(answer.prompt_ids), "context": manifest["prefix_len"] + manifest["totals"]["tokens"],
+        "tokens": {"prompt": len(answer.prompt_ids), "context": manifest["prefix_len"] + video_tokens,
                    "generated": len(answer.token_ids)},
         "timings": {"load_model_s": round(load_model_s, 4), "load_cache_s": round(load_cache_s, 4),
                     "first_token_s": round(answer.first_token_s, 4), "total_s": round(answer.total_s, 4)},
         "model": model,
+        "retrieval": None if retrieval is None else retrieval.settings(),
+        "evidence": None if retrieval is None else [asdict(e) for e in answer.evidence],
     })
     return 0
 
@@ -469,6 +549,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     args.model = check_model(args.model)  # before a Ray cluster starts
     return serve.run(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jobs import eval as eval_job
+    from jobs.checks import check_model
+
+    args.model = check_model(args.model)  # before torch loads
+    _check_device(args)
+    _quiet_transformers()
+    return eval_job.run(args)
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:

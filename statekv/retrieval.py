@@ -326,6 +326,25 @@ class RetrievalContext:
 RETRIEVALS: dict[str, type[Retrieval]] = {"topk": TopK, "segments": Segments}
 
 
+def retrieval_setting(*, top_k: int | None = None, segments: int | None = None, recent: int | None = None,
+                      adaptive: bool = False) -> Retrieval | None:
+    """The setting a user names (the service's `retrieval` object, `statekv ask`'s flags): `top_k` (ReKV) or
+    `segments` (StreamKV) chunks per layer, `recent` (None: the kind's default) and `adaptive` (top_k only). None
+    when neither kind is given; ValueError naming what does not go together."""
+    if top_k is not None and segments is not None:
+        raise ValueError("give top_k or segments, not both")
+    if top_k is None and segments is None:
+        if recent is not None or adaptive:
+            raise ValueError("recent and adaptive need top_k or segments")
+        return None
+    extra = {} if recent is None else {"recent": recent}
+    if top_k is not None:
+        return TopK(k=top_k, adaptive_budget=adaptive, **extra)
+    if adaptive:
+        raise ValueError("adaptive goes with top_k, not segments")
+    return Segments(k=segments, **extra)
+
+
 def make_retrieval(settings: dict[str, Any] | None) -> Retrieval | None:
     """A retrieval setting from its recorded form ({"name": "topk", "k": 64, ...}); None passes through."""
     if settings is None:

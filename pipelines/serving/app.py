@@ -2,7 +2,8 @@
 `QueryDeployment` serves it on Ray Serve, and `build_app(config)` / `app_builder(args)` are what `serve.run`,
 `serve run` and `serve deploy` use.
 
-    POST /v1/ask                 {video_id | cache_uri, question, max_new_tokens, temperature, top_p, seed, stream}
+    POST /v1/ask                 {video_id | cache_uri, question, max_new_tokens, temperature, top_p, seed, stream,
+                                  retrieval: {top_k | segments, recent, adaptive}}
     GET  /v1/videos?limit=&offset=
     GET  /v1/videos/{video_id}
     GET  /healthz
@@ -109,7 +110,7 @@ def create_api(service: QueryService) -> FastAPI:
               "description": "the answer; with stream=true, server-sent events: {type: token} per token, then "
                              "{type: done} with the whole answer, or {type: error, error} if it failed midway"}})
     async def ask(body: AskRequest, request: Request):
-        fields = body.model_dump(exclude={"stream"})
+        fields = body.model_dump(exclude={"stream"}, exclude_unset=True)  # what was sent, validated again there
         if body.stream:  # errors before the first token are raised here, with their status
             events = await run_in_threadpool(functools.partial(service.stream, **fields))
             return StreamingResponse(_sse(events), media_type="text/event-stream",
@@ -124,7 +125,7 @@ def create_api(service: QueryService) -> FastAPI:
         return service.list_videos(limit=limit, offset=offset)
 
     @api.get("/v1/videos/{video_id:path}", response_model=VideoInfo, responses=error_responses(404, 422, 500, 503))
-    def video(video_id: str = Path(..., pattern=VIDEO_ID_PATTERN)):
+    def video(video_id: str = Path(..., json_schema_extra={"pattern": VIDEO_ID_PATTERN})):  # enforced by describe
         return service.describe(video_id)
 
     @api.get("/healthz", response_model=Health, responses=error_responses(500))

@@ -13,6 +13,8 @@ import os
 import re
 from typing import Any
 
+from statekv.store.fs import is_transport_error
+
 
 class ServiceError(Exception):
     """An error answered to the client: HTTP `status`, a stable `code` and a message a user can act on."""
@@ -61,28 +63,17 @@ class ClientGone(Exception):
 
 # --- telling a dropped connection from a damaged cache ----------------------------------------------------------
 
-_NETWORK_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
-                   errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
+# network errnos that Python does not map onto a ConnectionError / TimeoutError subclass (those are typed already)
+_NETWORK_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
 
 
-def _unreachable_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError]  # builtins: reset, refused, aborted, pipe
-    try:
-        from botocore import exceptions as boto
-
-        types += [boto.ConnectionError, boto.HTTPClientError, boto.ReadTimeoutError]
-    except ImportError:  # no S3 support installed: only local roots
-        pass
-    try:
-        import aiohttp
-
-        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError]
-    except ImportError:
-        pass
-    return tuple(types)
-
-
-UNREACHABLE = _unreachable_types()
+def is_network_error(err: BaseException) -> bool:
+    """Whether `err` means the bytes did not arrive: the store's own rule (`statekv.store.fs.is_transport_error`,
+    one list of transport types for the store and the service), except that a bare OSError counts only with a
+    network errno: behind a corruption error it is pyarrow's parser refusing bytes that did arrive."""
+    if type(err) is OSError:
+        return err.errno in _NETWORK_ERRNOS
+    return is_transport_error(err)
 
 
 def network_cause(err: BaseException) -> BaseException | None:
@@ -94,7 +85,7 @@ def network_cause(err: BaseException) -> BaseException | None:
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, UNREACHABLE) or (isinstance(err, OSError) and err.errno in _NETWORK_ERRNOS):
+        if is_network_error(err):
             return err
         err = err.__cause__ or err.__context__
     return None

@@ -1,4 +1,8 @@
-"""A byte-bounded LRU of loaded caches, shared by a replica's concurrent requests."""
+"""A byte-bounded LRU of loaded caches, shared by a replica's concurrent requests.
+
+An entry's size is fixed when it is loaded (a whole cache), or grows while it is used (a lazily held cache,
+whose owner reports its new size with `resize`); either way the bound holds after every change.
+"""
 
 from __future__ import annotations
 
@@ -53,12 +57,29 @@ class CacheLRU:
             if nbytes <= self.capacity_bytes:
                 self._items[key] = (value, nbytes)
                 self.bytes += nbytes
-                while self.bytes > self.capacity_bytes:
-                    _, (_, size) = self._items.popitem(last=False)
-                    self.bytes -= size
-                    self.evictions += 1
+                self._evict()
         pending.set_result(value)
         return value, False
+
+    def resize(self, key: str, value: Any, nbytes: int) -> bool:
+        """`key` (if it still holds `value`) now takes `nbytes`; least recently used entries go until the bound
+        holds again (this one last: an entry grown beyond the whole capacity is dropped). True if it was held."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None or item[0] is not value:
+                return False
+            self._items[key] = (value, int(nbytes))
+            self.bytes += int(nbytes) - item[1]
+            self._evict(keep=key)
+            return True
+
+    def _evict(self, keep: str | None = None) -> None:
+        """Drop least recently used entries until the bytes fit (`keep` only if it alone does not fit)."""
+        while self.bytes > self.capacity_bytes:
+            victim = next((k for k in self._items if k != keep), keep)
+            _, size = self._items.pop(victim)
+            self.bytes -= size
+            self.evictions += 1
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -12,21 +12,58 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-# one path segment, no traversal: starts with a letter or digit, then letters, digits, ".", "_", "-"
-VIDEO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+# the store's one rule for video ids (one path segment, no traversal, no reserved names); it uses look-arounds, so
+# the models that carry it validate with Python's `re` (pydantic's default Rust engine has none)
+from statekv.retrieval import Retrieval, retrieval_setting
+from statekv.video_ids import VIDEO_ID_PATTERN
+
 DEFAULT_MAX_NEW_TOKENS = 64  # when a request gives none (capped by the service's limit)
 MAX_SEED = 2**53 - 1  # exact in every JSON parser (and in the schema, whose bounds are floats)
 MAX_TEMPERATURE = 100.0  # above this sampling is uniform for any model; a larger value is a mistake
+MAX_RETRIEVAL_CHUNKS = 1 << 20  # a budget above a video's chunk count takes every chunk; above this it is a mistake
 
 
 def _no_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)  # an optional field that, when given, must be a string (never null)
 
 
+class RetrievalRequest(BaseModel):
+    """Query-time retrieval: attend to the prefix, the chunks chosen for this question, and the question only.
+
+    Exactly one of `top_k` (ReKV: the k best-scoring chunks per layer, `statekv.retrieval.TopK`) or `segments`
+    (StreamKV: a budget of k chunks per layer filled with whole best-scoring scenes, `statekv.retrieval.Segments`).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": ["top_k"]}, {"required": ["segments"], "not": {"required": ["adaptive"]}}]})
+
+    top_k: int = Field(None, ge=1, le=MAX_RETRIEVAL_CHUNKS, examples=[64], json_schema_extra=_no_default,
+                       description="ReKV: the k chunks per layer whose summary keys score highest for the question")
+    segments: int = Field(None, ge=1, le=MAX_RETRIEVAL_CHUNKS, examples=[64], json_schema_extra=_no_default,
+                          description="StreamKV: k chunks per layer, taken as whole scenes, best-scoring first")
+    recent: int = Field(None, ge=0, le=MAX_RETRIEVAL_CHUNKS, json_schema_extra=_no_default,
+                        description="the last `recent` chunks too, always (default: 0 with top_k, 8 with segments)")
+    adaptive: bool = Field(False, description="top_k only: share k x layers across layers, more to the layers whose "
+                                              "scores concentrate on few chunks")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "RetrievalRequest":
+        if ("top_k" in self.model_fields_set) == ("segments" in self.model_fields_set):
+            raise ValueError("give exactly one of top_k and segments")
+        if "segments" in self.model_fields_set and "adaptive" in self.model_fields_set:
+            raise ValueError("adaptive: only with top_k")
+        return self
+
+    def setting(self) -> Retrieval:
+        """The library's retrieval setting for this request."""
+        return retrieval_setting(top_k=self.top_k, segments=self.segments, recent=self.recent,
+                                 adaptive=self.adaptive)
+
+
 class AskRequestBase(BaseModel):
     """A question about one stored video, named by exactly one of `video_id` or `cache_uri`."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+    model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re", json_schema_extra={
         "oneOf": [{"required": ["video_id"]}, {"required": ["cache_uri"]}]})
 
     video_id: str = Field(None, pattern=VIDEO_ID_PATTERN, examples=["clip"], json_schema_extra=_no_default,
@@ -40,6 +77,9 @@ class AskRequestBase(BaseModel):
                          description="nucleus sampling mass; the most likely token is always kept")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="makes sampling reproducible")
     stream: bool = Field(False, description="answer as server-sent events, one per token")
+    retrieval: RetrievalRequest | None = Field(None, description="answer from the chunks chosen for the question "
+                                               "(the response then lists them as `evidence`); absent or null: from "
+                                               "every chunk. 409 retrieval_unsupported for a cache that keeps none")
 
     @model_validator(mode="after")
     def _one_video(self) -> "AskRequestBase":
@@ -79,8 +119,20 @@ def validation_message(err: ValidationError | list[dict[str, Any]]) -> str:
 
 class Tokens(BaseModel):
     prompt: int = Field(description="question tokens with the chat template around them")
-    context: int = Field(description="prefix and video tokens the answer attended to")
+    context: int = Field(description="prefix and video tokens the answer attended to (with retrieval: the prefix "
+                                     "and the chunks of `evidence`, those any layer attended to)")
     generated: int
+
+
+class Evidence(BaseModel):
+    """A chunk the answer attended to (with retrieval) and where it is in the source video."""
+
+    chunk: int = Field(description="chunk index in the cache")
+    start_s: float = Field(description="time of the chunk's first frame in the source video, seconds")
+    end_s: float = Field(description="end of the chunk's last frame (its time + one sampled frame's duration)")
+    score: float = Field(description="mean relevance score (question query · summary key) over the layers that "
+                                     "chose it")
+    layers: int = Field(description="how many layers attended to it")
 
 
 class Timings(BaseModel):
@@ -97,6 +149,8 @@ class AskResponse(BaseModel):
     tokens: Tokens
     timings: Timings
     cache: Literal["hit", "miss"]
+    evidence: list[Evidence] | None = Field(None, description="with retrieval: the chunks any layer attended to, in "
+                                                              "temporal order, with their time ranges; null without")
 
 
 class VideoEntry(BaseModel):
@@ -169,11 +223,13 @@ class ErrorBody(BaseModel):
 _STATUS = {
     400: "outside_root: cache_uri is not <root>/<video_id> under this service's root",
     404: "not_found: no committed cache for that video",
-    409: "model_mismatch: the cache was made with another model",
+    409: "model_mismatch: the cache was made with another model; retrieval_unsupported: the request asks for "
+         "retrieval and the cache keeps no chunks to retrieve (answer_from=state) or no scenes (segments)",
     413: "question_too_long: the question has more tokens than the service takes (the limit is in the message)",
     422: "invalid_request: the body or a parameter does not match this schema",
     500: "cache_corrupt: the stored cache is damaged (re-prefill the video); internal: a server fault",
-    503: "storage_unavailable: the cache store is unreachable or dropped the connection (see Retry-After)",
+    503: "storage_unavailable: the cache store is unreachable or dropped the connection (see Retry-After); "
+         "cache_changed: the cache was committed again while it was read (retry at once)",
 }
 
 

@@ -4,6 +4,15 @@ byte-bounded LRU, answer (or stream) from it without prefilling, list and descri
 The Serve deployment in `app.py` only speaks HTTP and delegates here; tests use this class directly too.
 Requests are validated by the same pydantic model that the OpenAPI schema is generated from (schema.py).
 
+Retrieval: a request with `retrieval` answers from the chunks chosen for its question (`Engine.ask(...,
+retrieval=...)`) and returns them as `evidence` with their time ranges. Its cache is held lazily, in an LRU entry
+of its own (key `<video_id>#retrieval`, beside the whole-cache entry `<video_id>` of requests without retrieval):
+the manifest, prefix K/V and linear layers' states when loaded, then the summary keys and the per-layer chunk
+K/V its questions have read, with the entry's bytes growing as they are read (lazy.py). The two entries are
+separate so that each path keeps its own guarantee: a whole cache is read in one request per file and answers
+from every chunk; a retrieval entry never reads a chunk it is not asked for, and an answer does not depend on
+which other requests came first. A video asked both ways is held twice; the byte bound counts both.
+
 Freshness: a cache kept in the LRU is revalidated against its manifest's identity (ETag on S3, mtime/inode
 locally: one HEAD, no read) at most every `revalidate_s` seconds, so a cache re-prefilled under the same id is
 served stale for at most that long; `revalidate_s=0` checks on every request.
@@ -14,11 +23,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -26,22 +34,27 @@ from pydantic import ValidationError
 from pipelines.serving.errors import (BadRequest, ClientGone, Conflict, NotFound, PayloadTooLarge, ServiceError,
                                       Unavailable, Unprocessable, network_cause, public_location, public_name,
                                       public_text)
+from pipelines.serving.lazy import HeldChunks, held_nbytes
 from pipelines.serving.lru import CacheLRU
-from pipelines.serving.schema import VIDEO_ID_PATTERN, ask_request_model, validation_message
+from pipelines.serving.schema import ask_request_model, validation_message
 from statekv.cache import VideoKVCache
 from statekv.engine import Engine
 from statekv.errors import ModelMismatchError
+from statekv.retrieval import Retrieval, Segments
 from statekv.store import CacheCorruptError, CacheNotFoundError, list_caches, load_cache, read_manifest
 from statekv.store import describe as store_describe
 from statekv.store import format as store_format
+from statekv.store.errors import CacheChangedError
 from statekv.store.fs import is_local, join, resolve
+from statekv.video_ids import is_valid_video_id, validate_video_id
 
 __all__ = ["BadRequest", "CacheLRU", "ClientGone", "Conflict", "NotFound", "PayloadTooLarge", "QueryService",
            "ServiceError", "Unavailable", "Unprocessable", "describe_manifest"]
 
 logger = logging.getLogger(__name__)
 
-VIDEO_ID = re.compile(VIDEO_ID_PATTERN.strip("^$"))
+RETRIEVAL_KEY = "{}#retrieval"  # the LRU key of a lazily held cache ('#' never appears in a video id)
+
 
 
 @dataclass
@@ -136,17 +149,18 @@ class QueryService:
         for prefix in self._root_spellings():
             if uri.startswith(prefix + "/"):
                 rest = uri[len(prefix) + 1:]
-                if VIDEO_ID.fullmatch(rest):
+                if is_valid_video_id(rest):
                     return rest
         where = f" {self.public_root!r}" if self.public_root else ""
         raise BadRequest(f"cache_uri {public_text(cache_uri)!r} is outside this service's cache root{where}; "
                          "ask for a cache under it (or pass video_id)", code="outside_root")
 
     def check_video_id(self, video_id: str) -> str:
-        if not isinstance(video_id, str) or not VIDEO_ID.fullmatch(video_id):
-            raise Unprocessable(f"video_id {public_text(str(video_id))!r} is not a valid id (one path segment of "
-                                "letters, digits, '.', '_' or '-', starting with a letter or digit)")
-        return video_id
+        """`video_id` if it is a valid id (statekv.video_ids' rule, the schema's pattern), else Unprocessable why."""
+        try:
+            return validate_video_id(video_id)
+        except ValueError as err:
+            raise Unprocessable(f"video_id: {public_text(str(err))}") from None
 
     def _root_spellings(self) -> list[str]:
         if not self._local_root:
@@ -186,6 +200,9 @@ class QueryService:
             logger.error("corrupt cache (%s): %s", what, err)
             raise ServiceError(f"the stored cache of {what} is corrupt at {public_text(err.part)}: "
                                f"{public_text(err.reason)}; re-prefill the video", code="cache_corrupt") from None
+        except CacheChangedError:
+            raise Unavailable(f"the cache of {what} was committed again while it was read; retry",
+                              code="cache_changed", headers={"Retry-After": "0"}) from None
         except ModelMismatchError:
             raise Conflict(f"the cache of {what} was made with another model; ask a service running the cache's "
                            "model, or prefill the video again") from None
@@ -214,7 +231,7 @@ class QueryService:
             return None
         return tuple(info.get(k) for k in ("ETag", "LastModified", "mtime", "ino", "size"))
 
-    def _load(self, video_id: str) -> tuple[_Loaded, int]:
+    def _load(self, video_id: str, *, lazy: bool = False) -> tuple[_Loaded, int]:
         uri = self.uri_of(video_id)
         what = f"video {video_id!r}"
         identity = self._store_call(what, lambda: self.manifest_identity(video_id))
@@ -223,8 +240,27 @@ class QueryService:
         self._check_model(video_id, manifest)
         self._count("store_loads")
         cache = self._store_call(what, lambda: load_cache(
-            uri, lazy=False, filesystem=fs, expect_fingerprint=self.model_info.fingerprint))
-        return _Loaded(cache, identity, time.monotonic()), cache.nbytes
+            uri, lazy=lazy, filesystem=fs, expect_fingerprint=self.model_info.fingerprint))
+        loaded = _Loaded(cache, identity, time.monotonic())
+        if not lazy:
+            return loaded, cache.nbytes
+        key = RETRIEVAL_KEY.format(video_id)
+        cache.chunks = HeldChunks(cache.chunks, lambda read: self._held_read(key, loaded, what, read))
+        return loaded, held_nbytes(cache)
+
+    def _held_read(self, key: str, loaded: _Loaded, what: str, read: Callable[[], Any]) -> Any:
+        """One read of a lazily held cache: store errors mapped as for any load, then its grown bytes charged to
+        its LRU entry (a cache re-committed meanwhile is dropped from the LRU; the next request loads the new)."""
+        def guarded() -> Any:
+            try:
+                return read()
+            except CacheChangedError:
+                self.lru.discard(key, loaded)
+                raise
+
+        out = self._store_call(what, guarded)
+        self.lru.resize(key, loaded, held_nbytes(loaded.cache))
+        return out
 
     def _check_model(self, video_id: str, manifest: dict[str, Any]) -> None:
         mine = self.model_info
@@ -240,10 +276,14 @@ class QueryService:
                 f"{public_name(mine.name_or_path)!r} ({mine.model_type}, fingerprint {mine.fingerprint}); ask a "
                 "service running that model, or prefill the video again with this one")
 
-    def get_cache(self, video_id: str) -> tuple[VideoKVCache, bool, float]:
-        """(cache, LRU hit, seconds spent getting it); a kept cache whose manifest changed is loaded again."""
+    def get_cache(self, video_id: str, *, lazy: bool = False) -> tuple[VideoKVCache, bool, float]:
+        """(cache, LRU hit, seconds spent getting it); a kept cache whose manifest changed is loaded again.
+
+        `lazy`: the lazily held cache of retrieval requests (its own LRU entry, see the module docstring).
+        """
         start = time.perf_counter()
-        kept = self.lru.peek(video_id)
+        key = RETRIEVAL_KEY.format(video_id) if lazy else video_id
+        kept = self.lru.peek(key)
         if kept is not None and time.monotonic() - kept.checked_at >= self.revalidate_s:
             try:
                 identity = self.manifest_identity(video_id)
@@ -252,10 +292,10 @@ class QueryService:
             else:
                 if identity != kept.identity:
                     logger.info("the cache of %r was committed again; reloading it", video_id)
-                    self.lru.discard(video_id, kept)
+                    self.lru.discard(key, kept)
                 else:
                     kept.checked_at = time.monotonic()
-        loaded, hit = self.lru.get(video_id, lambda: self._load(video_id))
+        loaded, hit = self.lru.get(key, lambda: self._load(video_id, lazy=lazy))
         return loaded.cache, hit, time.perf_counter() - start
 
     # --- answering ---------------------------------------------------------------------------------------------
@@ -281,15 +321,29 @@ class QueryService:
         if prompt_len > self.max_question_tokens:
             raise PayloadTooLarge(f"the question is {prompt_len} tokens long with the chat template; this service "
                                   f"takes at most {self.max_question_tokens} tokens")
-        cache, hit, load_s = self.get_cache(vid)
+        cache, hit, load_s = self.get_cache(vid, lazy=req.retrieval is not None)
+        if req.retrieval is not None:
+            self._check_retrievable(vid, cache, req.retrieval.setting())
         if cache.config.layout != self.engine.layout:  # the prompt follows the cache's layout
             prompt_len = len(self.engine.adapter.question_ids(req.question, cache.config.layout))
         return req, vid, cache, hit, load_s, prompt_len
 
-    def _generate(self, req, cache: VideoKVCache) -> Iterator[Any]:
-        """The engine's token events, counted (so a test can see work stop)."""
+    def _check_retrievable(self, vid: str, cache: VideoKVCache, setting: Retrieval) -> None:
+        """Conflict naming the reason when retrieval cannot work on this cache (before any chunk is read)."""
+        if cache.config.answer_from == "state":
+            raise Conflict(f"the cache of video {vid!r} answers from its carried state (answer_from='state') and "
+                           "keeps no chunks to retrieve; ask without retrieval", code="retrieval_unsupported")
+        if isinstance(setting, Segments) and not cache.scenes:
+            raise Conflict(f"the cache of video {vid!r} records no scene boundaries for segment retrieval; use "
+                           "top_k, or prefill the video again", code="retrieval_unsupported")
+
+    def _generate(self, req, cache: VideoKVCache, evidence: list[Any] | None = None) -> Iterator[Any]:
+        """The engine's token events, counted (so a test can see work stop); with retrieval the chunks chosen
+        are appended to `evidence` before the first event."""
+        retrieval = req.retrieval.setting() if req.retrieval is not None else None
         for event in self.engine.stream(cache, req.question, max_new_tokens=req.max_new_tokens,
-                                        temperature=req.temperature, top_p=req.top_p, seed=req.seed):
+                                        temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                        retrieval=retrieval, evidence=evidence):
             self._count("generated_tokens")
             yield event
 
@@ -301,12 +355,13 @@ class QueryService:
         """
         fields.pop("stream", None)
         req, vid, cache, hit, load_s, prompt_len = self._prepare(fields)
+        evidence = [] if req.retrieval is not None else None
         self._count("in_flight")
         try:
             start = time.perf_counter()
             first = 0.0
             ids: list[int] = []
-            for event in self._generate(req, cache):
+            for event in self._generate(req, cache, evidence):
                 if not ids:
                     first = time.perf_counter() - start
                 ids.append(event.token_id)
@@ -316,7 +371,7 @@ class QueryService:
             text = self.engine.adapter.tokenizer.decode(ids, skip_special_tokens=True)
             finish = "eos" if ids and ids[-1] in self.engine.adapter.eos_token_ids else "length"
             return self._result(vid, cache, hit, text, ids, prompt_len, finish, load_s, first,
-                                time.perf_counter() - start)
+                                time.perf_counter() - start, evidence)
         finally:
             self._count("in_flight", -1)
 
@@ -328,6 +383,7 @@ class QueryService:
         fields.pop("stream", None)
         req, vid, cache, hit, load_s, prompt_len = self._prepare(fields)
         eos = self.engine.adapter.eos_token_ids
+        evidence = [] if req.retrieval is not None else None
 
         def events() -> Iterator[dict[str, Any]]:
             self._count("in_flight")
@@ -336,7 +392,7 @@ class QueryService:
                 first = 0.0
                 ids: list[int] = []
                 text = ""
-                for event in self._generate(req, cache):
+                for event in self._generate(req, cache, evidence):
                     if not ids:
                         first = time.perf_counter() - start
                     ids.append(event.token_id)
@@ -344,7 +400,7 @@ class QueryService:
                     yield {"type": "token", "text": event.text, "token_id": event.token_id}
                 finish = "eos" if ids and ids[-1] in eos else "length"
                 final = self._result(vid, cache, hit, text, ids, prompt_len, finish, load_s, first,
-                                     time.perf_counter() - start)
+                                     time.perf_counter() - start, evidence)
                 yield {"type": "done", **final}
             except Exception as err:  # noqa: BLE001 - the stream must end with an event, never be cut
                 logger.exception("answer stream for %r failed", vid)
@@ -357,13 +413,16 @@ class QueryService:
         return events()
 
     def _result(self, vid: str, cache: VideoKVCache, hit: bool, text: str, ids: list[int], prompt_len: int,
-                finish: str, load_s: float, first_s: float, total_s: float) -> dict[str, Any]:
+                finish: str, load_s: float, first_s: float, total_s: float,
+                evidence: list[Any] | None = None) -> dict[str, Any]:
+        """The response body; `evidence` (with retrieval) becomes a list of chunks with time ranges, else null."""
+        video = cache.num_video_tokens if evidence is None else sum(cache.chunk_tokens[e.chunk] for e in evidence)
         return {
             "answer": text, "video_id": vid, "finish_reason": finish, "token_ids": ids,
-            "tokens": {"prompt": prompt_len, "context": cache.prefix_len + cache.num_video_tokens,
-                       "generated": len(ids)},
+            "tokens": {"prompt": prompt_len, "context": cache.prefix_len + video, "generated": len(ids)},
             "timings": {"load_s": load_s, "first_token_s": first_s, "total_s": total_s},
             "cache": "hit" if hit else "miss",
+            "evidence": None if evidence is None else [asdict(e) for e in evidence],
         }
 
     # --- listing and describing --------------------------------------------------------------------------------
@@ -377,7 +436,7 @@ class QueryService:
         mine = self.model_info.fingerprint
         videos, invalid = [], []
         for e in listing:
-            if not VIDEO_ID.fullmatch(e.video_id):
+            if not is_valid_video_id(e.video_id):
                 invalid.append({"video_id": public_text(e.video_id), "reason": "not a valid video id for this service"})
                 continue
             videos.append({"video_id": e.video_id, "uri": self.public_uri(e.video_id), "chunks": int(e.chunks),

@@ -444,6 +444,7 @@ class _Store:
         """The same store reading only `layers` (retrieval reads one layer at a time)."""
         view = copy.copy(self)
         view.layers = layers
+        view.kv_layers = [l for l in layers if l in self.all_kv_layers]  # what `read_chunks` reads and decodes
         return view
 
     def _chunk(self, row: dict[str, Any], entry: dict[str, Any]) -> ChunkKV:

@@ -94,7 +94,8 @@ def test_bad_arguments_exit_2_with_usage(capsys, argv):
     assert "usage: statekv" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["prefill", "ask", "inspect", "ls", "index", "serve", "tiny-model", "demo"])
+@pytest.mark.parametrize("command", ["prefill", "ask", "inspect", "ls", "index", "serve", "eval", "tiny-model",
+                                     "demo"])
 def test_every_command_has_help(capsys, command):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
@@ -142,7 +143,8 @@ def run_reporting_imports(argv: list[str], env: dict | None = None) -> dict:
     return {**report, "stderr": done.stderr}
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["prefill", "--help"], ["index", "--help"], ["serve", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["prefill", "--help"], ["index", "--help"], ["serve", "--help"],
+                                  ["eval", "--help"], ["ask", "--help"]])
 def test_help_imports_no_torch_transformers_or_ray(argv):
     """Regression: `--help` took 5-9 s importing torch and transformers eagerly."""
     report = run_reporting_imports(argv)
@@ -380,3 +382,124 @@ def test_tiny_model_writes_a_loadable_checkpoint(capsys, tmp_path, family):
 def test_tiny_model_names_the_families_for_an_unknown_one(capsys, tmp_path):
     code, _, err = run(capsys, "tiny-model", "llama", str(tmp_path / "x"))
     assert code == 1 and "'llama'" in err and "qwen2_vl" in err
+
+
+# --- retrieval and evidence (issue 12, point 4) -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def long_cache(tmp_path_factory, tiny_checkpoints) -> str:
+    """A stored cache of 12 chunks (24 frames at 2 fps)."""
+    from statekv import Engine
+    from statekv.store import prefill_to_store
+    from statekv.video import SamplingConfig
+
+    engine = Engine.from_pretrained(tiny_checkpoints["qwen2_vl"], device="cpu",
+                                    sampling=SamplingConfig(min_pixels=28 * 28, max_pixels=56 * 84))
+    uri = str(tmp_path_factory.mktemp("retrieval") / "caches" / "long")
+    prefill_to_store(engine, synthetic_frames(24, 56, 84, seed=3), uri, fps=2.0)
+    return uri
+
+
+def _evidence_lines(evidence) -> list[str]:
+    return [f"evidence: {len(evidence)} chunk(s)"] + [
+        f"  chunk {e.chunk:>4}  {e.start_s:8.2f} s - {e.end_s:8.2f} s  score {e.score:+.4f}  layers {e.layers}"
+        for e in evidence]
+
+
+@pytest.mark.parametrize("flags, setting", [(["--top-k", "2", "--recent", "1"], ("topk", 2, 1, False)),
+                                            (["--top-k", "3", "--adaptive"], ("topk", 3, None, True)),
+                                            (["--segments", "4", "--recent", "0"], ("segments", 4, 0, False))])
+def test_ask_with_retrieval_prints_the_evidence(capsys, long_cache, tiny_checkpoints, flags, setting):
+    """The answer from the chosen chunks (the engine's), then one line per chunk with its time range; the same in
+    --json (with the setting) and after --stream."""
+    from dataclasses import asdict
+
+    from statekv import Engine
+    from statekv.retrieval import Segments, TopK
+
+    name, k, recent, adaptive = setting
+    extra = {} if recent is None else {"recent": recent}
+    retrieval = TopK(k=k, adaptive_budget=adaptive, **extra) if name == "topk" else Segments(k=k, **extra)
+    engine = Engine.from_pretrained(tiny_checkpoints["qwen2_vl"], device="cpu")
+    cache = load_cache(long_cache)
+    want = engine.ask(cache, "What happens?", max_new_tokens=4, retrieval=retrieval)
+    assert 0 < len(want.evidence) < cache.num_chunks
+    base = ["ask", long_cache, "What happens?", "--max-new-tokens", "4", *flags]
+    code, out, err = run(capsys, *base)
+    assert code == 0, err
+    assert out.splitlines() == [want.text, *_evidence_lines(want.evidence)]
+    code, streamed, _ = run(capsys, *base, "--stream")
+    assert code == 0 and streamed == out
+    code, out, _ = run(capsys, *base, "--json")
+    got = __import__("json").loads(out)
+    assert code == 0 and got["token_ids"] == want.token_ids
+    assert got["evidence"] == [asdict(e) for e in want.evidence]
+    assert got["retrieval"] == retrieval.settings()
+    assert got["tokens"]["context"] == cache.prefix_len + sum(cache.chunk_tokens[e.chunk] for e in want.evidence)
+    for e, chunk in zip(got["evidence"], (cache.chunks[e.chunk] for e in want.evidence)):  # the source times
+        assert e["start_s"] == chunk.timestamps[0] and e["end_s"] == pytest.approx(chunk.timestamps[-1] + 0.5)
+
+
+def test_ask_without_retrieval_has_no_evidence(capsys, long_cache):
+    code, out, _ = run(capsys, "ask", long_cache, "What happens?", "--max-new-tokens", "2", "--json")
+    got = __import__("json").loads(out)
+    assert code == 0 and got["evidence"] is None and got["retrieval"] is None
+    code, out, _ = run(capsys, "ask", long_cache, "What happens?", "--max-new-tokens", "2")
+    assert code == 0 and len(out.splitlines()) == 1 and "evidence" not in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--recent", "2"], "--recent needs --top-k or --segments"), (["--adaptive"], "--adaptive needs --top-k"),
+    (["--segments", "2", "--adaptive"], "--adaptive goes with --top-k, not --segments"),
+    (["--top-k", "0"], "argument --top-k: must be >= 1, got 0"), (["--top-k", "x"], "argument --top-k: 'x' is not an integer"),
+    (["--top-k", "2", "--recent", "-1"], "argument --recent: must be >= 0, got -1"),
+    (["--top-k", "2", "--segments", "2"], "argument --segments: not allowed with argument --top-k")])
+def test_bad_retrieval_flags_are_usage_errors(capsys, flags, message):
+    with pytest.raises(SystemExit) as info:
+        main(["ask", "some/uri", "q", *flags])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "usage: statekv ask" in err and f"statekv ask: error: {message}" in err
+
+
+def test_retrieval_from_a_state_cache_is_one_line(capsys, tmp_path, tiny_checkpoints):
+    from statekv import Engine
+    from statekv.store import prefill_to_store
+    from statekv.video import SamplingConfig
+
+    engine = Engine.from_pretrained(tiny_checkpoints["qwen2_vl"], device="cpu", answer_from="state",
+                                    sampling=SamplingConfig(min_pixels=28 * 28, max_pixels=56 * 84))
+    uri = str(tmp_path / "caches" / "state")
+    prefill_to_store(engine, synthetic_frames(8, 56, 84, seed=1), uri, fps=2.0)
+    code, out, err = run(capsys, "ask", uri, "What happens?", "--top-k", "2")
+    assert code == 1 and out == ""
+    assert err.strip() == ("statekv ask: error: retrieval picks chunks, and this cache keeps none: it answers from "
+                           "its carried state (answer_from='state')")
+
+
+# --- statekv eval (issue 12, point 5) -----------------------------------------------------------------------------
+
+def test_eval_writes_the_harness_report(capsys, tmp_path, video, tiny_checkpoints):
+    import json
+
+    out_dir = tmp_path / "report"
+    code, out, err = run(capsys, "eval", "--model", tiny_checkpoints["qwen2_vl"], "--video", video, "--question",
+                         "Describe the video.", "--settings", "window:8", "--max-new-tokens", "2", "--no-flops",
+                         "--no-plot", "--fps", "2", "--store", str(tmp_path / "caches"), "--out", str(out_dir))
+    assert code == 0, err
+    assert "| full |" in out and "| window:8 |" in out
+    assert f"wrote {out_dir / 'report.json'}" in err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert (out_dir / "report.md").read_text().strip() in out
+    assert "window:8" in json.dumps(report)
+
+
+def test_eval_errors_are_one_line(capsys, tmp_path, tiny_checkpoints):
+    code, _, err = run(capsys, "eval", "--model", tiny_checkpoints["qwen2_vl"], "--out", str(tmp_path / "r"))
+    assert code == 1 and err.strip() == ("statekv eval: error: nothing to evaluate: give --video/--question, "
+                                         "--questions-file or --dataset")
+    code, _, err = run(capsys, "eval", "--model", tiny_checkpoints["qwen2_vl"], "--video", "v.mp4", "--question",
+                       "q", "--settings", "lru:4")
+    assert code == 1 and err.startswith("statekv eval: error:") and "lru" in err and len(err.splitlines()) == 1
+    report = run_reporting_imports(["eval", "--model", "./tny-typo", "--video", "v.mp4", "--question", "q"])
+    assert report["rc"] == 1 and report["heavy"] == []
+    assert report["stderr"].strip().startswith("statekv eval: error: model './tny-typo': no such directory")

@@ -15,6 +15,7 @@ import pytest
 from pipelines.serving.config import ServiceConfig
 from pipelines.serving.service import (BadRequest, CacheLRU, Conflict, NotFound, PayloadTooLarge, QueryService,
                                        Unprocessable)
+from statekv.retrieval import Segments, TopK
 from statekv.store import load_cache, prefill_to_store
 from statekv.testing.videos import synthetic_frames
 
@@ -119,6 +120,20 @@ def test_lru_bounded_in_bytes():
     lru.get("b", lambda: pytest.fail("b is kept"))
     lru.get("huge", lambda: ("huge", 26))  # served, not kept
     assert lru.keys() == ["c", "b"]
+
+
+def test_lru_entries_that_grow_keep_the_bound():
+    """`resize` (a lazily held cache that read more) evicts the least recently used others first, drops an entry
+    grown past the whole capacity, and ignores an entry no longer held."""
+    lru = CacheLRU(30)
+    values = {key: lru.get(key, lambda: (object(), 10))[0] for key in "abc"}
+    assert lru.resize("c", values["c"], 15) and lru.keys() == ["b", "c"] and lru.stats()["bytes"] == 25
+    lru.get("b", lambda: pytest.fail("b is kept"))  # b is now the most recently used
+    assert lru.resize("c", values["c"], 20) and lru.keys() == ["c", "b"] and lru.stats()["bytes"] == 30  # fits
+    assert lru.resize("c", values["c"], 21) and lru.keys() == ["c"] and lru.stats()["bytes"] == 21
+    assert lru.resize("c", values["c"], 31) and lru.keys() == [] and lru.stats()["bytes"] == 0
+    assert not lru.resize("c", values["c"], 5) and lru.stats()["bytes"] == 0
+    assert lru.stats()["evictions"] == 3
 
 
 OUTSIDE = ["../clip_a", "..", "a/b", "/etc/passwd", "%2e%2e%2fclip_a", "clip_a/../../x", ".hidden", "clip a", ""]
@@ -363,6 +378,39 @@ def test_http_abandoned_request_stops_computing(served, engine, store):
     after = wait_for(lambda c: c["in_flight"] == 0, "the abandoned answer to stop")
     assert after["cancelled"] == before["cancelled"] + 1  # stopped by the cancel, not by its own end
     assert after["generated_tokens"] - before["generated_tokens"] < natural // 2
+
+
+def test_http_retrieval_answers_equal_the_engines(served, engine, store):
+    """Over real HTTP (Serve, caches on S3): the same token ids and evidence as `Engine.ask(..., retrieval=...)` on
+    the stored cache, for concurrent requests too (one lazily held cache shared by them)."""
+    from ray import serve
+
+    client, _ = served
+    root, options = store
+    settings = [({"top_k": 2, "recent": 1}, TopK(k=2, recent=1)), ({"segments": 2, "recent": 0}, Segments(k=2, recent=0))]
+    want = {}
+    for video in ("clip_a", "clip_b"):
+        cache = load_cache(f"{root}/{video}", storage_options=options)
+        for i, (_, setting) in enumerate(settings):
+            answer = engine.ask(cache, QUESTIONS[0], max_new_tokens=TOKENS, retrieval=setting)
+            want[video, i] = (answer.token_ids, [(e.chunk, e.start_s, e.end_s, e.score, e.layers)
+                                                 for e in answer.evidence])
+    jobs = [(("clip_a", "clip_b")[i % 2], (i // 2) % 2) for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda job: _ask(client, video_id=job[0], question=QUESTIONS[0],
+                                                   retrieval=settings[job[1]][0]), jobs))
+    for job, r in zip(jobs, responses):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        got = (body["token_ids"], [(e["chunk"], e["start_s"], e["end_s"], e["score"], e["layers"])
+                                   for e in body["evidence"]])
+        assert got == want[job]
+    events = _sse_events(_ask(client, video_id="clip_a", question=QUESTIONS[0], retrieval=settings[0][0],
+                              stream=True))
+    assert events[-1]["type"] == "done" and events[-1]["token_ids"] == want["clip_a", 0][0]
+    assert [e["chunk"] for e in events[-1]["evidence"]] == [c for c, *_ in want["clip_a", 0][1]]
+    lru = serve.get_app_handle("query").stats.remote().result()["lru"]
+    assert lru["bytes"] <= lru["capacity_bytes"]
 
 
 # --- configuration and entry points -----------------------------------------------------------------------------

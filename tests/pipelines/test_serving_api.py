@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from pipelines.serving.app import create_api
 from statekv.store import load_cache, prefill_to_store
 from statekv.testing.videos import synthetic_frames, write_video
+from statekv.video_ids import VIDEO_ID_PATTERN
 
 LIMIT = 16  # the services' max_new_tokens_limit
 QUESTION = "What happens?"
@@ -89,13 +90,26 @@ def test_schema_is_the_enforced_contract(client):
     _error(c.post("/v1/ask", json=both), 422, "invalid_request")
     _error(c.post("/v1/ask", json={"question": "q"}), 422, "invalid_request")
     assert props["question"]["maxLength"] == 4000 and "1024 tokens" in props["question"]["description"]
-    assert props["video_id"]["pattern"] == "^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+    assert props["video_id"]["pattern"] == VIDEO_ID_PATTERN
     _error(_ask(c, video_id="../clip_a"), 422)
     # every status the service answers is listed, 500 with its cache_corrupt code
     ask = schema["paths"]["/v1/ask"]["post"]["responses"]
     assert set(ask) == {"200", "400", "404", "409", "413", "422", "500", "503"}
     assert "cache_corrupt" in ask["500"]["description"]
     assert "500" in schema["paths"]["/v1/videos/{video_id}"]["get"]["responses"]
+
+
+def test_video_ids_follow_the_store_rule(client):
+    """Regression: the service kept its own id pattern (up to 200 characters, reserved names allowed), so ids the
+    store never writes ('parts-1' is an attempt folder) were looked up and answered 404 instead of being refused."""
+    c, _ = client
+    schema = c.get("/openapi.json").json()
+    params = schema["paths"]["/v1/videos/{video_id}"]["get"]["parameters"]
+    assert [p["schema"]["pattern"] for p in params if p["name"] == "video_id"] == [VIDEO_ID_PATTERN]
+    for bad in ("parts-1", "clip.", "a" * 121):
+        assert "video_id" in _error(_ask(c, video_id=bad), 422, "invalid_request")
+        assert "video id" in _error(c.get(f"/v1/videos/{bad}"), 422, "invalid_request")
+    assert _ask(c, video_id="a" * 120).status_code == 404  # the longest valid id is looked up
 
 
 def test_api_against_its_schema(client):
@@ -438,3 +452,27 @@ def test_corruption_error_over_a_reset_connection_is_503(make_service, local_roo
     with pytest.raises(ServiceError) as caught:
         service._store_call("video 'clip'", lambda: read(OSError("Parquet magic bytes not found in footer")))
     assert caught.value.code == "cache_corrupt" and caught.value.status == 500
+
+
+def test_every_store_transport_error_is_503(make_service, local_root):
+    """Regression: the service kept a transport-error list of its own beside the store's, narrower (aiohttp's base
+    ClientError, e.g. a payload cut by the server, was missing), so a failure the store calls "not delivered"
+    could come out as "corrupt, re-prefill" (500). Now both use statekv.store.fs's one list."""
+    from pipelines.serving.service import Unavailable
+    from statekv.store import CacheCorruptError
+    from statekv.store.fs import TRANSPORT_ERRORS
+
+    service = make_service(str(local_root))
+    assert len(TRANSPORT_ERRORS) >= 5
+    for kind in TRANSPORT_ERRORS:
+        cause = kind(error="reset") if kind.__module__.startswith("botocore") else kind("reset")  # keyword-only
+
+        def read():
+            try:
+                raise cause
+            except BaseException:
+                raise CacheCorruptError("clip", "file chunks-00000.parquet", "unreadable") from None
+
+        for fn in (read, lambda: (_ for _ in ()).throw(cause)):  # behind a corruption error, and raised as is
+            with pytest.raises(Unavailable):
+                service._store_call("video 'clip'", fn)

@@ -89,3 +89,20 @@ def test_online_segmentation_equals_the_batch_rule(scene_of_chunk, min_size, ext
         tracker.add(f)
     assert tracker.segments == segment_boundaries(feats, threshold=0.99, min_size=min_size,
                                                   max_size=min_size + extra)
+
+
+def test_retrieval_setting_names_what_users_give():
+    """One rule for the service's `retrieval` object and `statekv ask`'s flags: the kind's own `recent` default."""
+    from statekv.retrieval import Segments, TopK, retrieval_setting
+
+    assert retrieval_setting() is None
+    assert retrieval_setting(top_k=4) == TopK(k=4, recent=0)
+    assert retrieval_setting(top_k=4, recent=2, adaptive=True) == TopK(k=4, recent=2, adaptive_budget=True)
+    assert retrieval_setting(segments=4) == Segments(k=4, recent=8)
+    assert retrieval_setting(segments=4, recent=0) == Segments(k=4, recent=0)
+    for bad, message in (({"top_k": 1, "segments": 1}, "not both"), ({"recent": 1}, "need top_k or segments"),
+                         ({"adaptive": True}, "need top_k or segments"), ({"segments": 2, "adaptive": True},
+                                                                         "adaptive goes with top_k"),
+                         ({"top_k": 0}, "top_k must be a positive integer")):
+        with pytest.raises(ValueError, match=message):
+            retrieval_setting(**bad)

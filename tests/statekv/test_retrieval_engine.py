@@ -57,6 +57,21 @@ def test_few_chunks_change_the_answer_and_are_cited_with_their_times(engine, fra
         assert 1 <= e.layers <= engine.adapter.layout.num_layers
 
 
+def test_a_layer_read_holds_that_layer_only(engine, frames, tmp_path):
+    """Regression: `LazyChunks.read_layer` read and decoded every layer's K/V of each chosen chunk (the store's
+    per-layer view kept the whole cache's list of layers), so retrieval read and held layers x what it chose."""
+    uri = str(tmp_path / "clip")
+    prefill_to_store(engine, frames, uri, fps=2.0)
+    cache = load_cache(uri)
+    layers = engine.adapter.layout.num_layers
+    for layer in range(layers):
+        for chunk in cache.chunks.read_layer(layer, [1, 3]).values():
+            assert [i for i in range(layers) if chunk.keys[i] is not None] == [layer]
+            assert [i for i in range(layers) if chunk.values[i] is not None] == [layer]
+    per_layer = cache.chunks.nbytes - sum(t.numel() * 4 for t in cache.chunks._summaries.values())
+    assert per_layer == sum(load_cache(uri, lazy=False).chunks[i].nbytes for i in (1, 3))
+
+
 @pytest.fixture(scope="module")
 def wide_engine(tmp_path_factory):
     """head_dim 32 and 24 tokens per chunk: one layer of one chunk is 12 KiB, more than Parquet's 8 KiB gap below
