@@ -368,7 +368,8 @@ def _quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
 
 
-def _engine(model: str, args: argparse.Namespace, policy=None, sampling=None, chunks_per_step: int = 1):
+def _engine(model: str, args: argparse.Namespace, policy=None, sampling=None, chunks_per_step: int = 1,
+            **engine_kwargs: Any):
     """Load the model (after the device check, which needs torch but no model)."""
     import torch
 
@@ -378,7 +379,7 @@ def _engine(model: str, args: argparse.Namespace, policy=None, sampling=None, ch
     _quiet_transformers()
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     return Engine.from_pretrained(model, policy=policy, device=args.device, dtype=dtype, sampling=sampling,
-                                  chunks_per_step=chunks_per_step)
+                                  chunks_per_step=chunks_per_step, **engine_kwargs)
 
 
 def _check_device(args: argparse.Namespace) -> None:
@@ -416,6 +417,7 @@ def cmd_prefill(args: argparse.Namespace) -> int:
             _report_prefill(args, {**committed, "skipped": True}, time.perf_counter() - started)
             return 0
 
+    from statekv.compression import make_compression
     from statekv.policies import policy_from_size
     from statekv.store import prefill_to_store
     from statekv.video import SamplingConfig
@@ -423,7 +425,8 @@ def cmd_prefill(args: argparse.Namespace) -> int:
     policy = policy_from_size(args.policy, args.capacity)
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
     sampling = SamplingConfig(fps=args.fps, max_frames=args.max_frames, **pixels)
-    engine = _engine(model, args, policy=policy, sampling=sampling, chunks_per_step=args.chunks_per_step)
+    engine = _engine(model, args, policy=policy, sampling=sampling, chunks_per_step=args.chunks_per_step,
+                     answer_from=args.answer_from, compression=make_compression(args.compression))
     bar = None
     progress = None
     if not args.no_progress:

@@ -6,6 +6,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+# statekv.policies.POLICIES and statekv.engine.ANSWER_FROM, spelled out: the driver imports no torch (a test keeps
+# them equal)
+POLICY_NAMES = ("full", "window", "statekv", "infinipot")
+ANSWER_FROM = ("chunks", "state")
+
+
 @dataclass
 class IndexConfig:
     input: str  # prefix, glob, manifest (.csv/.jsonl/.parquet) or .tar shard(s), local or s3://
@@ -14,8 +20,10 @@ class IndexConfig:
     actors: int = 1  # model actors (one model each)
     gpus_per_actor: float = 0.0  # 0 runs CPU actors
     decode_cpus: float = 1.0  # CPUs reserved per actor: its decode thread (and, on CPU actors, the model)
-    policy: str = "statekv"  # statekv | window | full
-    capacity: int = 4096  # carried tokens per layer (statekv, window)
+    policy: str = "statekv"  # one of POLICY_NAMES
+    capacity: int = 4096  # carried tokens per layer and KV head (statekv, window; the budget of infinipot)
+    answer_from: str = "chunks"  # chunks: store every chunk's KV | state: only the bounded carried state
+    compression: dict[str, Any] | None = None  # write-time compression settings, e.g. {"name": "guided", "keep": 0.6}
     fps: float = 2.0  # frames sampled per second of video
     max_frames: int | None = None  # cap on sampled frames per video (None: no cap; a cap that lowers fps warns)
     min_pixels: int | None = None  # per frame after resizing (default: SamplingConfig's)
@@ -47,8 +55,12 @@ class IndexConfig:
             raise ValueError(f"probe_threads must be >= 1, got {self.probe_threads}")
         if self.gpus_per_actor < 0 or self.decode_cpus <= 0:
             raise ValueError("gpus_per_actor must be >= 0 and decode_cpus > 0")
-        if self.policy not in ("statekv", "window", "full"):
-            raise ValueError(f"unknown policy {self.policy!r}; valid policies: statekv, window, full")
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {self.policy!r}; valid policies: {', '.join(POLICY_NAMES)}")
+        if self.answer_from not in ANSWER_FROM:
+            raise ValueError(f"unknown answer_from {self.answer_from!r}; valid: {', '.join(ANSWER_FROM)}")
+        if self.compression is not None and self.answer_from != "chunks":
+            raise ValueError("compression shrinks the stored chunks, and answer_from='state' stores none")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -335,10 +335,11 @@ def test_help_shows_defaults_and_the_whole_description(capsys):
 
 
 def test_the_cli_policy_names_are_the_library_policies():
-    from jobs.options import POLICY_NAMES
+    from jobs.options import ANSWER_FROM, POLICY_NAMES
+    from statekv.engine import ANSWER_FROM as ENGINE_ANSWER_FROM
     from statekv.policies import POLICIES
 
-    assert list(POLICY_NAMES) == list(POLICIES)
+    assert list(POLICY_NAMES) == list(POLICIES) and ANSWER_FROM == ENGINE_ANSWER_FROM
 
 
 def test_threads_flag_sets_torch_threads(capsys, tmp_path, video, tiny_checkpoints):
@@ -503,3 +504,77 @@ def test_eval_errors_are_one_line(capsys, tmp_path, tiny_checkpoints):
     report = run_reporting_imports(["eval", "--model", "./tny-typo", "--video", "v.mp4", "--question", "q"])
     assert report["rc"] == 1 and report["heavy"] == []
     assert report["stderr"].strip().startswith("statekv eval: error: model './tny-typo': no such directory")
+
+
+# --- write-time compression and state-only caches from the command line --------------------------------------------
+
+def test_prefill_with_guided_compression_stores_the_kept_fraction(capsys, tmp_path, video, tiny_checkpoints):
+    from statekv import Engine
+    from statekv.compression import Guided
+    from statekv.engine import policy_from_settings
+    from statekv.store import read_manifest
+    from statekv.video import SamplingConfig
+
+    model = tiny_checkpoints["qwen2_vl"]
+    uri = str(tmp_path / "caches" / "guided")
+    code, out, err = run(capsys, "prefill", video, "--model", model, "--out", uri, "--capacity", "8", "--no-progress",
+                         "--compress-keep", "0.5", "--guidance-prompt", "Who is there?", *PIXELS)
+    assert code == 0, err
+    prefill = read_manifest(uri)["prefill"]
+    assert prefill["compression"] == {"name": "guided", "prompt": "Who is there?", "keep": 0.5}
+    stored = load_cache(uri)
+    assert all(chunk.stored_tokens(layer) == 3 for chunk in stored.chunks for layer in range(len(chunk.keys)))
+    # the same cache as the library writes with the same settings
+    engine = Engine.from_pretrained(model, device="cpu", policy=policy_from_settings(stored.config.policy),
+                                    sampling=SamplingConfig(**stored.config.sampling),
+                                    compression=Guided(prompt="Who is there?", keep=0.5))
+    want = engine.prefill(video)
+    for got, ref in zip(stored.chunks, want.chunks):
+        assert [k.tolist() for k in got.kept] == [k.tolist() for k in ref.kept]
+    code, answer, err = run(capsys, "ask", uri, "What happens?", "--max-new-tokens", "4")
+    assert code == 0 and answer.strip(), err
+
+
+def test_prefill_answer_from_state_stores_no_chunks(capsys, tmp_path, video, tiny_checkpoints):
+    from statekv.store import read_manifest
+
+    uri = str(tmp_path / "caches" / "state")
+    code, out, err = run(capsys, "prefill", video, "--model", tiny_checkpoints["qwen2_vl"], "--out", uri,
+                         "--policy", "infinipot", "--capacity", "8", "--answer-from", "state", "--no-progress", *PIXELS)
+    assert code == 0, err
+    manifest = read_manifest(uri)
+    assert manifest["prefill"]["answer_from"] == "state" and manifest["prefill"]["policy"]["name"] == "infinipot"
+    assert len(load_cache(uri).chunks) == 0 and manifest["chunks"]["count"] == 4
+    code, answer, err = run(capsys, "ask", uri, "What happens?", "--max-new-tokens", "4")
+    assert code == 0 and answer.strip(), err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--guidance-prompt", "Who?"], "--guidance-prompt needs --compress-keep"),
+    (["--compress-keep", "1.5"], "--compress-keep must be a fraction in (0, 1], got 1.5"),
+    (["--compress-keep", "0"], "--compress-keep must be a fraction in (0, 1], got 0.0"),
+    (["--compress-keep", "0.5", "--guidance-prompt", " "], "--guidance-prompt must not be empty"),
+    (["--compress-keep", "0.5", "--answer-from", "state"], "--answer-from state stores none"),
+    (["--answer-from", "everything"], "invalid choice: 'everything'"),
+])
+@pytest.mark.parametrize("command", ["prefill", "index"])
+def test_bad_compression_flags_are_usage_errors(capsys, command, flags, message):
+    argv = (["prefill", "v.mp4", "--model", "m", "--out", "o"] if command == "prefill"
+            else ["index", "in/", "out/", "--model", "m"])
+    with pytest.raises(SystemExit) as info:
+        main(argv + flags)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and "usage: statekv" in err
+
+
+def test_index_flags_reach_the_index_config():
+    from jobs import index_videos
+    from jobs.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["index", "in/", "out/", "--model", "m", "--policy", "infinipot", "--capacity", "64",
+                              "--compress-keep", "0.25"])
+    args.check(args)
+    config = index_videos.config_from_args(args)
+    assert (config.policy, config.capacity, config.answer_from) == ("infinipot", 64, "chunks")
+    assert config.compression == {"name": "guided", "keep": 0.25}
