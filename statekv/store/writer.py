@@ -29,6 +29,7 @@ from statekv.cache import ChunkKV, VideoKVCache
 from statekv.store import format as F
 from statekv.store import manifest as manifest_schema
 from statekv.store import serde
+from statekv.profiling import STORE, timed
 from statekv.store.errors import CacheCorruptError, CacheNotFoundError, ConcurrentWriteError
 from statekv.store.fs import (LOCK_NAME, StorageOptionsLike, is_local, join, put_if_version, read_versioned,
                               resolve)
@@ -169,6 +170,7 @@ class CacheWriter:
         self._summaries: _ParquetFile | None = None
         self._summaries_first = 0
 
+    @timed(STORE)
     def _read_existing(self, mode: str) -> tuple[dict[str, Any] | None, str | None, CacheCorruptError | None]:
         """(committed manifest or None, the version the commit must replace, the corruption if it was corrupt).
 
@@ -189,6 +191,7 @@ class CacheWriter:
 
     # --- streaming ---------------------------------------------------------------------------------------------
 
+    @timed(STORE)
     def write_chunk(self, chunk: ChunkKV) -> None:
         """Append one chunk (the engine's `sink`); chunks must arrive in order."""
         if self.skipped:
@@ -298,6 +301,7 @@ class CacheWriter:
 
     # --- commit ------------------------------------------------------------------------------------------------
 
+    @timed(STORE)
     def commit(self, cache: VideoKVCache, *, footage: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write prefix and state, then the manifest (the commit, if no other writer committed since this one
         started), then retire what it replaced and sweep old attempts. Returns the manifest.
@@ -554,6 +558,7 @@ def source_info(source: str, storage_options: StorageOptionsLike = None) -> dict
     return out
 
 
+@timed(STORE)
 def footage_identity(video: Any, storage_options: StorageOptionsLike = None, *, sampling: Any = None,
                      fps: float | None = None) -> dict[str, Any] | None:
     """What a prefill of `video` consumes, to recognise the same footage again: the source (URI, size, etag or
