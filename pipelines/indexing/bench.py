@@ -42,6 +42,7 @@ def run_bench(*, model: str | None = None, videos: int = 8, frames: int = 32, ac
             "actors": n, "videos": summary.ok, "frames": summary.frames, "chunks": summary.chunks,
             "wall_s": wall, "videos_per_hour": 3600 * summary.ok / wall, "frames_per_s": summary.frames / wall,
             "decode_wait_share": summary.decode_wait_share, "failed": summary.failed,
+            "busy_s": summary.busy_s, "stage_shares": summary.stage_shares,
         })
     base = results[0]["videos_per_hour"]
     for r in results:

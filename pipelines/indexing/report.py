@@ -90,7 +90,8 @@ def report_schema():
     return pa.schema([("video_id", pa.string()), ("source", pa.string()), ("status", pa.string()),
                       ("chunks", pa.int64()), ("tokens", pa.int64()), ("frames", pa.int64()),
                       ("bytes_written", pa.int64()), ("seconds", pa.float64()), ("decode_wait_s", pa.float64()),
-                      *((name, pa.float64()) for name in STAGE_COLUMNS), ("peak_bytes", pa.int64()), ("maxrss_delta_bytes", pa.int64()), ("error", pa.string())])
+                      *((name, pa.float64()) for name in STAGE_COLUMNS), ("peak_bytes", pa.int64()),
+                      ("maxrss_delta_bytes", pa.int64()), ("error", pa.string())])
 
 
 def read_report(uri: str, storage_options: StorageOptionsLike = None) -> list[dict[str, Any]]:
