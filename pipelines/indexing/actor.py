@@ -254,7 +254,8 @@ class IndexActor:
         try:
             with peak_memory(self.engine.device) if c.track_memory else contextlib.nullcontext() as mem:
                 manifest = prefill_to_store(self.engine, source, cache_uri(c, video_id), mode=mode, int8=c.int8,
-                                            storage_options=c.storage_options, progress=progress)
+                                            storage_options=c.storage_options, progress=progress,
+                                            writer_kwargs={"buffer_bytes": int(c.store_buffer_mib * 2**20)})
         finally:
             source.close()
         if manifest["skipped"]:  # committed after the probe looked (a retried or concurrent task)
