@@ -180,9 +180,8 @@ class IndexActor:
         if row["status"] == "failed":
             return report_row(row, "failed", error=row["error"])
         start = time.perf_counter()
-        timer = StageTimer(device=self.engine.device)
-        with measure_stages(self.engine.adapter, timer=timer) if self.config.stage_times \
-                else contextlib.nullcontext():
+        timer = StageTimer(device=self.engine.device) if self.config.stage_times else None
+        with measure_stages(self.engine.adapter, timer=timer) if timer is not None else contextlib.nullcontext():
             try:
                 if self._hook is not None:
                     self._hook(row, **self.config.video_hook_args)
@@ -191,7 +190,7 @@ class IndexActor:
                 logger.warning("%s failed: %s: %s", row["video_id"], type(err).__name__, err, exc_info=True)
                 self._recover()
                 out = report_row(row, "failed", error=f"{type(err).__name__}: {err}")
-        if not self.config.stage_times:
+        if timer is None:
             return {**out, "seconds": time.perf_counter() - start}
         return {**out, **stage_fields(timer)}
 
@@ -262,7 +261,7 @@ class IndexActor:
             return report_row(row, "skipped", error="committed cache exists")
         peak = mem.peak_bytes if mem is not None else 0
         totals = manifest["totals"]
-        seconds = time.perf_counter() - start  # the row's figure is the stage timer's wall time (index_one)
+        seconds = time.perf_counter() - start  # for the log: index_one sets the row's (the stage timer's wall time)
         logger.info("%s committed: %d chunks, %d tokens, %d bytes in %.1f s (waited %.2f s on decoding)",
                     video_id, totals["chunks"], totals["tokens"], totals["bytes"], seconds, source.wait_s)
         return report_row(row, "ok", chunks=totals["chunks"], tokens=totals["tokens"], frames=source.frames,

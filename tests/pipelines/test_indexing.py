@@ -74,11 +74,18 @@ def test_actor_on_a_hand_made_batch_without_ray(tiny_checkpoints, tmp_path, engi
     rows = probe_inputs(list_inputs(config.input), config)
     from pipelines.indexing.actor import _columns
 
-    out = IndexActor(config)(_columns(rows, list(rows[0])))
+    actor = IndexActor(config)
+    out = actor(_columns(rows, list(rows[0])))
     by_id = dict(zip(out["video_id"], out["status"]))
     assert by_id == {"a": "ok", "empty": "failed"}
     assert "zero-length" in out["error"][list(out["video_id"]).index("empty")]
     assert out["peak_bytes"][list(out["video_id"]).index("a")] > 0
+    ok = list(out["video_id"]).index("a")
+    assert out["lm_s"][ok] > 0 and out["store_s"][ok] > 0 and out["fetch_s"][ok] == 0  # a local file: no fetch
+    assert sum(out[f"{name}_s"][ok] for name in SHARE_NAMES) == pytest.approx(out["seconds"][ok])
+    actor.config.stage_times = False  # the same row again (now committed: skipped), unmeasured
+    again = actor(_columns(rows[:1] if rows[0]["video_id"] == "a" else rows[1:], list(rows[0])))
+    assert again["seconds"][0] > 0 and all(again[f"{name}_s"][0] == 0 for name in SHARE_NAMES)
     direct = engine.prefill(str(videos["a"]))
     assert _answer(engine, load_cache(str(tmp_path / "out" / "a"))) == _answer(engine, direct)
 
