@@ -192,3 +192,19 @@ def test_a_slow_stage_is_the_largest_share(engine, tmp_path, slow):
     shares = timer.shares()
     assert max(shares, key=shares.get) == slow, shares
     assert {PREPROCESS, VISION, LM} <= set(timer.seconds)
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen3_vl"])
+def test_other_families_time_their_preprocessing_vision_tower_and_language_model(tmp_path, family):
+    """Single-frame families preprocess with their own resize/normalise and run tower + projector; Qwen3-VL has
+    its own preprocessing call: every family's stages are found without per-family timing code."""
+    from statekv.testing.checkpoints import save_family_checkpoint
+
+    path = save_family_checkpoint(tmp_path / family, family)
+    engine = Engine.from_pretrained(str(path), device="cpu", sampling=SamplingConfig(fps=FPS, min_pixels=28 * 28,
+                                                                                     max_pixels=56 * 84))
+    with measure_stages(engine.adapter) as timer:
+        engine.prefill(synthetic_frames(4, seed=2), fps=FPS)
+    assert {DECODE, PREPROCESS, VISION, LM} <= set(timer.seconds)
+    assert all(timer.seconds[s] > 0 for s in (DECODE, PREPROCESS, VISION, LM))
+    assert sum(timer.seconds.values()) <= timer.wall_s
