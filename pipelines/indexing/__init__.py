@@ -9,7 +9,7 @@ from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import list_inputs
 from pipelines.indexing.pipeline import IndexRunError, build, run_index
 from pipelines.indexing.probe import probe_inputs
-from pipelines.indexing.report import ReportWriter, Summary, read_report, write_report
+from pipelines.indexing.report import ReportWriter, Summary, read_report, read_summary, write_report
 
 __all__ = ["IndexActor", "IndexConfig", "IndexRunError", "PrefetchSource", "ReportWriter", "Summary", "build",
-           "list_inputs", "probe_inputs", "read_report", "run_index", "write_report"]
+           "list_inputs", "probe_inputs", "read_report", "read_summary", "run_index", "write_report"]

@@ -7,6 +7,11 @@ Overlap: a background thread decodes frame batches (decord/PyAV, through `statek
 bounded queue while the engine runs the model on the previous batch (`PrefetchSource`). Memory per video is
 bounded by the queue depth times one batch, whatever the video's length; the time the model waits on the queue
 is measured and reported (`decode_wait_s`).
+
+Where each video's time goes: `index_one` measures it with `statekv.profiling.measure_stages` (fetch, decode,
+preprocess, vision tower, language model, store writes, other), and the row carries the seconds per stage (see
+report.py). On CUDA each stage boundary then synchronises the device (`IndexConfig.stage_times=False` turns the
+measurement off).
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import numpy as np
 from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import fetch_file, fetch_member
 from pipelines.indexing.probe import cache_uri
-from pipelines.indexing.report import REPORT_COLUMNS
+from pipelines.indexing.report import FETCH, REPORT_COLUMNS, STAGE_COLUMNS, STAGE_NAMES
 from statekv.errors import VideoNotFoundError
+from statekv.profiling import OTHER, StageTimer, measure_stages, stage
 from statekv.store import prefill_to_store
 from statekv.video import ClipSource, iter_frame_batches, open_video
 
@@ -39,7 +45,7 @@ def report_row(row: dict[str, Any], status: str, *, error: str = "", **fields: A
     source = row["uri"] + (f"#{row['member']}" if row.get("member") else "")
     out = {"video_id": row["video_id"], "source": source, "status": status, "chunks": 0, "tokens": 0,
            "frames": 0, "bytes_written": 0, "seconds": 0.0, "decode_wait_s": 0.0, "peak_bytes": 0,
-           "maxrss_delta_bytes": 0, "error": error}
+           "maxrss_delta_bytes": 0, "error": error, **dict.fromkeys(STAGE_COLUMNS, 0.0)}
     out.update(fields)
     return out
 
@@ -175,15 +181,19 @@ class IndexActor:
         if row["status"] == "failed":
             return report_row(row, "failed", error=row["error"])
         start = time.perf_counter()
-        try:
-            if self._hook is not None:
-                self._hook(row, **self.config.video_hook_args)
-            return self._index(row, start)
-        except Exception as err:  # noqa: BLE001 - one video's failure, of any type, is that video's row
-            logger.warning("%s failed: %s: %s", row["video_id"], type(err).__name__, err, exc_info=True)
-            self._recover()
-            return report_row(row, "failed", error=f"{type(err).__name__}: {err}",
-                              seconds=time.perf_counter() - start)
+        timer = StageTimer(device=self.engine.device) if self.config.stage_times else None
+        with measure_stages(self.engine.adapter, timer=timer) if timer is not None else contextlib.nullcontext():
+            try:
+                if self._hook is not None:
+                    self._hook(row, **self.config.video_hook_args)
+                out = self._index(row, start)
+            except Exception as err:  # noqa: BLE001 - one video's failure, of any type, is that video's row
+                logger.warning("%s failed: %s: %s", row["video_id"], type(err).__name__, err, exc_info=True)
+                self._recover()
+                out = report_row(row, "failed", error=f"{type(err).__name__}: {err}")
+        if timer is None:
+            return {**out, "seconds": time.perf_counter() - start}
+        return {**out, **stage_fields(timer)}
 
     def _recover(self) -> None:
         """Give back what a failed video held on the accelerator (an out-of-memory leaves its tensors cached)."""
@@ -204,7 +214,8 @@ class IndexActor:
                 fd, scratch = tempfile.mkstemp(prefix="statekv-index-", suffix=suffix, dir=c.scratch_dir)
                 os.close(fd)
                 try:
-                    fetch_member(row, scratch, c.storage_options)
+                    with stage(FETCH):
+                        fetch_member(row, scratch, c.storage_options)
                 except FileNotFoundError as err:
                     raise VideoNotFoundError(row["uri"], "shard not found") from err
                 local = scratch
@@ -213,7 +224,8 @@ class IndexActor:
                 fd, scratch = tempfile.mkstemp(prefix="statekv-index-", suffix=suffix, dir=c.scratch_dir)
                 os.close(fd)
                 try:
-                    fetch_file(row["uri"], scratch, c.storage_options)
+                    with stage(FETCH):
+                        fetch_file(row["uri"], scratch, c.storage_options)
                 except FileNotFoundError as err:
                     raise VideoNotFoundError(row["uri"], "no such file") from err
                 local = scratch
@@ -242,14 +254,15 @@ class IndexActor:
         try:
             with peak_memory(self.engine.device) if c.track_memory else contextlib.nullcontext() as mem:
                 manifest = prefill_to_store(self.engine, source, cache_uri(c, video_id), mode=mode, int8=c.int8,
-                                            storage_options=c.storage_options, progress=progress)
+                                            storage_options=c.storage_options, progress=progress,
+                                            writer_kwargs={"buffer_bytes": int(c.store_buffer_mib * 2**20)})
         finally:
             source.close()
         if manifest["skipped"]:  # committed after the probe looked (a retried or concurrent task)
             return report_row(row, "skipped", error="committed cache exists")
         peak = mem.peak_bytes if mem is not None else 0
         totals = manifest["totals"]
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start  # for the log: index_one sets the row's (the stage timer's wall time)
         logger.info("%s committed: %d chunks, %d tokens, %d bytes in %.1f s (waited %.2f s on decoding)",
                     video_id, totals["chunks"], totals["tokens"], totals["bytes"], seconds, source.wait_s)
         return report_row(row, "ok", chunks=totals["chunks"], tokens=totals["tokens"], frames=source.frames,
@@ -264,6 +277,15 @@ class IndexActor:
                 logger.info("%s: %d/%d chunks", video_id, done, total)
 
         return progress
+
+
+def stage_fields(timer: StageTimer) -> dict[str, float]:
+    """A report row's `seconds` and `<stage>_s` from the timer that measured its video (they add up)."""
+    out = {f"{name}_s": timer.seconds.get(name, 0.0) for name in STAGE_NAMES}
+    unknown = set(timer.seconds) - set(STAGE_NAMES)
+    if unknown:  # a stage the report has no column for would silently land in `other`
+        raise ValueError(f"stages {sorted(unknown)} have no report column (known: {', '.join(STAGE_NAMES)})")
+    return {**out, f"{OTHER}_s": timer.other_s(), "seconds": timer.wall_s}
 
 
 def _source_name(row: dict[str, Any], config: IndexConfig) -> str:

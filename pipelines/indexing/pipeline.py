@@ -14,7 +14,7 @@ from pipelines.indexing.actor import IndexActor, report_row
 from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import list_inputs
 from pipelines.indexing.probe import probe_inputs
-from pipelines.indexing.report import ReportWriter, Summary
+from pipelines.indexing.report import ReportWriter, Summary, format_shares, shares, stage_seconds
 from statekv.errors import StateKVError
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ def _run(config: IndexConfig, address: str | None, echo) -> Summary:
             reason = f"not indexed: the run stopped ({type(err).__name__})"
             report.rows.extend(report_row(r, "failed", error=reason) for r in todo if r["video_id"] not in finished)
     summary = Summary.of(report.rows, wall_s=time.time() - started)
-    summary.report_uri = report.close()
+    summary.report_uri = report.uri
+    report.close(summary.to_dict())
     echo(summary.text())
     if failure is not None:
         if not isinstance(failure, Exception):
@@ -123,7 +124,8 @@ def _add(report: ReportWriter, rows: list[dict[str, Any]], echo) -> None:
     report.add(rows)
     for i, row in enumerate(rows, start + 1):
         echo(f"[{i}] {row['status']:<7} {row['video_id']}"
-             + (f": {row['chunks']} chunks in {row['seconds']:.1f} s" if row["status"] == "ok" else "")
+             + (f": {row['chunks']} chunks in {row['seconds']:.1f} s "
+                f"({format_shares(shares(stage_seconds(row), row['seconds']))})" if row["status"] == "ok" else "")
              + (f" ({row['error']})" if row["error"] else ""))
 
 

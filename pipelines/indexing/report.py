@@ -1,18 +1,32 @@
-"""The run report: one Parquet row per video under `<output>/_reports/run-<timestamp>/`, and its summary."""
+"""The run report: one Parquet row per video under `<output>/_reports/run-<timestamp>/`, and its summary.
+
+Each row carries where its actor's wall time went (`<stage>_s`, measured by `statekv.profiling.StageTimer` where the
+work happens): fetching a remote input to scratch, pulling decoded frames, preprocessing, the vision tower, the
+language model, writing the store, and `other_s` (what no stage claimed: policy updates, copies off the device,
+bookkeeping); they add up to `seconds`. The summary gives the shares per video and over the run, as text and as
+`summary.json` next to `report.parquet`.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from statekv.profiling import OTHER, STAGES
 from statekv.store.fs import StorageOptionsLike, put_atomic, resolve
 
 REPORTS_DIR = "_reports"
 REPORT_FILE = "report.parquet"
+SUMMARY_FILE = "summary.json"
+FETCH = "fetch"  # the actor's own stage: copying a remote video (or a tar member) to local scratch
+STAGE_NAMES = (FETCH, *STAGES)
+SHARE_NAMES = (*STAGE_NAMES, OTHER)  # every part of a video's actor time, in the order the report shows them
+STAGE_COLUMNS = tuple(f"{name}_s" for name in SHARE_NAMES)
 PARTS_DIR = "parts"  # rows written as videos finish; merged into report.parquet when the run ends
 REPORT_COLUMNS = ("video_id", "source", "status", "chunks", "tokens", "frames", "bytes_written", "seconds",
-                  "decode_wait_s", "peak_bytes", "maxrss_delta_bytes", "error")
+                  "decode_wait_s", *STAGE_COLUMNS, "peak_bytes", "maxrss_delta_bytes", "error")
 
 
 class ReportWriter:
@@ -40,9 +54,12 @@ class ReportWriter:
         _write_table(self._fs, f"{self._path}/{PARTS_DIR}/part-{self._parts:06d}.parquet", rows)
         self._parts += 1
 
-    def close(self) -> str:
-        """Write every row as `report.parquet`, drop the parts; returns the report's URI."""
+    def close(self, summary: dict[str, Any] | None = None) -> str:
+        """Write every row as `report.parquet` (and `summary`, if given, as `summary.json`), drop the parts;
+        returns the report's URI."""
         _write_table(self._fs, f"{self._path}/{REPORT_FILE}", self.rows)
+        if summary is not None:
+            put_atomic(self._fs, f"{self._path}/{SUMMARY_FILE}", json.dumps(summary, indent=1).encode())
         if self._fs.exists(f"{self._path}/{PARTS_DIR}"):
             self._fs.rm(f"{self._path}/{PARTS_DIR}", recursive=True)
         return self.uri
@@ -73,7 +90,8 @@ def report_schema():
     return pa.schema([("video_id", pa.string()), ("source", pa.string()), ("status", pa.string()),
                       ("chunks", pa.int64()), ("tokens", pa.int64()), ("frames", pa.int64()),
                       ("bytes_written", pa.int64()), ("seconds", pa.float64()), ("decode_wait_s", pa.float64()),
-                      ("peak_bytes", pa.int64()), ("maxrss_delta_bytes", pa.int64()), ("error", pa.string())])
+                      *((name, pa.float64()) for name in STAGE_COLUMNS), ("peak_bytes", pa.int64()),
+                      ("maxrss_delta_bytes", pa.int64()), ("error", pa.string())])
 
 
 def read_report(uri: str, storage_options: StorageOptionsLike = None) -> list[dict[str, Any]]:
@@ -97,6 +115,30 @@ def read_report(uri: str, storage_options: StorageOptionsLike = None) -> list[di
         return pq.read_table(f).to_pylist()
 
 
+def read_summary(uri: str, storage_options: StorageOptionsLike = None) -> dict[str, Any]:
+    """The `summary.json` of a finished run (`<run>` folder or its `report.parquet`)."""
+    fs, path = resolve(uri, storage_options)
+    if path.endswith(".parquet"):
+        path = path.rsplit("/", 1)[0]
+    with fs.open(f"{path}/{SUMMARY_FILE}", "rb") as f:
+        return json.loads(f.read())
+
+
+def stage_seconds(row: dict[str, Any]) -> dict[str, float]:
+    """{stage: seconds} of a report row, `other` included (zeros for a report written before stages existed)."""
+    return {name: float(row.get(f"{name}_s") or 0.0) for name in SHARE_NAMES}
+
+
+def shares(seconds: dict[str, float], total: float) -> dict[str, float]:
+    """Each part's share of `total` seconds (zeros when nothing was timed)."""
+    return {name: (seconds.get(name, 0.0) / total if total > 0 else 0.0) for name in SHARE_NAMES}
+
+
+def format_shares(parts: dict[str, float]) -> str:
+    """'decode 3.1%, preprocess 5.0%, ...' in the report's order."""
+    return ", ".join(f"{name} {100 * parts.get(name, 0.0):.1f}%" for name in SHARE_NAMES)
+
+
 @dataclass
 class Summary:
     videos: int = 0
@@ -110,6 +152,7 @@ class Summary:
     wall_s: float = 0.0
     busy_s: float = 0.0  # actor seconds spent on ok videos
     decode_wait_s: float = 0.0  # of which waiting for decoded frames
+    stage_s: dict[str, float] = field(default_factory=dict)  # busy_s by stage (`other` included), ok videos
     report_uri: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
@@ -121,17 +164,44 @@ class Summary:
                    frames=sum(r["frames"] for r in ok), tokens=sum(r["tokens"] for r in ok),
                    bytes_written=sum(r["bytes_written"] for r in ok), wall_s=wall_s,
                    busy_s=sum(r["seconds"] for r in ok), decode_wait_s=sum(r["decode_wait_s"] for r in ok),
-                   rows=rows)
+                   stage_s={name: sum(stage_seconds(r)[name] for r in ok) for name in SHARE_NAMES}, rows=rows)
 
     @property
     def decode_wait_share(self) -> float:
         return self.decode_wait_s / self.busy_s if self.busy_s else 0.0
 
-    def text(self) -> str:
+    @property
+    def stage_shares(self) -> dict[str, float]:
+        """Share of the actors' time on ok videos per stage (`other` included; they sum to 1)."""
+        return shares(self.stage_s, self.busy_s)
+
+    def video_shares(self) -> list[dict[str, Any]]:
+        """Per ok video: its id, actor seconds, and seconds and share per stage."""
+        return [{"video_id": r["video_id"], "seconds": r["seconds"], "stage_s": stage_seconds(r),
+                 "stage_shares": shares(stage_seconds(r), r["seconds"])} for r in self.rows if r["status"] == "ok"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as JSON-able data (what `summary.json` holds): counts, totals, shares overall and per video."""
+        counts = {k: getattr(self, k) for k in ("videos", "ok", "skipped", "failed", "chunks", "frames", "tokens",
+                                                 "bytes_written", "wall_s", "busy_s", "decode_wait_s")}
+        return {**counts, "report_uri": self.report_uri, "stage_s": self.stage_s,
+                "stage_shares": self.stage_shares, "per_video": self.video_shares(),
+                "failures": [{"video_id": r["video_id"], "source": r["source"], "error": r["error"]}
+                             for r in self.rows if r["status"] == "failed"]}
+
+    def text(self, *, max_videos: int = 20) -> str:
+        """Human-readable: totals, the actors' time by stage, the same per video (the slowest `max_videos`)."""
         lines = [f"{self.videos} video(s): {self.ok} indexed, {self.skipped} skipped, {self.failed} failed; "
                  f"{self.chunks} chunks, {self.tokens} tokens, {self.bytes_written / 2**20:.1f} MiB written "
                  f"in {self.wall_s:.1f} s (actors waited on decoding {100 * self.decode_wait_share:.1f}% "
                  "of their time)"]
+        if self.ok:
+            lines.append(f"actor time {self.busy_s:.1f} s: {format_shares(self.stage_shares)}")
+            videos = sorted(self.video_shares(), key=lambda v: -v["seconds"])
+            lines += [f"  {v['video_id']} {v['seconds']:.1f} s: {format_shares(v['stage_shares'])}"
+                      for v in videos[:max_videos]]
+            if len(videos) > max_videos:
+                lines.append(f"  ... {len(videos) - max_videos} more video(s) in {SUMMARY_FILE}")
         lines += [f"  failed {r['video_id']} ({r['source']}): {r['error']}"
                   for r in self.rows if r["status"] == "failed"]
         if self.report_uri:

@@ -245,6 +245,11 @@ class VideoLMAdapter:
     def language_model(self) -> Any:
         return self.model.model.language_model
 
+    def vision_modules(self) -> list[Any]:
+        """The modules that turn pixels into the language model's inputs (vision tower, projector): every part of
+        the multimodal model but its language model (what `statekv.profiling` times as the vision stage)."""
+        return [m for m in self.model.model.children() if m is not self.language_model]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter
+from statekv.profiling import PREPROCESS, timed
 from statekv.video.preprocess import resize_frames
 
 ROPE_SCALINGS = ("none", "dynamic_ntk")
@@ -74,6 +75,7 @@ class FramePreprocessing:
                    rescale_factor=float(config.get("rescale_factor", 1 / 255)),
                    do_rescale=bool(config.get("do_rescale", True)), do_normalize=bool(config.get("do_normalize", True)))
 
+    @timed(PREPROCESS)
     def __call__(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (T, H, W, 3) RGB -> float32 (T, 3, height, width) model pixels."""
         x = resize_frames(frames, *self.size).to(torch.float32)  # (T, 3, h, w) on the 0-255 scale

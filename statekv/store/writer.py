@@ -29,6 +29,7 @@ from statekv.cache import ChunkKV, VideoKVCache
 from statekv.store import format as F
 from statekv.store import manifest as manifest_schema
 from statekv.store import serde
+from statekv.profiling import STORE, timed
 from statekv.store.errors import CacheCorruptError, CacheNotFoundError, ConcurrentWriteError
 from statekv.store.fs import (LOCK_NAME, StorageOptionsLike, is_local, join, put_if_version, read_versioned,
                               resolve)
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 MODES = ("overwrite", "skip", "append")
 SWEEP_GRACE_S = 900.0  # a retired or abandoned attempt is deleted once this old: readers take far less
 RETIRED = "RETIRED"  # marker object a winner writes into each attempt folder its commit superseded
+BUFFER_BYTES = 16 << 20  # finished row groups a writer holds before writing them in one call (bounded memory)
 
 
 class _CountingSink:
@@ -79,9 +81,15 @@ class _CountingSink:
 
 
 class _ParquetFile:
-    """One Parquet object being written: its writer, row buffer and entry for the manifest."""
+    """One Parquet object being written: its writer, row buffer and entry for the manifest.
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, rel: str, schema: pa.Schema, kind: str) -> None:
+    Finished row groups are held until `buffer_bytes` of them are (0: none is held), then written by ONE Parquet
+    call that keeps each its own row group: the same file, without a table conversion and a write call per chunk
+    (at small chunks that per-call cost was most of the store's time; see docs/benchmarks.md, "Indexing").
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, rel: str, schema: pa.Schema, kind: str, *,
+                 buffer_bytes: int = 0) -> None:
         if is_local(fs):  # object stores have no directories to make
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         self.sink = _CountingSink(fs.open(path, "wb"))
@@ -90,18 +98,35 @@ class _ParquetFile:
         self.entry: dict[str, Any] = {"path": rel, "kind": kind}
         self.rows: list[dict[str, Any]] = []
         self.num_rows = 0
+        self.buffer_bytes = buffer_bytes
+        self.held: list[list[dict[str, Any]]] = []  # finished row groups not yet written, all of one size
+        self.held_bytes = 0
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         self.num_rows += 1
 
     def flush_row_group(self) -> None:
-        if self.rows:
-            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
-            self.rows = []
+        """End the current row group: written now, or held with the next ones (see the class docstring)."""
+        if not self.rows:
+            return
+        if self.held and len(self.rows) != len(self.held[0]):
+            self._write_held()  # one call writes row groups of one size
+        self.held.append(self.rows)
+        self.held_bytes += sum(len(v) for row in self.rows for v in row.values() if isinstance(v, bytes))
+        self.rows = []
+        if self.held_bytes >= self.buffer_bytes:
+            self._write_held()
+
+    def _write_held(self) -> None:
+        if self.held:
+            rows = [row for group in self.held for row in group]
+            self.writer.write_table(pa.Table.from_pylist(rows, schema=self.schema), row_group_size=len(self.held[0]))
+            self.held, self.held_bytes = [], 0
 
     def close(self) -> dict[str, Any]:
         self.flush_row_group()
+        self._write_held()
         self.writer.close()
         self.sink.close()
         self.entry.update(bytes=self.sink.size, crc32=self.sink.crc)
@@ -123,12 +148,15 @@ class CacheWriter:
     manifest is replaced by "overwrite" and "skip" (`replaced_corrupt` holds its error) and refused by "append".
     `int8=True` stores chunk K/V and the carried state as int8 with scales. The commit is single-winner: if
     another writer commits this cache after this one started, `commit` raises ConcurrentWriteError.
+    `buffer_bytes`: chunk rows held in memory before they are written together (each chunk still its own row
+    group, the file the same); 0 writes each row group as it completes.
     """
 
     def __init__(self, uri: str | os.PathLike, *, mode: str = "overwrite", int8: bool | None = None,
                  storage_options: StorageOptionsLike = None, filesystem: fsspec.AbstractFileSystem | None = None,
                  chunks_per_row_group: int = 1, chunks_per_file: int = 256,
-                 source_storage_options: StorageOptionsLike = None, sweep_grace_s: float = SWEEP_GRACE_S) -> None:
+                 source_storage_options: StorageOptionsLike = None, sweep_grace_s: float = SWEEP_GRACE_S,
+                 buffer_bytes: int = BUFFER_BYTES) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown write mode {mode!r}; valid modes: {', '.join(MODES)}")
         if chunks_per_row_group < 1 or chunks_per_file < chunks_per_row_group:
@@ -141,6 +169,7 @@ class CacheWriter:
         self.chunks_per_row_group = chunks_per_row_group
         self.chunks_per_file = chunks_per_file
         self.sweep_grace_s = sweep_grace_s
+        self.buffer_bytes = max(0, int(buffer_bytes))  # chunk (and summary) rows held before one Parquet write
         self.existing, self._expect_version, self.replaced_corrupt = self._read_existing(mode)
         self.skipped = mode == "skip" and self.existing is not None
         self.base: dict[str, Any] | None = None
@@ -172,6 +201,7 @@ class CacheWriter:
         self._summaries: _ParquetFile | None = None
         self._summaries_first = 0
 
+    @timed(STORE)
     def _read_existing(self, mode: str) -> tuple[dict[str, Any] | None, str | None, CacheCorruptError | None]:
         """(committed manifest or None, the version the commit must replace, the corruption if it was corrupt).
 
@@ -192,6 +222,7 @@ class CacheWriter:
 
     # --- streaming ---------------------------------------------------------------------------------------------
 
+    @timed(STORE)
     def write_chunk(self, chunk: ChunkKV) -> None:
         """Append one chunk (the engine's `sink`); chunks must arrive in order."""
         if self.skipped:
@@ -250,7 +281,8 @@ class CacheWriter:
         n = len(self._chunk_files)
         rel = f"{self.attempt}/chunks-{n:05d}.parquet"
         self._file = _ParquetFile(self.fs, join(self.path, rel), rel,
-                                  F.chunk_schema(self._kv_layers, self.int8, bool(self._kept)), "chunks")
+                                  F.chunk_schema(self._kv_layers, self.int8, bool(self._kept)), "chunks",
+                                  buffer_bytes=self.buffer_bytes)
         self._file_first = self._next_index
 
     def _close_chunk_file(self) -> None:
@@ -265,7 +297,7 @@ class CacheWriter:
         if self._summaries is None:
             rel = f"{self.attempt}/summaries-{len(self._chunk_files):05d}.parquet"
             self._summaries = _ParquetFile(self.fs, join(self.path, rel), rel, F.summary_schema(self._kv_layers),
-                                           "summaries")
+                                           "summaries", buffer_bytes=self.buffer_bytes)
             self._summaries_first = index
         entry = {"chunk_index": index}
         for layer in self._kv_layers:
@@ -321,6 +353,7 @@ class CacheWriter:
 
     # --- commit ------------------------------------------------------------------------------------------------
 
+    @timed(STORE)
     def commit(self, cache: VideoKVCache, *, footage: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write prefix and state, then the manifest (the commit, if no other writer committed since this one
         started), then retire what it replaced and sweep old attempts. Returns the manifest.
@@ -592,6 +625,7 @@ def source_info(source: str, storage_options: StorageOptionsLike = None) -> dict
     return out
 
 
+@timed(STORE)
 def footage_identity(video: Any, storage_options: StorageOptionsLike = None, *, sampling: Any = None,
                      fps: float | None = None) -> dict[str, Any] | None:
     """What a prefill of `video` consumes, to recognise the same footage again: the source (URI, size, etag or

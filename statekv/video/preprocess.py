@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from statekv.profiling import PREPROCESS, timed
+
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200  # Qwen2-VL refuses more elongated frames
@@ -131,6 +133,7 @@ def patchify(
     return patches, (grid_t, grid_h, grid_w)
 
 
+@timed(PREPROCESS)
 def preprocess_frames(
     frames: np.ndarray | torch.Tensor,
     *,

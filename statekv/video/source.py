@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from statekv.errors import EmptyVideoError, VideoError
+from statekv.profiling import DECODE, timed_iter
 
 
 @runtime_checkable
@@ -74,8 +75,9 @@ def iter_frame_batches(video: VideoSource, indices: np.ndarray, batch_frames: in
         raise ValueError(f"batch_frames must be >= 1, got {batch_frames}")
     indices = check_indices(indices, video.num_frames, video.source)
     if isinstance(video, BatchedVideoSource):
-        return video.iter_batches(indices, batch_frames)
-    return (video.read(indices[start : start + batch_frames]) for start in range(0, len(indices), batch_frames))
+        return timed_iter(DECODE, video.iter_batches(indices, batch_frames))
+    return timed_iter(DECODE, (video.read(indices[start : start + batch_frames])
+                               for start in range(0, len(indices), batch_frames)))
 
 
 class FramesSource:

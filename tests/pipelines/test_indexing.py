@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from pipelines.indexing import (IndexActor, IndexConfig, IndexRunError, list_inputs, probe_inputs, read_report,
-                                run_index)
+                                read_summary, run_index)
+from pipelines.indexing.report import SHARE_NAMES, STAGE_NAMES
 from pipelines.indexing.inputs import expand_shard
 from statekv.store import list_caches, load_cache, read_manifest, sweep
 from statekv.testing.videos import synthetic_frames, write_video
@@ -73,11 +74,18 @@ def test_actor_on_a_hand_made_batch_without_ray(tiny_checkpoints, tmp_path, engi
     rows = probe_inputs(list_inputs(config.input), config)
     from pipelines.indexing.actor import _columns
 
-    out = IndexActor(config)(_columns(rows, list(rows[0])))
+    actor = IndexActor(config)
+    out = actor(_columns(rows, list(rows[0])))
     by_id = dict(zip(out["video_id"], out["status"]))
     assert by_id == {"a": "ok", "empty": "failed"}
     assert "zero-length" in out["error"][list(out["video_id"]).index("empty")]
     assert out["peak_bytes"][list(out["video_id"]).index("a")] > 0
+    ok = list(out["video_id"]).index("a")
+    assert out["lm_s"][ok] > 0 and out["store_s"][ok] > 0 and out["fetch_s"][ok] == 0  # a local file: no fetch
+    assert sum(out[f"{name}_s"][ok] for name in SHARE_NAMES) == pytest.approx(out["seconds"][ok])
+    actor.config.stage_times = False  # the same row again (now committed: skipped), unmeasured
+    again = actor(_columns(rows[:1] if rows[0]["video_id"] == "a" else rows[1:], list(rows[0])))
+    assert again["seconds"][0] > 0 and all(again[f"{name}_s"][0] == 0 for name in SHARE_NAMES)
     direct = engine.prefill(str(videos["a"]))
     assert _answer(engine, load_cache(str(tmp_path / "out" / "a"))) == _answer(engine, direct)
 
@@ -95,9 +103,11 @@ def test_end_to_end_on_s3(ray_cluster, tiny_checkpoints, s3_server, tmp_path, en
         fs.put_file(str(p), f"caches/e2e-in/sub/{p.name}")
     config = _config(tiny_checkpoints["qwen2_vl"], "s3://caches/e2e-in/", "s3://caches/e2e-out",
                      storage_options=options, actors=2)
-    summary = run_index(config, echo=lambda s: None)
+    printed: list[str] = []
+    summary = run_index(config, echo=printed.append)
     assert (summary.ok, summary.failed, summary.skipped) == (3, 2, 0)
     report = {r["video_id"]: r for r in read_report(summary.report_uri, options)}
+    _check_stage_shares(report, read_summary(summary.report_uri, options), printed)
     assert {k: r["status"] for k, r in report.items()} == {
         "sub--v0": "ok", "sub--v1": "ok", "sub--v2": "ok", "sub--corrupt": "failed", "sub--empty": "failed"}
     assert "zero-length" in report["sub--empty"]["error"]
@@ -111,6 +121,33 @@ def test_end_to_end_on_s3(ray_cluster, tiny_checkpoints, s3_server, tmp_path, en
     # the same job again skips everything committed
     again = run_index(config, echo=lambda s: None)
     assert (again.ok, again.skipped, again.failed) == (0, 3, 2)
+
+
+def _check_stage_shares(report: dict, summary: dict, printed: list[str]) -> None:
+    """Every ok video's actor time is split into fetch, decode, preprocess, vision, lm, store and other, each
+    measured (> 0; other >= 0) and adding up to the video's seconds; summary.json and the printed summary show the
+    same shares per video and over the run."""
+    ok = [r for r in report.values() if r["status"] == "ok"]
+    for r in ok:
+        parts = {name: r[f"{name}_s"] for name in SHARE_NAMES}
+        assert all(v >= 0 for v in parts.values()), parts
+        assert all(parts[name] > 0 for name in STAGE_NAMES), parts  # the input is on S3: fetch is measured too
+        assert sum(parts.values()) == pytest.approx(r["seconds"], rel=1e-6)
+    assert sum(summary["stage_shares"].values()) == pytest.approx(1.0)
+    assert summary["busy_s"] == pytest.approx(sum(r["seconds"] for r in ok))
+    per_video = {v["video_id"]: v for v in summary["per_video"]}
+    assert sorted(per_video) == sorted(r["video_id"] for r in ok)
+    for r in ok:
+        v = per_video[r["video_id"]]
+        assert set(v["stage_shares"]) == set(SHARE_NAMES) and all(x >= 0 for x in v["stage_shares"].values())
+        assert sum(v["stage_shares"].values()) == pytest.approx(1.0)
+        assert v["stage_shares"]["lm"] == pytest.approx(r["lm_s"] / r["seconds"])
+    text = "\n".join(printed)
+    assert "actor time" in text and all(f"{name} " in text for name in SHARE_NAMES)
+    progress, summary_lines = printed[:-1], printed[-1].splitlines()
+    for r in ok:  # a line with its shares as the video finishes, and one in the summary
+        for lines in (progress, summary_lines):
+            assert any(f" {r['video_id']}" in line and "vision " in line for line in lines), lines
 
 
 def test_manifest_input_with_ids_and_time_ranges(ray_cluster, tiny_checkpoints, tmp_path, engine):
