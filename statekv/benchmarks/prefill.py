@@ -5,7 +5,11 @@ For each policy and video length it measures
   of `repeats` runs, with the policies interleaved (every repetition runs every length and policy once, the policy
   order rotating between repetitions) after one untimed warm-up prefill per policy;
 - FLOPs (`statekv.profiling.count_flops`, in a separate run since counting is slow), in total and per chunk;
-- peak device tensor memory (`statekv.profiling.peak_memory`, chunks sent to a no-op sink, none kept).
+- peak device tensor memory (`statekv.profiling.peak_memory`, chunks sent to a no-op sink, none kept);
+- the same frames through ONE forward of the plain transformers model (the checkpoint's own class, SDPA
+  attention, `use_cache=True`) over the same prefix + video tokens, preprocessing included as in streaming, timed in
+  the same repetitions: each policy's `ratio_to_one_shot` per length, and the `crossover`, the shortest length at
+  which streaming StateKV is faster than the one-shot forward (log-interpolated between measured lengths).
 
 The model is a random Qwen2-VL built with `statekv.testing.checkpoints.save_tiny_checkpoint` ("tiny": the test
 config, "mid": hidden 512, 8 layers), so nothing is downloaded. `run_benchmark` returns (and writes) a JSON-ready
@@ -41,6 +45,7 @@ from statekv.video import SamplingConfig
 
 FPS = 2.0
 POLICY_NAMES = ("full", "window", "statekv")
+ONE_SHOT = "one-shot"  # one forward of the plain transformers model over the same tokens
 
 # random Qwen2-VL configs (keyword arguments of save_tiny_checkpoint) and the frame size each is fed
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -71,6 +76,7 @@ class BenchConfig:
     checkpoint: str | None = None  # an existing checkpoint directory instead of a fresh random one
     measure_flops: bool = True
     measure_memory: bool = True
+    one_shot: bool = True  # also time one plain transformers forward over the same tokens (ratios, crossover)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> "BenchConfig":
@@ -92,7 +98,7 @@ class BenchConfig:
         return BenchConfig(size=self.size, frames=frames, capacity=self.capacity, repeats=self.repeats,
                            device=device, dtype=dtype, height=self.height or height, width=self.width or width,
                            seed=self.seed, threads=threads, checkpoint=self.checkpoint, measure_flops=self.measure_flops,
-                           measure_memory=self.measure_memory, extra=dict(self.extra))
+                           measure_memory=self.measure_memory, one_shot=self.one_shot, extra=dict(self.extra))
 
 
 def make_policies(capacity: int) -> dict[str, Policy]:
@@ -120,6 +126,48 @@ def time_prefill(engine: Engine, frames: np.ndarray) -> tuple[float, list[float]
     total = time.perf_counter() - start
     chunk_s = np.diff([start, *stamps]).tolist()
     return total, chunk_s
+
+
+def plain_model(path: str | Path, model_class: type, *, device: torch.device, dtype: torch.dtype) -> Any:
+    """The checkpoint as its own transformers class with transformers' SDPA attention (no statekv code)."""
+    return model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+
+
+def one_shot_inputs(adapter: Any, frames: np.ndarray, frame_size: tuple[int, int], tokens: int) -> dict[str, Any]:
+    """The plain model's inputs for the first `tokens` tokens of the processor's sequence (prefix + video: the
+    question is cut off)."""
+    inputs = adapter.reference_inputs(frames, "?", "prefix-first", frame_size, FPS)
+    length = inputs["input_ids"].shape[1]
+    return {k: v[:, :tokens] if torch.is_tensor(v) and v.shape == (1, length) else v for k, v in inputs.items()}
+
+
+def time_one_shot(adapter: Any, model: Any, frames: np.ndarray, frame_size: tuple[int, int], tokens: int) -> float:
+    """Seconds of one plain transformers forward (its own attention, a KV cache built) over the tokens streaming
+    prefills, preprocessing included (streaming's time includes it too)."""
+    device = adapter.device
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        inputs = one_shot_inputs(adapter, frames, frame_size, tokens)
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        if hasattr(model.model, "rope_deltas"):
+            model.model.rope_deltas = None  # positions from these input ids, not carried from a last call
+        model.model(**inputs, use_cache=True)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def crossover(lengths: Sequence[int], ratios: Sequence[float]) -> dict[str, Any]:
+    """Where `ratios` (streaming / one-shot, by increasing length) first drops below 1: the first measured length
+    below 1 and the length log-interpolated between it and the one before (None when never below 1)."""
+    for i, (n, r) in enumerate(zip(lengths, ratios)):
+        if r < 1.0:
+            if i == 0:
+                return {"first_measured": n, "interpolated": None, "below_shortest": True}
+            n0, r0 = lengths[i - 1], ratios[i - 1]
+            at = math.exp(math.log(n0) + (r0 - 1.0) / (r0 - r) * (math.log(n) - math.log(n0)))
+            return {"first_measured": n, "interpolated": at, "below_shortest": False}
+    return {"first_measured": None, "interpolated": None, "below_shortest": False}
 
 
 def flops_prefill(engine: Engine, frames: np.ndarray) -> tuple[int, list[int]]:
@@ -200,6 +248,7 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
         # pixels: keep the synthetic frames at their own size (rounded to the 28-pixel grid)
         sampling = SamplingConfig(fps=FPS, min_pixels=28 * 28, max_pixels=max(28 * 28, cfg.height * cfg.width))
         base = Engine.from_pretrained(path, policy=Full(), device=cfg.device, dtype=dtype, sampling=sampling)
+        plain = plain_model(path, base.adapter.model_class, device=base.device, dtype=dtype) if cfg.one_shot else None
     adapter = base.adapter
     device = adapter.device
     h, w = adapter.frame_size(cfg.height, cfg.width, sampling)
@@ -217,14 +266,27 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
 
     timings: dict[str, dict[int, list[tuple[float, list[float]]]]] = {p: {n: [] for n in cfg.frames} for p in policies}
     started = time.perf_counter()
+    prefix_tokens = len(adapter.prefix_ids("prefix-first"))
+    one_shot: dict[int, list[float]] = {n: [] for n in cfg.frames}
+
+    def run_one_shot(n: int) -> float:
+        tokens = prefix_tokens + math.ceil(n / adapter.frames_per_chunk) * tokens_per_chunk
+        return time_one_shot(adapter, plain, videos[n], (h, w), tokens)
+
     for name, engine in engines.items():  # warm-up: first-call costs (allocator, kernels) stay out of the figures
         time_prefill(engine, videos[cfg.frames[0]])
+    if plain is not None:
+        run_one_shot(cfg.frames[0])
     names = list(policies)
+    timed = names + ([ONE_SHOT] if plain is not None else [])
     for rep in range(cfg.repeats):
-        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate who goes first
+        order = timed[rep % len(timed):] + timed[:rep % len(timed)]  # rotate who goes first
         for n in cfg.frames:
             for name in order:
-                timings[name][n].append(time_prefill(engines[name], videos[n]))
+                if name == ONE_SHOT:
+                    one_shot[n].append(run_one_shot(n))
+                else:
+                    timings[name][n].append(time_prefill(engines[name], videos[n]))
         log(f"timing repetition {rep + 1}/{cfg.repeats} done ({time.perf_counter() - started:.1f} s)")
 
     results: dict[str, list[dict[str, Any]]] = {}
@@ -241,6 +303,8 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
                 "chunk_s_runs": [r[1] for r in runs],
                 "flops": None, "chunk_flops": None, "peak_bytes": None,
             }
+            if plain is not None:
+                entry["ratio_to_one_shot"] = entry["total_s"] / statistics.median(one_shot[n])
             if cfg.measure_flops:
                 entry["flops"], entry["chunk_flops"] = flops_prefill(flop_engines[name], videos[n])
             if cfg.measure_memory:
@@ -270,6 +334,12 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
                  "by torch.utils.flop_counter (matmul/attention), not elementwise ops or top-k.",
         "results": results,
         "growth": {name: _growth(entries) for name, entries in results.items()},
+        "one_shot": None if plain is None else [
+            {"frames": n, "tokens": prefix_tokens + math.ceil(n / adapter.frames_per_chunk) * tokens_per_chunk,
+             "total_s": statistics.median(one_shot[n]), "total_s_runs": one_shot[n]} for n in cfg.frames],
+        "crossover": None if plain is None else {
+            name: {**crossover([e["chunks"] for e in entries], [e["ratio_to_one_shot"] for e in entries]),
+                   "unit": "chunks"} for name, entries in results.items()},
         "wall_s": time.perf_counter() - started,
     }
     if out_dir is not None:
@@ -341,8 +411,13 @@ def format_table(report: dict[str, Any]) -> str:
              f"threads={cfg['threads']} tokens/chunk={cfg['tokens_per_chunk']} capacity={cfg['capacity']} "
              f"repeats={cfg['repeats']}",
              f"{'frames':>6} {'chunks':>6} {'policy':>8} {'total ms':>10} {'first ms':>9} {'last ms':>8} "
-             f"{'GFLOPs':>9} {'last-chunk MFLOPs':>17} {'peak MiB':>9}"]
+             f"{'GFLOPs':>9} {'last-chunk MFLOPs':>17} {'peak MiB':>9} {'/one-shot':>9}"]
+    one_shot = report.get("one_shot")
     for i, n in enumerate(cfg["frames"]):
+        if one_shot:
+            o = one_shot[i]
+            lines.append(f"{n:>6} {results[next(iter(results))][i]['chunks']:>6} {ONE_SHOT:>8} "
+                         f"{o['total_s'] * 1e3:>10.1f} {'-':>9} {'-':>8} {'-':>9} {'-':>17} {'-':>9} {1.0:>9.2f}")
         for name, entries in results.items():
             e = entries[i]
             chunk_ms = np.array(e["chunk_s"]) * 1e3
@@ -350,8 +425,9 @@ def format_table(report: dict[str, Any]) -> str:
             gf = "-" if e["flops"] is None else f"{e['flops'] / 1e9:.3f}"
             mf = "-" if e["chunk_flops"] is None else f"{e['chunk_flops'][-1] / 1e6:.2f}"
             mem = "-" if e["peak_bytes"] is None else f"{e['peak_bytes'] / 2**20:.2f}"
+            ratio = f"{e['ratio_to_one_shot']:.2f}" if "ratio_to_one_shot" in e else "-"
             lines.append(f"{n:>6} {e['chunks']:>6} {name:>8} {e['total_s'] * 1e3:>10.1f} {chunk_ms[0]:>9.2f} "
-                         f"{float(np.median(tail)):>8.2f} {gf:>9} {mf:>17} {mem:>9}")
+                         f"{float(np.median(tail)):>8.2f} {gf:>9} {mf:>17} {mem:>9} {ratio:>9}")
     growth = report["growth"]
     if any(growth.values()):
         first, last = cfg["frames"][0], cfg["frames"][-1]
@@ -361,6 +437,14 @@ def format_table(report: dict[str, Any]) -> str:
                 lines.append(f"  {name:>8}: total x{g['flops_ratio']:.2f} (log-log slope {g['loglog_slope']:.2f}); "
                              f"per-chunk marginal end/start x{g['marginal_end_over_start']:.2f}, "
                              f"end/middle x{g['marginal_end_over_middle']:.3f}")
+    for name, c in (report.get("crossover") or {}).items():
+        if c["below_shortest"]:
+            where = f"already faster at the shortest length ({c['first_measured']} chunks)"
+        elif c["first_measured"] is None:
+            where = "not faster at any measured length"
+        else:
+            where = f"~{c['interpolated']:.1f} chunks (first measured faster: {c['first_measured']} chunks)"
+        lines.append(f"crossover {name} vs one-shot forward: {where}")
     lines.append(f"wall time {report['wall_s']:.1f} s")
     return "\n".join(lines)
 
