@@ -307,8 +307,8 @@ class Engine:
             for layer in step_cache.attention:  # linear-attention layers: their states are exact, no policy
                 buffers = step_cache.layers[layer]
                 layer_scores = None if scores is None else scores[layer][0, :, prefix_len:]
-                state = self.policy.update_merged(buffers.merged(first_token), buffers.state_size, carried[layer],
-                                                  layer_scores)
+                state = self.policy.next_state(buffers.merged(first_token), buffers.state_size, carried[layer],
+                                               layer_scores)
                 buffers.commit(state)  # written into the buffer (nothing moves when it already lies there)
                 carried[layer] = state.scores
             step_kv = host.wait() if host is not None else [None] * a.layout.num_layers  # per layer (Hkv, n, D)
