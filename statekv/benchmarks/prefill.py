@@ -76,6 +76,7 @@ class BenchConfig:
     checkpoint: str | None = None  # an existing checkpoint directory instead of a fresh random one
     measure_flops: bool = True
     measure_memory: bool = True
+    policies: Sequence[str] = POLICY_NAMES  # which of full / window / statekv to run
     one_shot: bool = True  # also time one plain transformers forward over the same tokens (ratios, crossover)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -92,13 +93,18 @@ class BenchConfig:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {dtype!r}")
         height, width = FRAME_SIZES[self.size]
+        policies = [p for p in POLICY_NAMES if p in set(self.policies)]
+        unknown = set(self.policies) - set(POLICY_NAMES)
+        if unknown or not policies:
+            raise ValueError(f"unknown or no policies {sorted(unknown) or list(self.policies)}; "
+                             f"valid: {', '.join(POLICY_NAMES)}")
         threads = self.threads if self.threads is not None else (1 if torch.device(device).type == "cpu" else 0)
         if threads < 0:
             raise ValueError(f"threads must be >= 0, got {threads}")
         return BenchConfig(size=self.size, frames=frames, capacity=self.capacity, repeats=self.repeats,
                            device=device, dtype=dtype, height=self.height or height, width=self.width or width,
                            seed=self.seed, threads=threads, checkpoint=self.checkpoint, measure_flops=self.measure_flops,
-                           measure_memory=self.measure_memory, one_shot=self.one_shot, extra=dict(self.extra))
+                           measure_memory=self.measure_memory, policies=policies, one_shot=self.one_shot, extra=dict(self.extra))
 
 
 def make_policies(capacity: int) -> dict[str, Policy]:
@@ -257,7 +263,7 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
         cursor = adapter.new_cursor(prefix_len=0, frame_size=(h, w), sampled_fps=FPS)
         tokens_per_chunk = adapter.chunk_inputs(probe, cursor).chunk_tokens[0]
     capacity = cfg.capacity if cfg.capacity is not None else DEFAULT_CAPACITY_CHUNKS * tokens_per_chunk
-    policies = make_policies(capacity)
+    policies = {name: p for name, p in make_policies(capacity).items() if name in cfg.policies}
     # one loaded model shared by every policy; FLOPs use the torch attention backend (countable everywhere)
     engines = {name: Engine(adapter, policy=p, sampling=sampling) for name, p in policies.items()}
     flop_engines = {name: Engine(adapter, policy=p, sampling=sampling, attention_backend="torch")
@@ -378,6 +384,9 @@ def plot_results(report: dict[str, Any], path: str | Path) -> Path:
             ax_flops.plot(frames, [e["flops"] / 1e9 for e in entries], marker="o", **style)
         if entries[0]["peak_bytes"] is not None:
             ax_mem.plot(frames, [e["peak_bytes"] / 2**20 for e in entries], marker="o", **style)
+    if report.get("one_shot"):
+        ax_total.plot([o["frames"] for o in report["one_shot"]], [o["total_s"] for o in report["one_shot"]],
+                      marker="s", color="black", linestyle=":", label=ONE_SHOT)
     cap_chunk = math.ceil(cfg["capacity"] / cfg["tokens_per_chunk"])  # first chunk attending to a full state
     ax_chunk.axvline(cap_chunk, color="grey", linestyle=":", label=f"capacity reached ({cfg['capacity']} tokens)")
     ax_chunk.set(title=f"(a) per-chunk latency, {longest} frames ({longest // 2} chunks)", xlabel="chunk index",
