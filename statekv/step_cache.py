@@ -186,7 +186,7 @@ class StepCache(DynamicCache):
             for dst, src in zip(pinned, copies):
                 dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(kv[0].device))
             host = pinned[0] if isinstance(staged, torch.Tensor) else pinned
         for j, i in enumerate(self.attention):
             out[i] = (host[2 * j], host[2 * j + 1])
