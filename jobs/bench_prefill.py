@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", default=None, help="benchmark this Qwen2-VL checkpoint instead")
     parser.add_argument("--policies", nargs="+", choices=list(POLICY_NAMES), default=list(POLICY_NAMES),
                         help="policies to run (default: all)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or this process's CPU time (steadier on a shared CPU with one thread)")
     parser.add_argument("--no-one-shot", action="store_true",
                         help="skip the one-shot plain transformers forward (ratios, crossover)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting runs")
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = BenchConfig(size=args.size, frames=args.frames, capacity=args.capacity, repeats=args.repeats,
                          device=args.device, dtype=args.dtype, height=args.height, width=args.width, threads=args.threads,
-                         checkpoint=args.checkpoint, policies=args.policies, one_shot=not args.no_one_shot,
+                         checkpoint=args.checkpoint, policies=args.policies, clock=args.clock, one_shot=not args.no_one_shot,
                          measure_flops=not args.no_flops,
                          measure_memory=not args.no_memory)
     report = run_benchmark(config, args.out, log=lambda msg: print(f"[bench_prefill] {msg}", flush=True))

@@ -46,6 +46,7 @@ from statekv.video import SamplingConfig
 FPS = 2.0
 POLICY_NAMES = ("full", "window", "statekv")
 ONE_SHOT = "one-shot"  # one forward of the plain transformers model over the same tokens
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 # random Qwen2-VL configs (keyword arguments of save_tiny_checkpoint) and the frame size each is fed
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -77,6 +78,9 @@ class BenchConfig:
     measure_flops: bool = True
     measure_memory: bool = True
     policies: Sequence[str] = POLICY_NAMES  # which of full / window / statekv to run
+    # "wall" (time.perf_counter) or "cpu" (time.process_time: this process's CPU seconds, which other jobs on a
+    # shared machine do not inflate; meaningful on CPU with one thread, not for CUDA)
+    clock: str = "wall"
     one_shot: bool = True  # also time one plain transformers forward over the same tokens (ratios, crossover)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -98,13 +102,16 @@ class BenchConfig:
         if unknown or not policies:
             raise ValueError(f"unknown or no policies {sorted(unknown) or list(self.policies)}; "
                              f"valid: {', '.join(POLICY_NAMES)}")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"unknown clock {self.clock!r}; valid: {', '.join(CLOCKS)}")
         threads = self.threads if self.threads is not None else (1 if torch.device(device).type == "cpu" else 0)
         if threads < 0:
             raise ValueError(f"threads must be >= 0, got {threads}")
         return BenchConfig(size=self.size, frames=frames, capacity=self.capacity, repeats=self.repeats,
                            device=device, dtype=dtype, height=self.height or height, width=self.width or width,
                            seed=self.seed, threads=threads, checkpoint=self.checkpoint, measure_flops=self.measure_flops,
-                           measure_memory=self.measure_memory, policies=policies, one_shot=self.one_shot, extra=dict(self.extra))
+                           measure_memory=self.measure_memory, policies=policies, clock=self.clock,
+                           one_shot=self.one_shot, extra=dict(self.extra))
 
 
 def make_policies(capacity: int) -> dict[str, Policy]:
@@ -116,20 +123,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_prefill(engine: Engine, frames: np.ndarray) -> tuple[float, list[float]]:
-    """(total seconds, seconds of each chunk) of one prefill; chunk 0 includes the text prefix."""
+def time_prefill(engine: Engine, frames: np.ndarray, clock: Callable[[], float] = time.perf_counter
+                 ) -> tuple[float, list[float]]:
+    """(total seconds, seconds of each chunk) of one prefill by `clock`; chunk 0 includes the text prefix."""
     device = engine.device
     stamps: list[float] = []
 
     def progress(done: int, total: int) -> None:
         _sync(device)
-        stamps.append(time.perf_counter())
+        stamps.append(clock())
 
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     engine.prefill(frames, fps=FPS, sink=lambda chunk: None, keep_chunks=False, progress=progress)
     _sync(device)
-    total = time.perf_counter() - start
+    total = clock() - start
     chunk_s = np.diff([start, *stamps]).tolist()
     return total, chunk_s
 
@@ -147,12 +155,13 @@ def one_shot_inputs(adapter: Any, frames: np.ndarray, frame_size: tuple[int, int
     return {k: v[:, :tokens] if torch.is_tensor(v) and v.shape == (1, length) else v for k, v in inputs.items()}
 
 
-def time_one_shot(adapter: Any, model: Any, frames: np.ndarray, frame_size: tuple[int, int], tokens: int) -> float:
+def time_one_shot(adapter: Any, model: Any, frames: np.ndarray, frame_size: tuple[int, int], tokens: int,
+                  clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds of one plain transformers forward (its own attention, a KV cache built) over the tokens streaming
     prefills, preprocessing included (streaming's time includes it too)."""
     device = adapter.device
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     with torch.inference_mode():
         inputs = one_shot_inputs(adapter, frames, frame_size, tokens)
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
@@ -160,7 +169,7 @@ def time_one_shot(adapter: Any, model: Any, frames: np.ndarray, frame_size: tupl
             model.model.rope_deltas = None  # positions from these input ids, not carried from a last call
         model.model(**inputs, use_cache=True)
     _sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def crossover(lengths: Sequence[int], ratios: Sequence[float]) -> dict[str, Any]:
@@ -273,11 +282,12 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
     timings: dict[str, dict[int, list[tuple[float, list[float]]]]] = {p: {n: [] for n in cfg.frames} for p in policies}
     started = time.perf_counter()
     prefix_tokens = len(adapter.prefix_ids("prefix-first"))
+    clock = CLOCKS[cfg.clock]
     one_shot: dict[int, list[float]] = {n: [] for n in cfg.frames}
 
     def run_one_shot(n: int) -> float:
         tokens = prefix_tokens + math.ceil(n / adapter.frames_per_chunk) * tokens_per_chunk
-        return time_one_shot(adapter, plain, videos[n], (h, w), tokens)
+        return time_one_shot(adapter, plain, videos[n], (h, w), tokens, clock)
 
     for name, engine in engines.items():  # warm-up: first-call costs (allocator, kernels) stay out of the figures
         time_prefill(engine, videos[cfg.frames[0]])
@@ -292,7 +302,7 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
                 if name == ONE_SHOT:
                     one_shot[n].append(run_one_shot(n))
                 else:
-                    timings[name][n].append(time_prefill(engines[name], videos[n]))
+                    timings[name][n].append(time_prefill(engines[name], videos[n], clock))
         log(f"timing repetition {rep + 1}/{cfg.repeats} done ({time.perf_counter() - started:.1f} s)")
 
     results: dict[str, list[dict[str, Any]]] = {}
@@ -330,7 +340,7 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
             "repeats": cfg.repeats, "device": str(device), "dtype": cfg.dtype, "fps": FPS,
             "frame_size_in": [cfg.height, cfg.width], "frame_size": [h, w], "tokens_per_chunk": tokens_per_chunk,
             "prefix_tokens": int(len(adapter.prefix_ids("prefix-first"))), "chunks_per_step": 1,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "clock": cfg.clock,
             "timing_attention_backend": "auto", "flops_attention_backend": "torch",
             "policies": {name: p.settings() for name, p in policies.items()}, "seed": cfg.seed, **cfg.extra,
         },
@@ -418,7 +428,7 @@ def format_table(report: dict[str, Any]) -> str:
     cfg, results = report["config"], report["results"]
     lines = [f"prefill benchmark: size={cfg['size']} device={cfg['device']} dtype={cfg['dtype']} "
              f"threads={cfg['threads']} tokens/chunk={cfg['tokens_per_chunk']} capacity={cfg['capacity']} "
-             f"repeats={cfg['repeats']}",
+             f"repeats={cfg['repeats']} clock={cfg.get('clock', 'wall')}",
              f"{'frames':>6} {'chunks':>6} {'policy':>8} {'total ms':>10} {'first ms':>9} {'last ms':>8} "
              f"{'GFLOPs':>9} {'last-chunk MFLOPs':>17} {'peak MiB':>9} {'/one-shot':>9}"]
     one_shot = report.get("one_shot")
