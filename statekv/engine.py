@@ -2,7 +2,7 @@
 
 Family-free: the adapter (statekv/models/base.py) says what a chunk is. Prefill runs the prefix once, then the
 video chunk after chunk (`chunks_per_step` chunks per model call): preprocess -> chunk inputs -> cache
-[prefix | carried state] -> decode -> policy update per layer and KV head -> split at chunk boundaries -> each
+[prefix | carried state] (one preallocated buffer per layer, updated in place: statekv/step_cache.py) -> decode -> policy update per layer and KV head -> split at chunk boundaries -> each
 chunk's KV leaves the model's device as soon as it is made, so device memory depends on prefix + capacity + step,
 not on video length.
 
@@ -33,8 +33,8 @@ from statekv.errors import ModelMismatchError, PrefillConfigMismatchError, Video
 from statekv.generation import next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
-from statekv.step_cache import StepCache
 from statekv.retrieval import Evidence, Retrieval, RetrievalContext, SegmentRule, SegmentTracker
+from statekv.step_cache import StepCache
 from statekv.video import FramesSource, SamplingConfig, VideoSource, iter_frame_batches, open_video
 from statekv.video.sampling import resume_timing, sample_source, segment, take_all
 
