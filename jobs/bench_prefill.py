@@ -1,7 +1,8 @@
 """Prefill benchmark: `python -m jobs.bench_prefill --out DIR [--size tiny|mid] [--frames 8 16 ...] [--capacity N]
-[--repeats N] [--device cpu|cuda] [--dtype float32|bfloat16]`.
+[--repeats N] [--device cpu|cuda] [--dtype float32|bfloat16] [--policies full statekv] [--no-one-shot]`.
 
-Prefills synthetic videos of growing length with Full, Window and StateKV on a random Qwen2-VL, writes
+Prefills synthetic videos of growing length with Full, Window and StateKV on a random Qwen2-VL, and the same
+frames through one plain transformers forward (the printed ratio per length and the StateKV crossover), writes
 DIR/prefill.json (raw numbers, config, versions) and DIR/prefill.png, and prints a summary table. The logic lives
 in `statekv.benchmarks.prefill`.
 """
@@ -13,7 +14,7 @@ import logging
 
 import torch
 
-from statekv.benchmarks.prefill import DEFAULT_FRAMES, MODEL_SIZES, BenchConfig, format_table, run_benchmark
+from statekv.benchmarks.prefill import DEFAULT_FRAMES, MODEL_SIZES, POLICY_NAMES, BenchConfig, format_table, run_benchmark
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,6 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 on cpu, steady on a shared machine; 0: torch's default)")
     parser.add_argument("--checkpoint", default=None, help="benchmark this Qwen2-VL checkpoint instead")
+    parser.add_argument("--policies", nargs="+", choices=list(POLICY_NAMES), default=list(POLICY_NAMES),
+                        help="policies to run (default: all)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or this process's CPU time (steadier on a shared CPU with one thread)")
+    parser.add_argument("--no-one-shot", action="store_true",
+                        help="skip the one-shot plain transformers forward (ratios, crossover)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting runs")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     return parser.parse_args(argv)
@@ -43,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = BenchConfig(size=args.size, frames=args.frames, capacity=args.capacity, repeats=args.repeats,
                          device=args.device, dtype=args.dtype, height=args.height, width=args.width, threads=args.threads,
-                         checkpoint=args.checkpoint, measure_flops=not args.no_flops,
+                         checkpoint=args.checkpoint, policies=args.policies, clock=args.clock, one_shot=not args.no_one_shot,
+                         measure_flops=not args.no_flops,
                          measure_memory=not args.no_memory)
     report = run_benchmark(config, args.out, log=lambda msg: print(f"[bench_prefill] {msg}", flush=True))
     print(format_table(report))

@@ -2,7 +2,7 @@
 
 Family-free: the adapter (statekv/models/base.py) says what a chunk is. Prefill runs the prefix once, then the
 video chunk after chunk (`chunks_per_step` chunks per model call): preprocess -> chunk inputs -> cache
-[prefix | carried state] -> decode -> policy update per layer and KV head -> split at chunk boundaries -> each
+[prefix | carried state] (one preallocated buffer per layer, updated in place: statekv/step_cache.py) -> decode -> policy update per layer and KV head -> split at chunk boundaries -> each
 chunk's KV leaves the model's device as soon as it is made, so device memory depends on prefix + capacity + step,
 not on video length.
 
@@ -35,6 +35,7 @@ from statekv.generation import next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
 from statekv.retrieval import Evidence, Retrieval, RetrievalContext, SegmentRule, SegmentTracker
+from statekv.step_cache import StepCache
 from statekv.video import FramesSource, SamplingConfig, VideoSource, iter_frame_batches, open_video
 from statekv.video.sampling import resume_timing, sample_source, segment, take_all
 
@@ -289,42 +290,44 @@ class Engine:
             else [None] * a.layout.num_layers
         )
         recurrent = {i: r.to(dev) for i, r in cache.recurrent.items()}  # linear layers: exact states, carried
+        # carried per-token scores of the states (StateKV decay, InfiniPot-V novelty): not part of the KV buffers
+        carried = [None if s is None else s.scores for s in states]
         step_frames = a.frames_per_chunk * self.chunks_per_step
         total_chunks = math.ceil(len(indices) / a.frames_per_chunk)
         prefix_len = cache.prefix_len
         frame_lo = first_frame
         done = 0
         scenes = SegmentTracker(self.segment_rule, cache.scenes, cache.num_chunks)
+        # one cache for the whole video: [prefix | state | step] buffers per attention layer, updated in place
+        step_cache: StepCache | None = None
         for frames in iter_frame_batches(source, indices, step_frames):
             # frame times from the integer indices (as the processors compute them; exact across a resume)
             times = [i / cache.video.video_fps for i in cache.video.frame_indices[frame_lo:frame_lo + len(frames)]]
             inputs = a.chunk_inputs(frames, cache.cursor, timestamps=times)
             n = inputs.embeds.shape[0]
-            dyn = build_cache(a.model.config, [
-                None if kv is None else kv if s is None else (torch.cat([kv[0], s.keys.unsqueeze(0)], 2),
-                                                              torch.cat([kv[1], s.values.unsqueeze(0)], 2))
-                for kv, s in zip(prefix_kv, states)
-            ], recurrent)
+            if step_cache is None:
+                step_cache = StepCache(a.model.config, prefix_kv, states, recurrent,
+                                       reserve=n + _state_reserve(self.policy, n))
+            step_cache.begin_step()
             scores: dict[int, torch.Tensor] | None = {} if self.policy.needs_scores else None
-            a.decode(inputs.embeds, inputs.position_ids, dyn, statekv_scores=scores,
+            a.decode(inputs.embeds, inputs.position_ids, step_cache, statekv_scores=scores,
                      statekv_backend=self.attention_backend, **inputs.decoder_kwargs)
-            recurrent = read_recurrent(dyn, linear)
-            keys = [None if i in linear else layer.keys[0, :, -n:]  # per layer (Hkv, n, D)
-                    for i, layer in enumerate(dyn.layers)]
-            values = [None if i in linear else layer.values[0, :, -n:] for i, layer in enumerate(dyn.layers)]
+            # the step's own KV leaves the device in one transfer, in flight while the policy runs
+            host = step_cache.step_to_host() if self.answer_from == "chunks" else None
             kept = None if self.compression is None else iter(compress_step(  # what each chunk stores (not the state)
-                self.compression, a, [None if i in linear else (layer.keys, layer.values)
-                                      for i, layer in enumerate(dyn.layers)], recurrent, inputs.cursor,
-                inputs.chunk_tokens, layout=self.layout, backend=self.attention_backend, build_cache=build_cache))
+                self.compression, a, [None if i in linear else (layer.keys, layer.values)  # [prefix | state | step]
+                                      for i, layer in enumerate(step_cache.layers)],
+                read_recurrent(step_cache, linear), inputs.cursor, inputs.chunk_tokens, layout=self.layout,
+                backend=self.attention_backend, build_cache=build_cache))  # before the policy overwrites the step
             first_token = cache.num_video_tokens
-            token_index = torch.arange(first_token, first_token + n, device=dev)
-            for layer, (k, v) in enumerate(zip(keys, values)):
-                if k is None:  # a linear-attention layer: its state is exact, no policy
-                    continue
-                chunk_state = LayerState(k, v, token_index.expand(k.shape[0], -1))
+            for layer in step_cache.attention:  # linear-attention layers: their states are exact, no policy
+                buffers = step_cache.layers[layer]
                 layer_scores = None if scores is None else scores[layer][0, :, prefix_len:]
-                states[layer] = self.policy.update(states[layer], chunk_state, layer_scores)
-            # each chunk's own KV leaves the device now, one record per chunk
+                state = self.policy.next_state(buffers.merged(first_token), buffers.state_size, carried[layer],
+                                               layer_scores)
+                buffers.commit(state)  # written into the buffer (nothing moves when it already lies there)
+                carried[layer] = state.scores
+            step_kv = host.wait() if host is not None else [None] * a.layout.num_layers  # per layer (Hkv, n, D)
             lo = 0
             for tokens, n_frames in zip(inputs.chunk_tokens, inputs.chunk_frames):
                 rows = slice(lo, lo + tokens)
@@ -334,8 +337,8 @@ class Engine:
                     source_frames=cache.video.frame_indices[frame_lo:frame_lo + n_frames],
                     timestamps=cache.video.timestamps[frame_lo:frame_lo + n_frames],
                     position_ids=inputs.position_ids[:, rows].clone(),
-                    keys=[None if k is None else k[:, rows].to("cpu", copy=True) for k in keys],
-                    values=[None if v is None else v[:, rows].to("cpu", copy=True) for v in values],
+                    keys=[None if kv is None else kv[0][:, rows] for kv in step_kv],  # host views, one block a step
+                    values=[None if kv is None else kv[1][:, rows] for kv in step_kv],
                 )
                 if kept is not None:
                     chunk = keep_tokens(chunk, next(kept))
@@ -349,11 +352,17 @@ class Engine:
                 lo += tokens
                 frame_lo += n_frames
                 done += 1
-            del dyn, keys, values  # nothing of this step stays on the device but the carried state
+            del step_kv, scores
             cache.cursor = inputs.cursor
             cache.scenes = scenes.segments
             if progress is not None:
                 progress(done, total_chunks)
+        if step_cache is not None:
+            for layer in step_cache.attention:
+                state = step_cache.layers[layer].state()
+                states[layer] = LayerState(_to_host(state.keys), _to_host(state.values), _to_host(state.token_index),
+                                           None if carried[layer] is None else _to_host(carried[layer]))
+            recurrent = read_recurrent(step_cache, linear)
         cache.state = [None if s is None else s.to("cpu") for s in states]
         cache.recurrent = {i: r.to("cpu", copy=True) for i, r in recurrent.items()}
         logger.info("prefilled %s: %d chunks, %d video tokens, state %s", cache.video.source, cache.num_chunks,
@@ -493,6 +502,18 @@ def build_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor] | None],
         dyn.update_conv_state(state.conv.unsqueeze(0), layer)  # a fresh layer: allocates and copies
         dyn.update_recurrent_state(state.recurrent.unsqueeze(0), layer)
     return dyn
+
+
+def _state_reserve(policy: Policy, step_tokens: int) -> int:
+    """Columns to reserve for the carried state: a bounded policy's size, else room for a few steps (the buffers
+    double when `Full` outgrows them)."""
+    bound = getattr(policy, "capacity", None) or getattr(policy, "budget", None)
+    return int(bound) if isinstance(bound, int) else 8 * step_tokens
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy that shares no memory with the device buffers (on CPU too)."""
+    return t.to("cpu", copy=True)
 
 
 def read_recurrent(dyn: DynamicCache, layers: tuple[int, ...]) -> dict[int, RecurrentState]:

@@ -5,7 +5,11 @@ For each policy and video length it measures
   of `repeats` runs, with the policies interleaved (every repetition runs every length and policy once, the policy
   order rotating between repetitions) after one untimed warm-up prefill per policy;
 - FLOPs (`statekv.profiling.count_flops`, in a separate run since counting is slow), in total and per chunk;
-- peak device tensor memory (`statekv.profiling.peak_memory`, chunks sent to a no-op sink, none kept).
+- peak device tensor memory (`statekv.profiling.peak_memory`, chunks sent to a no-op sink, none kept);
+- the same frames through ONE forward of the plain transformers model (the checkpoint's own class, SDPA
+  attention, `use_cache=True`) over the same prefix + video tokens, preprocessing included as in streaming, timed in
+  the same repetitions: each policy's `ratio_to_one_shot` per length, and the `crossover`, the shortest length at
+  which streaming StateKV is faster than the one-shot forward (log-interpolated between measured lengths).
 
 The model is a random Qwen2-VL built with `statekv.testing.checkpoints.save_tiny_checkpoint` ("tiny": the test
 config, "mid": hidden 512, 8 layers), so nothing is downloaded. `run_benchmark` returns (and writes) a JSON-ready
@@ -41,6 +45,8 @@ from statekv.video import SamplingConfig
 
 FPS = 2.0
 POLICY_NAMES = ("full", "window", "statekv")
+ONE_SHOT = "one-shot"  # one forward of the plain transformers model over the same tokens
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 # random Qwen2-VL configs (keyword arguments of save_tiny_checkpoint) and the frame size each is fed
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -71,6 +77,11 @@ class BenchConfig:
     checkpoint: str | None = None  # an existing checkpoint directory instead of a fresh random one
     measure_flops: bool = True
     measure_memory: bool = True
+    policies: Sequence[str] = POLICY_NAMES  # which of full / window / statekv to run
+    # "wall" (time.perf_counter) or "cpu" (time.process_time: this process's CPU seconds, which other jobs on a
+    # shared machine do not inflate; meaningful on CPU with one thread, not for CUDA)
+    clock: str = "wall"
+    one_shot: bool = True  # also time one plain transformers forward over the same tokens (ratios, crossover)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> "BenchConfig":
@@ -86,13 +97,21 @@ class BenchConfig:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {dtype!r}")
         height, width = FRAME_SIZES[self.size]
+        policies = [p for p in POLICY_NAMES if p in set(self.policies)]
+        unknown = set(self.policies) - set(POLICY_NAMES)
+        if unknown or not policies:
+            raise ValueError(f"unknown or no policies {sorted(unknown) or list(self.policies)}; "
+                             f"valid: {', '.join(POLICY_NAMES)}")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"unknown clock {self.clock!r}; valid: {', '.join(CLOCKS)}")
         threads = self.threads if self.threads is not None else (1 if torch.device(device).type == "cpu" else 0)
         if threads < 0:
             raise ValueError(f"threads must be >= 0, got {threads}")
         return BenchConfig(size=self.size, frames=frames, capacity=self.capacity, repeats=self.repeats,
                            device=device, dtype=dtype, height=self.height or height, width=self.width or width,
                            seed=self.seed, threads=threads, checkpoint=self.checkpoint, measure_flops=self.measure_flops,
-                           measure_memory=self.measure_memory, extra=dict(self.extra))
+                           measure_memory=self.measure_memory, policies=policies, clock=self.clock,
+                           one_shot=self.one_shot, extra=dict(self.extra))
 
 
 def make_policies(capacity: int) -> dict[str, Policy]:
@@ -104,22 +123,66 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_prefill(engine: Engine, frames: np.ndarray) -> tuple[float, list[float]]:
-    """(total seconds, seconds of each chunk) of one prefill; chunk 0 includes the text prefix."""
+def time_prefill(engine: Engine, frames: np.ndarray, clock: Callable[[], float] = time.perf_counter
+                 ) -> tuple[float, list[float]]:
+    """(total seconds, seconds of each chunk) of one prefill by `clock`; chunk 0 includes the text prefix."""
     device = engine.device
     stamps: list[float] = []
 
     def progress(done: int, total: int) -> None:
         _sync(device)
-        stamps.append(time.perf_counter())
+        stamps.append(clock())
 
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     engine.prefill(frames, fps=FPS, sink=lambda chunk: None, keep_chunks=False, progress=progress)
     _sync(device)
-    total = time.perf_counter() - start
+    total = clock() - start
     chunk_s = np.diff([start, *stamps]).tolist()
     return total, chunk_s
+
+
+def plain_model(path: str | Path, model_class: type, *, device: torch.device, dtype: torch.dtype) -> Any:
+    """The checkpoint as its own transformers class with transformers' SDPA attention (no statekv code)."""
+    return model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+
+
+def one_shot_inputs(adapter: Any, frames: np.ndarray, frame_size: tuple[int, int], tokens: int) -> dict[str, Any]:
+    """The plain model's inputs for the first `tokens` tokens of the processor's sequence (prefix + video: the
+    question is cut off)."""
+    inputs = adapter.reference_inputs(frames, "?", "prefix-first", frame_size, FPS)
+    length = inputs["input_ids"].shape[1]
+    return {k: v[:, :tokens] if torch.is_tensor(v) and v.shape == (1, length) else v for k, v in inputs.items()}
+
+
+def time_one_shot(adapter: Any, model: Any, frames: np.ndarray, frame_size: tuple[int, int], tokens: int,
+                  clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds of one plain transformers forward (its own attention, a KV cache built) over the tokens streaming
+    prefills, preprocessing included (streaming's time includes it too)."""
+    device = adapter.device
+    _sync(device)
+    start = clock()
+    with torch.inference_mode():
+        inputs = one_shot_inputs(adapter, frames, frame_size, tokens)
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        if hasattr(model.model, "rope_deltas"):
+            model.model.rope_deltas = None  # positions from these input ids, not carried from a last call
+        model.model(**inputs, use_cache=True)
+    _sync(device)
+    return clock() - start
+
+
+def crossover(lengths: Sequence[int], ratios: Sequence[float]) -> dict[str, Any]:
+    """Where `ratios` (streaming / one-shot, by increasing length) first drops below 1: the first measured length
+    below 1 and the length log-interpolated between it and the one before (None when never below 1)."""
+    for i, (n, r) in enumerate(zip(lengths, ratios)):
+        if r < 1.0:
+            if i == 0:
+                return {"first_measured": n, "interpolated": None, "below_shortest": True}
+            n0, r0 = lengths[i - 1], ratios[i - 1]
+            at = math.exp(math.log(n0) + (r0 - 1.0) / (r0 - r) * (math.log(n) - math.log(n0)))
+            return {"first_measured": n, "interpolated": at, "below_shortest": False}
+    return {"first_measured": None, "interpolated": None, "below_shortest": False}
 
 
 def flops_prefill(engine: Engine, frames: np.ndarray) -> tuple[int, list[int]]:
@@ -200,6 +263,7 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
         # pixels: keep the synthetic frames at their own size (rounded to the 28-pixel grid)
         sampling = SamplingConfig(fps=FPS, min_pixels=28 * 28, max_pixels=max(28 * 28, cfg.height * cfg.width))
         base = Engine.from_pretrained(path, policy=Full(), device=cfg.device, dtype=dtype, sampling=sampling)
+        plain = plain_model(path, base.adapter.model_class, device=base.device, dtype=dtype) if cfg.one_shot else None
     adapter = base.adapter
     device = adapter.device
     h, w = adapter.frame_size(cfg.height, cfg.width, sampling)
@@ -208,7 +272,7 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
         cursor = adapter.new_cursor(prefix_len=0, frame_size=(h, w), sampled_fps=FPS)
         tokens_per_chunk = adapter.chunk_inputs(probe, cursor).chunk_tokens[0]
     capacity = cfg.capacity if cfg.capacity is not None else DEFAULT_CAPACITY_CHUNKS * tokens_per_chunk
-    policies = make_policies(capacity)
+    policies = {name: p for name, p in make_policies(capacity).items() if name in cfg.policies}
     # one loaded model shared by every policy; FLOPs use the torch attention backend (countable everywhere)
     engines = {name: Engine(adapter, policy=p, sampling=sampling) for name, p in policies.items()}
     flop_engines = {name: Engine(adapter, policy=p, sampling=sampling, attention_backend="torch")
@@ -217,14 +281,28 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
 
     timings: dict[str, dict[int, list[tuple[float, list[float]]]]] = {p: {n: [] for n in cfg.frames} for p in policies}
     started = time.perf_counter()
+    prefix_tokens = len(adapter.prefix_ids("prefix-first"))
+    clock = CLOCKS[cfg.clock]
+    one_shot: dict[int, list[float]] = {n: [] for n in cfg.frames}
+
+    def run_one_shot(n: int) -> float:
+        tokens = prefix_tokens + math.ceil(n / adapter.frames_per_chunk) * tokens_per_chunk
+        return time_one_shot(adapter, plain, videos[n], (h, w), tokens, clock)
+
     for name, engine in engines.items():  # warm-up: first-call costs (allocator, kernels) stay out of the figures
         time_prefill(engine, videos[cfg.frames[0]])
+    if plain is not None:
+        run_one_shot(cfg.frames[0])
     names = list(policies)
+    timed = names + ([ONE_SHOT] if plain is not None else [])
     for rep in range(cfg.repeats):
-        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate who goes first
+        order = timed[rep % len(timed):] + timed[:rep % len(timed)]  # rotate who goes first
         for n in cfg.frames:
             for name in order:
-                timings[name][n].append(time_prefill(engines[name], videos[n]))
+                if name == ONE_SHOT:
+                    one_shot[n].append(run_one_shot(n))
+                else:
+                    timings[name][n].append(time_prefill(engines[name], videos[n], clock))
         log(f"timing repetition {rep + 1}/{cfg.repeats} done ({time.perf_counter() - started:.1f} s)")
 
     results: dict[str, list[dict[str, Any]]] = {}
@@ -241,6 +319,8 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
                 "chunk_s_runs": [r[1] for r in runs],
                 "flops": None, "chunk_flops": None, "peak_bytes": None,
             }
+            if plain is not None:
+                entry["ratio_to_one_shot"] = entry["total_s"] / statistics.median(one_shot[n])
             if cfg.measure_flops:
                 entry["flops"], entry["chunk_flops"] = flops_prefill(flop_engines[name], videos[n])
             if cfg.measure_memory:
@@ -260,7 +340,7 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
             "repeats": cfg.repeats, "device": str(device), "dtype": cfg.dtype, "fps": FPS,
             "frame_size_in": [cfg.height, cfg.width], "frame_size": [h, w], "tokens_per_chunk": tokens_per_chunk,
             "prefix_tokens": int(len(adapter.prefix_ids("prefix-first"))), "chunks_per_step": 1,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "clock": cfg.clock,
             "timing_attention_backend": "auto", "flops_attention_backend": "torch",
             "policies": {name: p.settings() for name, p in policies.items()}, "seed": cfg.seed, **cfg.extra,
         },
@@ -270,6 +350,12 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
                  "by torch.utils.flop_counter (matmul/attention), not elementwise ops or top-k.",
         "results": results,
         "growth": {name: _growth(entries) for name, entries in results.items()},
+        "one_shot": None if plain is None else [
+            {"frames": n, "tokens": prefix_tokens + math.ceil(n / adapter.frames_per_chunk) * tokens_per_chunk,
+             "total_s": statistics.median(one_shot[n]), "total_s_runs": one_shot[n]} for n in cfg.frames],
+        "crossover": None if plain is None else {
+            name: {**crossover([e["chunks"] for e in entries], [e["ratio_to_one_shot"] for e in entries]),
+                   "unit": "chunks"} for name, entries in results.items()},
         "wall_s": time.perf_counter() - started,
     }
     if out_dir is not None:
@@ -308,6 +394,9 @@ def plot_results(report: dict[str, Any], path: str | Path) -> Path:
             ax_flops.plot(frames, [e["flops"] / 1e9 for e in entries], marker="o", **style)
         if entries[0]["peak_bytes"] is not None:
             ax_mem.plot(frames, [e["peak_bytes"] / 2**20 for e in entries], marker="o", **style)
+    if report.get("one_shot"):
+        ax_total.plot([o["frames"] for o in report["one_shot"]], [o["total_s"] for o in report["one_shot"]],
+                      marker="s", color="black", linestyle=":", label=ONE_SHOT)
     cap_chunk = math.ceil(cfg["capacity"] / cfg["tokens_per_chunk"])  # first chunk attending to a full state
     ax_chunk.axvline(cap_chunk, color="grey", linestyle=":", label=f"capacity reached ({cfg['capacity']} tokens)")
     ax_chunk.set(title=f"(a) per-chunk latency, {longest} frames ({longest // 2} chunks)", xlabel="chunk index",
@@ -339,10 +428,15 @@ def format_table(report: dict[str, Any]) -> str:
     cfg, results = report["config"], report["results"]
     lines = [f"prefill benchmark: size={cfg['size']} device={cfg['device']} dtype={cfg['dtype']} "
              f"threads={cfg['threads']} tokens/chunk={cfg['tokens_per_chunk']} capacity={cfg['capacity']} "
-             f"repeats={cfg['repeats']}",
+             f"repeats={cfg['repeats']} clock={cfg.get('clock', 'wall')}",
              f"{'frames':>6} {'chunks':>6} {'policy':>8} {'total ms':>10} {'first ms':>9} {'last ms':>8} "
-             f"{'GFLOPs':>9} {'last-chunk MFLOPs':>17} {'peak MiB':>9}"]
+             f"{'GFLOPs':>9} {'last-chunk MFLOPs':>17} {'peak MiB':>9} {'/one-shot':>9}"]
+    one_shot = report.get("one_shot")
     for i, n in enumerate(cfg["frames"]):
+        if one_shot:
+            o = one_shot[i]
+            lines.append(f"{n:>6} {results[next(iter(results))][i]['chunks']:>6} {ONE_SHOT:>8} "
+                         f"{o['total_s'] * 1e3:>10.1f} {'-':>9} {'-':>8} {'-':>9} {'-':>17} {'-':>9} {1.0:>9.2f}")
         for name, entries in results.items():
             e = entries[i]
             chunk_ms = np.array(e["chunk_s"]) * 1e3
@@ -350,8 +444,9 @@ def format_table(report: dict[str, Any]) -> str:
             gf = "-" if e["flops"] is None else f"{e['flops'] / 1e9:.3f}"
             mf = "-" if e["chunk_flops"] is None else f"{e['chunk_flops'][-1] / 1e6:.2f}"
             mem = "-" if e["peak_bytes"] is None else f"{e['peak_bytes'] / 2**20:.2f}"
+            ratio = f"{e['ratio_to_one_shot']:.2f}" if "ratio_to_one_shot" in e else "-"
             lines.append(f"{n:>6} {e['chunks']:>6} {name:>8} {e['total_s'] * 1e3:>10.1f} {chunk_ms[0]:>9.2f} "
-                         f"{float(np.median(tail)):>8.2f} {gf:>9} {mf:>17} {mem:>9}")
+                         f"{float(np.median(tail)):>8.2f} {gf:>9} {mf:>17} {mem:>9} {ratio:>9}")
     growth = report["growth"]
     if any(growth.values()):
         first, last = cfg["frames"][0], cfg["frames"][-1]
@@ -361,6 +456,14 @@ def format_table(report: dict[str, Any]) -> str:
                 lines.append(f"  {name:>8}: total x{g['flops_ratio']:.2f} (log-log slope {g['loglog_slope']:.2f}); "
                              f"per-chunk marginal end/start x{g['marginal_end_over_start']:.2f}, "
                              f"end/middle x{g['marginal_end_over_middle']:.3f}")
+    for name, c in (report.get("crossover") or {}).items():
+        if c["below_shortest"]:
+            where = f"already faster at the shortest length ({c['first_measured']} chunks)"
+        elif c["first_measured"] is None:
+            where = "not faster at any measured length"
+        else:
+            where = f"~{c['interpolated']:.1f} chunks (first measured faster: {c['first_measured']} chunks)"
+        lines.append(f"crossover {name} vs one-shot forward: {where}")
     lines.append(f"wall time {report['wall_s']:.1f} s")
     return "\n".join(lines)
 

@@ -48,8 +48,10 @@ def attention_reference(
         # Fold the group's heads into rows so K is shared, not repeated.
         qb = q5[:, :, :, start:end].float().reshape(B, Hkv, G * n, D)  # (B, Hkv, G*n, D)
         s = torch.matmul(qb, k.transpose(-1, -2)).mul_(scaling)  # (B, Hkv, G*n, kv)
-        mask = visible_mask(start, end, q_len, kv_len, query.device)  # (n, kv)
-        s.view(B, Hkv, G, n, kv_len).masked_fill_(~mask, float("-inf"))
+        # keys before the last q_len (prefix | state) are open to every query: mask the chunk's own keys only
+        tail = kv_len - q_len
+        hidden = ~visible_mask(start, end, q_len, kv_len, query.device)[:, tail:]  # (n, q_len)
+        s.view(B, Hkv, G, n, kv_len)[..., tail:].masked_fill_(hidden, float("-inf"))
         p = torch.softmax(s, dim=-1)  # (B, Hkv, G*n, kv)
         o = torch.matmul(p, v)  # (B, Hkv, G*n, D)
         out[:, start:end] = o.view(B, Hkv, G, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, H, D).to(query.dtype)

@@ -6,6 +6,7 @@ level: `attention.py` imports the triton module only when that backend is chosen
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -39,8 +40,12 @@ def check_attention_shapes(
     return B, H, Hkv, q_len, kv_len, D
 
 
+@functools.lru_cache(maxsize=8)
 def visible_mask(q_start: int, q_end: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean mask [q_end - q_start, kv], True where query row i (of q_len) may see key j."""
+    """Boolean mask [q_end - q_start, kv], True where query row i (of q_len) may see key j.
+
+    Cached (read-only: never modify it): every layer of a prefill step asks for the same mask.
+    """
     rows = torch.arange(q_start, q_end, device=device)
     cols = torch.arange(kv_len, device=device)
     return cols[None, :] <= (kv_len - q_len + rows)[:, None]

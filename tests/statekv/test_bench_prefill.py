@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from statekv.benchmarks.prefill import POLICY_NAMES, BenchConfig, format_table, run_benchmark
+from statekv.benchmarks.prefill import POLICY_NAMES, BenchConfig, crossover, format_table, run_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,24 @@ def test_png_written(report):
     assert png.exists() and png.stat().st_size > 10_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert data["files"]["png"] == str(png)
+
+
+def test_one_shot_forward_ratios_and_crossover(report):
+    _, data = report
+    one_shot = data["one_shot"]
+    assert [o["frames"] for o in one_shot] == [8, 16] and all(o["total_s"] > 0 for o in one_shot)
+    assert [o["tokens"] for o in one_shot] == [data["config"]["prefix_tokens"] + 6 * c for c in (4, 8)]
+    for name in POLICY_NAMES:
+        for e, o in zip(data["results"][name], one_shot):
+            assert e["ratio_to_one_shot"] == e["total_s"] / o["total_s"]
+        assert data["crossover"][name]["unit"] == "chunks"
+    table = format_table(data)
+    assert "one-shot" in table and "crossover statekv vs one-shot forward" in table
+
+
+def test_crossover_interpolates_between_the_bracketing_lengths():
+    assert crossover([8, 16, 32, 64], [1.3, 1.2, 1.1, 0.8])["first_measured"] == 64
+    at = crossover([8, 16, 32, 64], [1.3, 1.2, 1.1, 0.8])["interpolated"]
+    assert 32 < at < 64 and abs(at - 32 * 2 ** (1 / 3)) < 1e-9  # 1/3 of the way from 1.1 to 0.8, in log length
+    assert crossover([8, 16], [0.9, 0.8]) == {"first_measured": 8, "interpolated": None, "below_shortest": True}
+    assert crossover([8, 16], [1.2, 1.1])["first_measured"] is None
