@@ -312,7 +312,7 @@ class QueryService:
         req, vid, cache, hit, load_s, prompt_len = self._prepare(fields)
         self._count("in_flight")
         try:
-            if self.batcher is not None:
+            if self.batcher is not None and getattr(req, "retrieval", None) is None:  # retrieval: one by one
                 return self._ask_batched(req, vid, cache, hit, load_s, prompt_len, cancelled)
             start = time.perf_counter()
             first = 0.0

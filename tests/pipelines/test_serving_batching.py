@@ -110,3 +110,18 @@ def test_service_answers_equal_with_batching_on_and_off(engine, make_service, tm
     assert on.counters["generated_tokens"] == off.counters["generated_tokens"] == \
         sum(len(r["token_ids"]) for r in batched)
     assert on.batcher.steps < on.counters["generated_tokens"]
+
+
+def test_bench_serving_measures_batching_off_and_on_side_by_side(tiny_checkpoints):
+    """`jobs.bench_serving`'s concurrency rows for both modes in one run (in-process transport, tiny sizes)."""
+    from pipelines.serving.bench import run_benchmark
+
+    result = run_benchmark(tiny_checkpoints["qwen2_vl"], lengths=[4], concurrency=[1, 3], requests=3,
+                           max_new_tokens=3, repeats=1, height=56, width=84, transport="inproc")
+    rows = result["by_concurrency"]
+    assert set(rows) == {"off", "on"}
+    for mode in ("off", "on"):
+        assert [r["concurrency"] for r in rows[mode]] == [1, 3]
+        assert all(r["ok"] == 3 and r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows[mode])
+    table = result["concurrency_table"].splitlines()
+    assert len(table) == 4 and "on: tokens/s" in table[0] and table[3].startswith("| 3 |")
