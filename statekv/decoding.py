@@ -136,15 +136,21 @@ class StepContext:
             start += q
         if pool is None:
             return
+        device_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        n = self.num_slots = len(rows)
+        # a pure decoding step (every question one token; rows are in slot order, so its start is its slot)
+        self.all_single = all(q == 1 for _, _, q, _ in self.segments)
         single = [(s, st, n0) for s, st, q, n0 in self.segments if q == 1]
-        self.single_slots = torch.tensor([s for s, _, _ in single], dtype=torch.long, device=device)
-        self.single_starts = torch.tensor([st for _, st, _ in single], dtype=torch.long, device=device)
-        lengths = torch.ones(len(rows), dtype=torch.long)
+        self.single_slots = device_index([s for s, _, _ in single])
+        self.single_starts = device_index([st for _, st, _ in single])
+        self.single_ends = device_index([n0 for _, _, n0 in single])  # where each one's new token goes
+        lengths = [1] * n
         for s, _, n0 in single:
             lengths[s] = n0 + 1
-        self.single_span = int(lengths.max()) if single else 0
-        self.single_visible = (torch.arange(self.single_span)[None, :] < lengths[:, None]).to(device)[:, None, :]
-        self.num_slots = len(rows)
+        self.single_span = max(lengths) if single else 0
+        # tails of unequal lengths need a mask; equal ones (one question, or questions in step) see every key
+        self.single_visible = None if min(lengths) == self.single_span else (
+            torch.arange(self.single_span)[None, :] < torch.tensor(lengths)[:, None]).to(device)[:, None, :]
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
@@ -162,10 +168,17 @@ class StepContext:
     def _tails(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         pk, pv = self.pool.keys[layer], self.pool.values[layer]  # (slots, Hkv, cap, D)
+        _, H, L, D = query.shape
+        n, span = self.num_slots, self.single_span
+        if self.all_single:  # the common step: one index write and one attention call for every question
+            pk[self.single_slots, :, self.single_ends] = key[0].transpose(0, 1)  # (n, Hkv, D)
+            pv[self.single_slots, :, self.single_ends] = value[0].transpose(0, 1)
+            o, l = tail_attention(query[0].transpose(0, 1).unsqueeze(2), pk[:n, :, :span], pv[:n, :, :span],
+                                  self.single_visible, scaling=scaling)  # (n, H, 1, D), (n, H, 1)
+            return o[:, :, 0].transpose(0, 1).unsqueeze(0), l[:, :, 0].transpose(0, 1).unsqueeze(0)
         for slot, start, q, n0 in self.segments:  # append the step's new tokens to their question's tail
             pk[slot, :, n0:n0 + q] = key[0, :, start:start + q]
             pv[slot, :, n0:n0 + q] = value[0, :, start:start + q]
-        _, H, L, D = query.shape
         out = torch.empty(1, H, L, D, dtype=torch.float32, device=query.device)
         lse = torch.empty(1, H, L, dtype=torch.float32, device=query.device)
         for slot, start, q, n0 in self.segments:  # a question's prompt: causal over its own tokens
@@ -175,8 +188,7 @@ class StepContext:
             o, l = tail_attention(query[:, :, start:start + q], pk[slot:slot + 1, :, :n0 + q],
                                   pv[slot:slot + 1, :, :n0 + q], visible, scaling=scaling)
             out[:, :, start:start + q], lse[:, :, start:start + q] = o, l
-        if self.single_slots.numel():  # decoding questions, one new token each: all slots in one call
-            n, span = self.num_slots, self.single_span
+        if self.single_slots.numel():  # questions past their prompt, one new token each: all slots in one call
             qd = query.new_zeros(n, H, 1, D)
             qd[self.single_slots] = query[0, :, self.single_starts].transpose(0, 1).unsqueeze(2)
             o, l = tail_attention(qd, pk[:n, :, :span], pv[:n, :, :span], self.single_visible, scaling=scaling)

@@ -64,15 +64,16 @@ def shared_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out, lse
 
 
-def tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor, *,
+def tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None, *,
                    scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries against each row's own tail: query [B, H, L, D], key/value [B, Hkv, T, D], visible [B, L, T] bool ->
-    float32 (out [B, H, L, D], lse [B, H, L]); GQA groups share their KV head without repeating it."""
+    """Queries against each row's own tail: query [B, H, L, D], key/value [B, Hkv, T, D], visible [B, L, T] bool
+    (None: every key) -> float32 (out [B, H, L, D], lse [B, H, L]); GQA groups share their KV head, not repeated."""
     B, H, L, D = query.shape
     Hkv = key.shape[1]
     G = H // Hkv
     q = query.reshape(B, Hkv, G * L, D)  # (B, Hkv, G*L, D): the group's heads as rows
-    mask = visible.unsqueeze(1).unsqueeze(2).expand(B, 1, G, L, -1).reshape(B, 1, G * L, -1)
+    mask = None if visible is None else \
+        visible.unsqueeze(1).unsqueeze(2).expand(B, 1, G, L, -1).reshape(B, 1, G * L, -1)
     out, lse = attention_lse_reference(q, key, value, scaling=scaling, mask=mask)
     return out.view(B, H, L, D), lse.view(B, H, L)
 
