@@ -224,9 +224,7 @@ class BatchDecoder:
             raise RuntimeError(f"the decoder is full ({self.max_batch} questions)")
         d = Decoding(request, prompt, position=prompt.next_position, slot=len(self.active),
                      generator=torch.Generator().manual_seed(request.seed) if request.seed is not None else None)
-        if self.pool is not None:
-            self.pool.reserve(len(self.active) + 1, prompt.embeds.shape[0] + request.max_new_tokens)
-        else:
+        if self.pool is None:
             d.cache = DynamicCache(config=self.adapter.model.config)
             for layer, state in self.video.recurrent.items():  # copies: decoding updates them in place
                 d.cache.update_conv_state(state.conv.unsqueeze(0), layer)
@@ -262,6 +260,8 @@ class BatchDecoder:
                 positions.append(a.text_positions(d.position, 1))
                 d.position += 1
             sizes.append(parts[-1].shape[0])
+        if self.pool is not None:  # grown as the tails grow (by doubling), not reserved for max_new_tokens
+            self.pool.reserve(len(rows), max(d.length + q for d, q in zip(rows, sizes)))
         ctx = StepContext(self.video, self.pool, rows, sizes, a.device)
         cache = rows[0].cache if self.hybrid else None
         hidden = a.decode(torch.cat(parts), torch.cat(positions, dim=1), cache, statekv_batch=ctx,
