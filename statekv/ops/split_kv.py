@@ -72,8 +72,10 @@ def tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     Hkv = key.shape[1]
     G = H // Hkv
     q = query.reshape(B, Hkv, G * L, D)  # (B, Hkv, G*L, D): the group's heads as rows
-    mask = None if visible is None else \
-        visible.unsqueeze(1).unsqueeze(2).expand(B, 1, G, L, -1).reshape(B, 1, G * L, -1)
+    if visible is None:  # every row sees its whole tail: the fused kernel
+        out, lse = attention_lse(q.contiguous(), key, value, scaling=scaling)
+        return out.reshape(B, H, L, D), lse.reshape(B, H, L)
+    mask = visible.unsqueeze(1).unsqueeze(2).expand(B, 1, G, L, -1).reshape(B, 1, G * L, -1)
     out, lse = attention_lse_reference(q, key, value, scaling=scaling, mask=mask)
     return out.view(B, H, L, D), lse.view(B, H, L)
 
