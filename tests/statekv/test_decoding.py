@@ -179,8 +179,8 @@ def test_device_lru_forgets_a_cache_that_is_gone(qwen):
 
 # --- split-KV attention ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("q_len", [1, 5])
-def test_shared_plus_tail_equals_attention_over_both(q_len):
+@pytest.mark.parametrize("q_len, mask", [(1, True), (5, True), (1, False)])  # no mask: the fused path
+def test_shared_plus_tail_equals_attention_over_both(q_len, mask):
     """Attending to [shared | tail] in two parts merged by log-sum-exp equals one attention over the
     concatenation, for a batch whose rows share the first part (GQA: 4 query heads over 2 KV heads)."""
     g = torch.Generator().manual_seed(0)
@@ -193,6 +193,8 @@ def test_shared_plus_tail_equals_attention_over_both(q_len):
     out_s, lse_s = shared_attention(query, shared_k, shared_v, scaling=D ** -0.5)
     cols, rows = torch.arange(T), torch.arange(q_len)
     visible = (cols[None, :] <= (T - q_len + rows)[:, None]).expand(B, -1, -1)
+    if not mask:  # one query per row sees the row's whole tail
+        visible = None
     out_t, lse_t = tail_attention(query, tail_k, tail_v, visible, scaling=D ** -0.5)
     got = merge_partials(out_s, lse_s, out_t, lse_t, torch.float32).transpose(1, 2)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
