@@ -11,6 +11,11 @@ has no KV; its exact convolution and recurrent states are carried from step to s
 computation as one pass: nothing is approximated), and the policy, chunk KV and retrieval concern the other
 (full-attention) layers only. The states after the prefix and after the last chunk are kept in the cache; answering
 starts from a copy of the latter (asking never changes a cache), resuming from the latter.
+
+Answering (without retrieval) attends to the video's KV built once on the device and kept in a byte-bounded LRU
+(statekv/device_cache.py), shared read-only by every question; each question's own tokens stay apart, and several
+questions decode together, one forward per step (statekv/decoding.py). Retrieval builds its own context per
+question (statekv/retrieval.py).
 """
 
 from __future__ import annotations
