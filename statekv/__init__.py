@@ -16,7 +16,7 @@ from typing import Any
 __version__ = "0.2.0"
 
 _EXPORTS = {  # public name -> the module that defines it
-    "ChunkKV": "statekv.cache", "VideoKVCache": "statekv.cache",
+    "ChunkKV": "statekv.cache", "VideoKVCache": "statekv.cache", "AnswerRequest": "statekv.decoding",
     "Answer": "statekv.engine", "Engine": "statekv.engine", "TokenEvent": "statekv.engine",
     "EmptyVideoError": "statekv.errors", "ModelMismatchError": "statekv.errors", "StateKVError": "statekv.errors",
     "UnsupportedModelError": "statekv.errors", "VideoDecodeError": "statekv.errors", "VideoError": "statekv.errors",

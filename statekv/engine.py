@@ -11,6 +11,11 @@ has no KV; its exact convolution and recurrent states are carried from step to s
 computation as one pass: nothing is approximated), and the policy, chunk KV and retrieval concern the other
 (full-attention) layers only. The states after the prefix and after the last chunk are kept in the cache; answering
 starts from a copy of the latter (asking never changes a cache), resuming from the latter.
+
+Answering (without retrieval) attends to the video's KV built once on the device and kept in a byte-bounded LRU
+(statekv/device_cache.py), shared read-only by every question; each question's own tokens stay apart, and several
+questions decode together, one forward per step (statekv/decoding.py). Retrieval builds its own context per
+question (statekv/retrieval.py).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from transformers import DynamicCache
 
 from statekv.cache import ChunkKV, ModelInfo, PrefillConfig, RecurrentState, VideoInfo, VideoKVCache
 from statekv.compression import Guided, compress_step, keep_tokens
+from statekv.decoding import DEFAULT_SYNC_EVERY, AnswerRequest, BatchDecoder, Decoding
+from statekv.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DeviceCacheLRU, DeviceVideo
 from statekv.errors import ModelMismatchError, PrefillConfigMismatchError, VideoError
 from statekv.generation import next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
@@ -97,7 +104,8 @@ class Engine:
                  sampling: SamplingConfig | None = None, chunks_per_step: int = 1,
                  attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT,
                  segment_rule: SegmentRule | None = None, answer_from: str = "chunks",
-                 compression: Guided | None = None) -> None:
+                 compression: Guided | None = None,
+                 device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES) -> None:
         if chunks_per_step < 1:
             raise ValueError(f"chunks_per_step must be >= 1, got {chunks_per_step}")
         if layout not in LAYOUTS:
@@ -116,6 +124,8 @@ class Engine:
         self.compression = compression
         # scenes for segment retrieval, from consecutive chunks' mean input embeddings (StreamKV's rule)
         self.segment_rule = segment_rule if segment_rule is not None else SegmentRule()
+        # answer contexts (the video's KV, concatenated, on the device) reused across questions; 0 keeps none
+        self.device_caches = DeviceCacheLRU(device_cache_bytes)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, policy: Policy | None = None,
@@ -123,7 +133,8 @@ class Engine:
                         sampling: SamplingConfig | None = None, chunks_per_step: int = 1,
                         attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT,
                         adapter_options: dict[str, Any] | None = None, answer_from: str = "chunks",
-                        compression: Guided | None = None, **from_pretrained_kwargs: Any) -> "Engine":
+                        compression: Guided | None = None, device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES,
+                        **from_pretrained_kwargs: Any) -> "Engine":
         """Load a checkpoint of a supported family (local directory or hub id). CUDA + bf16 when available."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,7 +144,7 @@ class Engine:
                                **from_pretrained_kwargs)
         return cls(adapter, policy=policy, sampling=sampling, chunks_per_step=chunks_per_step,
                    attention_backend=attention_backend, layout=layout, answer_from=answer_from,
-                   compression=compression)
+                   compression=compression, device_cache_bytes=device_cache_bytes)
 
     @property
     def device(self) -> torch.device:
@@ -379,7 +390,64 @@ class Engine:
         With `retrieval` (e.g. `statekv.retrieval.TopK(k=64, recent=8)`) each layer attends to the prefix, the
         chunks chosen for this question and the question only; on a lazily loaded stored cache only the chosen
         chunks' bytes are read. `Answer.evidence` then lists those chunks with their time ranges.
+        Without retrieval the video's KV is shared with other questions on it (see `ask_many`).
         """
+        if retrieval is not None:
+            return self._ask_retrieval(cache, question, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_p=top_p, seed=seed, output_scores=output_scores, retrieval=retrieval)
+        return self.ask_many(cache, [AnswerRequest(question, max_new_tokens, temperature, top_p, seed,
+                                                   output_scores)])[0]
+
+    def ask_many(self, cache: VideoKVCache, requests: list[AnswerRequest | str], *, max_batch: int = 32,
+                 sync_every: int = DEFAULT_SYNC_EVERY) -> list[Answer]:
+        """Answer several questions about one video together: one forward per step for up to `max_batch` of
+        them (each with its own prompt length, `max_new_tokens`, sampling and stopping; greedy answers equal
+        answering each alone). A string is a greedy `AnswerRequest` of 64 tokens. The cache is not changed."""
+        requests = [AnswerRequest(r) if isinstance(r, str) else r for r in requests]
+        self._check_compatible(cache)
+        with torch.inference_mode():
+            decoder = self.decoder(cache, max_batch=max_batch, sync_every=sync_every)
+            waiting = list(enumerate(requests))
+            running: dict[int, Decoding] = {}
+            done: dict[int, Decoding] = {}
+            while waiting or decoder.active:
+                while waiting and decoder.room:
+                    i, r = waiting.pop(0)
+                    running[id(decoder.add(r, self.answer_prompt(cache, r.question)))] = i
+                for d in decoder.step():
+                    done[running.pop(id(d))] = d
+        return [self.answer_of(cache, done[i]) for i in range(len(requests))]
+
+    def answer_prompt(self, cache: VideoKVCache, question: str):
+        """What follows the video for `question` (`AnswerInputs`), in the cache's layout."""
+        return self.adapter.answer_inputs(question, cache.cursor, cache.config.layout)
+
+    def device_video(self, cache: VideoKVCache) -> DeviceVideo:
+        """The cache's answer context on the device, from the device LRU (built and kept on a miss)."""
+        a = self.adapter
+        return self.device_caches.get(cache, lambda: DeviceVideo.from_cache(
+            cache, a.layout.num_layers, a.layout.linear_layers, self.device))
+
+    def decoder(self, cache: VideoKVCache, *, max_batch: int = 32,
+                sync_every: int = DEFAULT_SYNC_EVERY) -> BatchDecoder:
+        """A batch decoder over the cache's shared KV (statekv/decoding.py); add questions with `answer_prompt`."""
+        self._check_compatible(cache)
+        return BatchDecoder(self.adapter, self.device_video(cache), self.adapter.decoder_kwargs(cache.cursor),
+                            max_batch=max_batch, sync_every=sync_every)
+
+    def answer_of(self, cache: VideoKVCache, d: Decoding) -> Answer:
+        """The `Answer` of a finished decoding."""
+        r = d.request
+        return Answer(text=self.adapter.tokenizer.decode(d.tokens, skip_special_tokens=True),
+                      token_ids=list(d.tokens),
+                      prompt_ids=self.adapter.question_ids(r.question, cache.config.layout).tolist(),
+                      finish_reason=d.finish_reason or "length",
+                      scores=[l.cpu() for l in d.logits] if r.output_scores else None,
+                      first_token_s=d.first_token_s, total_s=d.total_s)
+
+    def _ask_retrieval(self, cache: VideoKVCache, question: str, *, max_new_tokens: int, temperature: float,
+                       top_p: float, seed: int | None, output_scores: bool, retrieval: Retrieval) -> Answer:
+        """`ask` with retrieval: the answer cache holds the prefix, chunks are inserted per layer."""
         start = time.perf_counter()
         first = 0.0
         ids: list[int] = []
@@ -409,6 +477,32 @@ class Engine:
         With `retrieval` see `ask`; the chosen chunks are appended to `evidence` (a list) once the question's first
         pass has run, before the first token is yielded.
         """
+        if retrieval is not None:
+            yield from self._stream_retrieval(cache, question, max_new_tokens=max_new_tokens,
+                                              temperature=temperature, top_p=top_p, seed=seed,
+                                              output_logits=output_logits, retrieval=retrieval, evidence=evidence)
+            return
+        request = AnswerRequest(question, max_new_tokens, temperature, top_p, seed, output_logits)
+        tokenizer = self.adapter.tokenizer
+        with torch.inference_mode():
+            decoder = self.decoder(cache, max_batch=1, sync_every=1)  # a token is read back at every step
+            d = decoder.add(request, self.answer_prompt(cache, question))
+            generated: list[int] = []
+            emitted = ""
+            while not d.done:
+                decoder.step(sync=True)
+                for token in d.take():
+                    generated.append(token)
+                    text = tokenizer.decode(generated, skip_special_tokens=True)
+                    delta = ""
+                    if d.done or not text.endswith("\ufffd"):  # else wait for the rest of a multi-byte character
+                        delta, emitted = text[len(emitted):], text
+                    yield TokenEvent(token, delta, d.logits[len(generated) - 1].cpu() if output_logits else None)
+
+    def _stream_retrieval(self, cache: VideoKVCache, question: str, *, max_new_tokens: int, temperature: float,
+                          top_p: float, seed: int | None, output_logits: bool, retrieval: Retrieval,
+                          evidence: list[Evidence] | None) -> Iterator[TokenEvent]:
+        """`stream` with retrieval (the answer cache holds the prefix; chunks are inserted on the first pass)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self._check_compatible(cache)
@@ -419,19 +513,15 @@ class Engine:
             prompt = a.answer_inputs(question, cache.cursor, cache.config.layout)
             decoder_kwargs = a.decoder_kwargs(cache.cursor)
             embeds, positions = prompt.embeds, prompt.position_ids
-            context = None
-            if retrieval is None:
-                dyn = self._answer_cache(cache, cache.layer_kv)
-            else:
-                dyn, context = self._retrieval_cache(cache, retrieval, embeds, positions)
+            dyn, context = self._retrieval_cache(cache, retrieval, embeds, positions)
             position = prompt.next_position
             generated: list[int] = []
             emitted = ""
             for step in range(max_new_tokens):
-                extra = {"statekv_retrieval": context} if step == 0 and context is not None else {}
+                extra = {"statekv_retrieval": context} if step == 0 else {}
                 hidden = a.decode(embeds, positions, dyn, statekv_backend=self.attention_backend, **decoder_kwargs,
                                   **extra)
-                if step == 0 and context is not None and evidence is not None:
+                if step == 0 and evidence is not None:
                     evidence.extend(context.evidence())
                 step_logits = a.logits(hidden[-1])
                 token = next_token(step_logits, temperature=temperature, top_p=top_p, generator=generator)

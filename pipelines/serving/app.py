@@ -151,8 +151,13 @@ class QueryDeployment:
         self.service.check_health()
 
     def stats(self) -> dict[str, Any]:
-        """For tests and operators through a handle: LRU state and vision-tower / prefill / token counters."""
-        return {"lru": self.service.lru.stats(), "counters": dict(self.service.counters)}
+        """For tests and operators through a handle: LRU state and vision-tower / prefill / token counters, the
+        device LRU of answer contexts, and the batch scheduler's forwards (fewer than tokens when it batches)."""
+        batcher = self.service.batcher
+        return {"lru": self.service.lru.stats(), "counters": dict(self.service.counters),
+                "device_cache": self.service.engine.device_caches.stats(),
+                "batching": None if batcher is None else {"steps": batcher.steps,
+                                                          "max_batch_seen": batcher.max_seen_batch}}
 
 
 def build_app(config: ServiceConfig | dict[str, Any]) -> serve.Application:

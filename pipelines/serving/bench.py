@@ -5,7 +5,8 @@ against prefilling the video again, at several video lengths; request latency pe
 
 Time to first token (TTFT) counts everything before the first token: the cache load (cold), the LRU lookup
 (warm; warm_revalidated adds the manifest HEAD that checks a kept cache for a re-prefill) or the whole prefill
-(re-prefill). Decode tokens/s is (generated - 1) / (time after the first token).
+(re-prefill). Decode tokens/s is (generated - 1) / (time after the first token). The concurrency rows are measured
+with batching off and on (`batching=`) in the same run: tokens/s = answer tokens generated / wall time.
 """
 
 from __future__ import annotations
@@ -98,25 +99,42 @@ def bench_lengths(engine, service_factory, root: str, options, lengths: list[int
 
 def bench_concurrency(ask, video_ids: list[str], concurrency: list[int], requests: int,
                       max_new_tokens: int) -> list[dict[str, Any]]:
-    """Client-side request latency percentiles of `ask(video_id) -> (status, server timings)`, warm caches."""
+    """Client-side request latency percentiles and generated tokens/s of `ask(video_id, max_new_tokens) ->
+    (status, generated tokens)` at each concurrency, warm caches."""
     for vid in video_ids:  # warm every replica's LRU path once
         ask(vid, max_new_tokens)
     rows = []
     for c in concurrency:
-        def one(i: int) -> tuple[float, int]:
+        def one(i: int) -> tuple[float, int, int]:
             start = time.perf_counter()
-            status = ask(video_ids[i % len(video_ids)], max_new_tokens)
-            return time.perf_counter() - start, status
+            status, generated = ask(video_ids[i % len(video_ids)], max_new_tokens)
+            return time.perf_counter() - start, status, generated
 
         start = time.perf_counter()
         with ThreadPoolExecutor(c) as pool:
             results = list(pool.map(one, range(requests)))
         wall = time.perf_counter() - start
-        latencies = [lat for lat, status in results if status == 200]
+        latencies = [lat for lat, status, _ in results if status == 200]
+        tokens = sum(n for _, status, n in results if status == 200)
         rows.append({"concurrency": c, "requests": requests, "ok": len(latencies),
                      "latency_s": _percentiles(latencies), "requests_per_s": requests / wall,
-                     "tokens_per_s": len(latencies) * max_new_tokens / wall})
+                     "tokens": tokens, "tokens_per_s": tokens / wall})
     return rows
+
+
+def format_concurrency(rows_by_mode: dict[str, list[dict[str, Any]]]) -> str:
+    """A markdown table: per concurrency, tokens/s and p50/p99 latency of each batching mode side by side."""
+    modes = list(rows_by_mode)
+    head = "| concurrency | " + " | ".join(f"{m}: tokens/s | {m}: p50 ms | {m}: p99 ms" for m in modes) + " |"
+    lines = [head, "| ---: " * (1 + 3 * len(modes)) + "|"]
+    for i, row in enumerate(rows_by_mode[modes[0]]):
+        cells = [str(row["concurrency"])]
+        for m in modes:
+            r = rows_by_mode[m][i]
+            cells += [f"{r['tokens_per_s']:.1f}", f"{1000 * r['latency_s']['p50']:.0f}",
+                      f"{1000 * r['latency_s']['p99']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _serve_asker(config, port: int):
@@ -145,9 +163,9 @@ def _serve_asker(config, port: int):
             raise TimeoutError("the benchmark deployment did not become ready")
         time.sleep(0.2)
 
-    def ask(vid: str, max_new_tokens: int) -> int:
-        return client.post("/v1/ask", json={"video_id": vid, "question": QUESTION,
-                                            "max_new_tokens": max_new_tokens}).status_code
+    def ask(vid: str, max_new_tokens: int) -> tuple[int, int]:
+        r = client.post("/v1/ask", json={"video_id": vid, "question": QUESTION, "max_new_tokens": max_new_tokens})
+        return r.status_code, r.json()["tokens"]["generated"] if r.status_code == 200 else 0
 
     def shutdown() -> None:
         client.close()
@@ -159,7 +177,11 @@ def _serve_asker(config, port: int):
 
 def run_benchmark(model: str, *, lengths: list[int], concurrency: list[int], requests: int = 48,
                   max_new_tokens: int = 16, repeats: int = 3, height: int = 112, width: int = 168,
-                  transport: str = "serve", port: int | None = None) -> dict[str, Any]:
+                  transport: str = "serve", port: int | None = None,
+                  batching: tuple[str, ...] = ("off", "on")) -> dict[str, Any]:
+    """`batching`: the modes whose concurrency rows are measured in this run, one after the other ("off": the
+    replica answers its requests one by one in their own threads; "on": concurrent questions about a video are
+    decoded together, pipelines/serving/batching.py)."""
     import socket
 
     import torch
@@ -181,34 +203,43 @@ def run_benchmark(model: str, *, lengths: list[int], concurrency: list[int], req
 
         length_rows = bench_lengths(engine, factory, root, options, lengths, height, width, max_new_tokens, repeats)
         videos = [f"len{n}" for n in lengths]
-        if transport == "serve":
-            if port is None:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
-            config = ServiceConfig(model=model, caches_root=root, endpoint_url=options.endpoint_url,
-                                   region=options.region, storage_options={"key": "bench", "secret": "bench"},
-                                   device="cpu", max_new_tokens_limit=max(max_new_tokens, 64),
-                                   max_ongoing_requests=max(concurrency), num_cpus=1)
-            ask, shutdown = _serve_asker(config, port)
-            try:
-                conc_rows = bench_concurrency(ask, videos, concurrency, requests, max_new_tokens)
-            finally:
-                shutdown()
-        else:
-            service = factory()
+        conc_rows: dict[str, list[dict[str, Any]]] = {}
+        for mode in batching:
+            if mode not in ("off", "on"):
+                raise ValueError(f"unknown batching mode {mode!r}; valid: off, on")
+            if transport == "serve":
+                mode_port = port
+                if mode_port is None:
+                    with socket.socket() as sock:
+                        sock.bind(("127.0.0.1", 0))
+                        mode_port = sock.getsockname()[1]
+                config = ServiceConfig(model=model, caches_root=root, endpoint_url=options.endpoint_url,
+                                       region=options.region, storage_options={"key": "bench", "secret": "bench"},
+                                       device="cpu", max_new_tokens_limit=max(max_new_tokens, 64),
+                                       max_ongoing_requests=max(concurrency), num_cpus=1,
+                                       batching=mode == "on", max_batch=max(concurrency))
+                ask, shutdown = _serve_asker(config, mode_port)
+                try:
+                    conc_rows[mode] = bench_concurrency(ask, videos, concurrency, requests, max_new_tokens)
+                finally:
+                    shutdown()
+            else:
+                service = QueryService(engine, root, storage_options=storage, lru_bytes=8 << 30,
+                                       max_new_tokens_limit=max(max_new_tokens, 64), batching=mode == "on",
+                                       max_batch=max(concurrency))
 
-            def ask(vid: str, n: int) -> int:
-                service.ask(video_id=vid, question=QUESTION, max_new_tokens=n)
-                return 200
+                def ask(vid: str, n: int, service=service) -> tuple[int, int]:
+                    r = service.ask(video_id=vid, question=QUESTION, max_new_tokens=n)
+                    return 200, r["tokens"]["generated"]
 
-            conc_rows = bench_concurrency(ask, videos, concurrency, requests, max_new_tokens)
+                conc_rows[mode] = bench_concurrency(ask, videos, concurrency, requests, max_new_tokens)
     finally:
         server.stop()
     return {
         "benchmark": "serving", "model": model, "device": "cpu", "torch_threads": torch.get_num_threads(),
         "frame_size": [height, width], "max_new_tokens": max_new_tokens, "repeats": repeats,
         "question": QUESTION, "transport": transport, "by_length": length_rows, "by_concurrency": conc_rows,
+        "concurrency_table": format_concurrency(conc_rows),
         "notes": "ttft = time before the first token, including the cache load (cold: from loopback S3; warm: "
                  "LRU lookup) or the whole prefill (reprefill); concurrency latencies are client-side over HTTP "
                  "(transport=serve) over all videos, warm LRU.",

@@ -21,6 +21,9 @@ class ServiceConfig:
     device: str | None = None  # default: cuda when available
     dtype: str | None = None  # float32 / bfloat16 / float16 (default: bfloat16 on cuda, float32 on cpu)
     lru_bytes: int = 4 << 30  # host memory for loaded caches, per replica
+    device_cache_bytes: int = 2 << 30  # accelerator memory for answer contexts (the video KV, built), per replica
+    batching: bool = True  # decode concurrent questions about one video together (False: one at a time)
+    max_batch: int = 32  # questions about one video decoded together at most
     max_question_chars: int = 4000  # a cheap bound checked before tokenizing (422 above it)
     max_question_tokens: int = 1024  # the question's limit in tokens, chat template included (413 above it)
     max_new_tokens_limit: int = 512  # the schema's maximum of max_new_tokens
@@ -37,7 +40,9 @@ class ServiceConfig:
             raise ValueError("model is required (checkpoint directory or hub id)")
         if not self.caches_root:
             raise ValueError("caches_root is required (local directory or s3://bucket/prefix)")
-        for name in ("lru_bytes", "max_question_chars", "max_question_tokens", "max_new_tokens_limit",
+        if int(self.device_cache_bytes) < 0:
+            raise ValueError(f"device_cache_bytes must be >= 0, got {self.device_cache_bytes}")
+        for name in ("lru_bytes", "max_batch", "max_question_chars", "max_question_tokens", "max_new_tokens_limit",
                      "max_ongoing_requests"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

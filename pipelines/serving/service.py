@@ -31,6 +31,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pipelines.serving.batching import BatchScheduler
 from pipelines.serving.errors import (BadRequest, ClientGone, Conflict, NotFound, PayloadTooLarge, ServiceError,
                                       Unavailable, Unprocessable, network_cause, public_location, public_name,
                                       public_text)
@@ -38,6 +39,8 @@ from pipelines.serving.lazy import HeldChunks, held_nbytes
 from pipelines.serving.lru import CacheLRU
 from pipelines.serving.schema import ask_request_model, validation_message
 from statekv.cache import VideoKVCache
+from statekv.decoding import AnswerRequest
+from statekv.device_cache import DEFAULT_DEVICE_CACHE_BYTES
 from statekv.engine import Engine
 from statekv.errors import ModelMismatchError
 from statekv.retrieval import Retrieval, Segments
@@ -73,14 +76,15 @@ class QueryService:
                  storage_options: dict[str, Any] | None = None, lru_bytes: int = 4 << 30,
                  max_question_chars: int = 4000, max_question_tokens: int = 1024, max_new_tokens_limit: int = 512,
                  retry_after_s: int = 5, revalidate_s: float = 1.0, device: str | None = None,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, batching: bool = True, max_batch: int = 32,
+                 device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES) -> None:
         if isinstance(model, Engine):
             self.engine = model
         else:
             import torch
 
-            self.engine = Engine.from_pretrained(model, device=device,
-                                                 dtype=getattr(torch, dtype) if dtype else None)
+            self.engine = Engine.from_pretrained(model, device=device, dtype=getattr(torch, dtype) if dtype else None,
+                                                 device_cache_bytes=device_cache_bytes)
         self.model_info = self.engine.model_info()
         self.root = _normalise_root(caches_root)
         self.storage_options = storage_options
@@ -99,6 +103,9 @@ class QueryService:
                          "in_flight": 0, "cancelled": 0}
         self._count_calls(self.engine.adapter, "video_features", "vision_tower_calls")
         self._count_calls(self.engine, "prefill", "prefill_calls")
+        # concurrent non-streaming questions about one video decode together (batching.py); None: one by one
+        self.batcher = BatchScheduler(self.engine, max_batch=max_batch,
+                                      on_tokens=lambda n: self._count("generated_tokens", n)) if batching else None
 
     @classmethod
     def from_config(cls, config) -> "QueryService":
@@ -106,7 +113,9 @@ class QueryService:
         return cls(config.model, config.caches_root, storage_options=config.storage(), lru_bytes=config.lru_bytes,
                    max_question_chars=config.max_question_chars, max_question_tokens=config.max_question_tokens,
                    max_new_tokens_limit=config.max_new_tokens_limit, retry_after_s=config.retry_after_s,
-                   revalidate_s=config.revalidate_s, device=config.device, dtype=config.dtype)
+                   revalidate_s=config.revalidate_s, device=config.device, dtype=config.dtype,
+                   batching=config.batching, max_batch=config.max_batch,
+                   device_cache_bytes=config.device_cache_bytes)
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._counter_lock:
@@ -358,6 +367,8 @@ class QueryService:
         evidence = [] if req.retrieval is not None else None
         self._count("in_flight")
         try:
+            if self.batcher is not None and getattr(req, "retrieval", None) is None:  # retrieval: one by one
+                return self._ask_batched(req, vid, cache, hit, load_s, prompt_len, cancelled)
             start = time.perf_counter()
             first = 0.0
             ids: list[int] = []
@@ -374,6 +385,18 @@ class QueryService:
                                 time.perf_counter() - start, evidence)
         finally:
             self._count("in_flight", -1)
+
+    def _ask_batched(self, req, vid: str, cache: VideoKVCache, hit: bool, load_s: float, prompt_len: int,
+                     cancelled: Callable[[], bool] | None) -> dict[str, Any]:
+        """`ask` through the batch scheduler: decoded together with the other questions about this video."""
+        request = AnswerRequest(req.question, req.max_new_tokens, req.temperature, req.top_p, req.seed)
+        try:
+            answer = self.batcher.answer(cache, request, cancelled=cancelled, label=vid)
+        except ClientGone:
+            self._count("cancelled")
+            raise
+        return self._result(vid, cache, hit, answer.text, answer.token_ids, prompt_len, answer.finish_reason, load_s,
+                            answer.first_token_s, answer.total_s)
 
     def stream(self, **fields: Any) -> Iterator[dict[str, Any]]:
         """Validate and load now (errors raise here), then return the events: one per token, a final "done".

@@ -232,13 +232,14 @@ class VideoLMAdapter:
     def decode(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, **kwargs: Any) -> torch.Tensor:
         """Run the decoder stack on embeds (L, hidden) at positions (R, L), extending `cache` in place.
 
-        Returns the final normed hidden states (L, hidden). `kwargs` reach our attention function (statekv_*) or
+        Returns the final normed hidden states (L, hidden); `cache=None` runs without one (the attention function
+        then gets only these tokens' keys: statekv/decoding.py keeps them itself). `kwargs` reach our attention function (statekv_*) or
         the family's decoder (ChunkInputs.decoder_kwargs).
         """
         pos = position_ids.to(self.device)
         pos = pos.unsqueeze(1) if self.position_rows > 1 else pos  # (R, 1, L) for M-RoPE, (1, L) for 1-D
         out = self.language_model(inputs_embeds=embeds.unsqueeze(0), position_ids=pos, past_key_values=cache,
-                                  use_cache=True, **kwargs)
+                                  use_cache=cache is not None, **kwargs)
         return out.last_hidden_state[0]
 
     @property

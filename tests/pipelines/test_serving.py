@@ -277,6 +277,8 @@ def test_http_never_prefills_and_reads_each_video_once(served):
     stats = serve.get_app_handle("query").stats.remote().result()
     assert stats["counters"]["vision_tower_calls"] == 0 and stats["counters"]["prefill_calls"] == 0
     assert stats["counters"]["store_loads"] == 2 and stats["lru"]["entries"] == 2
+    assert stats["device_cache"]["entries"] == 2  # each video's answer context built once, kept on the device
+    assert stats["batching"]["steps"] > 0
 
 
 def test_http_listing_and_inspect(served):
