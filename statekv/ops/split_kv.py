@@ -12,7 +12,11 @@ Boundary: tensors in, tensors out; no model knowledge.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["attention_lse", "attention_lse_reference", "merge_partials", "shared_attention", "tail_attention"]
 
@@ -29,6 +33,10 @@ def attention_lse_reference(query: torch.Tensor, key: torch.Tensor, value: torch
     return torch.matmul(p, value.float()), lse
 
 
+# whether the CUDA memory-efficient kernel can serve here (set False after its first refusal, said once in the log)
+_CUDA_FUSED = {"usable": True}
+
+
 def attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                   scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, L, D] in the query's dtype, lse [B, H, L] float32) of unmasked attention, H == Hkv, from the
@@ -42,10 +50,15 @@ def attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, 0.0, False, scale=scaling)[:2]
         return out, lse
-    if query.device.type == "cuda":
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, None, True, 0.0, False, scale=scaling)[:2]
-        return out, lse[..., :query.shape[2]]  # the kernel may pad the lse's query axis
+    if query.device.type == "cuda" and _CUDA_FUSED["usable"]:
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                query, key, value, None, True, 0.0, False, scale=scaling)[:2]
+            return out, lse[..., :query.shape[2]]  # the kernel may pad the lse's query axis
+        except (RuntimeError, NotImplementedError) as err:  # no kernel for this GPU / dtype / head size
+            _CUDA_FUSED["usable"] = False
+            logger.warning("fused attention with log-sum-exp unavailable on %s (%s); answering uses the float32 "
+                           "reference attention from now on", query.device, str(err).splitlines()[0])
     out, lse = attention_lse_reference(query, key, value, scaling=scaling)
     return out.to(query.dtype), lse
 
