@@ -33,7 +33,6 @@ def _declared() -> set[str]:
 def _imported_modules(root: Path) -> dict[str, str]:
     """Top-level module name -> first file importing it, for every import statement (also inside functions)."""
     found: dict[str, str] = {}
-    local = LOCAL | {p.stem for p in root.rglob("*.py")}  # test modules importing each other (test_store)
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
@@ -44,7 +43,7 @@ def _imported_modules(root: Path) -> dict[str, str]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in local and top != "__future__":
+                if top not in sys.stdlib_module_names and top not in LOCAL and top != "__future__":
                     found.setdefault(top, str(path.relative_to(REPO)))
     return found
 

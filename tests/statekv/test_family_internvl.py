@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from family_1d_cases import SingleFrameFamilyCases
+from tests.statekv.family_1d_cases import SingleFrameFamilyCases
 
 
 class TestInternVL(SingleFrameFamilyCases):

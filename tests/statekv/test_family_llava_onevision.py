@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from family_1d_cases import SingleFrameFamilyCases
+from tests.statekv.family_1d_cases import SingleFrameFamilyCases
 
 
 class TestLlavaOnevision(SingleFrameFamilyCases):

@@ -306,8 +306,8 @@ def _raise_at(n):
 
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
-    sys.path[:0] = [{tests!r}, {repo!r}]
-    from test_store import fake_cache
+    sys.path[:0] = [{repo!r}]
+    from tests.statekv.test_store import fake_cache
     from statekv.store import CacheWriter
     cache = fake_cache(6)
     w = CacheWriter(sys.argv[1], chunks_per_row_group=1)
@@ -322,8 +322,7 @@ def test_sigkilled_writer_process_leaves_nothing_committed(tmp_path):
     root = str(tmp_path / "caches")
     uri = uri_of(root, "vid")
     script = tmp_path / "writer.py"
-    script.write_text(KILLED_WRITER.format(tests=os.path.dirname(__file__),
-                                              repo=os.path.dirname(os.path.dirname(os.path.dirname(__file__)))))
+    script.write_text(KILLED_WRITER.format(repo=os.path.dirname(os.path.dirname(os.path.dirname(__file__)))))
     proc = subprocess.Popen([sys.executable, str(script), uri], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "WROTE"

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 import torch
-from test_store import FPS, CountingFS, assert_identical, engine, fake_cache, frames  # noqa: F401 (fixtures)
+from tests.statekv.test_store import FPS, CountingFS, assert_identical, engine, fake_cache, frames  # noqa: F401 (fixtures)
 
 from statekv.policies import LayerState
 from statekv.store import (CacheChangedError, CacheCorruptError, CacheUnavailableError, CacheWriter,
