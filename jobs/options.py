@@ -9,7 +9,7 @@ import functools
 # so `--help`, does not import torch.
 POLICY_NAMES = ("full", "window", "statekv", "infinipot")
 
-ANSWER_FROM = ("chunks", "state")  # statekv.engine.ANSWER_FROM, spelled out for the same reason
+ANSWER_FROM = ("chunks", "state")  # statekv.cache.ANSWER_FROM, spelled out for the same reason
 
 VIDEO_BACKENDS = ("auto", "decord", "pyav")  # statekv.video.BACKENDS, spelled out: --help imports no decoder
 

@@ -16,6 +16,18 @@ import torch
 
 from statekv.policies import LayerState
 
+# what a cache keeps to answer from: every chunk's own KV, or only the bounded carried state
+ANSWER_FROM = ("chunks", "state")
+
+
+def check_answer_from(answer_from: str, compression: Any | None = None) -> None:
+    """ValueError unless `answer_from` is one of ANSWER_FROM and goes with `compression` (write-time compression
+    shrinks the stored chunks; a state-only cache stores none)."""
+    if answer_from not in ANSWER_FROM:
+        raise ValueError(f"unknown answer_from {answer_from!r}; valid: {', '.join(ANSWER_FROM)}")
+    if compression is not None and answer_from != "chunks":
+        raise ValueError("compression shrinks the stored chunks, and answer_from='state' stores none")
+
 
 @dataclass
 class RecurrentState:

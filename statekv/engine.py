@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from statekv.cache import ChunkKV, ModelInfo, PrefillConfig, RecurrentState, VideoInfo, VideoKVCache
+from statekv.cache import (ChunkKV, ModelInfo, PrefillConfig, RecurrentState, VideoInfo, VideoKVCache,
+                           check_answer_from)
 from statekv.compression import Guided, compress_step, keep_tokens
 from statekv.decoding import DEFAULT_SYNC_EVERY, AnswerRequest, BatchDecoder, Decoding
 from statekv.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DeviceCacheLRU, DeviceVideo
@@ -51,7 +52,6 @@ logger = logging.getLogger(__name__)
 VideoInput = str | os.PathLike | BinaryIO | np.ndarray | VideoSource
 ChunkSink = Callable[[ChunkKV], None]
 DEFAULT_LAYOUT = "prefix-first"
-ANSWER_FROM = ("chunks", "state")
 
 
 @dataclass
@@ -116,11 +116,8 @@ class Engine:
         self.chunks_per_step = chunks_per_step
         self.attention_backend = attention_backend
         self.layout = layout
-        if answer_from not in ANSWER_FROM:
-            raise ValueError(f"unknown answer_from {answer_from!r}; valid: {', '.join(ANSWER_FROM)}")
+        check_answer_from(answer_from, compression)
         self.answer_from = answer_from
-        if compression is not None and answer_from != "chunks":
-            raise ValueError("compression shrinks the stored chunks, and answer_from='state' stores none")
         self.compression = compression
         # scenes for segment retrieval, from consecutive chunks' mean input embeddings (StreamKV's rule)
         self.segment_rule = segment_rule if segment_rule is not None else SegmentRule()

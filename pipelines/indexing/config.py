@@ -5,11 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
-# statekv.policies.POLICIES and statekv.engine.ANSWER_FROM, spelled out: the driver imports no torch (a test keeps
-# them equal)
-POLICY_NAMES = ("full", "window", "statekv", "infinipot")
-ANSWER_FROM = ("chunks", "state")
+from statekv.cache import check_answer_from
+from statekv.policies import POLICIES
 
 
 @dataclass
@@ -20,7 +17,7 @@ class IndexConfig:
     actors: int = 1  # model actors (one model each)
     gpus_per_actor: float = 0.0  # 0 runs CPU actors
     decode_cpus: float = 1.0  # CPUs reserved per actor: its decode thread (and, on CPU actors, the model)
-    policy: str = "statekv"  # one of POLICY_NAMES
+    policy: str = "statekv"  # one of statekv.policies.POLICIES
     capacity: int = 4096  # carried tokens per layer and KV head (statekv, window; the budget of infinipot)
     answer_from: str = "chunks"  # chunks: store every chunk's KV | state: only the bounded carried state
     compression: dict[str, Any] | None = None  # write-time compression settings, e.g. {"name": "guided", "keep": 0.6}
@@ -57,12 +54,9 @@ class IndexConfig:
             raise ValueError(f"probe_threads must be >= 1, got {self.probe_threads}")
         if self.gpus_per_actor < 0 or self.decode_cpus <= 0:
             raise ValueError("gpus_per_actor must be >= 0 and decode_cpus > 0")
-        if self.policy not in POLICY_NAMES:
-            raise ValueError(f"unknown policy {self.policy!r}; valid policies: {', '.join(POLICY_NAMES)}")
-        if self.answer_from not in ANSWER_FROM:
-            raise ValueError(f"unknown answer_from {self.answer_from!r}; valid: {', '.join(ANSWER_FROM)}")
-        if self.compression is not None and self.answer_from != "chunks":
-            raise ValueError("compression shrinks the stored chunks, and answer_from='state' stores none")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; valid policies: {', '.join(POLICIES)}")
+        check_answer_from(self.answer_from, self.compression)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -336,10 +336,10 @@ def test_help_shows_defaults_and_the_whole_description(capsys):
 
 def test_the_cli_policy_names_are_the_library_policies():
     from jobs.options import ANSWER_FROM, POLICY_NAMES
-    from statekv.engine import ANSWER_FROM as ENGINE_ANSWER_FROM
+    from statekv.cache import ANSWER_FROM as LIBRARY_ANSWER_FROM
     from statekv.policies import POLICIES
 
-    assert list(POLICY_NAMES) == list(POLICIES) and ANSWER_FROM == ENGINE_ANSWER_FROM
+    assert list(POLICY_NAMES) == list(POLICIES) and ANSWER_FROM == LIBRARY_ANSWER_FROM
 
 
 def test_threads_flag_sets_torch_threads(capsys, tmp_path, video, tiny_checkpoints):

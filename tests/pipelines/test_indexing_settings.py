@@ -48,10 +48,3 @@ def test_bad_settings_are_refused_before_the_run(settings, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         IndexConfig(input="in/", output="out/", model="m", **settings)
 
-
-def test_the_config_names_are_the_library_names():
-    from pipelines.indexing import config
-    from statekv.engine import ANSWER_FROM
-    from statekv.policies import POLICIES
-
-    assert list(config.POLICY_NAMES) == list(POLICIES) and config.ANSWER_FROM == ANSWER_FROM
