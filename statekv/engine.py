@@ -39,7 +39,7 @@ from statekv.compression import Guided, compress_step, keep_tokens
 from statekv.decoding import DEFAULT_SYNC_EVERY, AnswerRequest, BatchDecoder, Decoding
 from statekv.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DeviceCacheLRU, DeviceVideo
 from statekv.errors import ModelMismatchError, PrefillConfigMismatchError, VideoError
-from statekv.generation import next_token
+from statekv.generation import TextDeltas, next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
 from statekv.retrieval import Evidence, Retrieval, RetrievalContext, SegmentRule, SegmentTracker
@@ -480,21 +480,15 @@ class Engine:
                                               output_logits=output_logits, retrieval=retrieval, evidence=evidence)
             return
         request = AnswerRequest(question, max_new_tokens, temperature, top_p, seed, output_logits)
-        tokenizer = self.adapter.tokenizer
+        text = TextDeltas(self.adapter.tokenizer)
         with torch.inference_mode():
             decoder = self.decoder(cache, max_batch=1, sync_every=1)  # a token is read back at every step
             d = decoder.add(request, self.answer_prompt(cache, question))
-            generated: list[int] = []
-            emitted = ""
             while not d.done:
                 decoder.step(sync=True)
                 for token in d.take():
-                    generated.append(token)
-                    text = tokenizer.decode(generated, skip_special_tokens=True)
-                    delta = ""
-                    if d.done or not text.endswith("\ufffd"):  # else wait for the rest of a multi-byte character
-                        delta, emitted = text[len(emitted):], text
-                    yield TokenEvent(token, delta, d.logits[len(generated) - 1].cpu() if output_logits else None)
+                    delta = text.add(token, last=d.done)
+                    yield TokenEvent(token, delta, d.logits[len(text.ids) - 1].cpu() if output_logits else None)
 
     def _stream_retrieval(self, cache: VideoKVCache, question: str, *, max_new_tokens: int, temperature: float,
                           top_p: float, seed: int | None, output_logits: bool, retrieval: Retrieval,
@@ -505,15 +499,13 @@ class Engine:
         self._check_compatible(cache)
         a = self.adapter
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        tokenizer = a.tokenizer
+        text = TextDeltas(a.tokenizer)
         with torch.inference_mode():
             prompt = a.answer_inputs(question, cache.cursor, cache.config.layout)
             decoder_kwargs = a.decoder_kwargs(cache.cursor)
             embeds, positions = prompt.embeds, prompt.position_ids
             dyn, context = self._retrieval_cache(cache, retrieval, embeds, positions)
             position = prompt.next_position
-            generated: list[int] = []
-            emitted = ""
             for step in range(max_new_tokens):
                 extra = {"statekv_retrieval": context} if step == 0 else {}
                 hidden = a.decode(embeds, positions, dyn, statekv_backend=self.attention_backend, **decoder_kwargs,
@@ -522,12 +514,7 @@ class Engine:
                     evidence.extend(context.evidence())
                 step_logits = a.logits(hidden[-1])
                 token = next_token(step_logits, temperature=temperature, top_p=top_p, generator=generator)
-                generated.append(token)
-                text = tokenizer.decode(generated, skip_special_tokens=True)
-                last = token in a.eos_token_ids or step == max_new_tokens - 1
-                delta = ""
-                if last or not text.endswith("\ufffd"):  # else wait for the rest of a multi-byte character
-                    delta, emitted = text[len(emitted):], text
+                delta = text.add(token, last=token in a.eos_token_ids or step == max_new_tokens - 1)
                 yield TokenEvent(token, delta, step_logits.cpu() if output_logits else None)
                 if token in a.eos_token_ids:
                     return

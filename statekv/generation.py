@@ -9,6 +9,7 @@ is what temperature -> 0 means. The most likely token always survives the top-p 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -51,3 +52,25 @@ def next_token(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float =
         return int(logits.argmax())
     probs = sampling_probs(logits, temperature=temperature, top_p=top_p)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class TextDeltas:
+    """The decoded text of a growing answer, given out piece by piece as tokens arrive (for streaming).
+
+    A token that ends inside a multi-byte character decodes to U+FFFD; its text is held back until the character is
+    complete, or until the last token, so that the pieces always join to the decoded whole answer.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def add(self, token: int, *, last: bool) -> str:
+        """The text `token` adds (possibly "", held back); `last` gives out everything that is left."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not last and text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta

@@ -75,3 +75,22 @@ def test_out_of_domain_rejected(temperature, top_p):
         check_sampling(temperature, top_p)
     with pytest.raises(ValueError):
         next_token(torch.zeros(3), temperature=temperature, top_p=top_p)
+
+
+def test_text_deltas_hold_back_a_split_character_and_join_to_the_answer(tiny_checkpoints):
+    """A byte-level tokenizer splits an emoji over several tokens: no piece shows U+FFFD, a piece is held back
+    while the character is incomplete, and the pieces join to the decoded answer."""
+    from transformers import AutoTokenizer
+
+    from statekv.generation import TextDeltas
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["qwen2_vl"])
+    ids = tokenizer.encode("a\U0001F600b\u00e9", add_special_tokens=False)
+    assert len(ids) > 4  # the emoji takes more than one token
+    text = TextDeltas(tokenizer)
+    pieces = [text.add(t, last=i == len(ids) - 1) for i, t in enumerate(ids)]
+    assert "".join(pieces) == tokenizer.decode(ids) == "a\U0001F600b\u00e9"
+    assert "" in pieces and not any("\ufffd" in p for p in pieces)
+    cut = TextDeltas(tokenizer)  # an answer that ends mid-character gives out what it has at its last token
+    partial = [cut.add(t, last=i == 1) for i, t in enumerate(ids[:2])]
+    assert "".join(partial) == tokenizer.decode(ids[:2])
