@@ -214,8 +214,12 @@ class VideoKVCache:
 
     @property
     def nbytes(self) -> int:
-        prefix = sum(t.numel() * t.element_size() for t in (*self.prefix_keys, *self.prefix_values) if t is not None)
-        return prefix + sum(c.nbytes for c in self.chunks) + self.recurrent_nbytes
+        return self.prefix_nbytes + sum(c.nbytes for c in self.chunks) + self.recurrent_nbytes
+
+    @property
+    def prefix_nbytes(self) -> int:
+        """Bytes of the text prefix's K/V."""
+        return sum(t.numel() * t.element_size() for t in (*self.prefix_keys, *self.prefix_values) if t is not None)
 
     @property
     def recurrent_nbytes(self) -> int:

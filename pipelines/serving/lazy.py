@@ -72,5 +72,4 @@ def held_nbytes(cache: VideoKVCache) -> int:
 
     Not `cache.nbytes`, which sums every chunk (and so would read every chunk of a lazy cache).
     """
-    prefix = sum(t.numel() * t.element_size() for t in (*cache.prefix_keys, *cache.prefix_values) if t is not None)
-    return prefix + cache.recurrent_nbytes + cache.chunks.nbytes
+    return cache.prefix_nbytes + cache.recurrent_nbytes + cache.chunks.nbytes
