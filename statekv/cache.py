@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from statekv.errors import CacheLayoutError, ModelMismatchError
 from statekv.policies import LayerState
 
 # what a cache keeps to answer from: every chunk's own KV, or only the bounded carried state
@@ -87,7 +88,8 @@ class ChunkKV:
 
 @dataclass
 class ModelInfo:
-    """Which model made a cache; a cache is only valid for a model with the same fingerprint."""
+    """Which model made a cache, and on which token layout; a cache is only valid for a model with the same
+    fingerprint whose adapter builds the same layout (`check_serves`)."""
 
     name_or_path: str
     model_type: str
@@ -96,6 +98,20 @@ class ModelInfo:
     num_kv_heads: int
     head_dim: int
     linear_layers: list[int] = field(default_factory=list)  # layers with a recurrent state and no KV
+    # the family adapter's token-layout version (`VideoLMAdapter.layout_version`); caches from before it was
+    # recorded hold version 1
+    layout_version: int = 1
+    transformers_version: str = ""  # the transformers the cache was built with ("" before it was recorded)
+
+    def check_serves(self, made_with: "ModelInfo", video: str) -> None:
+        """Raise unless a cache of `video` made with `made_with` can be used (answered, resumed) by this model:
+        ModelMismatchError for another model, CacheLayoutError (re-index) for another layout of this model."""
+        if made_with.fingerprint != self.fingerprint:
+            raise ModelMismatchError("model", f"{made_with.name_or_path} (fingerprint {made_with.fingerprint})",
+                                     f"{self.name_or_path} (fingerprint {self.fingerprint})")
+        if made_with.layout_version != self.layout_version:
+            raise CacheLayoutError(video, made_with.model_type, made_with.layout_version,
+                                   made_with.transformers_version, self.layout_version)
 
     @property
     def attention_layers(self) -> list[int]:

@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+import transformers
 from transformers import DynamicCache
 
 from statekv.cache import (ChunkKV, ModelInfo, PrefillConfig, RecurrentState, VideoInfo, VideoKVCache,
@@ -38,7 +39,7 @@ from statekv.cache import (ChunkKV, ModelInfo, PrefillConfig, RecurrentState, Vi
 from statekv.compression import Guided, compress_step, keep_tokens
 from statekv.decoding import DEFAULT_SYNC_EVERY, AnswerRequest, BatchDecoder, Decoding
 from statekv.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DeviceCacheLRU, DeviceVideo
-from statekv.errors import ModelMismatchError, PrefillConfigMismatchError, VideoError
+from statekv.errors import PrefillConfigMismatchError, VideoError
 from statekv.generation import TextDeltas, next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
@@ -150,7 +151,8 @@ class Engine:
     def model_info(self) -> ModelInfo:
         a = self.adapter
         return ModelInfo(a.name_or_path, a.model_type, a.fingerprint(), a.layout.num_layers,
-                         a.layout.num_kv_heads, a.layout.head_dim, list(a.layout.linear_layers))
+                         a.layout.num_kv_heads, a.layout.head_dim, list(a.layout.linear_layers),
+                         layout_version=a.layout_version, transformers_version=transformers.__version__)
 
     def prefill_config(self) -> PrefillConfig:
         """The settings recorded with every cache this engine makes (a resume must match them)."""
@@ -560,11 +562,7 @@ class Engine:
         return dyn, context
 
     def _check_compatible(self, cache: VideoKVCache) -> None:
-        mine = self.model_info()
-        if cache.model.fingerprint != mine.fingerprint:
-            raise ModelMismatchError(
-                "model", f"{cache.model.name_or_path} (fingerprint {cache.model.fingerprint})",
-                f"{mine.name_or_path} (fingerprint {mine.fingerprint})")
+        self.model_info().check_serves(cache.model, cache.video.source)
 
 
 def build_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor] | None],

@@ -50,6 +50,21 @@ class ModelMismatchError(StateKVError, ValueError):
         super().__init__(f"{what} mismatch: the cache was made with {cache_side}, this engine has {engine_side}")
 
 
+class CacheLayoutError(ModelMismatchError):
+    """A cache was built by this model on another token layout of its family (the adapter's `layout_version`):
+    its K/V sit on a sequence this statekv no longer builds, so answering or resuming it would be wrong. Re-index."""
+
+    def __init__(self, video: str, model_type: str, cache_version: int, built_with: str, engine_version: int) -> None:
+        self.video = video
+        self.cache_side = f"layout {cache_version}"
+        self.engine_side = f"layout {engine_version}"
+        built = f" (transformers {built_with})" if built_with else " (before layouts were recorded)"
+        StateKVError.__init__(
+            self, f"cache of video {video!r}: built on {model_type} token layout {cache_version}{built}; this statekv "
+            f"builds layout {engine_version}, the sequence the model was trained on: re-index the video (statekv "
+            f"prefill --overwrite, or statekv index --overwrite)")
+
+
 class PrefillConfigMismatchError(ModelMismatchError):
     """A cache is resumed with a different prefill config (policy, layout, sampling, ...); `field` names it."""
 

@@ -223,7 +223,8 @@ class ErrorBody(BaseModel):
 _STATUS = {
     400: "outside_root: cache_uri is not <root>/<video_id> under this service's root",
     404: "not_found: no committed cache for that video",
-    409: "model_mismatch: the cache was made with another model; retrieval_unsupported: the request asks for "
+    409: "model_mismatch: the cache was made with another model; cache_outdated: the cache was built on an older "
+         "token layout of its model's family (re-index the video); retrieval_unsupported: the request asks for "
          "retrieval and the cache keeps no chunks to retrieve (answer_from=state) or no scenes (segments)",
     413: "question_too_long: the question has more tokens than the service takes (the limit is in the message)",
     422: "invalid_request: the body or a parameter does not match this schema",

@@ -38,11 +38,11 @@ from pipelines.serving.errors import (BadRequest, ClientGone, Conflict, NotFound
 from pipelines.serving.lazy import HeldChunks, held_nbytes
 from pipelines.serving.lru import CacheLRU
 from pipelines.serving.schema import ask_request_model, validation_message
-from statekv.cache import VideoKVCache
+from statekv.cache import ModelInfo, VideoKVCache
 from statekv.decoding import AnswerRequest
 from statekv.device_cache import DEFAULT_DEVICE_CACHE_BYTES
 from statekv.engine import Engine
-from statekv.errors import ModelMismatchError
+from statekv.errors import CacheLayoutError, ModelMismatchError
 from statekv.retrieval import Retrieval, Segments
 from statekv.store import CacheCorruptError, CacheNotFoundError, list_caches, load_cache, read_manifest
 from statekv.store import describe as store_describe
@@ -212,6 +212,8 @@ class QueryService:
         except CacheChangedError:
             raise Unavailable(f"the cache of {what} was committed again while it was read; retry",
                               code="cache_changed", headers={"Retry-After": "0"}) from None
+        except CacheLayoutError as err:
+            raise Conflict(public_text(str(err)), code="cache_outdated") from None
         except ModelMismatchError:
             raise Conflict(f"the cache of {what} was made with another model; ask a service running the cache's "
                            "model, or prefill the video again") from None
@@ -249,7 +251,7 @@ class QueryService:
         self._check_model(video_id, manifest)
         self._count("store_loads")
         cache = self._store_call(what, lambda: load_cache(
-            uri, lazy=lazy, filesystem=fs, expect_fingerprint=self.model_info.fingerprint))
+            uri, lazy=lazy, filesystem=fs, expect_model=self.model_info))
         loaded = _Loaded(cache, identity, time.monotonic())
         if not lazy:
             return loaded, cache.nbytes
@@ -456,7 +458,6 @@ class QueryService:
         without one, a scan that reports invalid manifests instead of failing."""
         fs, _ = self.filesystem()
         listing = list_caches(self.root, filesystem=fs)
-        mine = self.model_info.fingerprint
         videos, invalid = [], []
         for e in listing:
             if not is_valid_video_id(e.video_id):
@@ -465,7 +466,7 @@ class QueryService:
             videos.append({"video_id": e.video_id, "uri": self.public_uri(e.video_id), "chunks": int(e.chunks),
                            "tokens": int(e.tokens), "bytes": int(e.bytes), "storage": str(e.storage),
                            "created": str(e.created), "fingerprint": str(e.fingerprint),
-                           "compatible": e.fingerprint == mine})
+                           "compatible": e.serves(self.model_info)})
         for bad in listing.invalid:
             invalid.append({"video_id": public_text(bad.video_id), "reason": public_text(bad.reason)})
         return videos, invalid
@@ -487,7 +488,7 @@ class QueryService:
         fs, _ = self.filesystem()
         m = self._store_call(what, lambda: read_manifest(self.uri_of(vid), filesystem=fs))
         try:
-            return describe_manifest(self.public_uri(vid) or vid, m, self.model_info.fingerprint,
+            return describe_manifest(self.public_uri(vid) or vid, m, self.model_info,
                                      public_uri=self.public_uri(vid))
         except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as err:
             logger.error("invalid manifest of %r: %r", vid, err)
@@ -528,10 +529,10 @@ def _public_manifest(m: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def describe_manifest(uri: str, m: dict[str, Any], fingerprint: str | None = None, *,
+def describe_manifest(uri: str, m: dict[str, Any], model: ModelInfo | None = None, *,
                       public_uri: str | None = None) -> dict[str, Any]:
     """The store's description of a cache (`statekv inspect`'s fields and text), without host paths."""
-    out = store_describe.describe_manifest(uri, _public_manifest(m), fingerprint)
+    out = store_describe.describe_manifest(uri, _public_manifest(m), model)
     out["uri"] = public_uri
     out["model"] = {k: str(v) for k, v in out["model"].items()}
     return out

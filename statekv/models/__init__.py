@@ -13,15 +13,19 @@ from typing import Any
 import torch
 
 from statekv.errors import UnsupportedModelError
-from statekv.locate import check_device, hub_kwargs, locate_checkpoint
-from statekv.models.base import (ATTENTION_NAME, LAYOUTS, AnswerInputs, ChunkInputs, KVLayout, VideoLMAdapter,
-                                 load_preprocessor_config)
-from statekv.models.internvl import InternVLAdapter
-from statekv.models.llava_onevision import LlavaOnevisionAdapter
-from statekv.models.qwen2_5_vl import Qwen2_5_VLAdapter
-from statekv.models.qwen2_vl import Qwen2VLAdapter
-from statekv.models.qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
-from statekv.models.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
+from statekv.versions import check_tested_versions
+
+check_tested_versions()  # before the adapters reach into transformers: an untested release fails here, in one line
+
+from statekv.locate import check_device, hub_kwargs, locate_checkpoint  # noqa: E402
+from statekv.models.base import (ATTENTION_NAME, LAYOUTS, AnswerInputs, ChunkInputs, KVLayout,  # noqa: E402
+                                 VideoLMAdapter, load_preprocessor_config)
+from statekv.models.internvl import InternVLAdapter  # noqa: E402
+from statekv.models.llava_onevision import LlavaOnevisionAdapter  # noqa: E402
+from statekv.models.qwen2_5_vl import Qwen2_5_VLAdapter  # noqa: E402
+from statekv.models.qwen2_vl import Qwen2VLAdapter  # noqa: E402
+from statekv.models.qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter  # noqa: E402
+from statekv.models.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,9 @@ def load_adapter(name_or_path: str | os.PathLike, *, device: str | torch.device 
         attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"},
         **from_pretrained_kwargs,
     )
-    model.to(device).eval()
+    # inference only: no parameter asks for gradients (FlopCounterMode's module tracker hooks every argument that
+    # does, and transformers 5.25 passes a weight view into the kernelized linear-attention convolution)
+    model.to(device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(name, **hub)
     logger.info("loaded %s (%s) on %s as %s", name, model_type, device, dtype)
     return cls(model, tokenizer, name_or_path=name, preprocessor=load_preprocessor_config(name),

@@ -39,7 +39,9 @@ The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded
                                            of the model with the model computing its own positions
 
 plus class attributes `model_type` (the checkpoint's config.model_type: the registry key), `model_class` (its
-transformers class), `frames_per_chunk` and `position_rows`, and `options()` (adapter settings that change the
+transformers class), `frames_per_chunk`, `position_rows` and `layout_version` (bump it whenever the token sequence
+the adapter builds for the same frames and question changes: caches record it, and a cache built on another
+version is refused with "re-index", statekv.errors.CacheLayoutError), and `options()` (adapter settings that change the
 numbers, e.g. RoPE scaling, recorded with the cache's prefill config; resuming with other options is refused).
 
 Layouts (`LAYOUTS`): "prefix-first" is the model's own chat format (system prompt and user header, then the video,
@@ -53,6 +55,10 @@ How to add a family (one file + one registry entry):
 1. statekv/models/<family>.py: subclass `VideoLMAdapter`, set the class attributes, implement the methods above
    (see qwen_vl.py for a complete example with a 3-row position cursor). Read preprocessing parameters from
    `self.preprocessor` (the checkpoint's preprocessor config, `load_preprocessor_config`), not class defaults.
+   Set `self.processor` to the family's installed transformers processor, text side
+   (`statekv.models.processor_text.text_only`): the text around the video (`split_template`) and the reference
+   sequence come from it, and so should a chunk's own text wherever the processor can give it; where it cannot,
+   say why in the adapter's docstring and check the adapter's copy against the processor when it loads.
 2. Add the class to `ADAPTERS` in statekv/models/__init__.py.
 3. Tests: a tiny random checkpoint (statekv/testing/checkpoints.py style: save_pretrained with a locally built
    tokenizer carrying the family's special tokens and real chat template, and a preprocessor config), then call
@@ -73,6 +79,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from statekv.models.processor_text import around_video
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +153,9 @@ class VideoLMAdapter:
     model_class: ClassVar[type]
     frames_per_chunk: ClassVar[int]
     position_rows: ClassVar[int]
+    layout_version: ClassVar[int] = 1  # the token layout's version (see the module docstring)
     video_token_id: int  # the placeholder token the family's processor expands into video tokens
+    processor: Any  # the family's installed transformers processor, text side (statekv.models.processor_text)
 
     def __init__(self, model: Any, tokenizer: Any, *, name_or_path: str,
                  preprocessor: dict[str, Any] | None = None) -> None:
@@ -225,6 +235,10 @@ class VideoLMAdapter:
         """Text tokens: the same position on every row, (position_rows, length)."""
         return torch.arange(start, start + length, dtype=torch.long).view(1, -1).expand(self.position_rows, -1)
 
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of `text` (special tokens in it become their ids; none added)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (L, hidden) of ids (L,)."""
         return self.model.get_input_embeddings()(input_ids.to(self.device))
@@ -238,7 +252,7 @@ class VideoLMAdapter:
         """
         pos = position_ids.to(self.device)
         pos = pos.unsqueeze(1) if self.position_rows > 1 else pos  # (R, 1, L) for M-RoPE, (1, L) for 1-D
-        out = self.language_model(inputs_embeds=embeds.unsqueeze(0), position_ids=pos, past_key_values=cache,
+        out = self.language_model(inputs_embeds=embeds.unsqueeze(0), position_ids=pos, cache=cache,
                                   use_cache=cache is not None, **kwargs)
         return out.last_hidden_state[0]
 
@@ -263,26 +277,23 @@ class VideoLMAdapter:
         """Extra variables for the chat template (e.g. Qwen3.5's `enable_thinking`); none by default."""
         return {}
 
-    def render(self, question: str) -> list[int]:
-        """The chat template's ids for one user turn [video, question] with the generation prompt."""
+    def chat_text(self, question: str) -> str:
+        """The chat template's text for one user turn [video, question] with the generation prompt."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.name_or_path!r}: the tokenizer has no chat template")
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 **self.template_kwargs())
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in transformers 5.x
-            ids = ids["input_ids"]
-        return list(ids)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                  **self.template_kwargs())
 
     def split_template(self, question: str) -> tuple[list[int], list[int]]:
-        """(ids before the video placeholder, ids after it) of the rendered template."""
-        ids = self.render(question)
-        if self.video_token_id not in ids:
-            raise ValueError(f"model {self.name_or_path!r}: the chat template places no video token "
-                             f"(id {self.video_token_id}) for a video part")
-        first = ids.index(self.video_token_id)
-        last = len(ids) - 1 - ids[::-1].index(self.video_token_id)
-        return ids[:first], ids[last + 1:]
+        """(ids before the video, ids after it) of the chat template, as the family's installed processor puts a
+        video into its text (`self.processor`; it may consume text around the placeholder, see
+        statekv/models/processor_text.py)."""
+        try:
+            before, after = around_video(self.processor, self.chat_text(question))
+        except ValueError as err:
+            raise ValueError(f"model {self.name_or_path!r}: {err}") from None
+        return self.text_ids(before), self.text_ids(after)
 
     def prefix_ids(self, layout: str) -> torch.Tensor:
         """Token ids prefilled before the first chunk: the template up to the video, or only the video's opening."""

@@ -6,6 +6,12 @@ A chunk is one frame: InternViT on the 448² frame, pixel shuffle (downsample 0.
     ["\n" for i > 1] "Frame{i}: " <img> <IMG_CONTEXT>*k </img>
 with the vision features in place of the `<IMG_CONTEXT>` tokens; the template's own "\n" after `<video>` starts
 the text after the video. Positions are the sequence's 1-D arange (see single_frame.py).
+
+The whole-video text (`video_text`, what the plain model is checked against) is the installed processor's own
+(`InternVLProcessor.replace_video_token`). A chunk's text cannot be asked of the processor at run time: it numbers
+frames over the whole video, so frame i's label would need the text of all i frames (quadratic in a stream). The
+adapter writes `frame_text` itself and checks it against the installed processor when it loads (three frames): an
+upstream change of the layout refuses to load in one line instead of silently changing answers.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import InternVLForConditionalGeneration
+from transformers import InternVLForConditionalGeneration, InternVLProcessor
 
+from statekv.models.processor_text import text_only
 from statekv.models.single_frame import SingleFrameAdapter
 
 
@@ -51,6 +58,20 @@ class InternVLAdapter(SingleFrameAdapter):
                              f"tower's image_size {tuple(vision.image_size)}")
         self._k = k
         self._labels: dict[str, list[int]] = {}
+        self.processor = text_only(InternVLProcessor, tokenizer, image_seq_length=k)
+        self._check_frame_text(3)
+
+    def _check_frame_text(self, num_frames: int) -> None:
+        """ValueError unless `frame_text` + vision tokens of the first frames are the installed processor's text."""
+        ours = []
+        for i in range(num_frames):
+            opening, closing = self.frame_text(i)
+            ours += opening + [self.image_token_id] * self._k + closing
+        theirs = self.text_ids(self.video_text(num_frames))
+        if ours != theirs:
+            raise ValueError(f"model {self.name_or_path!r}: the installed transformers' InternVLProcessor lays "
+                             f"frames out as {self.tokenizer.decode(theirs[:12])!r}..., this adapter as "
+                             f"{self.tokenizer.decode(ours[:12])!r}...; statekv does not support this transformers")
 
     @property
     def vision_tokens_per_frame(self) -> int:
@@ -63,28 +84,10 @@ class InternVLAdapter(SingleFrameAdapter):
     def frame_text(self, index: int) -> tuple[list[int], list[int]]:
         label = ("\n" if index else "") + f"Frame{index + 1}: "
         if label not in self._labels:  # tokenised once per frame number
-            self._labels[label] = self._ids(label)
+            self._labels[label] = self.text_ids(label)
         return self._labels[label] + [self.tokens["start_image_token"][1]], [self.tokens["end_image_token"][1]]
 
     # --- the plain model's inputs ------------------------------------------------------------------------
-
-    def video_text(self, num_frames: int) -> str:
-        """What InternVLProcessor.replace_video_token puts in place of `<video>` for `num_frames` frames."""
-        start, end = self.tokens["start_image_token"][0], self.tokens["end_image_token"][0]
-        context = self.tokens["context_image_token"][0] * self._k
-        return "\n".join(f"Frame{i + 1}: {start}{context}{end}" for i in range(num_frames))
-
-    def sequence_ids(self, question: str, layout: str, num_frames: int) -> list[int]:
-        video = self.video_text(num_frames)
-        if layout == "prefix-first":
-            messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            marker = self.tokens["video_token"][0]
-            if text.count(marker) != 1:
-                raise ValueError(f"model {self.name_or_path!r}: the chat template places {text.count(marker)} "
-                                 f"{marker!r} for one video")
-            return self._ids(text.replace(marker, video))
-        return self.prefix_ids(layout).tolist() + self._ids(video) + self.question_ids(question, layout).tolist()
 
     def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
                          sampled_fps: float) -> dict[str, Any]:
@@ -92,6 +95,3 @@ class InternVLAdapter(SingleFrameAdapter):
         input_ids = torch.tensor([self.sequence_ids(question, layout, len(frames))], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                 "pixel_values": self.preprocess(frames)}
-
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

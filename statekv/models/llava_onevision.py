@@ -7,6 +7,10 @@ into T·ceil(p/2)² + 1 `<video>` tokens: the model fills them with every frame'
 (no per-frame text); the image_newline belongs to what follows the video, so a resumed stream stays exact: it is
 placed at answer time, at the position after the last frame, before the rest of the user turn.
 Positions are the sequence's 1-D arange (see single_frame.py).
+
+The whole-video tokens (what the plain model is checked against) are the installed processor's own
+(`LlavaOnevisionProcessor.replace_video_token`, put into the template by its `get_text_with_replacements`); the
+adapter checks at load that the processor gives one frame `ceil(p/2)² + 1` tokens, as the chunks assume.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import LlavaOnevisionForConditionalGeneration
+from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 
+from statekv.models.processor_text import text_only
 from statekv.models.single_frame import SingleFrameAdapter
 
 
@@ -34,6 +39,14 @@ class LlavaOnevisionAdapter(SingleFrameAdapter):
             raise ValueError(f"model {self.name_or_path!r}: preprocessor size {self.pixels.size} is not the vision "
                              f"tower's image_size {vision.image_size} (the 2x2 pooling assumes it)")
         self._k = math.ceil(vision.image_size // vision.patch_size / 2) ** 2
+        self.processor = text_only(LlavaOnevisionProcessor, tokenizer,
+                                   num_image_tokens=(vision.image_size // vision.patch_size) ** 2,
+                                   vision_feature_select_strategy=self.config.vision_feature_select_strategy)
+        one = self.text_ids(self.video_text(1))
+        if one != [self.video_token_id] * (self._k + 1):
+            raise ValueError(f"model {self.name_or_path!r}: the installed transformers' LlavaOnevisionProcessor gives "
+                             f"one frame {len(one)} tokens, this adapter {self._k} + 1 (image_newline); statekv does "
+                             "not support this transformers")
 
     @property
     def vision_tokens_per_frame(self) -> int:
@@ -52,13 +65,6 @@ class LlavaOnevisionAdapter(SingleFrameAdapter):
         return self.model.model.image_newline.to(self.device, self.dtype).view(1, -1)
 
     # --- the plain model's inputs ------------------------------------------------------------------------
-
-    def sequence_ids(self, question: str, layout: str, num_frames: int) -> list[int]:
-        video = [self.video_token_id] * (num_frames * self._k + 1)  # LlavaOnevisionProcessor.replace_video_token
-        if layout == "prefix-first":
-            before, after = self.split_template(question)
-            return before + video + after
-        return self.prefix_ids(layout).tolist() + video + self.question_ids(question, layout).tolist()
 
     def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
                          sampled_fps: float) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
 from statekv.models.qwen_vl import QwenVLAdapter
 
@@ -14,6 +14,7 @@ from statekv.models.qwen_vl import QwenVLAdapter
 class Qwen2_5_VLAdapter(QwenVLAdapter):
     model_type = "qwen2_5_vl"
     model_class = Qwen2_5_VLForConditionalGeneration
+    processor_class = Qwen2_5_VLProcessor
 
     def temporal_interval(self, second_per_grid_t: float) -> torch.Tensor:
         # as get_rope_index: tokens_per_second (int) * second_per_grid_ts (the processor's float32 tensor)

@@ -2,8 +2,9 @@
 
 What is the same as Qwen3-VL (and reused by subclassing `Qwen3VLAdapter`): the processor (`Qwen3VLProcessor`,
 `Qwen3VLVideoProcessor` config: patch 16, merge 2, two-frame temporal patches, a whole-video pixel budget), the
-token layout of a chunk (`<t seconds><|vision_start|><|video_pad|>*n<|vision_end|>` per frame pair inside the
-template's outer vision start/end) and the 3-D positions (`get_rope_index` is Qwen3-VL's rule).
+token layout taken from the installed processor (`<t seconds><|vision_start|><|video_pad|>*n<|vision_end|>` per
+frame pair, replacing the template's video wrapper; layout version 2) and the 3-D positions (`get_rope_index` is
+Qwen3-VL's rule).
 
 What differs:
 - no DeepStack: the vision tower returns only the merged features; chunks carry no extra decoder inputs;
@@ -40,13 +41,6 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
 
     def template_kwargs(self) -> dict[str, Any]:
         return {} if self.enable_thinking else {"enable_thinking": False}
-
-    def vision_outputs(self, frames: np.ndarray, frame_size: tuple[int, int]):
-        """(merged features (n, hidden), [] (no DeepStack), grid_thw)."""
-        pre = self.preprocess(frames, frame_size)
-        grid = torch.tensor([pre.grid_thw], dtype=torch.long, device=self.device)
-        out = self.model.model.get_video_features(pre.pixel_values.to(self.device), grid)
-        return torch.cat(list(out.pooler_output), dim=0).to(self.dtype), [], pre.grid_thw
 
 
 class Qwen3_5MoeAdapter(Qwen3_5Adapter):

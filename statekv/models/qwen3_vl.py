@@ -1,15 +1,23 @@
 """Qwen3-VL: two-frame temporal patches, each its own timestamped block, and DeepStack features in early layers.
 
-Token layout (what `Qwen3VLProcessor` makes of the template's `<|vision_start|><|video_pad|><|vision_end|>`):
-the template's outer `<|vision_start|>` ends the prefix, then every temporal patch (= one chunk, 2 sampled frames)
-is `<{t:.1f} seconds><|vision_start|><|video_pad|>·n<|vision_end|>` with t the mean time of its two frames (an
-odd last frame is paired with itself), then the template's outer `<|vision_end|>` opens what follows the video.
-The timestamp text and the inner start/end tokens are part of the chunk's tokens (and KV).
+Token layout, taken from the installed transformers' own `Qwen3VLProcessor` (not copied from it): every temporal
+patch (= one chunk, 2 sampled frames) is the processor's `replace_video_token` text for that patch alone —
+`<{t:.1f} seconds><|vision_start|><|video_pad|>·n<|vision_end|>` with t the mean time of its two frames (an odd
+last frame paired with itself) — and the text around the video is what the processor's
+`get_text_with_replacements` leaves of the chat template when the video is put in. In transformers 5.25 (the
+trained layout: Qwen's release, transformers 4.57) the per-patch blocks REPLACE the template's whole
+`<|vision_start|><|video_pad|><|vision_end|>`, so the prefix ends with the user header and the question follows the
+last block's `<|vision_end|>` directly. (5.23-5.24 kept a doubled outer pair around all blocks: a regression that
+statekv once copied; caches built on it carry layout version 1 and are refused, see `layout_version`.) Because the
+text comes from the processor, an upstream layout change either moves statekv with it or fails the family tests
+(tests/statekv/test_family_qwen3_vl.py compares every token with the processor's whole-video output); it never
+silently changes answers of stored caches, which record the layout version they were built on.
 
-Positions (`Qwen3VLModel.get_rope_index`): text tokens advance one position each on all three rows; a temporal
-patch starting at p puts merged cell (h, w) at (T, H, W) = (p, p + h, p + w) and the next token at
-p + max(h_cells, w_cells). The cursor carries only that next position, so chunks (and resumed streams) continue
-exactly where the whole-sequence computation would be.
+What cannot come from the processor: the positions. They are the model's rule (`Qwen3VLModel.get_rope_index`),
+not the processor's: text tokens advance one position each on all three rows; a temporal patch's visual tokens
+starting at p put merged cell (h, w) at (T, H, W) = (p, p + h, p + w) and the next token at p + max(h_cells,
+w_cells). The cursor carries only that next position, so chunks (and resumed streams) continue exactly where the
+whole-sequence computation would be (tested against `get_rope_index`).
 
 DeepStack: the vision tower also returns merged features of some of its layers; the decoder adds the i-th to the
 hidden states of the visual tokens after text layer i. They are passed per chunk as decoder kwargs
@@ -17,7 +25,8 @@ hidden states of the visual tokens after text layer i. They are passed per chunk
 
 Preprocessing follows the checkpoint's `video_preprocessor_config.json` (`Qwen3VLVideoProcessor`): mean/std,
 patch 16, merge 2; its `size` is a budget of pixels over the whole video (T·H·W), so the frame size depends on the
-number of sampled frames (transformers' own `smart_resize` is used for it).
+number of sampled frames (transformers' own `smart_resize` is used for it). Pixels are statekv's own
+(statekv/video/preprocess.py): the video processor's kernels need torchvision.
 
 The timestamps are the frames' times in the video (source index / source fps), which the engine passes with
 each chunk. The cursor: {"next_position", "frame_size"}.
@@ -32,13 +41,15 @@ is the processor's.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor
 
 from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter
+from statekv.models.processor_text import around_video, text_only
 from statekv.video.preprocess import VisionLayout, preprocess_frames
 
 # Qwen3VLVideoProcessor's class defaults, used only when a checkpoint ships no preprocessor config
@@ -48,21 +59,31 @@ DEFAULT_MAX_PIXELS = 768 * 32 * 32
 DEFAULT_MAX_VIDEO_TOKENS = 768  # per frame, with cap_pixels_per_frame
 
 
+def text_processor(tokenizer: Any, vision: VisionLayout) -> Qwen3VLProcessor:
+    """The installed `Qwen3VLProcessor` over `tokenizer`, text side only, whose video processor has the checkpoint's
+    patch and merge sizes (all its text expansion reads of it)."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    video = Qwen3VLVideoProcessor(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                                  merge_size=vision.merge_size)
+    return text_only(Qwen3VLProcessor, tokenizer, video_processor=video)
+
+
 class Qwen3VLAdapter(VideoLMAdapter):
     model_type = "qwen3_vl"
     model_class = Qwen3VLForConditionalGeneration
     frames_per_chunk: ClassVar[int] = 2
     position_rows: ClassVar[int] = 3
-    video_open_tokens: ClassVar[int] = 1  # the template's outer <|vision_start|>
-    video_close_tokens: ClassVar[int] = 1  # the template's outer <|vision_end|>
+    # 2: the per-patch blocks replace the template's video wrapper (the trained layout, transformers 5.25);
+    # 1: statekv < 0.3 kept the wrapper around all blocks (transformers 5.23-5.24). See the module docstring.
+    layout_version: ClassVar[int] = 2
 
     def __init__(self, model: Any, tokenizer: Any, *, name_or_path: str,
                  preprocessor: dict[str, Any] | None = None) -> None:
         super().__init__(model, tokenizer, name_or_path=name_or_path, preprocessor=preprocessor)
         cfg = self.config
         self.video_token_id = cfg.video_token_id
-        self.vision_start_id = cfg.vision_start_token_id
-        self.vision_end_id = cfg.vision_end_token_id
+        self._patch_cache: dict[tuple[tuple[float, ...], int], tuple[tuple[int, ...], tuple[int, ...]]] = {}
         vision, p = cfg.vision_config, self.preprocessor
         self.vision = VisionLayout(
             patch_size=int(p.get("patch_size", vision.patch_size)),
@@ -125,15 +146,55 @@ class Qwen3VLAdapter(VideoLMAdapter):
         layers = getattr(out, "deepstack_features", None) or []  # none for a tower without DeepStack (Qwen3.5)
         return features, [torch.cat(list(d), dim=0).to(self.dtype) for d in layers]
 
-    def timestamp_ids(self, seconds: float) -> list[int]:
-        """Ids of the processor's `<{t:.1f} seconds>` text (tokenised alone: special tokens delimit it)."""
-        return self.tokenizer(f"<{seconds:.1f} seconds>", add_special_tokens=False)["input_ids"]
+    # --- the token layout, from the installed processor ------------------------------------------------------
 
-    @staticmethod
-    def patch_time(timestamps: list[float]) -> float:
-        """Time of one temporal patch from its frames' times: the mean of the first and the last, an odd last
-        frame paired with itself (`Qwen3VLProcessor._calculate_timestamps`, same order of operations)."""
-        return (timestamps[0] + timestamps[-1]) / 2
+    @functools.cached_property
+    def processor(self) -> Qwen3VLProcessor:
+        """The installed transformers' processor, text side (see `text_processor`)."""
+        return text_processor(self.tokenizer, self.vision)
+
+    @functools.cached_property
+    def _wrapper_kept(self) -> tuple[int, int]:
+        """Tokens of the template's video wrapper that the processor keeps (before, after) the video's blocks:
+        (0, 0) in the trained layout (the blocks replace the wrapper)."""
+        wrapper = self.processor.vision_start_token + self.processor.video_token + self.processor.vision_end_token
+        before, after = around_video(self.processor, wrapper)
+        return len(self.text_ids(before)), len(self.text_ids(after))
+
+    @property
+    def video_open_tokens(self) -> int:  # type: ignore[override]
+        return self._wrapper_kept[0]
+
+    @property
+    def video_close_tokens(self) -> int:  # type: ignore[override]
+        return self._wrapper_kept[1]
+
+    def patch_ids(self, times: tuple[float, ...], cells: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(ids before, ids after) the `cells` visual tokens of one temporal patch whose frames are at `times`
+        (seconds): the processor's own replacement text for a video of that one patch (`replace_video_token`: its
+        timestamp is the processor's mean of the frames' times, an odd last frame paired with itself), tokenised.
+        Kept per (times, cells): a chunk asks for it once."""
+        key = (tuple(times), cells)
+        if key not in self._patch_cache:
+            from transformers.video_utils import VideoMetadata
+
+            m = self.vision.merge_size
+            # one temporal patch of a 1 x cells merged grid; the frames "indexed" by their times at fps 1, so the
+            # processor's timestamp of frame i is times[i]
+            inputs = {"video_grid_thw": torch.tensor([[1, m, m * cells]]),
+                      "video_metadata": [VideoMetadata(total_num_frames=len(times), fps=1.0,
+                                                       frames_indices=list(times))]}
+            ids = self.text_ids(self.processor.replace_video_token(inputs, 0))
+            pads = [i for i, t in enumerate(ids) if t == self.video_token_id]
+            if len(pads) != cells or pads[-1] - pads[0] + 1 != cells:
+                raise ValueError(f"model {self.name_or_path!r}: the processor's text for one temporal patch holds "
+                                 f"{len(pads)} video tokens, not one run of {cells}")
+            if len(self._patch_cache) >= 4096:  # a long stream's timestamps: keep the memory bounded
+                self._patch_cache.clear()
+            self._patch_cache[key] = (tuple(ids[:pads[0]]), tuple(ids[pads[-1] + 1:]))
+        return self._patch_cache[key]
+
+    # --- chunks ------------------------------------------------------------------------------------------------
 
     def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *,
                      timestamps: list[float] | None = None) -> ChunkInputs:
@@ -151,17 +212,16 @@ class Qwen3VLAdapter(VideoLMAdapter):
         pos = cursor["next_position"]
         for j in range(grid_t):
             count = min(tp, len(frames) - j * tp)
-            opening = self.timestamp_ids(self.patch_time(timestamps[j * tp:j * tp + count]))
-            opening = torch.tensor(opening + [self.vision_start_id], dtype=torch.long)
-            embeds += [self.embed(opening), features[j * n:(j + 1) * n],
-                       self.embed(torch.tensor([self.vision_end_id]))]
+            opening, closing = self.patch_ids(tuple(timestamps[j * tp:j * tp + count]), n)
+            embeds += [self.embed(torch.tensor(opening, dtype=torch.long)), features[j * n:(j + 1) * n],
+                       self.embed(torch.tensor(closing, dtype=torch.long))]
             positions += [self.text_positions(pos, len(opening)), cells + pos + len(opening)]
             pos += len(opening) + max(h, w)
-            positions.append(self.text_positions(pos, 1))  # <|vision_end|>
-            pos += 1
+            positions.append(self.text_positions(pos, len(closing)))
+            pos += len(closing)
             visual += [torch.zeros(len(opening), dtype=torch.bool), torch.ones(n, dtype=torch.bool),
-                       torch.zeros(1, dtype=torch.bool)]
-            chunk_tokens.append(len(opening) + n + 1)
+                       torch.zeros(len(closing), dtype=torch.bool)]
+            chunk_tokens.append(len(opening) + n + len(closing))
             chunk_frames.append(count)
         mask = torch.cat(visual).to(self.device)
         decoder_kwargs = ({"visual_pos_masks": mask.unsqueeze(0), "deepstack_visual_embeds": deepstack}
@@ -174,7 +234,7 @@ class Qwen3VLAdapter(VideoLMAdapter):
     # --- after the video -------------------------------------------------------------------------------------
 
     def answer_inputs(self, question: str, cursor: dict[str, Any], layout: str) -> AnswerInputs:
-        ids = self.question_ids(question, layout)  # starts with the outer <|vision_end|>
+        ids = self.question_ids(question, layout)
         start = cursor["next_position"]
         return AnswerInputs(prompt_ids=ids, embeds=self.embed(ids), position_ids=self.text_positions(start, len(ids)),
                             next_position=start + len(ids))

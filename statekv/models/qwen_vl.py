@@ -12,19 +12,28 @@ Qwen2.5-VL), merged cell (h, w) at H = s + h, W = s + w. Text after the video st
 later text shares positions with the video's temporal axis). The original Qwen rule (text after the video at
 max(all positions) + 1, what transformers 4.x and the Qwen release computed) is `position_rule="qwen"`.
 
+Token layout: the installed processor's (`Qwen2VLProcessor` / `Qwen2_5_VLProcessor`, text side): it replaces only
+the template's `<|video_pad|>` (`replace_video_token`: one pad per merged cell), keeping `<|vision_start|>` and
+`<|vision_end|>` around the video; a chunk is pads only, no text. The text around the video and the reference
+sequence come from the processor (statekv/models/processor_text.py), so an upstream change of it fails the family
+tests instead of changing answers.
+
 The cursor: {"video_start", "grid_t" (temporal patches so far), "grid_hw" (patch grid of a frame),
 "second_per_grid_t", "max_position", "frame_size", "position_rule"}.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter
+from statekv.models.processor_text import text_only
 from statekv.video.preprocess import IMAGE_MEAN, IMAGE_STD, VisionLayout, preprocess_frames, smart_resize
 
 logger = logging.getLogger(__name__)
@@ -42,6 +51,7 @@ class QwenVLAdapter(VideoLMAdapter):
     position_rows: ClassVar[int] = 3
     video_open_tokens: ClassVar[int] = 1  # <|vision_start|>
     video_close_tokens: ClassVar[int] = 1  # <|vision_end|>
+    processor_class: ClassVar[type]  # the family's transformers processor
 
     def __init__(self, model: Any, tokenizer: Any, *, name_or_path: str, preprocessor: dict[str, Any] | None = None,
                  position_rule: str = "transformers") -> None:
@@ -68,6 +78,13 @@ class QwenVLAdapter(VideoLMAdapter):
 
     def options(self) -> dict[str, Any]:
         return {"position_rule": self.position_rule}
+
+    @functools.cached_property
+    def processor(self) -> Any:
+        """The installed processor, text side: its video processor's kernels need torchvision, and its text
+        expansion reads only the merge size of it."""
+        return text_only(self.processor_class, self.tokenizer,
+                         video_processor=SimpleNamespace(merge_size=self.vision.merge_size))
 
     # --- video ---------------------------------------------------------------------------------------------
 
@@ -144,16 +161,15 @@ class QwenVLAdapter(VideoLMAdapter):
 
     def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
                          sampled_fps: float) -> dict[str, Any]:
-        """As Qwen2VLProcessor lays a video out: the pad expanded to one pad per video token."""
+        """As the installed processor lays a video out (`replace_video_token` for the video's grid, put into the
+        template by `get_text_with_replacements`)."""
         pre = self._pixels(frames, frame_size)
-        n = pre.tokens
+        video = self.processor.replace_video_token({"video_grid_thw": torch.tensor([pre.grid_thw])}, 0)
         if layout == "prefix-first":
-            ids = self.render(question)
-            at = ids.index(self.video_token_id)
-            ids = ids[:at] + [self.video_token_id] * n + ids[at + 1:]
+            before, after = self.split_template(question)
+            ids = before + self.text_ids(video) + after
         else:
-            ids = self.prefix_ids(layout).tolist() + [self.video_token_id] * n + \
-                self.question_ids(question, layout).tolist()
+            ids = self.prefix_ids(layout).tolist() + self.text_ids(video) + self.question_ids(question, layout).tolist()
         input_ids = torch.tensor([ids], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                 "pixel_values_videos": pre.pixel_values, "video_grid_thw": torch.tensor([pre.grid_thw]),

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter
+from statekv.models.processor_text import around_video
 from statekv.profiling import PREPROCESS, timed
 from statekv.video.preprocess import resize_frames
 
@@ -268,9 +269,23 @@ class SingleFrameAdapter(VideoLMAdapter):
 
     # --- the plain model's inputs for the same sequence --------------------------------------------------------
 
+    processor: Any  # the installed transformers processor of the family, text side (statekv.models.processor_text)
+
+    def video_text(self, num_frames: int) -> str:
+        """What the installed processor's `replace_video_token` puts in place of the template's video placeholder
+        for `num_frames` frames (these families' processors read only the frame count)."""
+        return self.processor.replace_video_token({"pixel_values_videos": [torch.empty(num_frames, 0)]}, 0)
+
     def sequence_ids(self, question: str, layout: str, num_frames: int) -> list[int]:
         """The whole sequence's ids as the family's processor lays it out (placeholder tokens for vision)."""
-        raise NotImplementedError
+        video = self.video_text(num_frames)
+        if layout == "prefix-first":
+            messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                      **self.template_kwargs())
+            before, after = around_video(self.processor, text)  # as the processor puts the video in
+            return self.text_ids(before + video + after)
+        return self.prefix_ids(layout).tolist() + self.text_ids(video) + self.question_ids(question, layout).tolist()
 
     def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
                          sampled_fps: float) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def prefill_to_store(engine, video, uri: str | os.PathLike, *, mode: str = "over
                 logger.info("%s", message)
                 return {**committed, "skipped": True, "message": message}
         base = load_cache(uri, storage_options=storage_options, filesystem=filesystem,
-                          expect_fingerprint=engine.model_info().fingerprint)
+                          expect_model=engine.model_info())
         writer = CacheWriter(uri, mode="append", storage_options=storage_options, filesystem=filesystem,
                              **writer_kwargs)
         prefill_kwargs["resume_from"] = base

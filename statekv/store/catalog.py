@@ -37,12 +37,14 @@ SNAPSHOT = "snapshot.parquet"
 LOG = "log"
 COMPACT_AFTER = 32  # log objects a listing reads before it folds them into the snapshot
 
-ENTRY_FIELDS = ["video_id", "chunks", "tokens", "bytes", "storage", "created", "fingerprint", "checksum"]
+ENTRY_FIELDS = ["video_id", "chunks", "tokens", "bytes", "storage", "created", "fingerprint", "checksum",
+                "layout_version"]
 SCHEMA = pa.schema([
     pa.field("video_id", pa.string()), pa.field("chunks", pa.int64()), pa.field("tokens", pa.int64()),
     pa.field("bytes", pa.int64()), pa.field("storage", pa.string()), pa.field("created", pa.string()),
     pa.field("fingerprint", pa.string()), pa.field("checksum", pa.string()),
     pa.field("invalid", pa.string()),  # why a scan skipped this cache, else null
+    pa.field("layout_version", pa.int64()),  # null in snapshots from before statekv 0.3: 1
 ])
 _FAILURES = (OSError, *TRANSPORT_ERRORS)
 
@@ -52,7 +54,8 @@ def entry_of(manifest: dict[str, Any]) -> dict[str, Any]:
     return {"video_id": manifest["video_id"], "chunks": manifest["totals"]["chunks"],
             "tokens": manifest["totals"]["tokens"], "bytes": manifest["totals"]["bytes"],
             "storage": manifest["storage"], "created": manifest["created"],
-            "fingerprint": manifest["model"]["fingerprint"], "checksum": manifest["checksum"], "invalid": None}
+            "fingerprint": manifest["model"]["fingerprint"], "checksum": manifest["checksum"], "invalid": None,
+            "layout_version": manifest["model"].get("layout_version", 1)}
 
 
 def record(fs: fsspec.AbstractFileSystem, video_path: str, manifest: dict[str, Any]) -> None:
@@ -113,7 +116,8 @@ def _build(fs: fsspec.AbstractFileSystem, path: str, root: str, expect: str | No
     rows = {e.video_id: {**{k: getattr(e, k) for k in ENTRY_FIELDS}, "invalid": None} for e in listing}
     for bad in listing.invalid:  # found invalid at `started`: only a later commit replaces it
         rows[bad.video_id] = {"video_id": bad.video_id, "chunks": 0, "tokens": 0, "bytes": 0, "storage": "",
-                              "created": started, "fingerprint": "", "checksum": "", "invalid": bad.reason}
+                              "created": started, "fingerprint": "", "checksum": "", "invalid": bad.reason,
+                              "layout_version": None}
     logs = _log_names(fs, path)
     _fold(fs, path, logs, rows)  # commits during the scan
     if not rows and not logs:
@@ -188,7 +192,8 @@ def _write_snapshot(fs: fsspec.AbstractFileSystem, path: str, rows: dict[str, di
 def _listing(cls, root: str, rows: dict[str, dict[str, Any]]):
 
     ok = [CacheEntry(r["video_id"], f"{root}/{r['video_id']}", r["chunks"], r["tokens"], r["bytes"], r["storage"],
-                     r["created"], r["fingerprint"], r["checksum"]) for k, r in sorted(rows.items())
+                     r["created"], r["fingerprint"], r["checksum"], r.get("layout_version") or 1)
+          for k, r in sorted(rows.items())
           if r["invalid"] is None]
     bad = [InvalidCache(r["video_id"], f"{root}/{r['video_id']}", r["invalid"]) for k, r in sorted(rows.items())
            if r["invalid"] is not None]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # an annotation only: describing a manifest must not import torch (`statekv inspect` is cheap)
+    from statekv.cache import ModelInfo
 
 
 def human_bytes(n: float) -> str:
@@ -34,15 +37,19 @@ def linear_note(manifest: dict[str, Any]) -> str:
     return f"; layers {', '.join(map(str, linear))} linear attention (exact recurrent state, no K/V)"
 
 
-def describe_manifest(uri: str, m: dict[str, Any], fingerprint: str | None = None) -> dict[str, Any]:
-    """The fields `statekv inspect` prints, structured, and its text as `summary`."""
-    video, totals, model, prefill = m["video"], m["totals"], m["model"], m["prefill"]
+def describe_manifest(uri: str, m: dict[str, Any], model: ModelInfo | None = None) -> dict[str, Any]:
+    """The fields `statekv inspect` prints, structured, and its text as `summary`; `compatible`: whether `model`
+    can answer from the cache (same fingerprint and token layout), None without a model."""
+    video, totals, made_with, prefill = m["video"], m["totals"], m["model"], m["prefill"]
     duration = _duration(video)
     return {
         "video_id": m["video_id"], "uri": uri,
         "source": (m.get("source") or {}).get("uri") or video["source"],
-        "model": {k: model[k] for k in ("name_or_path", "model_type", "fingerprint")},
-        "compatible": None if fingerprint is None else model["fingerprint"] == fingerprint,
+        "model": {**{k: made_with[k] for k in ("name_or_path", "model_type", "fingerprint")},
+                  "layout_version": made_with.get("layout_version", 1),
+                  "transformers_version": made_with.get("transformers_version", "")},
+        "compatible": None if model is None else (made_with["fingerprint"] == model.fingerprint
+                                                  and made_with.get("layout_version", 1) == model.layout_version),
         "policy": prefill["policy"],
         "prefill": prefill,
         "frames": {"sampled": len(video["frame_indices"]), "sampled_fps": video["sampled_fps"],
@@ -81,7 +88,8 @@ def format_manifest(uri: str, m: dict[str, Any]) -> str:
     rows = [
         ("cache", uri),
         ("source", (m.get("source") or {}).get("uri") or video["source"]),
-        ("model", f"{model['name_or_path']} ({model['model_type']}, fingerprint {model['fingerprint']})"),
+        ("model", f"{model['name_or_path']} ({model['model_type']}, fingerprint {model['fingerprint']}, token "
+                  f"layout {model.get('layout_version', 1)})"),
         ("policy", f"{prefill['policy']['name']}" + (f" ({policy})" if policy else "")),
         ("prefill", f"layout {prefill['layout']}, {prefill['chunks_per_step']} chunk(s) per step, "
                     f"attention {prefill['attention_backend']}"),
@@ -96,6 +104,7 @@ def format_manifest(uri: str, m: dict[str, Any]) -> str:
         ("storage", f"{m['storage']}{' (int8 K/V with scales)' if m['storage'] == 'int8' else ''}, "
                     f"dtype {m['dtype']}"),
         ("bytes", f"{human_bytes(totals['bytes'])} in {len(m['files'])} files"),
-        ("created", f"{m['created']} by statekv {m['statekv_version']}"),
+        ("created", f"{m['created']} by statekv {m['statekv_version']}"
+                    + (f" with transformers {model['transformers_version']}" if model.get("transformers_version") else "")),
     ]
     return "\n".join(f"{name + ':':<10}{value}" for name, value in rows)

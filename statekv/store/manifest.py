@@ -59,6 +59,9 @@ SCHEMA: dict[str, Field] = {
     "model.head_dim": Field(_INT, min=1),
     "model.linear_layers": Field((list,), required=False),  # hybrid models: layers with a recurrent state, no K/V
     "model.linear_layers[]": _count(),
+    # the family adapter's token layout the cache was built on (absent: 1) and the transformers it was built with
+    "model.layout_version": Field(_INT, required=False, min=1),
+    "model.transformers_version": Field(_STR, required=False),
     "dtype": Field(_STR, choices=("float32", "float16", "bfloat16")),
     "storage": Field(_STR, choices=F.STORAGES),
     "byteorder": Field(_STR, choices=("little",)),

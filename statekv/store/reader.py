@@ -19,8 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from statekv.cache import ChunkKV, RecurrentState, VideoKVCache
-from statekv.errors import ModelMismatchError
+from statekv.cache import ChunkKV, ModelInfo, RecurrentState, VideoKVCache
 from statekv.policies import LayerState
 from statekv.store import format as F
 from statekv.store import manifest as manifest_schema
@@ -84,11 +83,17 @@ class CacheEntry:
     created: str
     fingerprint: str
     checksum: str = ""  # the manifest's content checksum: changes with every commit
+    layout_version: int = 1  # the family's token layout it was built on (ModelInfo.layout_version)
 
     @classmethod
     def from_manifest(cls, root: str, video_id: str, m: dict[str, Any]) -> "CacheEntry":
         return cls(video_id, f"{root}/{video_id}", m["totals"]["chunks"], m["totals"]["tokens"], m["totals"]["bytes"],
-                   m["storage"], m["created"], m["model"]["fingerprint"], m["checksum"])
+                   m["storage"], m["created"], m["model"]["fingerprint"], m["checksum"],
+                   m["model"].get("layout_version", 1))
+
+    def serves(self, model: ModelInfo) -> bool:
+        """Whether `model` can answer from this cache (same model, same token layout; see ModelInfo.check_serves)."""
+        return self.fingerprint == model.fingerprint and self.layout_version == model.layout_version
 
 
 @dataclass
@@ -609,7 +614,7 @@ class LazyState(Sequence[LayerState]):
 def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, layers: Iterable[int] | None = None,
                lazy: bool = True, storage_options: StorageOptionsLike = None,
                filesystem: fsspec.AbstractFileSystem | None = None, verify: bool = True,
-               expect_fingerprint: str | None = None) -> VideoKVCache:
+               expect_model: ModelInfo | None = None) -> VideoKVCache:
     """Load a committed cache. `chunks` (indices) and `layers` select parts; `lazy` defers reading chunks.
 
     The result's `num_chunks`, `chunk_tokens`, `video` and cursor describe the whole video; with `chunks` it holds only those
@@ -620,13 +625,15 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
 
     A cache re-prefilled while this call reads it is read again from its new commit (CacheChangedError after a
     few tries); a lazy cache's later chunk reads raise CacheChangedError if its files were retired meanwhile.
-    `cache.manifest_version` identifies the commit read (see `manifest_version`).
+    `cache.manifest_version` identifies the commit read (see `manifest_version`). With `expect_model` (the model
+    that will use the cache) a cache made by another model (ModelMismatchError) or on another token layout of its
+    family (CacheLayoutError: re-index) is refused before any tensor is read.
     """
     uri = os.fspath(uri)
     fs, path = resolve(uri, storage_options, filesystem)
     for attempt in range(_CHANGED_RETRIES):
         try:
-            return _load(fs, path, uri, chunks, layers, lazy, verify, expect_fingerprint)
+            return _load(fs, path, uri, chunks, layers, lazy, verify, expect_model)
         except CacheChangedError:  # re-prefilled while we read: read the new commit
             if attempt == _CHANGED_RETRIES - 1:
                 raise
@@ -637,13 +644,11 @@ _CHANGED_RETRIES = 3
 
 
 def _load(fs: fsspec.AbstractFileSystem, path: str, uri: str, chunks: Iterable[int] | None,
-          layers: Iterable[int] | None, lazy: bool, verify: bool, expect_fingerprint: str | None) -> VideoKVCache:
+          layers: Iterable[int] | None, lazy: bool, verify: bool, expect_model: ModelInfo | None) -> VideoKVCache:
     m, version = _read_manifest(fs, path, uri)
     fields = F.cache_fields(m)
-    model = fields["model"]
-    if expect_fingerprint is not None and expect_fingerprint != model.fingerprint:
-        raise ModelMismatchError("model", f"{model.name_or_path} (fingerprint {model.fingerprint})",
-                                 f"fingerprint {expect_fingerprint}")
+    if expect_model is not None:
+        expect_model.check_serves(fields["model"], m["video_id"])
     num_layers = m["layout"]["num_layers"]
     layer_list = list(range(num_layers)) if layers is None else sorted(set(int(l) for l in layers))
     bad = [l for l in layer_list if not 0 <= l < num_layers]

@@ -19,10 +19,8 @@ import numpy as np
 import torch
 
 
-
-def _processor_classes():
-    """The two processor subclasses, built lazily: importing transformers' processors is slow."""
-    from transformers import Qwen3VLProcessor
+def _video_processor_class():
+    """`Qwen3VLVideoProcessor` on torch kernels, built lazily: importing transformers' processors is slow."""
     from transformers.image_processing_backends import TorchvisionBackend
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
@@ -45,24 +43,20 @@ def _processor_classes():
     class ReferenceVideoProcessor(Qwen3VLVideoProcessor, TorchKernels):
         """`Qwen3VLVideoProcessor` with torch kernels: MRO Qwen3VL -> BaseVideoProcessor -> TorchKernels -> backend."""
 
-    class ReferenceProcessor(Qwen3VLProcessor):
-        """`Qwen3VLProcessor` that accepts the torch-kernel video processor (its class check needs torchvision)."""
-
-        def check_argument_for_proper_class(self, argument_name, argument):
-            return type(argument)
-
-    return ReferenceVideoProcessor, ReferenceProcessor
+    return ReferenceVideoProcessor
 
 
 def load_reference_processor(checkpoint: str | os.PathLike):
     """The checkpoint's own tokenizer, chat template and (video) processor configs, as a `Qwen3VLProcessor`."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    video_cls, processor_cls = _processor_classes()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    return processor_cls(image_processor=Qwen2VLImageProcessorPil.from_pretrained(checkpoint), tokenizer=tokenizer,
-                         video_processor=video_cls.from_pretrained(checkpoint), chat_template=tokenizer.chat_template)
+    from statekv.models.processor_text import text_only
+
+    # the class check of `Qwen3VLProcessor` wants torchvision's video processor: `text_only` skips it
+    return text_only(Qwen3VLProcessor, AutoTokenizer.from_pretrained(checkpoint),
+                     image_processor=Qwen2VLImageProcessorPil.from_pretrained(checkpoint),
+                     video_processor=_video_processor_class().from_pretrained(checkpoint))
 
 
 def video_messages(question: str) -> list[dict[str, Any]]:

@@ -81,7 +81,7 @@ def reference_selection(model: Any, inputs: dict[str, Any], prefix_len: int, chu
 
     prefix = DynamicCache(config=model.config)
     if prefix_len:
-        lm(inputs_embeds=embeds[:, :prefix_len], position_ids=positions[..., :prefix_len], past_key_values=prefix,
+        lm(inputs_embeds=embeds[:, :prefix_len], position_ids=positions[..., :prefix_len], cache=prefix,
            use_cache=True)
     prefix_kv = [None if i in linear else (layer.keys, layer.values)
                  for i, layer in enumerate(prefix.layers)] if prefix_len else None
@@ -107,7 +107,7 @@ def reference_selection(model: Any, inputs: dict[str, Any], prefix_len: int, chu
         for layer in linear:
             dyn.layers[layer] = running.layers[layer]
         running = dyn
-        out = lm(inputs_embeds=embeds[:, lo:lo + n], position_ids=positions[..., lo:lo + n], past_key_values=dyn,
+        out = lm(inputs_embeds=embeds[:, lo:lo + n], position_ids=positions[..., lo:lo + n], cache=dyn,
                  use_cache=True, output_attentions=True, **_deepstack_slice(mask, deepstack, lo, n))
         chosen = []
         for position, layer in enumerate(attention):

@@ -54,16 +54,32 @@ def test_dependencies_are_installed_before_the_source_and_the_project_as_a_wheel
     assert not any("apt-get" in arg for _, arg in steps), "nothing in the image uses an apt package"
 
 
-def test_constraints_pin_every_runtime_dependency():
+def test_constraints_pin_every_dependency_within_pyprojects_bounds():
+    """constraints.txt (the set CI passed on, used by .ci/run, the README and the image) pins every runtime and dev
+    dependency exactly, each inside pyproject.toml's bounds: the lock and the bounds cannot drift apart."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
     pins = {}
-    for line in (REPO / "infra" / "docker" / "constraints.txt").read_text().splitlines():
+    for line in (REPO / "constraints.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, _, version = line.partition("==")
-            pins[name.strip().lower()] = version.strip()
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    names = {re.split(r"[\s<>=!~;\[]", d, maxsplit=1)[0].lower() for d in deps}
-    assert names <= set(pins), f"not pinned: {sorted(names - set(pins))}"
-    assert all(re.fullmatch(r"\d+(\.\d+)*", v) for v in pins.values()), pins
+            pins[_canonical(name)] = Version(version.strip())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    outside = []
+    for line in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": "dev"}):
+            continue  # not for this platform (the lock is Linux x86_64)
+        name = _canonical(req.name)
+        if name not in pins or not req.specifier.contains(pins[name], prereleases=True):
+            outside.append(f"{req} (pinned: {pins.get(name)})")
+    assert not outside, f"not pinned within pyproject.toml's bounds: {outside}"
+    assert pins["torch"] == Version("2.13.0")  # no local label: the CPU wheel and CUDA builds both match
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _matches(path: str, pattern: str) -> bool:
@@ -91,6 +107,6 @@ def _context_files() -> set[str]:
 
 def test_build_context_holds_what_the_image_copies_and_nothing_else():
     kept = _context_files()
-    assert {"pyproject.toml", "README.md", "infra/docker/constraints.txt", "statekv/__init__.py",
+    assert {"pyproject.toml", "README.md", "constraints.txt", "statekv/__init__.py",
             "pipelines/indexing/actor.py", "jobs/index_videos.py"} <= kept
     assert not {p for p in kept if p.startswith(("tests/", "docs/", ".git", "bench/"))}

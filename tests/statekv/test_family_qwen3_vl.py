@@ -85,25 +85,38 @@ def test_tiny_checkpoint_has_the_family_tokens_template_and_processor_config(che
 
 # --- the adapter's reproduction of the processor and get_rope_index --------------------------------------------
 
+def trained_layout_text(times: list[list[float]], cells: int, question: str, layout: str) -> str:
+    """The sequence Qwen3-VL was trained on (Qwen's release, transformers 4.57 and 5.25), written out: each frame
+    pair's `<t seconds><|vision_start|>pads<|vision_end|>` block in place of the template's whole video wrapper."""
+    blocks = "".join(f"<{(t[0] + t[-1]) / 2:.1f} seconds><|vision_start|>" + "<|video_pad|>" * cells + "<|vision_end|>"
+                     for t in times)
+    before, after = "<|im_start|>user\n", f"{question}<|im_end|>\n<|im_start|>assistant\n"
+    return before + blocks + after if layout == "prefix-first" else blocks + before + after
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @torch.inference_mode()
 def test_chunks_are_the_processors_tokens_at_the_models_positions(checkpoint, processor, model, frames, layout):
-    """Prefix + every chunk's tokens (timestamp text, inner vision start/end, pads) + question == the processor's
-    input_ids, and the positions the engine gives them == `get_rope_index` over the whole sequence."""
+    """Prefix + every chunk's tokens (timestamp text, vision start/end, pads) + question == the processor's
+    input_ids == the trained layout (no doubled vision start/end around the video), and the positions the engine
+    gives them == `get_rope_index` over the whole sequence."""
     engine = make_engine(checkpoint, Full(), layout=layout)
     cache = engine.prefill(frames, fps=FPS)
     a = engine.adapter
-    # per chunk: timestamp text + <|vision_start|> + pads + <|vision_end|>
+    cells = 2 * 3  # 64x96 frames: 2x3 merged cells
+    times = [[i / FPS for i in range(2 * chunk, min(2 * chunk + 2, len(frames)))] for chunk in range(cache.num_chunks)]
     ids = a.prefix_ids(layout).tolist()
     for chunk, tokens in enumerate(cache.chunk_tokens):
-        times = [i / FPS for i in range(2 * chunk, min(2 * chunk + 2, len(frames)))]
-        opening = a.timestamp_ids(a.patch_time(times)) + [a.vision_start_id]
-        ids += opening + [a.video_token_id] * (tokens - len(opening) - 1) + [a.vision_end_id]
+        opening, closing = a.patch_ids(tuple(times[chunk]), cells)
+        assert tokens == len(opening) + cells + len(closing)
+        ids += list(opening) + [a.video_token_id] * cells + list(closing)
     answer = a.answer_inputs(QUESTION, cache.cursor, layout)
     ids += answer.prompt_ids.tolist()
     ref = processor_inputs(processor, frames, list(range(len(frames))), FPS, QUESTION, layout=layout)
+    trained = processor.tokenizer(trained_layout_text(times, cells, QUESTION, layout), add_special_tokens=False)
+    assert ref.input_ids[0].tolist() == trained["input_ids"]  # the installed processor builds the trained layout
     assert ids == ref.input_ids[0].tolist()
-    assert processor.tokenizer.decode(ids).count(" seconds>") == cache.num_chunks == 4
+    assert processor.tokenizer.decode(ids).count("<|vision_start|>") == cache.num_chunks == 4
     positions = torch.cat([cache.position_ids, answer.position_ids], dim=1)
     expected, _ = model.model.get_rope_index(ref.input_ids, ref.mm_token_type_ids, video_grid_thw=ref.video_grid_thw)
     assert torch.equal(positions, expected[:, 0])
@@ -124,9 +137,9 @@ def test_timestamps_are_the_processors(checkpoint, processor, indices, fps):
     """A chunk's time (pairs, an odd last frame, uneven sampling) is `_calculate_timestamps`, written `{:.1f}`."""
     a = make_engine(checkpoint, Full()).adapter
     want = processor._calculate_timestamps(list(indices), fps, 2)[0]
-    got = a.patch_time([i / fps for i in indices])
-    assert got == want
-    assert processor.tokenizer.decode(a.timestamp_ids(got)) == f"<{want:.1f} seconds>"
+    opening, closing = a.patch_ids(tuple(i / fps for i in indices), 3)
+    assert processor.tokenizer.decode(list(opening)) == f"<{want:.1f} seconds><|vision_start|>"
+    assert processor.tokenizer.decode(list(closing)) == "<|vision_end|>"
 
 
 # --- exactness against one forward --------------------------------------------------------------------------------

@@ -401,9 +401,10 @@ def test_missing_cache_and_other_model_are_named(store_root):
     with pytest.raises(CacheNotFoundError, match="nope"):
         load_cache(uri_of(root, "nope"), storage_options=options)
     uri = uri_of(root, "vid")
-    fake_cache(2).save(uri, storage_options=options)
+    cache = fake_cache(2)
+    cache.save(uri, storage_options=options)
     with pytest.raises(ModelMismatchError, match="f00d.*beef"):
-        load_cache(uri, expect_fingerprint="beef", storage_options=options)
+        load_cache(uri, expect_model=dataclasses.replace(cache.model, fingerprint="beef"), storage_options=options)
 
 
 def test_s3_through_environment_credentials(s3_server, monkeypatch):
