@@ -11,7 +11,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from statekv import versions
-from statekv.versions import UntestedVersionError, check_tested_versions, tested_bounds
+from statekv.versions import UntestedVersionError, check_tested_versions
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ def pyproject_bounds() -> dict[str, str]:
 
 def test_the_checked_bounds_are_pyprojects_and_closed():
     """Read from the installed metadata (pyproject.toml as installed: written once), each with an upper bound."""
-    bounds = tested_bounds()
+    bounds = versions.tested_bounds()
     assert bounds == pyproject_bounds()
     assert set(bounds) == {"transformers", "torch"}
     assert all("<" in spec for spec in bounds.values()), bounds
