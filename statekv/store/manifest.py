@@ -129,7 +129,8 @@ SCHEMA: dict[str, Field] = {
     "files[].first_chunk": _count(required=False),  # required on chunk and summaries files (RULES)
     "files[].num_chunks": _count(required=False),
     "files[].chunks_per_row_group": Field(_INT, required=False, min=1),
-    # SHA-256 of the file's Parquet footer, which records every cell CRC of the file (absent in caches written before issue 18)
+    # SHA-256 of the file's Parquet footer, which records every cell CRC of the file (absent in caches written
+    # before issue 18)
     "files[].footer_sha256": Field(_STR, required=False, pattern=r"[0-9a-f]{64}"),
     "appends": Field((list,), required=False),  # what each prefill/append consumed (resume idempotence)
     "appends[]": Field((dict,)),

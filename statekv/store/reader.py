@@ -316,9 +316,10 @@ class _Store:
         """The file has the columns the manifest implies (storage, compression, layers with K/V) and no K/V
         columns of layers it does not name: a lie in those fields is refused here, naming the field."""
         kind, layers = entry["kind"], self.all_kv_layers
-        want = {"chunks": lambda: F.chunk_schema(layers, self.int8, self.kept), "prefix": lambda: F.prefix_schema(layers),
-                "summaries": lambda: F.summary_schema(layers), "state": lambda: F.STATE_SCHEMA,
-                "recurrent": lambda: F.RECURRENT_SCHEMA}[kind]().names
+        schemas = {"chunks": lambda: F.chunk_schema(layers, self.int8, self.kept),
+                   "prefix": lambda: F.prefix_schema(layers), "summaries": lambda: F.summary_schema(layers),
+                   "state": lambda: F.STATE_SCHEMA, "recurrent": lambda: F.RECURRENT_SCHEMA}
+        want = schemas[kind]().names
         if kind == "state":  # state files before int8 state storage have no scale columns (read as null)
             want = [c for c in want if c not in ("keys_scale", "values_scale")]
         have = pf.schema_arrow.names
