@@ -301,3 +301,17 @@ def test_a_family_cursor_that_lies_is_refused_before_answering(engine, tmp_path,
     _put(uri, None, m)
     with pytest.raises(CacheCorruptError, match=rf"'vid'.*family\.cursor.*{key}"):
         engine.ask(load_cache(uri), "What happens?", max_new_tokens=1)
+
+
+def test_caches_written_before_footer_digests_stay_readable(store_root):
+    """Compatibility: a manifest without `footer_sha256` (statekv before issue 18) is read as before: cell, page
+    and (full loads) whole-file CRCs, no binding of lazy reads."""
+    root, options = store_root
+    uri = f"{root}/old"
+    m = save_cache(fake_cache(4), uri, storage_options=options, int8=True)
+    for f in m["files"]:
+        del f["footer_sha256"]
+    _put(uri, options, m)
+    _answer_reads(uri, options)
+    full = load_cache(uri, storage_options=options, lazy=False)
+    assert len(full.chunks) == 4 and full.state is not None
