@@ -563,8 +563,12 @@ class Engine:
 
     def _check_compatible(self, cache: VideoKVCache) -> None:
         self.model_info().check_serves(cache.model, cache.video.source)
-        # the family cursor is opaque to the store: only the adapter can tell a lie in it (a video start of -1000,
-        # a [0, 0] grid), and it must before any position is computed from it
+        self.check_cursor(cache)
+
+    def check_cursor(self, cache: VideoKVCache) -> None:
+        """CacheCorruptError (field family.cursor) if the cache's cursor cannot be this family's: the cursor is
+        opaque to the store, so only the adapter can tell a lie in it (a video start of -1000, a [0, 0] grid),
+        and it must before any position is computed from it. Every answer checks it; a service calls it at load."""
         problem = self.adapter.cursor_problem(cache.cursor, prefix_len=cache.prefix_len, num_chunks=cache.num_chunks)
         if problem is not None:
             from statekv.store.errors import CacheCorruptError  # a stored cache's fault: the service's cache_corrupt
