@@ -563,6 +563,18 @@ class Engine:
 
     def _check_compatible(self, cache: VideoKVCache) -> None:
         self.model_info().check_serves(cache.model, cache.video.source)
+        self.check_cursor(cache)
+
+    def check_cursor(self, cache: VideoKVCache) -> None:
+        """CacheCorruptError (field family.cursor) if the cache's cursor cannot be this family's: the cursor is
+        opaque to the store, so only the adapter can tell a lie in it (a video start of -1000, a [0, 0] grid),
+        and it must before any position is computed from it. Every answer checks it; a service calls it at load."""
+        problem = self.adapter.cursor_problem(cache.cursor, prefix_len=cache.prefix_len, num_chunks=cache.num_chunks)
+        if problem is not None:
+            from statekv.store.errors import CacheCorruptError  # a stored cache's fault: the service's cache_corrupt
+
+            video = getattr(cache, "manifest", {}).get("video_id", cache.video.source)
+            raise CacheCorruptError(video, "manifest.json field 'family.cursor'", problem)
 
 
 def build_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor] | None],

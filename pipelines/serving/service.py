@@ -252,6 +252,7 @@ class QueryService:
         self._count("store_loads")
         cache = self._store_call(what, lambda: load_cache(
             uri, lazy=lazy, filesystem=fs, expect_model=self.model_info))
+        self._store_call(what, lambda: self.engine.check_cursor(cache))  # a lying cursor: cache_corrupt, not 500
         loaded = _Loaded(cache, identity, time.monotonic())
         if not lazy:
             return loaded, cache.nbytes

@@ -205,6 +205,14 @@ class VideoLMAdapter:
     def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
         raise NotImplementedError
 
+    def cursor_problem(self, cursor: dict[str, Any], *, prefix_len: int, num_chunks: int) -> str | None:
+        """Why a stored cursor cannot be this family's after `num_chunks` chunks behind a `prefix_len`-token prefix
+        (a manifest lie the store cannot see: the cursor is opaque to it), or None. Checked before answering."""
+        size = cursor.get("frame_size")
+        if not (isinstance(size, list) and len(size) == 2 and all(is_count(x, low=1) for x in size)):
+            return f"frame_size {size!r:.40} is not two positive integers"
+        return None
+
     def plan_video(self, cursor: dict[str, Any], num_frames: int) -> dict[str, Any]:
         """A new video's cursor once its first prefill's frame count is known, before its prefix is prefilled:
         a family may plan for the video's length (InternVL / LLaVA-OneVision dynamic-NTK RoPE). Unchanged here."""
@@ -336,3 +344,17 @@ def _drop_key(tree: Any, key: str) -> None:
         tree.pop(key, None)
         for value in tree.values():
             _drop_key(value, key)
+
+
+def next_position_problem(cursor: dict[str, Any], *, prefix_len: int, num_chunks: int) -> str | None:
+    """For 1-D cursors: every chunk holds at least one token after the prefix, so the next position is at least
+    prefix_len + num_chunks."""
+    nxt = cursor.get("next_position")
+    if not is_count(nxt, low=prefix_len + num_chunks):
+        return f"next_position {nxt!r:.40} is before the end of {num_chunks} chunks after a {prefix_len}-token prefix"
+    return None
+
+
+def is_count(value: Any, *, low: int = 0, high: int = 1 << 40) -> bool:
+    """An int (not a bool) within [low, high]: what a stored cursor's counts and positions must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high

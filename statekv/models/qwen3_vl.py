@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor
 
-from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter
+from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter, next_position_problem
 from statekv.models.processor_text import around_video, text_only
 from statekv.video.preprocess import VisionLayout, preprocess_frames
 
@@ -128,6 +128,10 @@ class Qwen3VLAdapter(VideoLMAdapter):
 
     def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
         return {"next_position": prefix_len, "frame_size": list(frame_size)}
+
+    def cursor_problem(self, cursor: dict[str, Any], *, prefix_len: int, num_chunks: int) -> str | None:
+        return super().cursor_problem(cursor, prefix_len=prefix_len, num_chunks=num_chunks) or \
+            next_position_problem(cursor, prefix_len=prefix_len, num_chunks=num_chunks)
 
     def preprocess(self, frames: np.ndarray, frame_size: tuple[int, int]):
         """Pixels and grid as `Qwen3VLVideoProcessor` makes them for frames already known to be `frame_size`."""

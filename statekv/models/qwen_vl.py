@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter
+from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter, is_count
 from statekv.models.processor_text import text_only
 from statekv.video.preprocess import IMAGE_MEAN, IMAGE_STD, VisionLayout, preprocess_frames, smart_resize
 
@@ -99,6 +99,26 @@ class QwenVLAdapter(VideoLMAdapter):
         return {"video_start": prefix_len, "grid_t": 0, "grid_hw": [frame_size[0] // ps, frame_size[1] // ps],
                 "second_per_grid_t": self.vision.temporal_patch_size / sampled_fps,
                 "max_position": prefix_len - 1, "frame_size": list(frame_size), "position_rule": self.position_rule}
+
+    def cursor_problem(self, cursor: dict[str, Any], *, prefix_len: int, num_chunks: int) -> str | None:
+        """The video block starts within the prefix's end, spans one temporal patch per chunk of a grid that the
+        frame size gives, and its largest position is at or after its start."""
+        problem = super().cursor_problem(cursor, prefix_len=prefix_len, num_chunks=num_chunks)
+        if problem:
+            return problem
+        start, grid_t, hw, spgt = (cursor.get(k) for k in ("video_start", "grid_t", "grid_hw", "second_per_grid_t"))
+        ps = self.vision.patch_size
+        if not is_count(start, high=prefix_len):
+            return f"video_start {start!r:.40} is not within the {prefix_len}-token prefix"
+        if grid_t != num_chunks:
+            return f"grid_t {grid_t!r:.40}, but the cache has {num_chunks} chunks"
+        if hw != [s // ps for s in cursor["frame_size"]]:
+            return f"grid_hw {hw!r:.40} is not the patch grid of frame_size {cursor['frame_size']}"
+        if not isinstance(spgt, (int, float)) or isinstance(spgt, bool) or not 0 < spgt < float("inf"):
+            return f"second_per_grid_t {spgt!r:.40} is not a positive number"
+        if not is_count(cursor.get("max_position"), low=start - 1):
+            return f"max_position {cursor.get('max_position')!r:.40} is before video_start {start}"
+        return None
 
     def temporal_interval(self, second_per_grid_t: float) -> torch.Tensor:
         """Temporal positions per temporal patch, as the model computes it (a float32 scalar)."""

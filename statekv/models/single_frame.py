@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 import torch
 
-from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter
+from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter, next_position_problem
 from statekv.models.processor_text import around_video
 from statekv.profiling import PREPROCESS, timed
 from statekv.video.preprocess import resize_frames
@@ -191,6 +191,10 @@ class SingleFrameAdapter(VideoLMAdapter):
     def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
         return {"next_position": prefix_len, "frames": 0, "frame_size": list(frame_size),
                 "rope": {"theta": self.rope_theta, "planned_length": None}}
+
+    def cursor_problem(self, cursor: dict[str, Any], *, prefix_len: int, num_chunks: int) -> str | None:
+        return super().cursor_problem(cursor, prefix_len=prefix_len, num_chunks=num_chunks) or \
+            next_position_problem(cursor, prefix_len=prefix_len, num_chunks=num_chunks)
 
     def plan_video(self, cursor: dict[str, Any], num_frames: int) -> dict[str, Any]:
         """Fix the video's RoPE from its planned length (see the module docstring)."""

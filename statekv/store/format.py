@@ -33,6 +33,13 @@ MIN_STATEKV_FOR_VERSION = {2: "0.2"}  # the first statekv release that writes ea
 MANIFEST = "manifest.json"
 PARTS_PREFIX = "parts-"
 STORAGES = ("native", "int8")
+LAYER_TYPES = ("full_attention", "linear_attention")
+MANIFEST_MAX_BYTES = 64 << 20  # a manifest is small (a 10 h video's is ~2 MB); a larger object is not one
+# shapes a manifest may declare: bounds checked before anything is allocated from them (a num_layers of 10^9
+# would otherwise allocate per-layer lists until memory runs out)
+MAX_LAYERS, MAX_KV_HEADS, MAX_HEAD_DIM, MAX_POSITION_ROWS = 1024, 1024, 8192, 16
+# Positions a chunk may hold: RoPE positions of any model fit far below this; 10^15 does not (checked on read)
+MAX_POSITION = 1 << 40
 
 
 def layer_tag(layer: int) -> str:
@@ -161,6 +168,39 @@ def parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
     return pq.ParquetWriter(sink, schema, compression="none", use_dictionary=False,
                             write_statistics=["chunk_index", "layer"], write_page_checksum=True,
                             store_schema=False)
+
+
+# --- cell checksums bound to the manifest ------------------------------------------------------------------------
+# Every cell CRC a file holds (meta_crc, crc_NNN, summary_crc_NNN, ids_crc, crc) is also written, per row, into
+# that file's Parquet footer (key-value metadata CELLS_KEY), and the manifest records the SHA-256 of the footer
+# (`files[].footer_sha256`). A lazy reader reads the footer anyway: it checks its digest once, then checks each
+# cell CRC it reads against the footer's, so a part swapped in from another cache (same size, valid CRCs of its
+# own) is refused without reading the chunks nobody chose. Files written before this have no `footer_sha256`.
+
+CELLS_KEY = b"statekv.cells"
+
+
+def is_cell_crc(column: str) -> bool:
+    """Whether a column holds a cell checksum (recorded in the footer)."""
+    return column in ("crc", "meta_crc", "ids_crc") or column.startswith(("crc_", "summary_crc_"))
+
+
+def cells_metadata(columns: list[str], rows: list[list[int]]) -> dict[bytes, bytes]:
+    """The footer key-value metadata recording the cell CRCs `rows[i][j]` of row i, column `columns[j]`."""
+    return {CELLS_KEY: json.dumps({"columns": columns, "rows": rows}, separators=(",", ":")).encode()}
+
+
+def parse_cells(metadata: dict[bytes, bytes] | None) -> dict[str, list[int]] | None:
+    """{column: [cell CRC per row]} from a footer's key-value metadata; None if it records none or is malformed."""
+    raw = (metadata or {}).get(CELLS_KEY)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+        columns, rows = doc["columns"], doc["rows"]
+        return {c: [int(r[j]) for r in rows] for j, c in enumerate(columns)}
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 def meta_crc(row: dict[str, Any]) -> int:

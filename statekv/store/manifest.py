@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,10 @@ class Field:
     types: tuple[type | None, ...]
     required: bool = True
     choices: tuple[Any, ...] | None = None
-    min: int | None = None  # for ints: smallest allowed value
+    min: float | None = None  # for numbers: smallest allowed value
+    max: float | None = None  # for numbers: largest allowed value (bounds shapes before anything is allocated)
+    above: float | None = None  # for numbers: the value must be greater (sampled_fps divides)
+    pattern: str | None = None  # for strings: a regular expression the whole value matches
 
 
 _INT, _NUM, _STR = (int,), (int, float), (str,)
@@ -54,11 +58,11 @@ SCHEMA: dict[str, Field] = {
     "model.name_or_path": Field(_STR),
     "model.model_type": Field(_STR),
     "model.fingerprint": Field(_STR),
-    "model.num_layers": Field(_INT, min=1),
-    "model.num_kv_heads": Field(_INT, min=1),
-    "model.head_dim": Field(_INT, min=1),
+    "model.num_layers": Field(_INT, min=1, max=F.MAX_LAYERS),
+    "model.num_kv_heads": Field(_INT, min=1, max=F.MAX_KV_HEADS),
+    "model.head_dim": Field(_INT, min=1, max=F.MAX_HEAD_DIM),
     "model.linear_layers": Field((list,), required=False),  # hybrid models: layers with a recurrent state, no K/V
-    "model.linear_layers[]": _count(),
+    "model.linear_layers[]": Field(_INT, min=0, max=F.MAX_LAYERS - 1),
     # the family adapter's token layout the cache was built on (absent: 1) and the transformers it was built with
     "model.layout_version": Field(_INT, required=False, min=1),
     "model.transformers_version": Field(_STR, required=False),
@@ -66,12 +70,12 @@ SCHEMA: dict[str, Field] = {
     "storage": Field(_STR, choices=F.STORAGES),
     "byteorder": Field(_STR, choices=("little",)),
     "layout": Field((dict,)),
-    "layout.num_layers": Field(_INT, min=1),
-    "layout.num_kv_heads": Field(_INT, min=1),
-    "layout.head_dim": Field(_INT, min=1),
-    "layout.position_rows": Field((int, None), min=1),
+    "layout.num_layers": Field(_INT, min=1, max=F.MAX_LAYERS),
+    "layout.num_kv_heads": Field(_INT, min=1, max=F.MAX_KV_HEADS),
+    "layout.head_dim": Field(_INT, min=1, max=F.MAX_HEAD_DIM),
+    "layout.position_rows": Field((int, None), min=1, max=F.MAX_POSITION_ROWS),  # null: no chunk rows (RULES)
     "layout.layer_types": Field((list, None), required=False),
-    "layout.layer_types[]": Field(_STR),
+    "layout.layer_types[]": Field(_STR, choices=F.LAYER_TYPES),
     "prefill": Field((dict,)),
     "prefill.policy": Field((dict,)),
     "prefill.policy.name": Field(_STR),
@@ -87,7 +91,7 @@ SCHEMA: dict[str, Field] = {
     "video.source": Field(_STR),
     "video.video_fps": Field(_NUM),
     "video.total_frames": _count(),
-    "video.sampled_fps": Field(_NUM),
+    "video.sampled_fps": Field(_NUM, above=0),  # frame times and evidence divide by it
     "video.frame_size": Field((list,)),
     "video.frame_size[]": _count(),
     "video.frame_indices": Field((list,)),
@@ -125,6 +129,9 @@ SCHEMA: dict[str, Field] = {
     "files[].first_chunk": _count(required=False),  # required on chunk and summaries files (RULES)
     "files[].num_chunks": _count(required=False),
     "files[].chunks_per_row_group": Field(_INT, required=False, min=1),
+    # SHA-256 of the file's Parquet footer, which records every cell CRC of the file (absent in caches written
+    # before issue 18)
+    "files[].footer_sha256": Field(_STR, required=False, pattern=r"[0-9a-f]{64}"),
     "appends": Field((list,), required=False),  # what each prefill/append consumed (resume idempotence)
     "appends[]": Field((dict,)),
     "appends[].chunks": Field((list,)),
@@ -229,8 +236,17 @@ def _check_field(video_id: str, where: str, value: Any, spec: Field) -> None:
         raise CacheCorruptError(video_id, part, f"{type(value).__name__} {value!r:.60} where {names} is required")
     if spec.choices is not None and value not in spec.choices:
         raise CacheCorruptError(video_id, part, f"{value!r:.60} is not one of {', '.join(map(repr, spec.choices))}")
-    if spec.min is not None and isinstance(value, int) and value < spec.min:
+    if isinstance(value, float) and not math.isfinite(value):  # JSON parsers accept NaN and Infinity
+        raise CacheCorruptError(video_id, part, f"{value} is not a finite number")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and spec.min is not None and value < spec.min:
         raise CacheCorruptError(video_id, part, f"{value} is below {spec.min}")
+    if number and spec.max is not None and value > spec.max:
+        raise CacheCorruptError(video_id, part, f"{value} is above {spec.max}")
+    if number and spec.above is not None and not value > spec.above:
+        raise CacheCorruptError(video_id, part, f"{value} is not above {spec.above}")
+    if spec.pattern is not None and isinstance(value, str) and not re.fullmatch(spec.pattern, value):
+        raise CacheCorruptError(video_id, part, f"{value!r:.60} is not of the form {spec.pattern}")
 
 
 _JSON_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list",
@@ -311,6 +327,33 @@ def _rule_layout(m: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _rule_layer_types(m: dict[str, Any]) -> tuple[str, str] | None:
+    """One layer type per layer, its linear layers those of the model, and a recurrent-state file exactly when
+    there are linear layers (a linear first layer would otherwise be read as missing K/V)."""
+    lay, n = m["layout"], m["layout"]["num_layers"]
+    types = lay.get("layer_types")
+    if types is not None and len(types) != n:
+        return "layout.layer_types", f"{len(types)} layer types for {n} layers"
+    linear = [i for i, kind in enumerate(types or []) if kind == "linear_attention"]
+    if linear != m["model"].get("linear_layers", []):
+        return "layout.layer_types", (f"linear layers {linear[:8]}, but model.linear_layers is "
+                                      f"{m['model'].get('linear_layers', [])[:8]}")
+    if len(linear) == n:
+        return "layout.layer_types", "no layer has keys and values"
+    has_recurrent = any(f["kind"] == "recurrent" for f in m["files"])
+    if bool(linear) != has_recurrent:
+        return "files", (f"{'no' if linear else 'a'} recurrent-state file for "
+                         f"{len(linear) or 'no'} linear-attention layers")
+    return None
+
+
+def _rule_position_rows(m: dict[str, Any]) -> tuple[str, str] | None:
+    """Chunk rows hold position_rows x n positions: a cache with chunk rows must say how many rows."""
+    if m["layout"]["position_rows"] is None and any(f["kind"] == "chunks" for f in m["files"]):
+        return "layout.position_rows", "null, but the cache has chunk rows"
+    return None
+
+
 def _rule_video(m: dict[str, Any]) -> tuple[str, str] | None:
     v = m["video"]
     if len(v["frame_indices"]) != len(v["timestamps"]):
@@ -350,6 +393,6 @@ def _rule_kept(m: dict[str, Any]) -> tuple[str, str] | None:
 
 
 RULES: list[Callable[[dict[str, Any]], tuple[str, str] | None]] = [
-    _rule_paths, _rule_file_kinds, _rule_chunk_files, _rule_totals, _rule_layout, _rule_video, _rule_ranges,
-    _rule_kept,
+    _rule_paths, _rule_file_kinds, _rule_chunk_files, _rule_totals, _rule_layout, _rule_layer_types,
+    _rule_position_rows, _rule_video, _rule_ranges, _rule_kept,
 ]

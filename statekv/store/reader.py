@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import bisect
 import copy
+import hashlib
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -25,8 +27,9 @@ from statekv.store import format as F
 from statekv.store import manifest as manifest_schema
 from statekv.store import serde
 from statekv.store.errors import CacheChangedError, CacheCorruptError, CacheNotFoundError, CacheUnavailableError
-from statekv.store.fs import (TRANSPORT_ERRORS, StorageOptionsLike, is_local, is_transport_error, join,
-                              object_version, read_versioned, resolve)
+from statekv.store.fs import (TRANSPORT_ERRORS, NotRegularFileError, ObjectTooLargeError, StorageOptionsLike,
+                              is_local, is_transport_error, join, local_part_size, object_version, open_part,
+                              read_part, read_versioned, resolve)
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +52,14 @@ def manifest_version(uri: str | os.PathLike, *, storage_options: StorageOptionsL
     loaded cache's `manifest_version` to detect a re-prefill cheaply. CacheNotFoundError if there is none."""
     uri = os.fspath(uri)
     fs, path = resolve(uri, storage_options, filesystem)
-    return _manifest_call(path, uri, lambda: object_version(fs, join(path, F.MANIFEST)))
+    return _manifest_call(path, uri, lambda: object_version(fs, join(path, F.MANIFEST),
+                                                            limit=F.MANIFEST_MAX_BYTES))
 
 
 def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[dict[str, Any], str]:
     """(validated manifest, its version)."""
-    data, version = _manifest_call(path, uri, lambda: read_versioned(fs, join(path, F.MANIFEST)))
+    data, version = _manifest_call(path, uri, lambda: read_versioned(fs, join(path, F.MANIFEST),
+                                                                     limit=F.MANIFEST_MAX_BYTES))
     return manifest_schema.parse(data, path.rsplit("/", 1)[-1]), version
 
 
@@ -64,6 +69,8 @@ def _manifest_call(path: str, uri: str, fetch):
         return fetch()
     except FileNotFoundError:
         raise CacheNotFoundError(uri) from None
+    except (NotRegularFileError, ObjectTooLargeError) as e:  # a FIFO, a link, /dev/zero: never read
+        raise CacheCorruptError(path.rsplit("/", 1)[-1], F.MANIFEST, str(e)) from None
     except (OSError, *TRANSPORT_ERRORS) as e:
         if isinstance(e, PermissionError) or not is_transport_error(e):
             raise
@@ -162,7 +169,9 @@ class _GuardedFile:
         return getattr(self._f, name)
 
 
-_READ_FAILURES = (pa.ArrowException, OSError, *TRANSPORT_ERRORS)
+_READ_FAILURES = (pa.ArrowException, OSError, NotRegularFileError, *TRANSPORT_ERRORS)
+_FOOTER_GUESS = 64 << 10  # bytes read from a file's end to find its footer (Parquet readers read as much)
+_LAYER_COLUMN = re.compile(r"(k|v|crc|k_scale|v_scale|kept|summary_k|summary_crc)_\d{3,}")
 
 
 class _Store:
@@ -187,12 +196,15 @@ class _Store:
         self._firsts = [f["first_chunk"] for f in self.chunk_files]
         self._sizes_checked: set[str] = set()
         self._footers: dict[str, pq.FileMetaData] = {}  # shared with `for_layers` views
+        self._cells: dict[str, dict[str, list[int]]] = {}  # path -> the cell CRCs its bound footer records
 
     # --- objects -----------------------------------------------------------------------------------------------
 
     def _failure(self, entry: dict[str, Any], e: BaseException, what: str = "") -> BaseException:
         """The store error for a failed read of `entry`'s bytes (not of their decoding)."""
         part = f"file {entry['path']}" + (f", {what}" if what else "")
+        if isinstance(e, NotRegularFileError):  # a link, FIFO or device where a part should be: never read
+            return CacheCorruptError(self.video_id, f"file {entry['path']}", str(e))
         if isinstance(e, FileNotFoundError):
             self.check_unchanged()
             return CacheCorruptError(self.video_id, f"file {entry['path']}", "missing")
@@ -217,8 +229,9 @@ class _Store:
     def _check_size(self, entry: dict[str, Any]) -> None:
         if not self.verify or entry["path"] in self._sizes_checked:
             return
-        try:
-            size = self.fs.size(join(self.path, entry["path"]))
+        try:  # local: the part must be a regular file inside the cache folder (no link, FIFO or device)
+            size = local_part_size(self.fs, self.path, entry["path"]) if is_local(self.fs) \
+                else self.fs.size(join(self.path, entry["path"]))
         except _READ_FAILURES as e:
             raise self._failure(entry, e) from None
         if size != entry["bytes"]:
@@ -234,31 +247,109 @@ class _Store:
         the file holds, or more, is refused).
         """
         self._check_size(entry)
-        full = join(self.path, entry["path"])
+        size = entry["bytes"]  # every read is bounded by the size the manifest declares
         try:  # fetching bytes: failures here are the store's (missing, denied, not delivered)
-            raw = self.fs.cat_file(full) if whole else self.fs.open(full, "rb", cache_type="none")
+            raw = read_part(self.fs, self.path, entry["path"], size) if whole else \
+                open_part(self.fs, self.path, entry["path"], size)
         except _READ_FAILURES as e:
             raise self._failure(entry, e) from None
         guard = None
         if whole:
+            if len(raw) != size:
+                self.check_unchanged()
+                raise CacheCorruptError(self.video_id, f"file {entry['path']}",
+                                        f"{len(raw)} bytes read, the manifest says {size} (truncated?)")
             if self.verify and serde.crc32(raw) != entry["crc32"]:
                 self.check_unchanged()
                 raise CacheCorruptError(self.video_id, f"file {entry['path']}", "CRC-32 differs from the manifest")
             source: Any = pa.BufferReader(raw)
         else:
             source = guard = _GuardedFile(raw)
+        metadata = self._footers.get(entry["path"])
         try:  # parsing: failures are the bytes' (corrupt), unless the guarded file's own reads failed
+            if metadata is None and "footer_sha256" in entry:
+                metadata = self._bound_footer(entry, source, raw if whole else None)
             # the footer is read once per object and kept: later partial reads (one layer at a time, for
             # retrieval) fetch only their column chunks
-            pf = pq.ParquetFile(source, pre_buffer=not whole, metadata=self._footers.get(entry["path"]),
+            pf = pq.ParquetFile(source, pre_buffer=not whole, metadata=metadata,
                                 page_checksum_verification=self.verify and page_checksums)
         except _READ_FAILURES as e:
             raise self._parse_failure(entry, e, guard, "Parquet footer") from None
         pf.statekv_guard = guard  # type: ignore[attr-defined]
         if entry["path"] not in self._footers:
             self._check_counts(entry, pf)
+            self._check_columns(entry, pf)
+            if "footer_sha256" in entry:
+                cells = F.parse_cells(pf.metadata.metadata)
+                if cells is None or any(len(v) != pf.metadata.num_rows for v in cells.values()):
+                    raise CacheCorruptError(self.video_id, f"file {entry['path']}",
+                                            "its footer does not record its cell checksums")
+                self._cells[entry["path"]] = cells
             self._footers[entry["path"]] = pf.metadata
         return pf
+
+    def _bound_footer(self, entry: dict[str, Any], source: Any, raw: bytes | None) -> pq.FileMetaData:
+        """The file's footer, read once and checked against the manifest's `footer_sha256`: the footer records
+        every cell CRC of the file, so this binds all the file's cells to this cache (see format.CELLS_KEY)."""
+        size, part = entry["bytes"], f"file {entry['path']}"
+        if raw is None:
+            source.seek(max(0, size - _FOOTER_GUESS))
+            tail = source.read(_FOOTER_GUESS)
+        else:
+            tail = raw[-_FOOTER_GUESS:]
+        if len(tail) < 12 or tail[-4:] != b"PAR1":
+            raise CacheCorruptError(self.video_id, part, "not a Parquet file (no closing magic)")
+        length = int.from_bytes(tail[-8:-4], "little")
+        if length + 12 > size:
+            raise CacheCorruptError(self.video_id, part, f"a {length}-byte footer in a {size}-byte file")
+        if length + 8 > len(tail):  # a footer larger than the first guess: read exactly the rest of it
+            source.seek(size - length - 8)
+            tail = source.read(length + 8)
+        footer = tail[-(length + 8):]
+        if self.verify and hashlib.sha256(footer).hexdigest() != entry["footer_sha256"]:
+            self.check_unchanged()
+            raise CacheCorruptError(self.video_id, part, "its footer differs from the one this cache wrote "
+                                                         "(a part of another cache?)")
+        return pq.read_metadata(pa.BufferReader(b"PAR1" + footer))
+
+    def _check_columns(self, entry: dict[str, Any], pf: pq.ParquetFile) -> None:
+        """The file has the columns the manifest implies (storage, compression, layers with K/V) and no K/V
+        columns of layers it does not name: a lie in those fields is refused here, naming the field."""
+        kind, layers = entry["kind"], self.all_kv_layers
+        schemas = {"chunks": lambda: F.chunk_schema(layers, self.int8, self.kept),
+                   "prefix": lambda: F.prefix_schema(layers), "summaries": lambda: F.summary_schema(layers),
+                   "state": lambda: F.STATE_SCHEMA, "recurrent": lambda: F.RECURRENT_SCHEMA}
+        want = schemas[kind]().names
+        if kind == "state":  # state files before int8 state storage have no scale columns (read as null)
+            want = [c for c in want if c not in ("keys_scale", "values_scale")]
+        have = pf.schema_arrow.names
+        missing = [c for c in want if c not in have]
+        extra = [c for c in have if c not in want and _LAYER_COLUMN.fullmatch(c)]
+        if not missing and not extra:
+            return
+        odd = missing + extra
+        if any(c.startswith(("k_scale_", "v_scale_")) for c in odd):
+            field = "storage"
+        elif any(c.startswith("kept_") for c in odd):
+            field = "prefill.compression"
+        elif any(int(c.rsplit("_", 1)[-1]) >= self.num_layers for c in extra):
+            field = "layout.num_layers"  # the file has layers beyond those the manifest counts
+        elif odd:
+            field = "layout.layer_types"  # which layers have K/V
+        said = "; ".join(x for x in (f"lacks {', '.join(missing[:4])}" if missing else "",
+                                     f"has {', '.join(extra[:4])}" if extra else "") if x)
+        raise CacheCorruptError(self.video_id, f"{F.MANIFEST} field {field!r}",
+                                f"disagrees with file {entry['path']}, which {said}")
+
+    def _check_cell(self, entry: dict[str, Any], row: int, column: str, value: int, part: str) -> None:
+        """A cell CRC read from a file is the one the footer bound to this cache recorded for that row."""
+        cells = self._cells.get(entry["path"])
+        if not self.verify or cells is None:
+            return  # a file written before footers recorded cells: its cell CRCs are checked alone
+        recorded = cells.get(column)
+        if recorded is None or not 0 <= row < len(recorded) or recorded[row] != value:
+            raise CacheCorruptError(self.video_id, part, "checksum differs from the one this cache recorded "
+                                                         "(a part of another cache?)")
 
     def _check_counts(self, entry: dict[str, Any], pf: pq.ParquetFile) -> None:
         kind = entry["kind"]
@@ -295,6 +386,12 @@ class _Store:
         except ValueError as e:
             raise CacheCorruptError(self.video_id, part, str(e)) from None
 
+    def _check_finite(self, part: str, *tensors: torch.Tensor) -> None:
+        """Keys and values are finite (a NaN scale or an inf key under a recomputed CRC would poison every
+        answer's attention silently): one pass over what was read anyway."""
+        if self.verify and not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise CacheCorruptError(self.video_id, part, "non-finite keys or values (NaN/inf)")
+
     def _check_crc(self, want: int, part: str, *data: bytes | None) -> None:
         if self.verify and serde.crc32(*data) != want:
             raise CacheCorruptError(self.video_id, part, "checksum mismatch (altered bytes)")
@@ -308,6 +405,7 @@ class _Store:
         pf = self.open(entry, whole=whole)
         row = self._read(entry, "prefix", lambda: pf.read(columns=cols), pf).to_pylist()[0]
         part = f"file {entry['path']}"
+        self._check_cell(entry, 0, "ids_crc", row["ids_crc"], f"{part}, prefix ids")
         self._check_crc(row["ids_crc"], f"{part}, prefix ids", row["prefix_ids"])
         p = self.m["prefix_len"]
         ids = self._tensor(row["prefix_ids"], torch.int64, (p,), f"{part}, prefix ids")
@@ -316,9 +414,11 @@ class _Store:
         for l in self.kv_layers:
             t = F.layer_tag(l)
             lp = f"{part}, prefix, layer {l}"
+            self._check_cell(entry, 0, f"crc_{t}", row[f"crc_{t}"], lp)
             self._check_crc(row[f"crc_{t}"], lp, row[f"k_{t}"], row[f"v_{t}"])
             keys[l] = self._tensor(row[f"k_{t}"], self.dtype, (self.heads, p, self.head_dim), lp)
             values[l] = self._tensor(row[f"v_{t}"], self.dtype, (self.heads, p, self.head_dim), lp)
+            self._check_finite(lp, keys[l], values[l])
         return ids, keys, values
 
     @property
@@ -333,10 +433,11 @@ class _Store:
         groups = [self.all_kv_layers.index(l) for l in self.kv_layers]  # one row group per attention layer
         rows = self._read(entry, "state", lambda: pf.read_row_groups(groups), pf).to_pylist() if groups else []
         out: list[LayerState | None] = [None] * self.num_layers
-        for l, row in zip(self.kv_layers, rows):
+        for g, l, row in zip(groups, self.kv_layers, rows):
             part = f"file {entry['path']}, state, layer {l}"
             if row["layer"] != l:
                 raise CacheCorruptError(self.video_id, part, f"row holds layer {row['layer']}")
+            self._check_cell(entry, g, "crc", row["crc"], part)
             ks, vs = row.get("keys_scale"), row.get("values_scale")
             self._check_crc(row["crc"], part, row["keys"], row["values"], row["token_index"], row["scores"], ks, vs)
             s = row["size"]
@@ -350,6 +451,7 @@ class _Store:
             else:
                 keys = self._tensor(row["keys"], self.dtype, shape, part)
                 values = self._tensor(row["values"], self.dtype, shape, part)
+            self._check_finite(part, keys, values)
             out[l] = LayerState(
                 keys, values, self._tensor(row["token_index"], torch.int64, (self.heads, s), part),
                 None if row["scores"] is None else self._tensor(row["scores"], torch.float32, (self.heads, s), part))
@@ -363,10 +465,11 @@ class _Store:
         pf = self.open(entry, whole=whole)
         rows = self._read(entry, "recurrent states", lambda: pf.read()).to_pylist()
         out: dict[str, dict[int, RecurrentState]] = {after: {} for after in F.RECURRENT_AFTER}
-        for row in rows:
+        for i, row in enumerate(rows):
             if row["layer"] not in self.layers:
                 continue
             part = f"file {entry['path']}, recurrent state of layer {row['layer']} after the {row['after']}"
+            self._check_cell(entry, i, "crc", row["crc"], part)
             if self.verify and F.recurrent_crc(row) != row["crc"]:
                 raise CacheCorruptError(self.video_id, part, "checksum mismatch (altered bytes)")
             if row["after"] not in out or row["conv_dtype"] not in serde.DTYPES \
@@ -408,7 +511,9 @@ class _Store:
                                       lambda: pf.read_row_groups(sorted(rgs), columns=cols), pf).to_pylist():
                     self._chunk(row, entry)
                 raise
-            for row in table.to_pylist():
+            rows = table.to_pylist()
+            self._check_order(entry, pf, sorted(rgs), [r["chunk_index"] for r in rows])
+            for row in rows:
                 if row["chunk_index"] in wanted:
                     out[row["chunk_index"]] = self._chunk(row, entry)
         missing = wanted - out.keys()
@@ -432,11 +537,15 @@ class _Store:
         found: dict[int, bytes] = {}
         for entry, rgs in by_file.values():
             pf = self.open(entry)
-            table = self._read(entry, "summaries", lambda: pf.read_row_groups(sorted(rgs), columns=cols))
-            for row in table.to_pylist():
+            table = self._read(entry, "summaries", lambda: pf.read_row_groups(sorted(rgs), columns=cols), pf)
+            rows = table.to_pylist()
+            self._check_order(entry, pf, sorted(rgs), [r["chunk_index"] for r in rows])
+            for row in rows:
                 if index_files:
-                    self._check_crc(row[f"summary_crc_{t}"], f"file {entry['path']}, chunk {row['chunk_index']}, "
-                                    f"layer {layer}, summary", row[f"summary_k_{t}"])
+                    sp = f"file {entry['path']}, chunk {row['chunk_index']}, layer {layer}, summary"
+                    self._check_cell(entry, row["chunk_index"] - entry["first_chunk"], f"summary_crc_{t}",
+                                     row[f"summary_crc_{t}"], sp)
+                    self._check_crc(row[f"summary_crc_{t}"], sp, row[f"summary_k_{t}"])
                 found[row["chunk_index"]] = row[f"summary_k_{t}"]
         missing = [i for i in indices if i not in found]
         if missing:
@@ -444,6 +553,17 @@ class _Store:
         out = [self._tensor(found[i], torch.float32, (self.heads, self.head_dim), f"chunk {i}, layer {layer}, summary")
                for i in indices]
         return torch.stack(out) if out else torch.empty(0, self.heads, self.head_dim)
+
+    def _check_order(self, entry: dict[str, Any], pf: pq.ParquetFile, groups: list[int], got: list[int]) -> None:
+        """The rows of row groups `groups` are chunks first_chunk + their row number, in order (a permuted
+        `chunk_index` would otherwise file one chunk's keys under another's index)."""
+        want: list[int] = []
+        for g in groups:
+            start = entry["first_chunk"] + g * entry["chunks_per_row_group"]
+            want += range(start, start + pf.metadata.row_group(g).num_rows)
+        if got != want:
+            raise CacheCorruptError(self.video_id, f"file {entry['path']}",
+                                    f"rows hold chunks {got[:8]}, where chunks {want[:8]} belong (out of order)")
 
     def for_layers(self, layers: list[int]) -> "_Store":
         """The same store reading only `layers` (retrieval reads one layer at a time)."""
@@ -455,6 +575,8 @@ class _Store:
     def _chunk(self, row: dict[str, Any], entry: dict[str, Any]) -> ChunkKV:
         index, n = row["chunk_index"], row["num_tokens"]
         part = f"file {entry['path']}, chunk {index}"
+        row_no = index - entry["first_chunk"]
+        self._check_cell(entry, row_no, "meta_crc", row["meta_crc"], part)
         if self.verify and F.meta_crc(row) != row["meta_crc"]:
             raise CacheCorruptError(self.video_id, part, "checksum mismatch in chunk metadata/positions")
         keys: list = [None] * self.num_layers
@@ -465,6 +587,7 @@ class _Store:
             lp = f"{part}, layer {l}"
             ks, vs = (row[f"k_scale_{t}"], row[f"v_scale_{t}"]) if self.int8 else (None, None)
             kb = row[f"kept_{t}"] if self.kept else None
+            self._check_cell(entry, row_no, f"crc_{t}", row[f"crc_{t}"], lp)
             self._check_crc(row[f"crc_{t}"], lp, row[f"k_{t}"], row[f"v_{t}"], ks, vs, row[f"summary_k_{t}"], kb)
             m = n
             if kept is not None:
@@ -479,8 +602,11 @@ class _Store:
             else:
                 k = self._tensor(row[f"k_{t}"], self.dtype, shape, lp)
                 v = self._tensor(row[f"v_{t}"], self.dtype, shape, lp)
+            self._check_finite(lp, k, v)
             keys[l], values[l] = k, v
         positions = self._tensor(row["position_ids"], torch.int64, (self.position_rows, n), part)
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= F.MAX_POSITION):
+            raise CacheCorruptError(self.video_id, part, f"positions outside [0, {F.MAX_POSITION})")
         self._check_chunk_against_manifest(row, part)
         return ChunkKV(index=index, frame_range=(row["frame_start"], row["frame_end"]),
                        source_frames=list(row["source_frames"]), timestamps=list(row["timestamps"]),
@@ -646,7 +772,11 @@ _CHANGED_RETRIES = 3
 def _load(fs: fsspec.AbstractFileSystem, path: str, uri: str, chunks: Iterable[int] | None,
           layers: Iterable[int] | None, lazy: bool, verify: bool, expect_model: ModelInfo | None) -> VideoKVCache:
     m, version = _read_manifest(fs, path, uri)
-    fields = F.cache_fields(m)
+    try:  # the manifest passed SCHEMA and RULES; what the cache's own classes still refuse is this cache's fault
+        fields = F.cache_fields(m)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CacheCorruptError(m["video_id"], F.MANIFEST, f"does not describe a cache ({type(e).__name__}: {e})") \
+            from None
     if expect_model is not None:
         expect_model.check_serves(fields["model"], m["video_id"])
     num_layers = m["layout"]["num_layers"]

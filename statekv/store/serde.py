@@ -5,6 +5,7 @@ Shapes and dtypes are not stored with the bytes: the schema and the manifest giv
 
 from __future__ import annotations
 
+import math
 import sys
 import zlib
 
@@ -39,7 +40,10 @@ def from_bytes(data: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, .
     """A new tensor of `dtype` and `shape` from bytes written by `to_bytes`."""
     raw = np.frombuffer(data, dtype=np.uint8).copy()
     t = torch.from_numpy(raw)
-    want = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    # math.prod: exact on Python ints (np.prod wraps around, and a huge declared shape could then pass)
+    if any(int(d) < 0 for d in shape):
+        raise ValueError(f"negative dimension in shape {tuple(shape)}")
+    want = math.prod(int(d) for d in shape) * torch.empty((), dtype=dtype).element_size()
     if raw.nbytes != want:
         raise ValueError(f"{raw.nbytes} bytes for a {dtype_name(dtype)} tensor of shape {tuple(shape)} "
                          f"({want} bytes expected)")

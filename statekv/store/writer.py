@@ -51,13 +51,28 @@ class _CountingSink:
         self.size = 0
         self.crc = 0
         self.closed = False
+        self.tail: list[bytes] | None = None  # what is written after `keep_tail()`: the footer
 
     def write(self, data) -> int:
         data = bytes(data)
         self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
         self.f.write(data)
+        if self.tail is not None:
+            self.tail.append(data)
         return len(data)
+
+    def keep_tail(self) -> None:
+        """Keep every byte written from now on (called before the Parquet writer writes its footer)."""
+        self.tail = []
+
+    def footer_sha256(self) -> str:
+        """SHA-256 of the file's footer, its length and the closing magic (the last L + 8 bytes)."""
+        tail = b"".join(self.tail or [])
+        length = int.from_bytes(tail[-8:-4], "little")
+        if len(tail) < length + 8:
+            raise RuntimeError("the Parquet footer was not written after keep_tail()")
+        return hashlib.sha256(tail[-(length + 8):]).hexdigest()
 
     def tell(self) -> int:
         return self.size
@@ -101,9 +116,12 @@ class _ParquetFile:
         self.buffer_bytes = buffer_bytes
         self.held: list[list[dict[str, Any]]] = []  # finished row groups not yet written, all of one size
         self.held_bytes = 0
+        self.crc_columns = [c for c in schema.names if F.is_cell_crc(c)]
+        self.cells: list[list[int]] = []  # each row's cell CRCs: recorded in the footer, bound to the manifest
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
+        self.cells.append([int(row[c]) for c in self.crc_columns])
         self.num_rows += 1
 
     def flush_row_group(self) -> None:
@@ -127,9 +145,11 @@ class _ParquetFile:
     def close(self) -> dict[str, Any]:
         self.flush_row_group()
         self._write_held()
+        self.writer.add_key_value_metadata(F.cells_metadata(self.crc_columns, self.cells))
+        self.sink.keep_tail()
         self.writer.close()
         self.sink.close()
-        self.entry.update(bytes=self.sink.size, crc32=self.sink.crc)
+        self.entry.update(bytes=self.sink.size, crc32=self.sink.crc, footer_sha256=self.sink.footer_sha256())
         return self.entry
 
     def abort(self) -> None:

@@ -476,3 +476,30 @@ def test_every_store_transport_error_is_503(make_service, local_root):
         for fn in (read, lambda: (_ for _ in ()).throw(cause)):  # behind a corruption error, and raised as is
             with pytest.raises(Unavailable):
                 service._store_call("video 'clip'", fn)
+
+
+@pytest.mark.parametrize("edit, retrieval", [
+    (lambda folder, m: m["layout"].update(position_rows=None), None),
+    (lambda folder, m: m["video"].update(sampled_fps=0), {"top_k": 2}),
+    (lambda folder, m: m.update(storage="int8"), None),
+    (lambda folder, m: m["family"]["cursor"].update(video_start=-1000), None),
+    (lambda folder, m: m["family"]["cursor"].update(grid_hw=[0, 0]), {"top_k": 2}),
+], ids=["position_rows_null", "sampled_fps_0", "int8_on_native", "cursor_start", "cursor_grid"])
+def test_a_hostile_cache_is_cache_corrupt_never_internal(make_service, local_root, tmp_path, edit, retrieval):
+    """Regression (issue 18.6/7): manifests that pass their checksum but not reality answered 500 "internal"
+    (TypeError, KeyError, ZeroDivisionError), lying cursors answered 200. (Parts swapped in from another cache:
+    tests/statekv/test_store_hostile.py.)"""
+    from statekv.store import manifest as schema
+
+    root = tmp_path / "caches"
+
+    def resealed(folder: Path, manifest: dict) -> None:
+        edit(folder, manifest)
+        manifest["totals"]["bytes"] = sum(f["bytes"] for f in manifest["files"])
+        manifest.update(schema.seal(manifest))
+
+    _corrupt_copy(local_root / "clip_a", root / "clip_a", resealed)
+    with TestClient(create_api(make_service(str(root)))) as c:
+        body = {"video_id": "clip_a", "question": QUESTION, "max_new_tokens": 2}
+        r = c.post("/v1/ask", json=body if retrieval is None else {**body, "retrieval": retrieval})
+        _error(r, 500, "cache_corrupt")
