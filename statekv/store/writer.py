@@ -149,14 +149,16 @@ class CacheWriter:
     `int8=True` stores chunk K/V and the carried state as int8 with scales. The commit is single-winner: if
     another writer commits this cache after this one started, `commit` raises ConcurrentWriteError.
     `buffer_bytes`: chunk rows held in memory before they are written together (each chunk still its own row
-    group, the file the same); 0 writes each row group as it completes.
+    group, the file the same); 0 writes each row group as it completes. `base_version` (append): the version of the
+    committed cache the resumed stream continues from (`cache.manifest_version` of the loaded base); if another
+    commit replaced it since, the append is refused (ConcurrentWriteError) instead of mixing the two.
     """
 
     def __init__(self, uri: str | os.PathLike, *, mode: str = "overwrite", int8: bool | None = None,
                  storage_options: StorageOptionsLike = None, filesystem: fsspec.AbstractFileSystem | None = None,
                  chunks_per_row_group: int = 1, chunks_per_file: int = 256,
                  source_storage_options: StorageOptionsLike = None, sweep_grace_s: float = SWEEP_GRACE_S,
-                 buffer_bytes: int = BUFFER_BYTES) -> None:
+                 buffer_bytes: int = BUFFER_BYTES, base_version: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown write mode {mode!r}; valid modes: {', '.join(MODES)}")
         if chunks_per_row_group < 1 or chunks_per_file < chunks_per_row_group:
@@ -176,6 +178,9 @@ class CacheWriter:
         if mode == "append":
             if self.existing is None:
                 raise CacheNotFoundError(self.uri, "nothing to append to: no committed cache")
+            if base_version is not None and base_version != self._expect_version:
+                # the resumed state was loaded from a commit that another writer has replaced since
+                raise ConcurrentWriteError(self.uri, self.existing.get("created"))
             self.base = self.existing
             stored_int8 = self.base["storage"] == "int8"
             if int8 is not None and int8 != stored_int8:
