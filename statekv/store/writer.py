@@ -31,8 +31,8 @@ from statekv.store import manifest as manifest_schema
 from statekv.store import serde
 from statekv.profiling import STORE, timed
 from statekv.store.errors import CacheCorruptError, CacheNotFoundError, ConcurrentWriteError
-from statekv.store.fs import (LOCK_NAME, StorageOptionsLike, is_local, join, put_if_version, read_versioned,
-                              resolve)
+from statekv.store.fs import (LOCK_NAME, TRANSPORT_ERRORS, StorageOptionsLike, is_local, join, put_if_version,
+                              read_versioned, resolve)
 from statekv.video_ids import validate_video_id
 
 logger = logging.getLogger(__name__)
@@ -174,6 +174,10 @@ class CacheWriter:
         self.buffer_bytes = max(0, int(buffer_bytes))  # chunk (and summary) rows held before one Parquet write
         self.existing, self._expect_version, self.replaced_corrupt = self._read_existing(mode)
         self.skipped = mode == "skip" and self.existing is not None
+        if self.skipped:
+            from statekv.store import catalog
+
+            catalog.reconcile(self.uri, self.existing, filesystem=self.fs)  # a kill may have lost its entry
         self.base: dict[str, Any] | None = None
         if mode == "append":
             if self.existing is None:
@@ -394,22 +398,32 @@ class CacheWriter:
             files.append(self._write_recurrent(cache))
         segment = {"chunks": [self._first_index, self._next_index], "footage": footage}
         appends = [*(self.base.get("appends", []) if self.base else []), segment]
-        manifest = manifest_schema.seal(self._manifest(cache, files, appends))
+        from statekv.store import catalog
+
+        entry = catalog.log_name()  # the commit's catalog entry, named in the manifest: it was logged before it
+        manifest = manifest_schema.seal({**self._manifest(cache, files, appends), "catalog_entry": entry})
         self._written = files
         self._check_written()
+        try:  # before the manifest: a kill after the commit cannot leave it out of the catalog
+            catalog.record(self.fs, self.path, manifest, name=entry, pending=True)
+        except (OSError, *TRANSPORT_ERRORS) as e:
+            raise OSError(f"cache {self.uri!r}: could not add the commit to the root's catalog ({e}); nothing was "
+                          "committed") from e
         committed = put_if_version(self.fs, join(self.path, F.MANIFEST), manifest_schema.encode(manifest),
                                    self._expect_version)
         self._done = True
         if committed is None:
+            catalog.forget(self.fs, self.path, entry)
             self._lost()
         try:  # committed: what follows is housekeeping, and its failure must not undo the commit's success
             self._retire(manifest)
             sweep(self.uri, grace_s=self.sweep_grace_s, filesystem=self.fs)
         except OSError as e:
             logger.warning("committed %s; sweeping old attempts failed (a later commit retries): %s", self.uri, e)
-        from statekv.store import catalog
-
-        catalog.record(self.fs, self.path, manifest)
+        try:  # the commit is listed already (its pending entry); this spares listings the check of its manifest
+            catalog.record(self.fs, self.path, manifest, name=entry)
+        except (OSError, *TRANSPORT_ERRORS) as e:
+            logger.info("committed %s; its catalog entry stays pending (%s)", self.uri, e)
         logger.info("committed cache %s: %d chunks, %d bytes", self.uri, manifest["totals"]["chunks"],
                     manifest["totals"]["bytes"])
         return manifest
