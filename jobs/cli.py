@@ -414,6 +414,9 @@ def cmd_prefill(args: argparse.Namespace) -> int:
         except CacheNotFoundError:
             committed = None
         if committed is not None:
+            from statekv.store import catalog
+
+            catalog.reconcile(args.out, committed, storage_options=storage)  # a kill may have lost its entry
             _report_prefill(args, {**committed, "skipped": True}, time.perf_counter() - started)
             return 0
 

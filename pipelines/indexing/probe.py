@@ -17,7 +17,7 @@ from typing import Any
 
 from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import expand_shard
-from statekv.store import read_manifest
+from statekv.store import catalog, read_manifest
 from statekv.store.errors import CacheCorruptError, CacheNotFoundError
 from statekv.store.fs import resolve
 
@@ -69,10 +69,12 @@ def probe_row(row: dict[str, Any], config: IndexConfig) -> dict[str, Any]:
 
 def _committed(config: IndexConfig, video_id: str) -> bool:
     """A readable committed cache exists (a corrupt one is prefilled again, replacing it)."""
+    uri = cache_uri(config, video_id)
     try:
-        read_manifest(cache_uri(config, video_id), storage_options=config.storage_options)
+        committed = read_manifest(uri, storage_options=config.storage_options)
     except (CacheNotFoundError, CacheCorruptError):
         return False
+    catalog.reconcile(uri, committed, storage_options=config.storage_options)  # a kill may have lost its entry
     return True
 
 

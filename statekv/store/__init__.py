@@ -63,8 +63,9 @@ def prefill_to_store(engine, video, uri: str | os.PathLike, *, mode: str = "over
                 return {**committed, "skipped": True, "message": message}
         base = load_cache(uri, storage_options=storage_options, filesystem=filesystem,
                           expect_model=engine.model_info())
+        # bound to the commit the resumed state came from: a re-prefill since then refuses the append
         writer = CacheWriter(uri, mode="append", storage_options=storage_options, filesystem=filesystem,
-                             **writer_kwargs)
+                             base_version=base.manifest_version, **writer_kwargs)
         prefill_kwargs["resume_from"] = base
     else:
         writer = CacheWriter(uri, mode=mode, int8=int8, storage_options=storage_options, filesystem=filesystem,

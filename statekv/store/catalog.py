@@ -3,11 +3,14 @@
     <root>/_catalog/snapshot.parquet        one row per cache (also invalid ones found by a scan), compacted
     <root>/_catalog/log/<time>-<rand>.json  one small object per commit since the snapshot
 
-Every commit adds a log object (after its manifest: the catalog never lists an uncommitted cache). Listing reads
-the snapshot (1 GET), lists the log (1 LIST per 1,000 entries) and reads the log objects (at most about
-`COMPACT_AFTER`); a reader that finds more folds them into a new snapshot (a conditional write: one compactor
-wins) and deletes the log objects it folded. A root without a snapshot is scanned once (every manifest) and the
-snapshot written. A cache is the entry with the latest `created` for its video id.
+A commit writes its log object *before* its manifest, marked `pending`, and rewrites it without the mark once the
+manifest is in: a writer killed in between leaves a pending entry, which a listing confirms by reading that one
+manifest (its checksum), so no committed cache is ever missing from the listing and no uncommitted one appears in
+it. Listing reads the snapshot (1 GET), lists the log (1 LIST per 1,000 entries) and reads the log objects (at most
+about `COMPACT_AFTER`); a reader that finds more folds them into a new snapshot (a conditional write: one compactor
+wins) and deletes the log objects it folded. A root without a snapshot, or whose snapshot cannot be read, is
+scanned (every manifest) and the snapshot written. A cache is the entry with the latest `created` for its video id.
+Catalog objects are untrusted input like manifests: a log object that is not an entry is skipped.
 
 The catalog is an index, not the truth: a cache folder deleted by hand stays listed until `rebuild`; loading a
 cache always reads and verifies its own manifest.
@@ -16,6 +19,7 @@ cache always reads and verifies its own manifest.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +30,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from statekv.store import format as F
 from statekv.store.fs import (TRANSPORT_ERRORS, StorageOptionsLike, is_local, join, put_atomic, put_if_version,
                               read_versioned, resolve)
 from statekv.store.reader import CacheEntry, CacheListing, InvalidCache, scan
@@ -36,6 +41,8 @@ FOLDER = "_catalog"  # not a valid video id (ids start with a letter or digit)
 SNAPSHOT = "snapshot.parquet"
 LOG = "log"
 COMPACT_AFTER = 32  # log objects a listing reads before it folds them into the snapshot
+LOG_MAX_BYTES = 64 << 10  # a log object is one entry (a few hundred bytes)
+PENDING_GRACE_S = 3600.0  # a pending entry whose manifest is not in after this long was a commit that never happened
 
 ENTRY_FIELDS = ["video_id", "chunks", "tokens", "bytes", "storage", "created", "fingerprint", "checksum",
                 "layout_version"]
@@ -58,19 +65,59 @@ def entry_of(manifest: dict[str, Any]) -> dict[str, Any]:
             "layout_version": manifest["model"].get("layout_version", 1)}
 
 
-def record(fs: fsspec.AbstractFileSystem, video_path: str, manifest: dict[str, Any]) -> None:
-    """Add a committed manifest to its root's catalog log (after the commit; a failure only logs a warning: the
-    cache is committed, and the next `rebuild` or scan lists it)."""
+def log_name() -> str:
+    """A fresh log object name: sortable by time, unique."""
+    return f"{_sortable_now()}-{uuid.uuid4().hex[:12]}.json"
+
+
+def record(fs: fsspec.AbstractFileSystem, video_path: str, manifest: dict[str, Any], *, name: str,
+           pending: bool = False) -> None:
+    """Write `manifest`'s entry as log object `name` of its root's catalog (raises on failure).
+
+    A commit calls it twice: `pending=True` before its manifest is written (so a commit is never missing from the
+    catalog, whatever kills the writer after it), then `pending=False` once the manifest is in (so listings need
+    not confirm it)."""
     root = video_path.rsplit("/", 1)[0]
     entry = {**entry_of(manifest), "video_id": video_path.rsplit("/", 1)[-1]}
-    name = f"{_sortable_now()}-{uuid.uuid4().hex[:12]}.json"
+    del entry["invalid"]
+    if pending:
+        entry["pending"] = True
+    if is_local(fs):
+        fs.makedirs(join(root, FOLDER, LOG), exist_ok=True)
+    put_atomic(fs, join(root, FOLDER, LOG, name), json.dumps(entry).encode())
+
+
+def forget(fs: fsspec.AbstractFileSystem, video_path: str, name: str) -> None:
+    """Remove a pending log object whose commit did not happen (best effort: a listing ignores it anyway)."""
+    try:
+        fs.rm_file(join(video_path.rsplit("/", 1)[0], FOLDER, LOG, name))
+    except _FAILURES as e:
+        logger.info("could not remove the catalog entry %s of an attempt that lost: %s", name, e)
+
+
+def reconcile(uri: str | os.PathLike, manifest: dict[str, Any], *, storage_options: StorageOptionsLike = None,
+              filesystem: fsspec.AbstractFileSystem | None = None) -> None:
+    """Make sure the catalog lists the committed `manifest` of `uri` (what a skipped rerun does).
+
+    A manifest written since commits are logged before their manifests (it names its `catalog_entry`) is listed
+    already: nothing to do. An older one may have lost its entry to a kill after its commit: its entry is logged
+    again under a name fixed by its checksum, written only if absent (1 conditional PUT; a duplicate of an entry
+    already folded into the snapshot changes nothing). A failure only logs a warning: the cache is committed."""
+    if manifest.get("catalog_entry"):
+        return
+    fs, video_path = resolve(os.fspath(uri).rstrip("/"), storage_options, filesystem)
+    root = video_path.rsplit("/", 1)[0]
+    when = _when(manifest["created"]).strftime("%Y%m%dT%H%M%S%fZ")
+    name = f"{when}-{hashlib.sha256(manifest['checksum'].encode()).hexdigest()[:12]}.json"
+    entry = {k: v for k, v in {**entry_of(manifest), "video_id": video_path.rsplit("/", 1)[-1]}.items()
+             if k != "invalid"}
     try:
         if is_local(fs):
             fs.makedirs(join(root, FOLDER, LOG), exist_ok=True)
-        put_atomic(fs, join(root, FOLDER, LOG, name), json.dumps(entry).encode())
+        put_if_version(fs, join(root, FOLDER, LOG, name), json.dumps(entry).encode(), None)
     except _FAILURES as e:
-        logger.warning("committed %s but could not add it to the catalog (%s); `statekv.store.catalog.rebuild` "
-                       "lists it again", video_path, e)
+        logger.warning("cache %s is committed but could not be added to the catalog (%s); "
+                       "`statekv.store.catalog.rebuild` lists it", uri, e)
 
 
 def _sortable_now() -> str:
@@ -78,7 +125,8 @@ def _sortable_now() -> str:
 
 
 def read(fs: fsspec.AbstractFileSystem, path: str, root: str):
-    """The listing from the catalog (a `CacheListing`), building the snapshot by a scan if there is none."""
+    """The listing from the catalog (a `CacheListing`), building the snapshot by a scan if there is none or it
+    cannot be read."""
 
     snap = join(path, FOLDER, SNAPSHOT)
     for _ in range(3):
@@ -87,14 +135,64 @@ def read(fs: fsspec.AbstractFileSystem, path: str, root: str):
             data, version = read_versioned(fs, snap)
         except FileNotFoundError:
             return _build(fs, path, root, expect=None)
-        rows = {r["video_id"]: r for r in pq.read_table(pa.BufferReader(data)).to_pylist()}
-        folded = _fold(fs, path, logs, rows)
-        if folded is None:  # a compactor removed log objects after our snapshot read: read the newer snapshot
+        except IsADirectoryError:
+            logger.warning("the catalog snapshot of %s is not a file: listing by scan", root)
+            return _build(fs, path, root, expect=None)
+        rows = _snapshot_rows(data)
+        if rows is None:
+            logger.warning("the catalog snapshot of %s cannot be read: rebuilding it by a scan", root)
+            return _build(fs, path, root, expect=version)
+        done = _fold(fs, path, logs, rows)
+        if done is None:  # a compactor removed log objects after our snapshot read: read the newer snapshot
             continue
         if len(logs) > COMPACT_AFTER:
-            _compact(fs, path, rows, logs, version)
+            _compact(fs, path, rows, done, version)
         return _listing(CacheListing, root, rows)
     raise OSError(f"catalog of {root!r} kept changing while being read")
+
+
+def _snapshot_rows(data: bytes) -> dict[str, dict[str, Any]] | None:
+    """The snapshot's rows by video id, or None if it is not a catalog snapshot (not Parquet, truncated, another
+    schema, a row that is not an entry)."""
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        logger.info("catalog snapshot unreadable: %s", e)
+        return None
+    names = set(table.column_names)
+    if not set(SCHEMA.names) - {"layout_version"} <= names:  # layout_version: absent before statekv 0.3
+        return None
+    rows: dict[str, dict[str, Any]] = {}
+    for r in table.to_pylist():
+        row = _entry(r, snapshot=True)
+        if row is None:
+            return None
+        rows[row["video_id"]] = row
+    return rows
+
+
+def _entry(raw: Any, *, snapshot: bool = False) -> dict[str, Any] | None:
+    """A catalog row (plus "pending" for a log entry) from untrusted content, or None if it is not one."""
+    if not isinstance(raw, dict):
+        return None
+    counts = ("chunks", "tokens", "bytes")
+    texts = ("storage", "created", "fingerprint", "checksum")
+    invalid = raw.get("invalid") if snapshot else None
+    layout = raw.get("layout_version")
+    vid = raw.get("video_id")
+    if not (isinstance(vid, str) and vid and "/" not in vid and vid != FOLDER
+            and all(type(raw.get(k)) is int and raw[k] >= 0 for k in counts)
+            and all(isinstance(raw.get(k), str) for k in texts)
+            and (layout is None or (type(layout) is int and layout >= 1))
+            and (invalid is None or isinstance(invalid, str))
+            and isinstance(raw.get("pending", False), bool)
+            and _parse_when(raw["created"]) is not None):
+        return None
+    row = {k: raw[k] for k in ("video_id", *counts, *texts)}
+    row.update(invalid=invalid, layout_version=layout)
+    if raw.get("pending"):
+        row["pending"] = True
+    return row
 
 
 def rebuild(root: str | os.PathLike, *, storage_options: StorageOptionsLike = None,
@@ -119,58 +217,117 @@ def _build(fs: fsspec.AbstractFileSystem, path: str, root: str, expect: str | No
                               "created": started, "fingerprint": "", "checksum": "", "invalid": bad.reason,
                               "layout_version": None}
     logs = _log_names(fs, path)
-    _fold(fs, path, logs, rows)  # commits during the scan
+    done = _fold(fs, path, logs, rows) or []  # commits during the scan
     if not rows and not logs:
         return _listing(CacheListing, root, rows)  # nothing here (perhaps no root): create nothing
     try:
         if _write_snapshot(fs, path, rows, expect) is not None:
-            _remove_logs(fs, path, logs)
-    except PermissionError as e:  # read-only credentials: list without writing the catalog
-        logger.info("cannot write the catalog of %s (%s): listing by scan", root, e)
+            _remove_logs(fs, path, done)
+    except _FAILURES as e:  # read-only credentials, a snapshot that is a directory: list without writing it
+        logger.warning("cannot write the catalog of %s (%s): listing by scan", root, e)
     return _listing(CacheListing, root, rows)
 
 
 def _log_names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The log's entry objects (plain files of at most LOG_MAX_BYTES; anything else there is not an entry)."""
     folder = join(path, FOLDER, LOG)
     if not is_local(fs):
         fs.invalidate_cache(folder)
     try:
-        names = [fs._strip_protocol(p).rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
-    except FileNotFoundError:
+        found = fs.ls(folder, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(n for n in names if n.endswith(".json"))
+    names = []
+    for info in found:
+        name = fs._strip_protocol(info["name"]).rsplit("/", 1)[-1]
+        if not name.endswith(".json"):
+            continue
+        if info.get("type") != "file" or (info.get("size") or 0) > LOG_MAX_BYTES:
+            logger.warning("ignoring %s in the catalog log of %s: not an entry (%s, %s bytes)", name, path,
+                           info.get("type"), info.get("size"))
+            continue
+        names.append(name)
+    return sorted(names)
 
 
-def _fold(fs: fsspec.AbstractFileSystem, path: str, logs: list[str], rows: dict[str, dict[str, Any]]) -> bool | None:
-    """Merge log objects into `rows` (latest `created` wins); None if one vanished (compacted meanwhile)."""
+def _fold(fs: fsspec.AbstractFileSystem, path: str, logs: list[str],
+          rows: dict[str, dict[str, Any]]) -> list[str] | None:
+    """Merge log objects into `rows` (latest `created` wins); returns the names folded (or not entries, or stale
+    pending ones: a compaction deletes them), None if one vanished (compacted meanwhile).
+
+    A pending entry (its writer may have been killed, or still be writing, or have lost) counts only once its
+    cache's manifest is the one it describes: one manifest read per pending entry newer than what is known."""
+    done, pending = [], []
     for name in logs:
         try:
-            entry = json.loads(fs.cat_file(join(path, FOLDER, LOG, name)))
+            data = fs.cat_file(join(path, FOLDER, LOG, name), start=0, end=LOG_MAX_BYTES + 1)
         except FileNotFoundError:
             return None
-        except (UnicodeDecodeError, json.JSONDecodeError):  # not a statekv log object: ignore it
+        except IsADirectoryError:  # replaced since it was listed
             continue
-        old = rows.get(entry.get("video_id"))
-        if old is None or _when(entry["created"]) > _when(old["created"]):
-            rows[entry["video_id"]] = {**{k: entry[k] for k in ENTRY_FIELDS}, "invalid": None}
-    return True
+        try:
+            entry = _entry(json.loads(data)) if len(data) <= LOG_MAX_BYTES else None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            entry = None
+        if entry is None:
+            logger.warning("ignoring %s in the catalog log of %s: not a catalog entry", name, path)
+            done.append(name)
+        elif entry.pop("pending", False):
+            pending.append((name, entry))
+        else:
+            _merge(rows, entry)
+            done.append(name)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    for name, entry in sorted(pending, key=lambda p: _when(p[1]["created"]), reverse=True):
+        old = rows.get(entry["video_id"])
+        if old is not None and _when(entry["created"]) <= _when(old["created"]):
+            done.append(name)  # a later commit is known: this one no longer matters
+        elif _committed(fs, join(path, entry["video_id"]), entry["checksum"]):
+            _merge(rows, entry)
+            done.append(name)
+        elif (now - _when(entry["created"])).total_seconds() > PENDING_GRACE_S:
+            done.append(name)  # its commit never happened
+    return done
 
 
-def _when(created: str) -> _dt.datetime:
+def _merge(rows: dict[str, dict[str, Any]], entry: dict[str, Any]) -> None:
+    old = rows.get(entry["video_id"])
+    if old is None or _when(entry["created"]) > _when(old["created"]):
+        rows[entry["video_id"]] = {**entry, "invalid": None}
+
+
+def _committed(fs: fsspec.AbstractFileSystem, video_path: str, checksum: str) -> bool:
+    """Whether the manifest at `video_path` is the one with `checksum` (a bounded read of that one object)."""
+    try:
+        data = fs.cat_file(join(video_path, F.MANIFEST), start=0, end=F.MANIFEST_MAX_BYTES + 1)
+        manifest = json.loads(data) if len(data) <= F.MANIFEST_MAX_BYTES else None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return False
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("checksum") == checksum
+
+
+def _parse_when(created: str) -> _dt.datetime | None:
     try:
         when = _dt.datetime.fromisoformat(created)
     except ValueError:
-        return _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+        return None
     return when if when.tzinfo else when.replace(tzinfo=_dt.timezone.utc)
 
 
-def _compact(fs: fsspec.AbstractFileSystem, path: str, rows: dict[str, dict[str, Any]], logs: list[str],
+def _when(created: str) -> _dt.datetime:
+    return _parse_when(created) or _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+
+
+def _compact(fs: fsspec.AbstractFileSystem, path: str, rows: dict[str, dict[str, Any]], done: list[str],
              version: str) -> None:
-    """Fold `logs` into a new snapshot (only if the snapshot is still `version`), then delete them."""
+    """Fold the `done` log objects into a new snapshot (only if the snapshot is still `version`), then delete
+    them (pending entries still in doubt stay in the log)."""
     try:
         if _write_snapshot(fs, path, rows, version) is None:
             return  # another reader compacted first
-        _remove_logs(fs, path, logs)
+        _remove_logs(fs, path, done)
     except _FAILURES as e:  # read-only or unreachable: the next listing tries again
         logger.info("could not compact the catalog under %s: %s", path, e)
 

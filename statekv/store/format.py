@@ -31,6 +31,7 @@ FORMAT = "statekv-cache"
 FORMAT_VERSION = 2  # bump on any incompatible change; readers refuse versions they do not know
 MIN_STATEKV_FOR_VERSION = {2: "0.2"}  # the first statekv release that writes each format version
 MANIFEST = "manifest.json"
+MANIFEST_MAX_BYTES = 64 << 20  # a manifest is small (a 10 h video's is ~2 MB); a larger object is not one
 PARTS_PREFIX = "parts-"
 STORAGES = ("native", "int8")
 LAYER_TYPES = ("full_attention", "linear_attention")

@@ -170,6 +170,8 @@ def parse(data: bytes, video_id: str) -> dict[str, Any]:
         manifest = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CacheCorruptError(video_id, F.MANIFEST, f"not valid JSON ({e})") from None
+    except RecursionError:  # json's parser recurses per nesting level; a manifest nests a few levels
+        raise CacheCorruptError(video_id, F.MANIFEST, "not a statekv cache manifest (JSON nested too deeply)") from None
     validate(manifest, video_id)
     return manifest
 

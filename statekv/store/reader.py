@@ -125,10 +125,17 @@ def scan(fs: fsspec.AbstractFileSystem, path: str, root: str) -> CacheListing:
     if not is_local(fs):
         fs.invalidate_cache()
     out, invalid = [], []
-    for found in sorted(fs.glob(join(path, "*", F.MANIFEST))):
+    found_all = fs.glob(join(path, "*", F.MANIFEST), detail=True)  # the listing gives type and size for free
+    for found, info in sorted(found_all.items()):
         vpath = fs._strip_protocol(found).rsplit("/", 1)[0]
         video_id = vpath.rsplit("/", 1)[-1]
         uri = f"{root}/{video_id}"
+        if info.get("type") != "file" or (info.get("size") or 0) > F.MANIFEST_MAX_BYTES:
+            err = CacheCorruptError(video_id, F.MANIFEST, f"not a manifest file ({info.get('type')}, "
+                                    f"{info.get('size')} bytes; at most {F.MANIFEST_MAX_BYTES})")
+            logger.warning("skipping cache %s: %s", uri, err)
+            invalid.append(InvalidCache(video_id, uri, str(err)))
+            continue
         try:
             m, _ = _read_manifest(fs, vpath, uri)
         except CacheNotFoundError:  # deleted between listing and reading

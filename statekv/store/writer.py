@@ -31,8 +31,8 @@ from statekv.store import manifest as manifest_schema
 from statekv.store import serde
 from statekv.profiling import STORE, timed
 from statekv.store.errors import CacheCorruptError, CacheNotFoundError, ConcurrentWriteError
-from statekv.store.fs import (LOCK_NAME, StorageOptionsLike, is_local, join, put_if_version, read_versioned,
-                              resolve)
+from statekv.store.fs import (LOCK_NAME, TRANSPORT_ERRORS, StorageOptionsLike, is_local, join, put_if_version,
+                              read_versioned, resolve)
 from statekv.video_ids import validate_video_id
 
 logger = logging.getLogger(__name__)
@@ -169,14 +169,16 @@ class CacheWriter:
     `int8=True` stores chunk K/V and the carried state as int8 with scales. The commit is single-winner: if
     another writer commits this cache after this one started, `commit` raises ConcurrentWriteError.
     `buffer_bytes`: chunk rows held in memory before they are written together (each chunk still its own row
-    group, the file the same); 0 writes each row group as it completes.
+    group, the file the same); 0 writes each row group as it completes. `base_version` (append): the version of the
+    committed cache the resumed stream continues from (`cache.manifest_version` of the loaded base); if another
+    commit replaced it since, the append is refused (ConcurrentWriteError) instead of mixing the two.
     """
 
     def __init__(self, uri: str | os.PathLike, *, mode: str = "overwrite", int8: bool | None = None,
                  storage_options: StorageOptionsLike = None, filesystem: fsspec.AbstractFileSystem | None = None,
                  chunks_per_row_group: int = 1, chunks_per_file: int = 256,
                  source_storage_options: StorageOptionsLike = None, sweep_grace_s: float = SWEEP_GRACE_S,
-                 buffer_bytes: int = BUFFER_BYTES) -> None:
+                 buffer_bytes: int = BUFFER_BYTES, base_version: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown write mode {mode!r}; valid modes: {', '.join(MODES)}")
         if chunks_per_row_group < 1 or chunks_per_file < chunks_per_row_group:
@@ -192,10 +194,17 @@ class CacheWriter:
         self.buffer_bytes = max(0, int(buffer_bytes))  # chunk (and summary) rows held before one Parquet write
         self.existing, self._expect_version, self.replaced_corrupt = self._read_existing(mode)
         self.skipped = mode == "skip" and self.existing is not None
+        if self.skipped:
+            from statekv.store import catalog
+
+            catalog.reconcile(self.uri, self.existing, filesystem=self.fs)  # a kill may have lost its entry
         self.base: dict[str, Any] | None = None
         if mode == "append":
             if self.existing is None:
                 raise CacheNotFoundError(self.uri, "nothing to append to: no committed cache")
+            if base_version is not None and base_version != self._expect_version:
+                # the resumed state was loaded from a commit that another writer has replaced since
+                raise ConcurrentWriteError(self.uri, self.existing.get("created"))
             self.base = self.existing
             stored_int8 = self.base["storage"] == "int8"
             if int8 is not None and int8 != stored_int8:
@@ -409,22 +418,32 @@ class CacheWriter:
             files.append(self._write_recurrent(cache))
         segment = {"chunks": [self._first_index, self._next_index], "footage": footage}
         appends = [*(self.base.get("appends", []) if self.base else []), segment]
-        manifest = manifest_schema.seal(self._manifest(cache, files, appends))
+        from statekv.store import catalog
+
+        entry = catalog.log_name()  # the commit's catalog entry, named in the manifest: it was logged before it
+        manifest = manifest_schema.seal({**self._manifest(cache, files, appends), "catalog_entry": entry})
         self._written = files
         self._check_written()
+        try:  # before the manifest: a kill after the commit cannot leave it out of the catalog
+            catalog.record(self.fs, self.path, manifest, name=entry, pending=True)
+        except (OSError, *TRANSPORT_ERRORS) as e:
+            raise OSError(f"cache {self.uri!r}: could not add the commit to the root's catalog ({e}); nothing was "
+                          "committed") from e
         committed = put_if_version(self.fs, join(self.path, F.MANIFEST), manifest_schema.encode(manifest),
                                    self._expect_version)
         self._done = True
         if committed is None:
+            catalog.forget(self.fs, self.path, entry)
             self._lost()
         try:  # committed: what follows is housekeeping, and its failure must not undo the commit's success
             self._retire(manifest)
             sweep(self.uri, grace_s=self.sweep_grace_s, filesystem=self.fs)
         except OSError as e:
             logger.warning("committed %s; sweeping old attempts failed (a later commit retries): %s", self.uri, e)
-        from statekv.store import catalog
-
-        catalog.record(self.fs, self.path, manifest)
+        try:  # the commit is listed already (its pending entry); this spares listings the check of its manifest
+            catalog.record(self.fs, self.path, manifest, name=entry)
+        except (OSError, *TRANSPORT_ERRORS) as e:
+            logger.info("committed %s; its catalog entry stays pending (%s)", self.uri, e)
         logger.info("committed cache %s: %d chunks, %d bytes", self.uri, manifest["totals"]["chunks"],
                     manifest["totals"]["bytes"])
         return manifest

@@ -303,6 +303,56 @@ def test_listing_survives_invalid_manifests(make_service, store_root, engine):
         assert c.get("/v1/videos/good").status_code == 200
 
 
+@pytest.mark.parametrize("hostile", ["manifest-directory", "manifest-deep-json", "log-empty-object", "log-text-chunks",
+                                     "snapshot-other-schema"])
+def test_listing_survives_hostile_manifests_and_catalog_objects(make_service, store_root, engine, hostile):
+    """Regression (issue 18.5): GET /v1/videos answered 500 when one manifest.json was a directory or deeply
+    nested JSON, or when a catalog log object or the snapshot was not what the catalog writes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from statekv.store import catalog, read_manifest
+    from statekv.store.fs import is_local, resolve
+
+    root, options = store_root
+    if hostile == "manifest-directory" and root.startswith("s3://"):
+        pytest.skip("an S3 key prefix is no object: nothing to read")
+    for vid in ("good", "other"):
+        prefill_to_store(engine, synthetic_frames(4, 56, 84, seed=0), f"{root}/{vid}", fps=2.0,
+                         storage_options=options)
+    catalog.rebuild(root, storage_options=options)
+    fs, path = resolve(root, options)
+    what, kind = hostile.split("-", 1)
+    if what == "manifest":
+        fs.rm_file(f"{path}/other/manifest.json")
+        if kind == "directory":
+            if is_local(fs):
+                fs.makedirs(f"{path}/other/manifest.json")
+            fs.pipe_file(f"{path}/other/manifest.json/x", b"{}")
+        else:
+            fs.pipe_file(f"{path}/other/manifest.json", b"[" * 100_000 + b"]" * 100_000)
+        catalog.rebuild(root, storage_options=options)  # the snapshot from a scan that meets it
+    elif what == "log":
+        entry = catalog.entry_of(read_manifest(f"{root}/other", storage_options=options))
+        later = {**entry, "created": "9999-01-01T00:00:00+00:00", "chunks": "abc"}  # the latest entry of "other"
+        data = b"{}" if kind == "empty-object" else json.dumps(later).encode()
+        fs.pipe_file(f"{path}/_catalog/log/99990101T000000000000Z-hostile.json", data)
+    else:
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"x": [1]}), sink)
+        fs.pipe_file(f"{path}/_catalog/snapshot.parquet", sink.getvalue().to_pybytes())
+    service = make_service(root, storage_options=options.to_fsspec() if options else None)
+    with TestClient(create_api(service)) as c:
+        r = c.get("/v1/videos")
+        assert r.status_code == 200, r.text
+        page = r.json()
+        listed = [v["video_id"] for v in page["videos"]]
+        if what == "manifest":
+            assert listed == ["good"] and [i["video_id"] for i in page["invalid"]] == ["other"]
+        else:
+            assert listed == ["good", "other"] and page["invalid"] == []
+
+
 def test_reprefilled_cache_is_not_served_stale(make_service, store_root, engine):
     root, options = store_root
     uri = f"{root}/clip"
