@@ -12,6 +12,7 @@ import json
 import re
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,36 @@ def test_api_against_its_schema(client):
             seen.append((operation.method.upper(), operation.path, mode.value))
     for path in ("/v1/ask", "/v1/videos", "/v1/videos/{video_id}"):
         assert {m for _, p, m in seen if p == path} == {"positive", "negative"}, seen
+
+
+# --- concurrency ------------------------------------------------------------------------------------------------
+
+def test_concurrent_streams_and_plain_answers(client):
+    """Regression (issue 18, point 1): `Engine.stream` yielded from inside `torch.inference_mode()`, and Starlette
+    resumes a stream's generator on whichever pool thread is free; inference mode is per thread, so it leaked into
+    threads that then ran other requests, and steps ran outside it on inference tensors. With 8 concurrent streams
+    all 8 ended in an "internal" error event. Now each stream ends with its "done" event and the greedy tokens."""
+    c, service = client
+    want = _ask(c, max_new_tokens=LIMIT).json()["token_ids"]
+
+    def stream(_):
+        return _events(_ask(c, max_new_tokens=LIMIT, stream=True))
+
+    def plain(_):
+        return _ask(c, max_new_tokens=LIMIT)
+
+    with ThreadPoolExecutor(16) as pool:
+        streams = [pool.submit(stream, i) for i in range(10)]
+        plains = [pool.submit(plain, i) for i in range(6)]
+        streamed = [f.result(timeout=120) for f in streams]
+        answered = [f.result(timeout=120) for f in plains]
+    for events in streamed:
+        assert events[-1]["type"] == "done", events[-1]
+        assert events[-1]["token_ids"] == want and [e["token_id"] for e in events[:-1]] == want
+    for r in answered:
+        assert r.status_code == 200, r.text
+        assert r.json()["token_ids"] == want
+    assert service.counters["in_flight"] == 0
 
 
 # --- numbers at their extremes ----------------------------------------------------------------------------------
