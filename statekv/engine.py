@@ -39,7 +39,7 @@ from statekv.cache import (ChunkKV, ModelInfo, PrefillConfig, RecurrentState, Vi
 from statekv.compression import Guided, compress_step, keep_tokens
 from statekv.decoding import DEFAULT_SYNC_EVERY, AnswerRequest, BatchDecoder, Decoding
 from statekv.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DeviceCacheLRU, DeviceVideo
-from statekv.errors import PrefillConfigMismatchError, VideoError
+from statekv.errors import CacheCursorError, PrefillConfigMismatchError, VideoError
 from statekv.generation import TextDeltas, next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
@@ -572,6 +572,14 @@ class Engine:
 
     def _check_compatible(self, cache: VideoKVCache) -> None:
         self.model_info().check_serves(cache.model, cache.video.source)
+        self.check_cursor(cache)
+
+    def check_cursor(self, cache: VideoKVCache) -> None:
+        """`CacheCursorError` naming the field when the cache's cursor is not one this adapter can use (a stored
+        cache's cursor is read back from its manifest: a damaged one must fail here, not deep in answering)."""
+        problem = self.adapter.cursor_problem(cache.cursor)
+        if problem is not None:
+            raise CacheCursorError(cache.video.source, problem)
 
 
 def build_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor] | None],

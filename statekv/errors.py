@@ -71,6 +71,18 @@ class PrefillConfigMismatchError(ModelMismatchError):
     def __init__(self, field: str, cache_side: object, engine_side: object) -> None:
         self.field = field
         super().__init__(f"prefill config field {field!r}", repr(cache_side), repr(engine_side))
+
+
+class CacheCursorError(StateKVError, ValueError):
+    """A cache's family cursor (where its video's tokens end: positions, grids, times) cannot be used by this model's
+    adapter: a field is missing or of the wrong kind. Nothing can be answered or resumed on it: re-prefill."""
+
+    def __init__(self, video: object, reason: str) -> None:
+        self.video = str(video)
+        self.reason = reason
+        super().__init__(f"cache of video {self.video!r}: unusable position cursor: {reason}; re-prefill the video")
+
+
 class ModelNotFoundError(StateKVError, FileNotFoundError):
     """A checkpoint could not be found: no such local directory, or a hub id that is neither cached nor reachable."""
 

@@ -42,7 +42,7 @@ from statekv.cache import ModelInfo, VideoKVCache
 from statekv.decoding import AnswerRequest
 from statekv.device_cache import DEFAULT_DEVICE_CACHE_BYTES
 from statekv.engine import Engine
-from statekv.errors import CacheLayoutError, ModelMismatchError
+from statekv.errors import CacheCursorError, CacheLayoutError, ModelMismatchError
 from statekv.retrieval import Retrieval, Segments
 from statekv.store import CacheCorruptError, CacheNotFoundError, list_caches, load_cache, read_manifest
 from statekv.store import describe as store_describe
@@ -197,7 +197,8 @@ class QueryService:
                            f"retry in {self.retry_after_s} s", headers={"Retry-After": str(self.retry_after_s)})
 
     def _store_call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run a store operation, turning store failures into ServiceErrors with path-free messages."""
+        """Run a store operation (or an answer on a stored cache), turning failures of the store or of the cache
+        into ServiceErrors with path-free messages."""
         try:
             return fn()
         except CacheNotFoundError:
@@ -212,6 +213,10 @@ class QueryService:
         except CacheChangedError:
             raise Unavailable(f"the cache of {what} was committed again while it was read; retry",
                               code="cache_changed", headers={"Retry-After": "0"}) from None
+        except CacheCursorError as err:
+            logger.error("unusable cache (%s): %s", what, err)
+            raise ServiceError(f"the stored cache of {what} is corrupt at manifest.json family.cursor: "
+                               f"{public_text(err.reason)}; re-prefill the video", code="cache_corrupt") from None
         except CacheLayoutError as err:
             raise Conflict(public_text(str(err)), code="cache_outdated") from None
         except ModelMismatchError:
@@ -252,6 +257,7 @@ class QueryService:
         self._count("store_loads")
         cache = self._store_call(what, lambda: load_cache(
             uri, lazy=lazy, filesystem=fs, expect_model=self.model_info))
+        self._store_call(what, lambda: self.engine.check_cursor(cache))  # an unusable cache is never kept
         loaded = _Loaded(cache, identity, time.monotonic())
         if not lazy:
             return loaded, cache.nbytes
@@ -393,7 +399,8 @@ class QueryService:
         """`ask` through the batch scheduler: decoded together with the other questions about this video."""
         request = AnswerRequest(req.question, req.max_new_tokens, req.temperature, req.top_p, req.seed)
         try:
-            answer = self.batcher.answer(cache, request, cancelled=cancelled, label=vid)
+            answer = self._store_call(f"video {vid!r}", lambda: self.batcher.answer(
+                cache, request, cancelled=cancelled, label=vid))
         except ClientGone:
             self._count("cancelled")
             raise

@@ -73,7 +73,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -146,6 +148,30 @@ def load_preprocessor_config(name_or_path: str) -> dict[str, Any]:
     return {}
 
 
+@dataclass(frozen=True)
+class CursorField:
+    """What one field of a stored cursor must be: `what` (for messages) and the check of a value."""
+
+    what: str
+    check: Callable[[Any], bool]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+INT = CursorField("an integer", _is_int)
+NATURAL = CursorField("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+POSITIVE = CursorField("a number > 0", lambda v: _is_number(v) and v > 0)
+TEXT = CursorField("a string", lambda v: isinstance(v, str))
+SIZE = CursorField("a [height, width] pair of integers > 0",
+                   lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v))
+
+
 class VideoLMAdapter:
     """One loaded video VLM, seen through the operations streaming prefill and answering need (see module doc)."""
 
@@ -154,6 +180,8 @@ class VideoLMAdapter:
     frames_per_chunk: ClassVar[int]
     position_rows: ClassVar[int]
     layout_version: ClassVar[int] = 1  # the token layout's version (see the module docstring)
+    # what the family's cursor holds: a cursor read back from a stored cache is checked against it before use
+    cursor_fields: ClassVar[dict[str, CursorField]] = {}
     video_token_id: int  # the placeholder token the family's processor expands into video tokens
     processor: Any  # the family's installed transformers processor, text side (statekv.models.processor_text)
 
@@ -196,6 +224,17 @@ class VideoLMAdapter:
     def options(self) -> dict[str, Any]:
         """Adapter settings that change the numbers (recorded in the cache's prefill config)."""
         return {}
+
+    def cursor_problem(self, cursor: Any) -> str | None:
+        """Why `cursor` (e.g. read back from a stored cache) cannot be used by this family, or None."""
+        if not isinstance(cursor, dict):
+            return f"the cursor is {type(cursor).__name__}, not an object"
+        for name, spec in self.cursor_fields.items():
+            if name not in cursor:
+                return f"field {name!r} is missing"
+            if not spec.check(cursor[name]):
+                return f"field {name!r} is {cursor[name]!r}, not {spec.what}"
+        return None
 
     # --- the family's part (see the module docstring) ----------------------------------------------------------
 

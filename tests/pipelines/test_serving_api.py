@@ -12,6 +12,7 @@ import json
 import re
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -178,6 +179,65 @@ def test_concurrent_streams_and_plain_answers(client):
         assert r.status_code == 200, r.text
         assert r.json()["token_ids"] == want
     assert service.counters["in_flight"] == 0
+
+
+def _broken_cursor_copy(src: Path, dst: Path, cursor) -> None:
+    """A copy of the cache at `src` whose manifest holds `cursor` as its family cursor, sealed again (so only the
+    cursor is wrong: every checksum and the schema pass)."""
+    import shutil
+
+    from statekv.store import manifest as schema
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest.pop(schema.CHECKSUM_KEY)
+    manifest["family"]["cursor"] = cursor
+    (dst / "manifest.json").write_bytes(schema.encode(schema.seal(manifest)))
+
+
+def test_a_cache_with_a_broken_cursor_fails_only_its_requests(make_service, local_root, tmp_path):
+    """Regression (issue 18, point 2): a job whose prompt could not be built (a stored cursor `{}`, or a string
+    `video_start`) was popped from the batch queue and its future never set, so the request hung, `in_flight` never
+    came back to 0 and, once the replica's threads were all waiting, every endpoint timed out. Now each request about
+    the broken cache gets its cache_corrupt error at once, the good cache keeps answering, /healthz answers."""
+    import shutil
+
+    root = tmp_path / "caches"
+    shutil.copytree(local_root, root)
+    good = dict(json.loads((root / "clip_a" / "manifest.json").read_text())["family"]["cursor"])
+    _broken_cursor_copy(root / "clip_a", root / "empty_cursor", {})
+    _broken_cursor_copy(root / "clip_a", root / "text_start", {**good, "video_start": "5"})
+    service = make_service(str(root), max_new_tokens_limit=LIMIT)
+    c = TestClient(create_api(service))  # no `with`: a hung request must not hang the client's shutdown too
+    want = _ask(c, max_new_tokens=8).json()["token_ids"]
+    jobs = [("empty_cursor", False), ("text_start", False), ("empty_cursor", True), ("text_start", True),
+            ("clip_a", False), ("clip_a", True)] * 4
+    results: dict[int, object] = {}
+
+    def run(i, vid, stream):
+        results[i] = _ask(c, video_id=vid, max_new_tokens=8, stream=stream)
+
+    threads = [threading.Thread(target=run, args=(i, *job), daemon=True) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    assert c.get("/healthz").status_code == 200
+    deadline = time.monotonic() + 60
+    for t in threads:  # daemon threads: a hung request fails the test instead of hanging it
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert len(results) == len(jobs), f"{len(jobs) - len(results)} of {len(jobs)} requests hung"
+    for i, (vid, stream) in enumerate(jobs):
+        r = results[i]
+        if vid == "clip_a":
+            assert r.status_code == 200, r.text
+            got = _events(r)[-1]["token_ids"] if stream else r.json()["token_ids"]
+            assert got == want
+        else:
+            message = _error(r, 500, "cache_corrupt")
+            assert repr(vid) in message and "family.cursor" in message and "re-prefill" in message, message
+    assert "video_start" in _error(_ask(c, video_id="text_start"), 500, "cache_corrupt")
+    assert c.get("/v1/videos").status_code == 200 and c.get("/healthz").status_code == 200
+    assert service.counters["in_flight"] == 0
+    assert "empty_cursor" not in service.lru.keys()  # an unusable cache is not kept
 
 
 # --- numbers at their extremes ----------------------------------------------------------------------------------
