@@ -419,6 +419,47 @@ def test_reprefilled_cache_is_not_served_stale(make_service, store_root, engine)
     assert lazy.ask(video_id="clip", question=QUESTION, max_new_tokens=8)["token_ids"] == first
 
 
+def test_revalidation_bound_holds_while_a_check_is_slow(make_service, engine, tmp_path, monkeypatch):
+    """Regression (issue 18, point 10): under load, answers switched to a new commit up to 3.4 s after it although
+    the documented bound is `revalidate_s` (1 s). A revalidation counted its cache current from when its HEAD
+    *answered*, so a HEAD sent before a commit and slowed past it vouched for the stale copy for another
+    `revalidate_s`. Now a request that arrives `revalidate_s` after a commit gets the new cache, whatever HEAD was
+    in flight."""
+    root = str(tmp_path / "caches")
+    revalidate_s = 1.0
+
+    def commit(seed: int) -> list[int]:
+        prefill_to_store(engine, synthetic_frames(8, 56, 84, seed=seed), f"{root}/clip", fps=2.0)
+        return engine.ask(load_cache(f"{root}/clip"), QUESTION, max_new_tokens=8).token_ids
+
+    first = commit(0)
+    service = make_service(root, revalidate_s=revalidate_s)
+    assert service.ask(video_id="clip", question=QUESTION, max_new_tokens=8)["token_ids"] == first
+    head = service.manifest_identity
+    sent, release = threading.Event(), threading.Event()
+
+    def slow_head(video_id):  # the store answers this HEAD (the old identity) only once `release` is set
+        identity = head(video_id)
+        if not sent.is_set():
+            sent.set()
+            assert release.wait(60)
+        return identity
+
+    monkeypatch.setattr(service, "manifest_identity", slow_head)
+    time.sleep(revalidate_s)  # the kept copy is due for revalidation
+    slow = threading.Thread(target=service.ask, kwargs=dict(video_id="clip", question=QUESTION, max_new_tokens=8),
+                            daemon=True)
+    slow.start()
+    assert sent.wait(60)  # its HEAD has read the old identity ...
+    second = commit(5)  # ... and the cache is committed again
+    assert second != first
+    time.sleep(revalidate_s)
+    release.set()  # the slow HEAD answers after the bound has passed
+    slow.join(60)
+    got = service.ask(video_id="clip", question=QUESTION, max_new_tokens=8)
+    assert got["token_ids"] == second and got["cache"] == "miss"
+
+
 class CuttingProxy:
     """A TCP proxy in front of the S3 server that, while `cut` is set, resets the connection of each GET whose path
     contains `pattern`, halfway through the body or before any byte of the response (what a dying link or a
