@@ -240,6 +240,88 @@ def test_a_cache_with_a_broken_cursor_fails_only_its_requests(make_service, loca
     assert "empty_cursor" not in service.lru.keys()  # an unusable cache is not kept
 
 
+def _drive_stream_and_leave(app, body: dict, leave: str) -> list[dict]:
+    """POST `body` to the ASGI `app` as a server would, and leave once the first event has arrived: `leave` is
+    "disconnect" (the server's disconnect message, as uvicorn sends it) or "cancelled" (the receive channel raises
+    the request's cancellation, as Ray Serve's receive proxy does once its proxy cancelled the request). Returns the
+    messages the app sent."""
+    import asyncio
+
+    from ray.serve.exceptions import RequestCancelledError
+
+    async def run() -> list[dict]:
+        raw = json.dumps(body).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/ask", "raw_path": b"/v1/ask", "root_path": "",
+                 "query_string": b"", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]}
+        pending = [{"type": "http.request", "body": raw, "more_body": False}]
+        first = asyncio.Event()
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            if pending:
+                return pending.pop()
+            await first.wait()
+            if leave == "cancelled":
+                raise RequestCancelledError("request-1")
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and message.get("body", b"").startswith(b"data:"):
+                first.set()
+
+        await asyncio.wait_for(app(scope, receive, send), timeout=60)
+        return sent
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("leave", ["disconnect", "cancelled"])
+def test_a_stream_whose_client_leaves(make_service, local_root, engine, monkeypatch, caplog, leave):
+    """Regression (issue 18, point 10): when a streaming client left, nothing closed the service's event generator,
+    so its answer and its `in_flight` count lasted until garbage collection; and under Serve, whose receive channel
+    raises the request's cancellation (TaskCancelledError), each disconnect was logged as an unexpected error with a
+    traceback. Now the stream stops at once, `in_flight` is 0 when the response returns (no gc.collect()), and the
+    departure is one info line."""
+    import gc
+    import logging
+
+    monkeypatch.setattr(engine.adapter, "eos_token_ids", set())  # the answer runs until the client leaves
+    service = make_service(str(local_root), max_new_tokens_limit=20000)
+    app = create_api(service)
+    gc.disable()  # the generator must be closed by the response, not collected
+    try:
+        with caplog.at_level(logging.INFO):
+            sent = _drive_stream_and_leave(app, {"video_id": "clip_a", "question": QUESTION, "max_new_tokens": 20000,
+                                                 "stream": True}, leave)
+            assert service.counters["in_flight"] == 0
+    finally:
+        gc.enable()
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    tokens = [m for m in sent if m["type"] == "http.response.body" and m.get("body")]
+    assert 1 <= len(tokens) < 20000 and service.counters["generated_tokens"] < 20000
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
+    assert "left; its answer was stopped" in caplog.text
+
+
+def test_only_utf8_bodies(client):
+    """Regression (issue 18, point 10): Python's json reads UTF-16 and UTF-32 bytes too, so a UTF-16 body was
+    answered; JSON between systems is UTF-8 (RFC 8259), and anything else is 422 invalid_request."""
+    c, _ = client
+    body = json.dumps({"video_id": "clip_a", "question": QUESTION, "max_new_tokens": 2})
+    for encoding in ("utf-16", "utf-16-le", "utf-16-be", "utf-32"):
+        r = c.post("/v1/ask", content=body.encode(encoding), headers={"content-type": "application/json"})
+        _error(r, 422, "invalid_request")
+    message = _error(c.post("/v1/ask", content=body.encode("utf-16"), headers={"content-type": "application/json"}),
+                     422, "invalid_request")
+    assert "UTF-8" in message
+    r = c.post("/v1/ask", content=body.replace(QUESTION, "Qu'est-ce qui se passe ? \u00e9\u263a").encode("utf-8"),
+               headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
 # --- numbers at their extremes ----------------------------------------------------------------------------------
 
 EXTREMES = ["0", "-0.0", "5e-324", "1e-320", "1e-300", "1e-45", "1e-40", "1e-38", "1e-7", "0.5", "1", "1.0",
