@@ -98,14 +98,14 @@ class EventStream(StreamingResponse):
         finally:  # also when cancelled (the client left): the close is shielded so that it runs to its end
             with anyio.CancelScope(shield=True):
                 await run_in_threadpool(self._close)
+            if not self._ended:
+                logger.info("client of a stream on %s left; its answer was stopped", self._path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         except CLIENT_GONE:  # a server that reports the disconnect by failing `send` (ASGI spec 2.4)
             pass
-        if not self._ended:
-            logger.info("client of a stream on %s left; its answer was stopped", self._path)
 
 
 async def _until_disconnected(request: Request) -> None:
