@@ -10,6 +10,9 @@ question has its own prompt length, `max_new_tokens`, sampling and stopping (sta
 Cancellation: each request's `cancelled()` is polled before every step of its group; once it returns True its
 question leaves the batch (its slot is reused) and its caller gets `ClientGone`.
 
+Failures: an error goes to the callers of the questions it concerns, never to others and never to the thread (a
+question whose prompt cannot be built fails alone; a cache whose decoder cannot be built fails its own questions).
+
 Streaming answers are not batched here (their tokens go out one by one from the request's own thread through
 `Engine.stream`); neither are answers with retrieval, whose context differs per question. Plain Python threads,
 no Ray: the query service (service.py) uses it directly and tests drive it without a cluster.
