@@ -483,14 +483,20 @@ class Engine:
             return
         request = AnswerRequest(question, max_new_tokens, temperature, top_p, seed, output_logits)
         text = TextDeltas(self.adapter.tokenizer)
+        # inference mode is per thread and a stream may be resumed by any thread (a server's pool): each step
+        # enters it, no `yield` holds it (held across one, it leaks into the thread that ran the step)
         with torch.inference_mode():
             decoder = self.decoder(cache, max_batch=1, sync_every=1)  # a token is read back at every step
             d = decoder.add(request, self.answer_prompt(cache, question))
-            while not d.done:
+        while not d.done:
+            with torch.inference_mode():
                 decoder.step(sync=True)
+                events = []
                 for token in d.take():
                     delta = text.add(token, last=d.done)
-                    yield TokenEvent(token, delta, d.logits[len(text.ids) - 1].cpu() if output_logits else None)
+                    events.append(TokenEvent(token, delta,
+                                             d.logits[len(text.ids) - 1].cpu() if output_logits else None))
+            yield from events
 
     def _stream_retrieval(self, cache: VideoKVCache, question: str, *, max_new_tokens: int, temperature: float,
                           top_p: float, seed: int | None, output_logits: bool, retrieval: Retrieval,
@@ -502,13 +508,14 @@ class Engine:
         a = self.adapter
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         text = TextDeltas(a.tokenizer)
-        with torch.inference_mode():
+        with torch.inference_mode():  # entered per step, never held across a `yield` (see `stream`)
             prompt = a.answer_inputs(question, cache.cursor, cache.config.layout)
             decoder_kwargs = a.decoder_kwargs(cache.cursor)
             embeds, positions = prompt.embeds, prompt.position_ids
             dyn, context = self._retrieval_cache(cache, retrieval, embeds, positions)
-            position = prompt.next_position
-            for step in range(max_new_tokens):
+        position = prompt.next_position
+        for step in range(max_new_tokens):
+            with torch.inference_mode():
                 extra = {"statekv_retrieval": context} if step == 0 else {}
                 hidden = a.decode(embeds, positions, dyn, statekv_backend=self.attention_backend, **decoder_kwargs,
                                   **extra)
@@ -517,12 +524,14 @@ class Engine:
                 step_logits = a.logits(hidden[-1])
                 token = next_token(step_logits, temperature=temperature, top_p=top_p, generator=generator)
                 delta = text.add(token, last=token in a.eos_token_ids or step == max_new_tokens - 1)
-                yield TokenEvent(token, delta, step_logits.cpu() if output_logits else None)
-                if token in a.eos_token_ids:
-                    return
+                event = TokenEvent(token, delta, step_logits.cpu() if output_logits else None)
+            yield event
+            if token in a.eos_token_ids:
+                return
+            with torch.inference_mode():
                 embeds = a.embed(torch.tensor([token], dtype=torch.long))
                 positions = a.text_positions(position, 1)
-                position += 1
+            position += 1
 
     def _answer_cache(self, cache: VideoKVCache, layer_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
                       ) -> DynamicCache:

@@ -71,6 +71,8 @@ class PrefillConfigMismatchError(ModelMismatchError):
     def __init__(self, field: str, cache_side: object, engine_side: object) -> None:
         self.field = field
         super().__init__(f"prefill config field {field!r}", repr(cache_side), repr(engine_side))
+
+
 class ModelNotFoundError(StateKVError, FileNotFoundError):
     """A checkpoint could not be found: no such local directory, or a hub id that is neither cached nor reachable."""
 

@@ -20,17 +20,23 @@ import functools
 import json
 import logging
 import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from pipelines.serving.config import ServiceConfig
-from pipelines.serving.errors import ClientGone, ServiceError
+from pipelines.serving.errors import ClientGone, ServiceError, Unprocessable
 from pipelines.serving.schema import (VIDEO_ID_PATTERN, AskResponse, Health, VideoInfo, VideoPage, error_responses,
                                       validation_message)
 from pipelines.serving.service import QueryService
@@ -44,16 +50,100 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def _sse(events) -> Any:
-    """Server-sent events: one `data: {json}` per token, then a "done" one (or an "error" one)."""
-    for event in events:
-        yield f"data: {json.dumps(event)}\n\n"
+# what a request's receive channel raises once its client has gone: Starlette's disconnect, and Serve's receive proxy
+# re-raising the cancellation of the request (RequestCancelledError is a TaskCancelledError) that the proxy sends
+# when the client disconnects
+CLIENT_GONE = (ClientDisconnect, TaskCancelledError)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events of a service stream: one `data: {json}` per event (tokens, then "done" or "error").
+
+    However the response ends (its last event, the client leaving, the request cancelled) the events are closed at
+    once, so the answer stops and the service's in-flight count drops then, not when the generator is garbage
+    collected; a client that leaves is an ordinary end, logged in one line, never an error.
+    """
+
+    def __init__(self, events: Iterator[dict[str, Any]], path: str) -> None:
+        self._events, self._path = events, path
+        self._lock = threading.Lock()  # the events run in pool threads: one step or the close at a time
+        self._ended = False  # every event was sent
+        super().__init__(self._chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def _next(self) -> str | None:
+        with self._lock:
+            event = next(self._events, None)
+        if event is None:
+            self._ended = True
+            return None
+        return f"data: {json.dumps(event)}\n\n"
+
+    def _close(self) -> None:
+        with self._lock:  # waits for a step in progress
+            self._events.close()
+
+    async def _chunks(self) -> AsyncIterator[str]:
+        while (chunk := await run_in_threadpool(self._next)) is not None:
+            yield chunk
+
+    async def listen_for_disconnect(self, receive: Receive) -> None:
+        try:
+            await super().listen_for_disconnect(receive)
+        except CLIENT_GONE:  # the stream stops as on a disconnect message
+            pass
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:  # also when cancelled (the client left): the close is shielded so that it runs to its end
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(self._close)
+            if not self._ended:
+                logger.info("client of a stream on %s left; its answer was stopped", self._path)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except CLIENT_GONE:  # a server that reports the disconnect by failing `send` (ASGI spec 2.4)
+            pass
 
 
 async def _until_disconnected(request: Request) -> None:
-    """Returns once the client has gone (the body is already read, so the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
+    """Returns once the client has gone (the body is already read, so the next message is the disconnect, or the
+    receive channel fails as Serve's does once the request is cancelled)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except CLIENT_GONE:
         pass
+
+
+class UTF8Request(Request):
+    """A request whose JSON body is read as UTF-8 only (RFC 8259: JSON exchanged between systems is UTF-8);
+    Python's `json.loads` of bytes would also take UTF-16 and UTF-32."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads((await self.body()).decode("utf-8"))
+        return self._json
+
+
+class UTF8Route(APIRoute):
+    """A route whose request body, if any, must be UTF-8: 422 invalid_request naming the first other byte."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handler = super().get_route_handler()
+
+        async def utf8_only(request: Request) -> Response:
+            request = UTF8Request(request.scope, request.receive)
+            try:
+                (await request.body()).decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise Unprocessable(f"body: not UTF-8 (byte {err.start}); JSON request bodies must be UTF-8 "
+                                    "encoded") from None
+            return await handler(request)
+
+        return utf8_only
 
 
 def _consume(task: "asyncio.Future[Any]") -> None:
@@ -84,7 +174,9 @@ def create_api(service: QueryService) -> FastAPI:
     AskRequest = service.ask_model
     api = FastAPI(title="statekv query service", version="1",
                   description="Answers questions about videos from their stored KV caches, without prefilling "
-                              "again. Every error body is {\"error\": {\"code\", \"message\"}}.")
+                              "again. Every error body is {\"error\": {\"code\", \"message\"}}. Request bodies "
+                              "are JSON in UTF-8.")
+    api.router.route_class = UTF8Route
 
     @api.exception_handler(ServiceError)
     async def _service_error(request: Request, err: ServiceError) -> JSONResponse:
@@ -113,8 +205,7 @@ def create_api(service: QueryService) -> FastAPI:
         fields = body.model_dump(exclude={"stream"}, exclude_unset=True)  # what was sent, validated again there
         if body.stream:  # errors before the first token are raised here, with their status
             events = await run_in_threadpool(functools.partial(service.stream, **fields))
-            return StreamingResponse(_sse(events), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return EventStream(events, request.url.path)
         try:
             return await _answer_unless_gone(service, request, fields)
         except ClientGone:

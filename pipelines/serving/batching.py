@@ -10,6 +10,9 @@ question has its own prompt length, `max_new_tokens`, sampling and stopping (sta
 Cancellation: each request's `cancelled()` is polled before every step of its group; once it returns True its
 question leaves the batch (its slot is reused) and its caller gets `ClientGone`.
 
+Failures: an error goes to the callers of the questions it concerns, never to others and never to the thread (a
+question whose prompt cannot be built fails alone; a cache whose decoder cannot be built fails its own questions).
+
 Streaming answers are not batched here (their tokens go out one by one from the request's own thread through
 `Engine.stream`); neither are answers with retrieval, whose context differs per question. Plain Python threads,
 no Ray: the query service (service.py) uses it directly and tests drive it without a cluster.
@@ -32,6 +35,7 @@ from pipelines.serving.errors import ClientGone
 from statekv.cache import VideoKVCache
 from statekv.decoding import DEFAULT_SYNC_EVERY, AnswerRequest, BatchDecoder, Decoding
 from statekv.engine import Answer, Engine
+from statekv.errors import StateKVError
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +128,12 @@ class BatchScheduler:
                         del self._groups[key]
 
     def _advance(self, group: _Group) -> None:
-        """Drop cancelled questions, admit waiting ones, run one step, deliver the finished answers."""
+        """Drop cancelled questions, admit waiting ones, run one step, deliver the finished answers.
+
+        A failure is delivered to the questions it concerns and to no other: preparing one question's prompt fails
+        that question; building the video's decoder fails the questions about that video; a step fails the
+        questions it ran (the waiting ones get a new decoder next round). The thread itself goes on.
+        """
         with self._work:
             waiting = list(group.waiting)
             group.waiting.clear()
@@ -134,44 +143,69 @@ class BatchScheduler:
                                                     "its answer started"))
             else:
                 group.waiting.append(job)
-        try:
-            if group.decoder is None:
+        if group.decoder is None and group.waiting:
+            try:
                 group.decoder = self.engine.decoder(group.cache, max_batch=self.max_batch,
                                                     sync_every=self.sync_every)
-            for job in list(group.running):
-                if job.cancelled is not None and job.cancelled():
-                    group.decoder.remove(job.decoding)
-                    group.running.remove(job)
-                    n = len(job.decoding.tokens) + len(job.decoding.pending)
-                    job.future.set_exception(ClientGone(f"the client of a question about {job.label!r} left "
-                                                        f"after {n} tokens"))
-            while group.waiting and group.decoder.room:
-                job = group.waiting.popleft()
-                job.decoding = group.decoder.add(job.request, self.engine.answer_prompt(group.cache,
-                                                                                        job.request.question))
-                job.decoding.started = job.submitted  # latencies count the wait in the queue
-                group.running.append(job)
-            if not group.running:
-                group.decoder = None
+            except Exception as err:  # noqa: BLE001 - delivered to every question about this video, not swallowed
+                self._fail(list(group.waiting), err, "the video's answer context")
+                group.waiting.clear()
                 return
-            self.max_seen_batch = max(self.max_seen_batch, len(group.running))
-            finished = set(group.decoder.step())
-            self.steps += 1
-        except Exception as err:  # noqa: BLE001 - the error goes to every caller of this group, not swallowed
-            logger.exception("batched decoding failed")
-            for job in (*group.running, *group.waiting):
-                job.future.set_exception(err)
-            group.running.clear()
-            group.waiting.clear()
+        for job in list(group.running):
+            if job.cancelled is not None and job.cancelled():
+                group.decoder.remove(job.decoding)
+                group.running.remove(job)
+                n = len(job.decoding.tokens) + len(job.decoding.pending)
+                job.future.set_exception(ClientGone(f"the client of a question about {job.label!r} left "
+                                                    f"after {n} tokens"))
+        while group.waiting and group.decoder.room:
+            job = group.waiting.popleft()
+            try:
+                prompt = self.engine.answer_prompt(group.cache, job.request.question)
+                job.decoding = group.decoder.add(job.request, prompt)
+            except Exception as err:  # noqa: BLE001 - delivered to this question's caller, not swallowed
+                self._fail([job], err, "its prompt")
+                continue
+            job.decoding.started = job.submitted  # latencies count the wait in the queue
+            group.running.append(job)
+        if not group.running:
             group.decoder = None
             return
+        self.max_seen_batch = max(self.max_seen_batch, len(group.running))
+        try:
+            finished = set(group.decoder.step())
+        except Exception as err:  # noqa: BLE001 - delivered to the questions of this step, not swallowed
+            self._fail(list(group.running), err, "a decoding step")
+            group.running.clear()
+            group.decoder = None  # its state is unknown; questions still waiting get a new one
+            return
+        self.steps += 1
         read = 0
         for job in list(group.running):
             read += len(job.decoding.take())
             if job.decoding in finished:
                 group.running.remove(job)
-                job.future.set_result(self.engine.answer_of(group.cache, job.decoding))
+                try:
+                    answer = self.engine.answer_of(group.cache, job.decoding)
+                except Exception as err:  # noqa: BLE001 - delivered to this question's caller, not swallowed
+                    self._fail([job], err, "its answer")
+                else:
+                    job.future.set_result(answer)
         if read and self.on_tokens is not None:
             self.on_tokens(read)
         if not group.running and not group.waiting:
             group.decoder = None
+
+    @staticmethod
+    def _fail(jobs: list[_Job], err: Exception, stage: str) -> None:
+        """Give `err` to each of `jobs`' callers; one log line for an error statekv raises on purpose (it names the
+        input and the reason), the traceback for anything else (a fault in the code)."""
+        labels = sorted({job.label for job in jobs})
+        if isinstance(err, StateKVError):
+            logger.warning("%d question(s) about %s failed at %s: %s", len(jobs), ", ".join(map(repr, labels)),
+                           stage, err)
+        else:
+            logger.error("%d question(s) about %s failed at %s", len(jobs), ", ".join(map(repr, labels)), stage,
+                         exc_info=err)
+        for job in jobs:
+            job.future.set_exception(err)

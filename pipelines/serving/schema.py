@@ -227,8 +227,9 @@ _STATUS = {
          "token layout of its model's family (re-index the video); retrieval_unsupported: the request asks for "
          "retrieval and the cache keeps no chunks to retrieve (answer_from=state) or no scenes (segments)",
     413: "question_too_long: the question has more tokens than the service takes (the limit is in the message)",
-    422: "invalid_request: the body or a parameter does not match this schema",
-    500: "cache_corrupt: the stored cache is damaged (re-prefill the video); internal: a server fault",
+    422: "invalid_request: the body or a parameter does not match this schema, or the body is not UTF-8",
+    500: "cache_corrupt: the stored cache is damaged or its position cursor unusable (re-prefill the video); "
+         "internal: a server fault",
     503: "storage_unavailable: the cache store is unreachable or dropped the connection (see Retry-After); "
          "cache_changed: the cache was committed again while it was read (retry at once)",
 }

@@ -15,7 +15,9 @@ which other requests came first. A video asked both ways is held twice; the byte
 
 Freshness: a cache kept in the LRU is revalidated against its manifest's identity (ETag on S3, mtime/inode
 locally: one HEAD, no read) at most every `revalidate_s` seconds, so a cache re-prefilled under the same id is
-served stale for at most that long; `revalidate_s=0` checks on every request.
+served stale for at most that long: a request that arrives `revalidate_s` or more after the commit is answered from
+it (requests already answering keep the copy they started with; a store that cannot be reached leaves the kept copy
+answering); `revalidate_s=0` checks on every request.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class _Loaded:
 
     cache: VideoKVCache
     identity: Any
-    checked_at: float
+    checked_at: float  # monotonic time its identity was asked for: the cache is known current as of then
 
 
 class QueryService:
@@ -197,7 +199,8 @@ class QueryService:
                            f"retry in {self.retry_after_s} s", headers={"Retry-After": str(self.retry_after_s)})
 
     def _store_call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run a store operation, turning store failures into ServiceErrors with path-free messages."""
+        """Run a store operation (or an answer on a stored cache), turning failures of the store or of the cache
+        into ServiceErrors with path-free messages."""
         try:
             return fn()
         except CacheNotFoundError:
@@ -245,6 +248,7 @@ class QueryService:
     def _load(self, video_id: str, *, lazy: bool = False) -> tuple[_Loaded, int]:
         uri = self.uri_of(video_id)
         what = f"video {video_id!r}"
+        checked = time.monotonic()  # the identity read next holds from here (see `get_cache`)
         identity = self._store_call(what, lambda: self.manifest_identity(video_id))
         fs, _ = self.filesystem()  # one client for every read (a new S3 client per call costs more than the read)
         manifest = self._store_call(what, lambda: read_manifest(uri, filesystem=fs))
@@ -252,8 +256,8 @@ class QueryService:
         self._count("store_loads")
         cache = self._store_call(what, lambda: load_cache(
             uri, lazy=lazy, filesystem=fs, expect_model=self.model_info))
-        self._store_call(what, lambda: self.engine.check_cursor(cache))  # a lying cursor: cache_corrupt, not 500
-        loaded = _Loaded(cache, identity, time.monotonic())
+        self._store_call(what, lambda: self.engine.check_cursor(cache))  # a lying cursor: cache_corrupt; never kept
+        loaded = _Loaded(cache, identity, checked)
         if not lazy:
             return loaded, cache.nbytes
         key = RETRIEVAL_KEY.format(video_id)
@@ -291,24 +295,40 @@ class QueryService:
     def get_cache(self, video_id: str, *, lazy: bool = False) -> tuple[VideoKVCache, bool, float]:
         """(cache, LRU hit, seconds spent getting it); a kept cache whose manifest changed is loaded again.
 
+        The freshness bound (module docstring): a request that arrives `revalidate_s` or more after a commit is
+        answered from that commit or a later one, whatever else is in flight: an entry counts as current from the
+        moment its manifest's identity was *asked for* (not answered: a HEAD slowed by load that started before a
+        commit must not vouch for the time after it), and a load this request joined is checked like a kept entry.
         `lazy`: the lazily held cache of retrieval requests (its own LRU entry, see the module docstring).
         """
         start = time.perf_counter()
+        asked = time.monotonic()
         key = RETRIEVAL_KEY.format(video_id) if lazy else video_id
-        kept = self.lru.peek(key)
-        if kept is not None and time.monotonic() - kept.checked_at >= self.revalidate_s:
-            try:
-                identity = self.manifest_identity(video_id)
-            except Exception as err:  # noqa: BLE001 - the store is unreachable: the kept copy still answers
-                logger.warning("cannot revalidate the cache of %r, serving the kept copy: %r", video_id, err)
-            else:
-                if identity != kept.identity:
-                    logger.info("the cache of %r was committed again; reloading it", video_id)
-                    self.lru.discard(key, kept)
-                else:
-                    kept.checked_at = time.monotonic()
-        loaded, hit = self.lru.get(key, lambda: self._load(video_id, lazy=lazy))
-        return loaded.cache, hit, time.perf_counter() - start
+        while True:
+            kept = self.lru.peek(key)
+            if kept is not None and not self._current(kept, asked):
+                self._revalidate(key, video_id, kept)
+            loaded, hit = self.lru.get(key, lambda: self._load(video_id, lazy=lazy))
+            if loaded is kept or self._current(loaded, asked):
+                return loaded.cache, hit, time.perf_counter() - start
+
+    def _current(self, loaded: _Loaded, asked: float) -> bool:
+        """Whether `loaded` may answer a request that arrived at `asked` without asking the store again."""
+        return loaded.checked_at >= asked or asked - loaded.checked_at < self.revalidate_s
+
+    def _revalidate(self, key: str, video_id: str, kept: _Loaded) -> None:
+        """One HEAD: drop `kept` from the LRU if its cache was committed again, else mark it current."""
+        checked = time.monotonic()  # before the HEAD: what it says holds from then on, not from its answer
+        try:
+            identity = self.manifest_identity(video_id)
+        except Exception as err:  # noqa: BLE001 - the store is unreachable: the kept copy still answers
+            logger.warning("cannot revalidate the cache of %r, serving the kept copy: %r", video_id, err)
+            return
+        if identity != kept.identity:
+            logger.info("the cache of %r was committed again; reloading it", video_id)
+            self.lru.discard(key, kept)
+        else:
+            kept.checked_at = max(kept.checked_at, checked)
 
     # --- answering ---------------------------------------------------------------------------------------------
 
@@ -394,7 +414,8 @@ class QueryService:
         """`ask` through the batch scheduler: decoded together with the other questions about this video."""
         request = AnswerRequest(req.question, req.max_new_tokens, req.temperature, req.top_p, req.seed)
         try:
-            answer = self.batcher.answer(cache, request, cancelled=cancelled, label=vid)
+            answer = self._store_call(f"video {vid!r}", lambda: self.batcher.answer(
+                cache, request, cancelled=cancelled, label=vid))
         except ClientGone:
             self._count("cancelled")
             raise

@@ -73,7 +73,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -146,6 +148,30 @@ def load_preprocessor_config(name_or_path: str) -> dict[str, Any]:
     return {}
 
 
+@dataclass(frozen=True)
+class CursorField:
+    """What one field of a stored cursor must be: `what` (for messages) and the check of a value."""
+
+    what: str
+    check: Callable[[Any], bool]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+INT = CursorField("an integer", _is_int)
+NATURAL = CursorField("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+POSITIVE = CursorField("a number > 0", lambda v: _is_number(v) and v > 0)
+TEXT = CursorField("a string", lambda v: isinstance(v, str))
+SIZE = CursorField("a [height, width] pair of integers > 0",
+                   lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v))
+
+
 class VideoLMAdapter:
     """One loaded video VLM, seen through the operations streaming prefill and answering need (see module doc)."""
 
@@ -154,6 +180,8 @@ class VideoLMAdapter:
     frames_per_chunk: ClassVar[int]
     position_rows: ClassVar[int]
     layout_version: ClassVar[int] = 1  # the token layout's version (see the module docstring)
+    # what the family's cursor holds: a cursor read back from a stored cache is checked against it before use
+    cursor_fields: ClassVar[dict[str, CursorField]] = {}
     video_token_id: int  # the placeholder token the family's processor expands into video tokens
     processor: Any  # the family's installed transformers processor, text side (statekv.models.processor_text)
 
@@ -197,6 +225,20 @@ class VideoLMAdapter:
         """Adapter settings that change the numbers (recorded in the cache's prefill config)."""
         return {}
 
+    def cursor_problem(self, cursor: Any, *, prefix_len: int, num_chunks: int) -> str | None:
+        """Why a stored cursor cannot be this family's after `num_chunks` chunks behind a `prefix_len`-token prefix,
+        or None: a field missing or of the wrong kind (`cursor_fields`), then the family's own rules (subclasses
+        extend this). The cursor is opaque to the store, so a manifest's lie about it is caught here, before any
+        position is computed from it."""
+        if not isinstance(cursor, dict):
+            return f"the cursor is {type(cursor).__name__}, not an object"
+        for name, spec in self.cursor_fields.items():
+            if name not in cursor:
+                return f"field {name!r} is missing"
+            if not spec.check(cursor[name]):
+                return f"field {name!r} is {cursor[name]!r}, not {spec.what}"
+        return None
+
     # --- the family's part (see the module docstring) ----------------------------------------------------------
 
     def frame_size(self, height: int, width: int, sampling: Any, num_frames: int) -> tuple[int, int]:
@@ -204,14 +246,6 @@ class VideoLMAdapter:
 
     def new_cursor(self, *, prefix_len: int, frame_size: tuple[int, int], sampled_fps: float) -> dict[str, Any]:
         raise NotImplementedError
-
-    def cursor_problem(self, cursor: dict[str, Any], *, prefix_len: int, num_chunks: int) -> str | None:
-        """Why a stored cursor cannot be this family's after `num_chunks` chunks behind a `prefix_len`-token prefix
-        (a manifest lie the store cannot see: the cursor is opaque to it), or None. Checked before answering."""
-        size = cursor.get("frame_size")
-        if not (isinstance(size, list) and len(size) == 2 and all(is_count(x, low=1) for x in size)):
-            return f"frame_size {size!r:.40} is not two positive integers"
-        return None
 
     def plan_video(self, cursor: dict[str, Any], num_frames: int) -> dict[str, Any]:
         """A new video's cursor once its first prefill's frame count is known, before its prefix is prefilled:

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor
 
-from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter, next_position_problem
+from statekv.models.base import NATURAL, SIZE, AnswerInputs, ChunkInputs, CursorField, VideoLMAdapter, \
+    next_position_problem
 from statekv.models.processor_text import around_video, text_only
 from statekv.video.preprocess import VisionLayout, preprocess_frames
 
@@ -77,6 +78,7 @@ class Qwen3VLAdapter(VideoLMAdapter):
     # 2: the per-patch blocks replace the template's video wrapper (the trained layout, transformers 5.25);
     # 1: statekv < 0.3 kept the wrapper around all blocks (transformers 5.23-5.24). See the module docstring.
     layout_version: ClassVar[int] = 2
+    cursor_fields: ClassVar[dict[str, CursorField]] = {"next_position": NATURAL, "frame_size": SIZE}
 
     def __init__(self, model: Any, tokenizer: Any, *, name_or_path: str,
                  preprocessor: dict[str, Any] | None = None) -> None:

@@ -32,7 +32,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter, is_count
+from statekv.models.base import (INT, NATURAL, POSITIVE, SIZE, AnswerInputs, ChunkInputs, CursorField,
+                                 VideoLMAdapter, is_count)
 from statekv.models.processor_text import text_only
 from statekv.video.preprocess import IMAGE_MEAN, IMAGE_STD, VisionLayout, preprocess_frames, smart_resize
 
@@ -52,6 +53,10 @@ class QwenVLAdapter(VideoLMAdapter):
     video_open_tokens: ClassVar[int] = 1  # <|vision_start|>
     video_close_tokens: ClassVar[int] = 1  # <|vision_end|>
     processor_class: ClassVar[type]  # the family's transformers processor
+    cursor_fields: ClassVar[dict[str, CursorField]] = {
+        "video_start": NATURAL, "grid_t": NATURAL, "grid_hw": SIZE, "second_per_grid_t": POSITIVE,
+        "max_position": INT, "frame_size": SIZE, "position_rule": CursorField(
+            f"one of {', '.join(POSITION_RULES)}", lambda v: v in POSITION_RULES)}
 
     def __init__(self, model: Any, tokenizer: Any, *, name_or_path: str, preprocessor: dict[str, Any] | None = None,
                  position_rule: str = "transformers") -> None:

@@ -32,7 +32,8 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 import torch
 
-from statekv.models.base import AnswerInputs, ChunkInputs, VideoLMAdapter, next_position_problem
+from statekv.models.base import (NATURAL, POSITIVE, SIZE, AnswerInputs, ChunkInputs, CursorField, VideoLMAdapter,
+                                 next_position_problem)
 from statekv.models.processor_text import around_video
 from statekv.profiling import PREPROCESS, timed
 from statekv.video.preprocess import resize_frames
@@ -129,6 +130,11 @@ class SingleFrameAdapter(VideoLMAdapter):
     frames_per_chunk: ClassVar[int] = 1
     position_rows: ClassVar[int] = 1
     default_size: ClassVar[int]  # the family's frame size when the preprocessor config gives none
+    cursor_fields: ClassVar[dict[str, CursorField]] = {
+        "next_position": NATURAL, "frames": NATURAL, "frame_size": SIZE, "rope": CursorField(
+            "{'theta': number > 0, 'planned_length': integer or null}",
+            lambda v: isinstance(v, dict) and POSITIVE.check(v.get("theta"))
+            and (v.get("planned_length") is None or NATURAL.check(v["planned_length"])))}
 
     def __init__(self, model: Any, tokenizer: Any, *, name_or_path: str, preprocessor: dict[str, Any] | None = None,
                  rope_scaling: str | None = None, rope_factor: float | None = None,

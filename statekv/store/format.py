@@ -35,7 +35,6 @@ MANIFEST_MAX_BYTES = 64 << 20  # a manifest is small (a 10 h video's is ~2 MB); 
 PARTS_PREFIX = "parts-"
 STORAGES = ("native", "int8")
 LAYER_TYPES = ("full_attention", "linear_attention")
-MANIFEST_MAX_BYTES = 64 << 20  # a manifest is small (a 10 h video's is ~2 MB); a larger object is not one
 # shapes a manifest may declare: bounds checked before anything is allocated from them (a num_layers of 10^9
 # would otherwise allocate per-layer lists until memory runs out)
 MAX_LAYERS, MAX_KV_HEADS, MAX_HEAD_DIM, MAX_POSITION_ROWS = 1024, 1024, 8192, 16

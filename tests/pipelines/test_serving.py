@@ -382,6 +382,43 @@ def test_http_abandoned_request_stops_computing(served, engine, store):
     assert after["generated_tokens"] - before["generated_tokens"] < natural // 2
 
 
+def test_http_abandoned_stream_stops_at_once(served):
+    """Regression (issue 18, point 10): a streaming client that left kept its answer's generator (and `in_flight`)
+    alive until garbage collection, and Serve's cancelled receive channel (TaskCancelledError) was logged as an
+    unexpected error. Now the stream's work stops with the response: `in_flight` is back to 0 and the tokens stop."""
+    import time
+
+    from ray import serve
+
+    client, _ = served
+    handle = serve.get_app_handle("query")
+
+    def counters() -> dict:
+        return handle.stats.remote().result()["counters"]
+
+    def wait_for(condition, what: str, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while not condition(now := counters()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: {now}")
+            threading.Event().wait(0.05)
+        return now
+
+    wait_for(lambda c: c["in_flight"] == 0, "idle replica")
+    body = json.dumps({"video_id": "clip_a", "question": QUESTIONS[0], "max_new_tokens": LIMIT,
+                       "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", client.base_url.port))
+    sock.sendall(b"POST /v1/ask HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = b""
+    while b"data: " not in received:  # the first token event
+        received += sock.recv(65536)
+    wait_for(lambda c: c["in_flight"] == 1, "streaming")
+    sock.close()  # the client gives up
+    after = wait_for(lambda c: c["in_flight"] == 0, "the abandoned stream to stop", timeout=30)
+    assert after["generated_tokens"] == counters()["generated_tokens"]  # no more tokens are made
+
+
 def test_http_retrieval_answers_equal_the_engines(served, engine, store):
     """Over real HTTP (Serve, caches on S3): the same token ids and evidence as `Engine.ask(..., retrieval=...)` on
     the stored cache, for concurrent requests too (one lazily held cache shared by them)."""

@@ -12,6 +12,8 @@ import json
 import re
 import socket
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -147,6 +149,177 @@ def test_api_against_its_schema(client):
             seen.append((operation.method.upper(), operation.path, mode.value))
     for path in ("/v1/ask", "/v1/videos", "/v1/videos/{video_id}"):
         assert {m for _, p, m in seen if p == path} == {"positive", "negative"}, seen
+
+
+# --- concurrency ------------------------------------------------------------------------------------------------
+
+def test_concurrent_streams_and_plain_answers(client):
+    """Regression (issue 18, point 1): `Engine.stream` yielded from inside `torch.inference_mode()`, and Starlette
+    resumes a stream's generator on whichever pool thread is free; inference mode is per thread, so it leaked into
+    threads that then ran other requests, and steps ran outside it on inference tensors. With 8 concurrent streams
+    all 8 ended in an "internal" error event. Now each stream ends with its "done" event and the greedy tokens."""
+    c, service = client
+    want = _ask(c, max_new_tokens=LIMIT).json()["token_ids"]
+
+    def stream(_):
+        return _events(_ask(c, max_new_tokens=LIMIT, stream=True))
+
+    def plain(_):
+        return _ask(c, max_new_tokens=LIMIT)
+
+    with ThreadPoolExecutor(16) as pool:
+        streams = [pool.submit(stream, i) for i in range(10)]
+        plains = [pool.submit(plain, i) for i in range(6)]
+        streamed = [f.result(timeout=120) for f in streams]
+        answered = [f.result(timeout=120) for f in plains]
+    for events in streamed:
+        assert events[-1]["type"] == "done", events[-1]
+        assert events[-1]["token_ids"] == want and [e["token_id"] for e in events[:-1]] == want
+    for r in answered:
+        assert r.status_code == 200, r.text
+        assert r.json()["token_ids"] == want
+    assert service.counters["in_flight"] == 0
+
+
+def _broken_cursor_copy(src: Path, dst: Path, cursor) -> None:
+    """A copy of the cache at `src` whose manifest holds `cursor` as its family cursor, sealed again (so only the
+    cursor is wrong: every checksum and the schema pass)."""
+    import shutil
+
+    from statekv.store import manifest as schema
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest.pop(schema.CHECKSUM_KEY)
+    manifest["family"]["cursor"] = cursor
+    (dst / "manifest.json").write_bytes(schema.encode(schema.seal(manifest)))
+
+
+def test_a_cache_with_a_broken_cursor_fails_only_its_requests(make_service, local_root, tmp_path):
+    """Regression (issue 18, point 2): a job whose prompt could not be built (a stored cursor `{}`, or a string
+    `video_start`) was popped from the batch queue and its future never set, so the request hung, `in_flight` never
+    came back to 0 and, once the replica's threads were all waiting, every endpoint timed out. Now each request about
+    the broken cache gets its cache_corrupt error at once, the good cache keeps answering, /healthz answers."""
+    import shutil
+
+    root = tmp_path / "caches"
+    shutil.copytree(local_root, root)
+    good = dict(json.loads((root / "clip_a" / "manifest.json").read_text())["family"]["cursor"])
+    _broken_cursor_copy(root / "clip_a", root / "empty_cursor", {})
+    _broken_cursor_copy(root / "clip_a", root / "text_start", {**good, "video_start": "5"})
+    service = make_service(str(root), max_new_tokens_limit=LIMIT)
+    c = TestClient(create_api(service))  # no `with`: a hung request must not hang the client's shutdown too
+    want = _ask(c, max_new_tokens=8).json()["token_ids"]
+    jobs = [("empty_cursor", False), ("text_start", False), ("empty_cursor", True), ("text_start", True),
+            ("clip_a", False), ("clip_a", True)] * 4
+    results: dict[int, object] = {}
+
+    def run(i, vid, stream):
+        results[i] = _ask(c, video_id=vid, max_new_tokens=8, stream=stream)
+
+    threads = [threading.Thread(target=run, args=(i, *job), daemon=True) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    assert c.get("/healthz").status_code == 200
+    deadline = time.monotonic() + 60
+    for t in threads:  # daemon threads: a hung request fails the test instead of hanging it
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert len(results) == len(jobs), f"{len(jobs) - len(results)} of {len(jobs)} requests hung"
+    for i, (vid, stream) in enumerate(jobs):
+        r = results[i]
+        if vid == "clip_a":
+            assert r.status_code == 200, r.text
+            got = _events(r)[-1]["token_ids"] if stream else r.json()["token_ids"]
+            assert got == want
+        else:
+            message = _error(r, 500, "cache_corrupt")
+            assert repr(vid) in message and "family.cursor" in message and "re-prefill" in message, message
+    assert "video_start" in _error(_ask(c, video_id="text_start"), 500, "cache_corrupt")
+    assert c.get("/v1/videos").status_code == 200 and c.get("/healthz").status_code == 200
+    assert service.counters["in_flight"] == 0
+    assert "empty_cursor" not in service.lru.keys()  # an unusable cache is not kept
+
+
+def _drive_stream_and_leave(app, body: dict, leave: str) -> list[dict]:
+    """POST `body` to the ASGI `app` as a server would, and leave once the first event has arrived: `leave` is
+    "disconnect" (the server's disconnect message, as uvicorn sends it) or "cancelled" (the receive channel raises
+    the request's cancellation, as Ray Serve's receive proxy does once its proxy cancelled the request). Returns the
+    messages the app sent."""
+    import asyncio
+
+    from ray.serve.exceptions import RequestCancelledError
+
+    async def run() -> list[dict]:
+        raw = json.dumps(body).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/ask", "raw_path": b"/v1/ask", "root_path": "",
+                 "query_string": b"", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]}
+        pending = [{"type": "http.request", "body": raw, "more_body": False}]
+        first = asyncio.Event()
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            if pending:
+                return pending.pop()
+            await first.wait()
+            if leave == "cancelled":
+                raise RequestCancelledError("request-1")
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and message.get("body", b"").startswith(b"data:"):
+                first.set()
+
+        await asyncio.wait_for(app(scope, receive, send), timeout=60)
+        return sent
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("leave", ["disconnect", "cancelled"])
+def test_a_stream_whose_client_leaves(make_service, local_root, engine, monkeypatch, caplog, leave):
+    """Regression (issue 18, point 10): when a streaming client left, nothing closed the service's event generator,
+    so its answer and its `in_flight` count lasted until garbage collection; and under Serve, whose receive channel
+    raises the request's cancellation (TaskCancelledError), each disconnect was logged as an unexpected error with a
+    traceback. Now the stream stops at once, `in_flight` is 0 when the response returns (no gc.collect()), and the
+    departure is one info line."""
+    import gc
+    import logging
+
+    monkeypatch.setattr(engine.adapter, "eos_token_ids", set())  # the answer runs until the client leaves
+    service = make_service(str(local_root), max_new_tokens_limit=20000)
+    app = create_api(service)
+    gc.disable()  # the generator must be closed by the response, not collected
+    try:
+        with caplog.at_level(logging.INFO):
+            sent = _drive_stream_and_leave(app, {"video_id": "clip_a", "question": QUESTION, "max_new_tokens": 20000,
+                                                 "stream": True}, leave)
+            assert service.counters["in_flight"] == 0
+    finally:
+        gc.enable()
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    tokens = [m for m in sent if m["type"] == "http.response.body" and m.get("body")]
+    assert 1 <= len(tokens) < 20000 and service.counters["generated_tokens"] < 20000
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
+    assert "left; its answer was stopped" in caplog.text
+
+
+def test_only_utf8_bodies(client):
+    """Regression (issue 18, point 10): Python's json reads UTF-16 and UTF-32 bytes too, so a UTF-16 body was
+    answered; JSON between systems is UTF-8 (RFC 8259), and anything else is 422 invalid_request."""
+    c, _ = client
+    body = json.dumps({"video_id": "clip_a", "question": QUESTION, "max_new_tokens": 2})
+    for encoding in ("utf-16", "utf-16-le", "utf-16-be", "utf-32"):
+        r = c.post("/v1/ask", content=body.encode(encoding), headers={"content-type": "application/json"})
+        _error(r, 422, "invalid_request")
+    message = _error(c.post("/v1/ask", content=body.encode("utf-16"), headers={"content-type": "application/json"}),
+                     422, "invalid_request")
+    assert "UTF-8" in message
+    r = c.post("/v1/ask", content=body.replace(QUESTION, "Qu'est-ce qui se passe ? \u00e9\u263a").encode("utf-8"),
+               headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
 
 
 # --- numbers at their extremes ----------------------------------------------------------------------------------
@@ -376,6 +549,47 @@ def test_reprefilled_cache_is_not_served_stale(make_service, store_root, engine)
     assert again["token_ids"] == second and again["cache"] == "hit"
     # the documented bound: within revalidate_s the kept copy answers
     assert lazy.ask(video_id="clip", question=QUESTION, max_new_tokens=8)["token_ids"] == first
+
+
+def test_revalidation_bound_holds_while_a_check_is_slow(make_service, engine, tmp_path, monkeypatch):
+    """Regression (issue 18, point 10): under load, answers switched to a new commit up to 3.4 s after it although
+    the documented bound is `revalidate_s` (1 s). A revalidation counted its cache current from when its HEAD
+    *answered*, so a HEAD sent before a commit and slowed past it vouched for the stale copy for another
+    `revalidate_s`. Now a request that arrives `revalidate_s` after a commit gets the new cache, whatever HEAD was
+    in flight."""
+    root = str(tmp_path / "caches")
+    revalidate_s = 1.0
+
+    def commit(seed: int) -> list[int]:
+        prefill_to_store(engine, synthetic_frames(8, 56, 84, seed=seed), f"{root}/clip", fps=2.0)
+        return engine.ask(load_cache(f"{root}/clip"), QUESTION, max_new_tokens=8).token_ids
+
+    first = commit(0)
+    service = make_service(root, revalidate_s=revalidate_s)
+    assert service.ask(video_id="clip", question=QUESTION, max_new_tokens=8)["token_ids"] == first
+    head = service.manifest_identity
+    sent, release = threading.Event(), threading.Event()
+
+    def slow_head(video_id):  # the store answers this HEAD (the old identity) only once `release` is set
+        identity = head(video_id)
+        if not sent.is_set():
+            sent.set()
+            assert release.wait(60)
+        return identity
+
+    monkeypatch.setattr(service, "manifest_identity", slow_head)
+    time.sleep(revalidate_s)  # the kept copy is due for revalidation
+    slow = threading.Thread(target=service.ask, kwargs=dict(video_id="clip", question=QUESTION, max_new_tokens=8),
+                            daemon=True)
+    slow.start()
+    assert sent.wait(60)  # its HEAD has read the old identity ...
+    second = commit(5)  # ... and the cache is committed again
+    assert second != first
+    time.sleep(revalidate_s)
+    release.set()  # the slow HEAD answers after the bound has passed
+    slow.join(60)
+    got = service.ask(video_id="clip", question=QUESTION, max_new_tokens=8)
+    assert got["token_ids"] == second and got["cache"] == "miss"
 
 
 class CuttingProxy:

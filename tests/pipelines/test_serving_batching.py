@@ -4,6 +4,7 @@ goes away stops its question only."""
 
 from __future__ import annotations
 
+import copy
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +15,7 @@ from pipelines.serving.batching import BatchScheduler
 from pipelines.serving.errors import ClientGone
 from pipelines.serving.service import QueryService
 from statekv.decoding import AnswerRequest
+from statekv.store.errors import CacheCorruptError
 from statekv.store import prefill_to_store
 from statekv.testing.videos import synthetic_frames
 
@@ -91,6 +93,46 @@ def test_a_client_that_goes_away_stops_only_its_question(engine, caches, monkeyp
     finally:
         scheduler.close()
     assert scheduler.steps < 100
+
+
+def test_a_failing_question_fails_alone(engine, caches, monkeypatch):
+    """Regression (issue 18, point 2): a question whose prompt could not be built was popped from the queue and its
+    future never set (its caller hung), and a failure failed every question of its video. Now the error goes to the
+    questions it concerns only: the one whose prompt failed; those about a cache with an unusable cursor (a
+    `CacheCorruptError` naming the field); never the other questions, of the same video or another."""
+    good = caches[0]
+    broken = copy.copy(good)
+    broken.cursor = {}
+    bad_start = copy.copy(good)
+    bad_start.cursor = {**good.cursor, "video_start": "5"}
+    prompt = engine.answer_prompt
+
+    def answer_prompt(cache, question):
+        if question == "boom":
+            raise ValueError("question 'boom': no prompt")
+        return prompt(cache, question)
+
+    monkeypatch.setattr(engine, "answer_prompt", answer_prompt)
+    keep = [AnswerRequest(q, max_new_tokens=6) for q in QUESTIONS[:3]]
+    want = [_alone(engine, good, r).token_ids for r in keep]
+    scheduler = BatchScheduler(engine, max_batch=4)
+    try:
+        boom = scheduler.submit(good, AnswerRequest("boom"))
+        kept = [scheduler.submit(good, r) for r in keep]
+        cursor_missing = [scheduler.submit(broken, AnswerRequest(q)) for q in QUESTIONS[:2]]
+        cursor_wrong = scheduler.submit(bad_start, AnswerRequest(QUESTIONS[0]))
+        with pytest.raises(ValueError, match="'boom'"):
+            boom.result(timeout=60)
+        for f in cursor_missing:
+            with pytest.raises(CacheCorruptError, match="field 'video_start' is missing"):
+                f.result(timeout=60)
+        with pytest.raises(CacheCorruptError, match="field 'video_start' is '5', not an integer"):
+            cursor_wrong.result(timeout=60)
+        assert [f.result(timeout=60).token_ids for f in kept] == want
+        # the scheduler thread goes on
+        assert scheduler.submit(good, keep[0]).result(timeout=60).token_ids == want[0]
+    finally:
+        scheduler.close()
 
 
 def test_service_answers_equal_with_batching_on_and_off(engine, make_service, tmp_path):

@@ -10,6 +10,7 @@ import statekv
 from statekv import Engine, Full, StateKV, Window
 from statekv.errors import EmptyVideoError, ModelMismatchError, UnsupportedModelError, VideoDecodeError, VideoNotFoundError
 from statekv.profiling import count_flops, peak_memory
+from statekv.retrieval import TopK
 from statekv.testing.videos import synthetic_frames, write_video
 from statekv.testing.reference import check_against_transformers
 from statekv.video import SamplingConfig
@@ -141,6 +142,41 @@ def test_asking_does_not_change_the_cache_and_stream_matches(tiny_checkpoints, f
     assert [e.token_id for e in events] == first.token_ids
     assert "".join(e.text for e in events) == first.text
     assert len(first.token_ids) == 8 or first.finish_reason == "eos"
+
+
+@pytest.mark.parametrize("retrieval", [None, TopK(k=2, recent=1)])
+def test_a_stream_resumed_by_other_threads(tiny_checkpoints, frames, retrieval):
+    """Regression (issue 18, point 1): `Engine.stream` yielded from inside `torch.inference_mode()`. A server resumes
+    a stream's generator on whichever pool thread is free, and inference mode is per thread: the mode stayed on in
+    the thread that ran a step and was off where the next step ran (on inference tensors: "Inplace update to
+    inference tensor outside InferenceMode"). Now each step enters it, and no thread is left in it."""
+    import threading
+
+    engine = make_engine(tiny_checkpoints["qwen2_vl"], StateKV(capacity=8))
+    with torch.inference_mode():
+        cache = engine.prefill(frames, fps=FPS)
+        want = engine.ask(cache, QUESTION, max_new_tokens=8, retrieval=retrieval).token_ids
+    events = engine.stream(cache, QUESTION, max_new_tokens=8, retrieval=retrieval)
+
+    got, modes, errors = [], [], []
+
+    def step() -> None:
+        try:
+            event = next(events, None)
+        except Exception as err:  # noqa: BLE001 - reported below, in the test's thread
+            errors.append(err)
+            event = None
+        if event is not None:
+            got.append(event.token_id)
+        modes.append(torch.is_inference_mode_enabled())  # what the step left in its thread
+
+    while not errors and len(modes) == len(got):  # each step on a thread of its own, until the stream ends
+        thread = threading.Thread(target=step)
+        thread.start()
+        thread.join(60)
+    assert not errors, errors[0]
+    assert got == want and not any(modes)
+    assert not torch.is_inference_mode_enabled()
 
 
 @torch.inference_mode()
