@@ -572,18 +572,27 @@ class Engine:
 
     def _check_compatible(self, cache: VideoKVCache) -> None:
         self.model_info().check_serves(cache.model, cache.video.source)
-        self.check_cursor(cache)
+        self.check_cache(cache)
 
-    def check_cursor(self, cache: VideoKVCache) -> None:
-        """CacheCorruptError (field family.cursor) if the cache's cursor cannot be this family's: the cursor is
-        opaque to the store, so only the adapter can tell a lie in it (a video start of -1000, a [0, 0] grid),
-        and it must before any position is computed from it. Every answer checks it; a service calls it at load."""
+    def check_cache(self, cache: VideoKVCache) -> None:
+        """CacheCorruptError if what a cache says about its sequence cannot be this model's: its family cursor
+        (opaque to the store, so only the adapter can tell a lie in it: a video start of -1000, a [0, 0] grid;
+        checked before any position is computed from it) or its prefix tokens (what this model's chat template
+        gives for the cache's recorded layout: a flipped `prefill.layout` would put the question's text in the wrong
+        place). Every answer and resume checks it; a service calls it at load."""
+        from statekv.store.errors import CacheCorruptError  # a stored cache's fault: the service's cache_corrupt
+
+        video = getattr(cache, "manifest", {}).get("video_id", cache.video.source)
         problem = self.adapter.cursor_problem(cache.cursor, prefix_len=cache.prefix_len, num_chunks=cache.num_chunks)
         if problem is not None:
-            from statekv.store.errors import CacheCorruptError  # a stored cache's fault: the service's cache_corrupt
-
-            video = getattr(cache, "manifest", {}).get("video_id", cache.video.source)
             raise CacheCorruptError(video, "manifest.json field 'family.cursor'", problem)
+        layout = cache.config.layout
+        expected = self.adapter.prefix_ids(layout)
+        if cache.prefix_ids is not None and not torch.equal(cache.prefix_ids.cpu(), expected):
+            raise CacheCorruptError(video, "manifest.json field 'prefill.layout'",
+                                    f"the stored prefix ({cache.prefix_len} tokens) is not what this model's chat "
+                                    f"template gives for layout {layout!r} ({len(expected)} tokens): a wrong layout "
+                                    f"or another chat template")
 
 
 def build_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor] | None],

@@ -256,7 +256,7 @@ class QueryService:
         self._count("store_loads")
         cache = self._store_call(what, lambda: load_cache(
             uri, lazy=lazy, filesystem=fs, expect_model=self.model_info))
-        self._store_call(what, lambda: self.engine.check_cursor(cache))  # a lying cursor: cache_corrupt; never kept
+        self._store_call(what, lambda: self.engine.check_cache(cache))  # a lying cursor: cache_corrupt; never kept
         loaded = _Loaded(cache, identity, checked)
         if not lazy:
             return loaded, cache.nbytes

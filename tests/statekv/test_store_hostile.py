@@ -315,3 +315,16 @@ def test_caches_written_before_footer_digests_stay_readable(store_root):
     _answer_reads(uri, options)
     full = load_cache(uri, storage_options=options, lazy=False)
     assert len(full.chunks) == 4 and full.state is not None
+
+
+def test_a_flipped_prefill_layout_is_refused_before_answering(engine, tmp_path):
+    """Regression (issue 18.7): a re-checksummed manifest whose `prefill.layout` says video-first for a prefix-first
+    cache answered with the chat text moved to the wrong place. The stored prefix tokens give it away."""
+    uri = str(tmp_path / "vid")
+    prefill_to_store(engine, synthetic_frames(8, 56, 84, seed=3), uri, fps=2.0)
+    m = _raw(uri, None)
+    assert m["prefill"]["layout"] == "prefix-first"
+    m["prefill"]["layout"] = "video-first"
+    _put(uri, None, m)
+    with pytest.raises(CacheCorruptError, match=r"'vid'.*prefill\.layout.*'video-first'"):
+        engine.ask(load_cache(uri), "What happens?", max_new_tokens=1)
