@@ -344,40 +344,48 @@ def test_http_traversal_in_path_refused(served):
         assert "error" in r.json()
 
 
+def _counters() -> dict:
+    """The query app's counters (in_flight, generated_tokens, cancelled, ...)."""
+    from ray import serve
+
+    return serve.get_app_handle("query").stats.remote().result()["counters"]
+
+
+def _wait_for(condition, what: str, timeout: float = 300.0) -> dict:
+    """Poll the counters until `condition(counters)` holds (no fixed sleeps); the counters then."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition(now := _counters()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: {now}")
+        threading.Event().wait(0.05)
+    return now
+
+
+def _send_raw(port: int, body: dict) -> socket.socket:
+    """POST /v1/ask on a raw socket (so the test decides when the client leaves)."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /v1/ask HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
 def test_http_abandoned_request_stops_computing(served, engine, store):
     """A client that gives up on a long non-streaming answer: the replica stops decoding it (Serve cancels the
     request when the connection closes), far before max_new_tokens."""
-    from ray import serve
-
     client, _ = served
     root, options = store
     # what the request would cost to its end: the greedy answer runs to its end-of-sequence token
     natural = len(engine.ask(load_cache(f"{root}/clip_a", storage_options=options), QUESTIONS[0],
                              max_new_tokens=LIMIT).token_ids)
     assert natural > 500
-    handle = serve.get_app_handle("query")
-
-    def counters() -> dict:
-        return handle.stats.remote().result()["counters"]
-
-    def wait_for(condition, what: str, timeout: float = 300.0) -> dict:
-        import time
-
-        deadline = time.monotonic() + timeout
-        while not condition(now := counters()):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: {now}")
-            threading.Event().wait(0.05)
-        return now
-
-    before = wait_for(lambda c: c["in_flight"] == 0, "idle replica")
-    body = json.dumps({"video_id": "clip_a", "question": QUESTIONS[0], "max_new_tokens": LIMIT}).encode()
-    sock = socket.create_connection(("127.0.0.1", client.base_url.port))
-    sock.sendall(b"POST /v1/ask HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    wait_for(lambda c: c["in_flight"] == 1 and c["generated_tokens"] > before["generated_tokens"], "decoding")
+    before = _wait_for(lambda c: c["in_flight"] == 0, "idle replica")
+    sock = _send_raw(client.base_url.port, {"video_id": "clip_a", "question": QUESTIONS[0], "max_new_tokens": LIMIT})
+    _wait_for(lambda c: c["in_flight"] == 1 and c["generated_tokens"] > before["generated_tokens"], "decoding")
     sock.close()  # the client gives up
-    after = wait_for(lambda c: c["in_flight"] == 0, "the abandoned answer to stop")
+    after = _wait_for(lambda c: c["in_flight"] == 0, "the abandoned answer to stop")
     assert after["cancelled"] == before["cancelled"] + 1  # stopped by the cancel, not by its own end
     assert after["generated_tokens"] - before["generated_tokens"] < natural // 2
 
@@ -386,37 +394,17 @@ def test_http_abandoned_stream_stops_at_once(served):
     """Regression (issue 18, point 10): a streaming client that left kept its answer's generator (and `in_flight`)
     alive until garbage collection, and Serve's cancelled receive channel (TaskCancelledError) was logged as an
     unexpected error. Now the stream's work stops with the response: `in_flight` is back to 0 and the tokens stop."""
-    import time
-
-    from ray import serve
-
     client, _ = served
-    handle = serve.get_app_handle("query")
-
-    def counters() -> dict:
-        return handle.stats.remote().result()["counters"]
-
-    def wait_for(condition, what: str, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while not condition(now := counters()):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: {now}")
-            threading.Event().wait(0.05)
-        return now
-
-    wait_for(lambda c: c["in_flight"] == 0, "idle replica")
-    body = json.dumps({"video_id": "clip_a", "question": QUESTIONS[0], "max_new_tokens": LIMIT,
-                       "stream": True}).encode()
-    sock = socket.create_connection(("127.0.0.1", client.base_url.port))
-    sock.sendall(b"POST /v1/ask HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    _wait_for(lambda c: c["in_flight"] == 0, "idle replica", timeout=60)
+    sock = _send_raw(client.base_url.port, {"video_id": "clip_a", "question": QUESTIONS[0], "max_new_tokens": LIMIT,
+                                            "stream": True})
     received = b""
     while b"data: " not in received:  # the first token event
         received += sock.recv(65536)
-    wait_for(lambda c: c["in_flight"] == 1, "streaming")
+    _wait_for(lambda c: c["in_flight"] == 1, "streaming", timeout=60)
     sock.close()  # the client gives up
-    after = wait_for(lambda c: c["in_flight"] == 0, "the abandoned stream to stop", timeout=30)
-    assert after["generated_tokens"] == counters()["generated_tokens"]  # no more tokens are made
+    after = _wait_for(lambda c: c["in_flight"] == 0, "the abandoned stream to stop", timeout=30)
+    assert after["generated_tokens"] == _counters()["generated_tokens"]  # no more tokens are made
 
 
 def test_http_retrieval_answers_equal_the_engines(served, engine, store):
