@@ -167,7 +167,6 @@ def _is_number(v: Any) -> bool:
 INT = CursorField("an integer", _is_int)
 NATURAL = CursorField("an integer >= 0", lambda v: _is_int(v) and v >= 0)
 POSITIVE = CursorField("a number > 0", lambda v: _is_number(v) and v > 0)
-TEXT = CursorField("a string", lambda v: isinstance(v, str))
 SIZE = CursorField("a [height, width] pair of integers > 0",
                    lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v))
 
@@ -381,8 +380,8 @@ def _drop_key(tree: Any, key: str) -> None:
 
 
 def next_position_problem(cursor: dict[str, Any], *, prefix_len: int, num_chunks: int) -> str | None:
-    """For 1-D cursors: every chunk holds at least one token after the prefix, so the next position is at least
-    prefix_len + num_chunks."""
+    """For cursors that carry the next text position (1-D families, Qwen3-VL): every chunk holds at least one token
+    after the prefix, so the next position is at least prefix_len + num_chunks."""
     nxt = cursor.get("next_position")
     if not is_count(nxt, low=prefix_len + num_chunks):
         return f"next_position {nxt!r:.40} is before the end of {num_chunks} chunks after a {prefix_len}-token prefix"
@@ -391,4 +390,4 @@ def next_position_problem(cursor: dict[str, Any], *, prefix_len: int, num_chunks
 
 def is_count(value: Any, *, low: int = 0, high: int = 1 << 40) -> bool:
     """An int (not a bool) within [low, high]: what a stored cursor's counts and positions must be."""
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    return _is_int(value) and low <= value <= high
