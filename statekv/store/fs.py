@@ -248,12 +248,10 @@ def read_versioned(fs: fsspec.AbstractFileSystem, path: str, *, limit: int | Non
     With `limit`: ObjectTooLargeError beyond it, and a local object must be a regular file (NotRegularFileError)."""
     s3 = _s3(fs)
     if s3 is None:
-        if limit is None or not is_local(fs):
-            data = fs.cat_file(path) if limit is None else fs.cat_file(path, start=0, end=limit + 1)
-        else:
+        if limit is not None and is_local(fs):
             folder, name = _local_path(fs, path).rsplit("/", 1)
             _open_regular(folder, name).close()  # a regular file, not a link, FIFO or device
-            data = fs.cat_file(path, start=0, end=limit + 1)
+        data = fs.cat_file(path) if limit is None else fs.cat_file(path, start=0, end=limit + 1)
         if limit is not None and len(data) > limit:
             raise ObjectTooLargeError(path, limit)
         return data, hashlib.md5(data).hexdigest()
