@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from statekv.store import format as F
-from statekv.store.fs import (TRANSPORT_ERRORS, StorageOptionsLike, is_local, join, put_atomic, put_if_version,
-                              read_versioned, resolve)
+from statekv.store.fs import (TRANSPORT_ERRORS, NotRegularFileError, ObjectTooLargeError, StorageOptionsLike,
+                              is_local, join, put_atomic, put_if_version, read_versioned, resolve)
 from statekv.store.reader import CacheEntry, CacheListing, InvalidCache, scan
 
 logger = logging.getLogger(__name__)
@@ -297,11 +297,12 @@ def _merge(rows: dict[str, dict[str, Any]], entry: dict[str, Any]) -> None:
 
 
 def _committed(fs: fsspec.AbstractFileSystem, video_path: str, checksum: str) -> bool:
-    """Whether the manifest at `video_path` is the one with `checksum` (a bounded read of that one object)."""
+    """Whether the manifest at `video_path` is the one with `checksum` (the store's bounded manifest read: a local
+    manifest that is a FIFO, a link or a device is never opened)."""
     try:
-        data = fs.cat_file(join(video_path, F.MANIFEST), start=0, end=F.MANIFEST_MAX_BYTES + 1)
-        manifest = json.loads(data) if len(data) <= F.MANIFEST_MAX_BYTES else None
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        data, _ = read_versioned(fs, join(video_path, F.MANIFEST), limit=F.MANIFEST_MAX_BYTES)
+        manifest = json.loads(data)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, NotRegularFileError, ObjectTooLargeError):
         return False
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
