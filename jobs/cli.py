@@ -112,6 +112,38 @@ def _check_retrieval_args(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("--adaptive goes with --top-k, not --segments")
 
 
+def _check_ask_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit 2) of `ask`; sets `args.questions`, every question in order."""
+    _check_retrieval_args(parser, args)
+    questions = ([args.question] if args.question is not None else []) + list(args.more_questions)
+    if args.questions_file is not None:
+        questions += _read_questions(parser, args.questions_file)
+    if not questions:
+        parser.error("give a QUESTION (or --question TEXT, --questions-file FILE)")
+    empty = [i for i, q in enumerate(questions, 1) if not q.strip()]
+    if empty:
+        parser.error(f"question {empty[0]} is empty")
+    if args.stream and len(questions) > 1:
+        parser.error(f"--stream answers one question, got {len(questions)}: leave it out (or use --json)")
+    args.questions = questions
+
+
+def _read_questions(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """The non-empty lines of a questions file ('-' reads stdin), stripped."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        parser.error(f"--questions-file {path!r}: {getattr(err, 'strerror', None) or err}")
+    questions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not questions:
+        parser.error(f"--questions-file {path!r} holds no question")
+    return questions
+
+
 def _retrieval(args: argparse.Namespace) -> Any:
     """The library's retrieval setting from the flags (None without --top-k / --segments)."""
     from statekv.retrieval import retrieval_setting
@@ -158,21 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json_flag(p, "the committed cache's summary")
     _add_storage_args(p)
 
-    p = command("ask", "answer a question from a stored cache",
-                "Answer QUESTION from the cache at URI, without prefilling the video.")
+    p = command("ask", "answer questions from a stored cache",
+                "Answer QUESTION from the cache at URI, without prefilling the video. Several questions (--question "
+                "repeated, --questions-file) load the model and the cache once and are answered together, in order.")
     p.add_argument("uri", metavar="URI", help="cache location")
-    p.add_argument("question", metavar="QUESTION")
+    p.add_argument("question", metavar="QUESTION", nargs="?", help="the question (or give --question / --questions-file)")
+    p.add_argument("--question", dest="more_questions", action="append", default=[], metavar="TEXT",
+                   help="a question; repeat for several (after QUESTION, if given)")
+    p.add_argument("--questions-file", metavar="FILE",
+                   help="questions, one per non-empty line ('-': stdin), after the others")
     _add_model_args(p, required=False)
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 for greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     out = p.add_mutually_exclusive_group()
-    out.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    out.add_argument("--stream", action="store_true", help="print tokens as they are generated (one question)")
     out.add_argument("--json", action="store_true",
-                     help="print the answer, token ids, finish reason, timings (and evidence) as one JSON object")
+                     help="print the answer, token ids, finish reason, timings (and evidence) as one JSON object; "
+                          "with several questions one object per line, in order")
     _add_retrieval_args(p)
-    p.set_defaults(check=functools.partial(_check_retrieval_args, p))
+    p.set_defaults(check=functools.partial(_check_ask_args, p))
     _add_storage_args(p)
 
     p = command("inspect", "describe a stored cache",
@@ -197,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("eval", "compare cache settings with Full on videos and questions (fidelity harness)",
                 "Prefill each video under Full and under each --settings SPEC, ask every question, and report per "
                 "setting the KL and top-1 agreement of the first answer token against Full, greedy agreement, "
-                "prefill FLOPs, stored bytes, bytes read per question and latency (with --dataset, multiple-choice "
-                "accuracy too), as report.md / report.json / fidelity.png under --out. The same harness as "
-                "`python -m jobs.eval`. Random weights say nothing about real accuracy.")
+                "stored bytes, bytes read per question and latency (with --flops prefill FLOPs, with --dataset "
+                "multiple-choice accuracy), as report.md / report.json / fidelity.png under --out, with progress on "
+                "stderr. The same harness as `python -m jobs.eval`. Random weights say nothing about real accuracy.")
     eval_job.add_arguments(p)
 
     p = command("tiny-model", "write a tiny random checkpoint (no download) to try the commands with",
@@ -229,13 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "check", None) is not None:  # a command's checks across its flags (usage errors)
-        args.check(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=_CurrentStderr(),
                         format="%(levelname)s %(name)s: %(message)s")
     handler = {"prefill": cmd_prefill, "ask": cmd_ask, "inspect": cmd_inspect, "ls": cmd_ls, "demo": cmd_demo,
                "index": cmd_index, "serve": cmd_serve, "eval": cmd_eval, "tiny-model": cmd_tiny_model}
     try:
+        if getattr(args, "check", None) is not None:  # a command's checks across its flags (usage errors, exit 2)
+            args.check(args)
         with _quiet_native_libraries(enabled=args.command in NOISY_COMMANDS and not args.verbose):
             return handler[args.command](args)
     except KeyboardInterrupt:
@@ -368,8 +406,7 @@ def _quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
 
 
-def _engine(model: str, args: argparse.Namespace, policy=None, sampling=None, chunks_per_step: int = 1,
-            **engine_kwargs: Any):
+def _engine(model: str, args: argparse.Namespace, **engine_kwargs: Any):
     """Load the model (after the device check, which needs torch but no model)."""
     import torch
 
@@ -378,8 +415,7 @@ def _engine(model: str, args: argparse.Namespace, policy=None, sampling=None, ch
     _set_threads(getattr(args, "threads", DEFAULT_THREADS))
     _quiet_transformers()
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
-    return Engine.from_pretrained(model, policy=policy, device=args.device, dtype=dtype, sampling=sampling,
-                                  chunks_per_step=chunks_per_step, **engine_kwargs)
+    return Engine.from_pretrained(model, device=args.device, dtype=dtype, **engine_kwargs)
 
 
 def _check_device(args: argparse.Namespace) -> None:
@@ -406,8 +442,12 @@ def cmd_prefill(args: argparse.Namespace) -> int:
     from statekv.store.errors import CacheNotFoundError
 
     storage = _storage(args)
-    if args.resume:
-        read_manifest(args.out, storage_options=storage)  # nothing to resume: fail before loading the model
+    recorded = None
+    if args.resume:  # nothing to resume, or a flag that differs from the cache's: fail before loading the model
+        recorded = read_manifest(args.out, storage_options=storage)
+        from jobs.options import resume_settings
+
+        resume_settings(args, recorded, args.out)
     elif not args.overwrite:
         try:
             committed = read_manifest(args.out, storage_options=storage)
@@ -425,11 +465,18 @@ def cmd_prefill(args: argparse.Namespace) -> int:
     from statekv.store import prefill_to_store
     from statekv.video import SamplingConfig
 
-    policy = policy_from_size(args.policy, args.capacity)
-    pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
-    sampling = SamplingConfig(fps=args.fps, max_frames=args.max_frames, **pixels)
-    engine = _engine(model, args, policy=policy, sampling=sampling, chunks_per_step=args.chunks_per_step,
-                     answer_from=args.answer_from, compression=make_compression(args.compression))
+    if recorded is not None:  # a resume continues with every setting the cache was made with
+        from statekv.cache import PrefillConfig
+        from statekv.engine import engine_settings
+
+        engine = _engine(model, args, **engine_settings(PrefillConfig.from_dict(recorded["prefill"])))
+    else:
+        policy = policy_from_size(args.policy, args.capacity)
+        pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels))
+                  if v is not None}
+        sampling = SamplingConfig(fps=args.fps, max_frames=args.max_frames, **pixels)
+        engine = _engine(model, args, policy=policy, sampling=sampling, chunks_per_step=args.chunks_per_step,
+                         answer_from=args.answer_from, compression=make_compression(args.compression))
     bar = None
     progress = None
     if not args.no_progress:
@@ -478,37 +525,54 @@ def cmd_ask(args: argparse.Namespace) -> int:
     load_cache_s = time.perf_counter() - start
     retrieval = _retrieval(args)  # the lazily loaded cache then reads only the chosen chunks
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, retrieval=retrieval)
+                   seed=args.seed)
     if args.stream:
         evidence: list[Any] = []
-        for event in engine.stream(cache, args.question, evidence=evidence, **options):
+        for event in engine.stream(cache, args.questions[0], evidence=evidence, retrieval=retrieval, **options):
             print(event.text, end="", flush=True)
         print()
         if retrieval is not None:
             print(_format_evidence(evidence))
         return 0
-    answer = engine.ask(cache, args.question, **options)
-    if not args.json:
-        print(answer.text)
+    if retrieval is None:  # the questions share the video's KV: one batch, one forward per step
+        from statekv import AnswerRequest
+
+        answers = engine.ask_many(cache, [AnswerRequest(q, **options) for q in args.questions])
+    else:  # each question reads its own chunks
+        answers = [engine.ask(cache, q, retrieval=retrieval, **options) for q in args.questions]
+    several = len(args.questions) > 1
+    timings = {"load_model_s": round(load_model_s, 4), "load_cache_s": round(load_cache_s, 4)}
+    for question, answer in zip(args.questions, answers):
+        if args.json:
+            report = _answer_report(args.uri, question, answer, manifest, cache, retrieval, model, timings)
+            print(json.dumps(report, default=str) if several else json.dumps(report, indent=2, default=str))
+            continue
+        if several:
+            print(f"Q: {question}\nA: {answer.text}")
+        else:
+            print(answer.text)
         if retrieval is not None:
             print(_format_evidence(answer.evidence))
-        return 0
+    return 0
+
+
+def _answer_report(uri: str, question: str, answer: Any, manifest: dict[str, Any], cache: Any, retrieval: Any,
+                   model: str, timings: dict[str, float]) -> dict[str, Any]:
+    """`ask --json`'s object for one answer."""
     from dataclasses import asdict
 
     video_tokens = manifest["totals"]["tokens"] if retrieval is None else \
         sum(cache.chunk_tokens[e.chunk] for e in answer.evidence)
-    _print_json({
-        "uri": args.uri, "question": args.question, "answer": answer.text, "finish_reason": answer.finish_reason,
+    return {
+        "uri": uri, "question": question, "answer": answer.text, "finish_reason": answer.finish_reason,
         "token_ids": answer.token_ids, "prompt_ids": answer.prompt_ids,
         "tokens": {"prompt": len(answer.prompt_ids), "context": manifest["prefix_len"] + video_tokens,
                    "generated": len(answer.token_ids)},
-        "timings": {"load_model_s": round(load_model_s, 4), "load_cache_s": round(load_cache_s, 4),
-                    "first_token_s": round(answer.first_token_s, 4), "total_s": round(answer.total_s, 4)},
+        "timings": {**timings, "first_token_s": round(answer.first_token_s, 4), "total_s": round(answer.total_s, 4)},
         "model": model,
         "retrieval": None if retrieval is None else retrieval.settings(),
         "evidence": None if retrieval is None else [asdict(e) for e in answer.evidence],
-    })
-    return 0
+    }
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -559,10 +623,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from jobs import eval as eval_job
-    from jobs.checks import check_model
 
-    args.model = check_model(args.model)  # before torch loads
-    _check_device(args)
+    _check_device(args)  # the model was checked with the flags (before torch loads)
     _quiet_transformers()
     return eval_job.run(args)
 

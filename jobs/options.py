@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from typing import Any
 
 # The names of statekv.policies.POLICIES (a test keeps them equal), spelled out so that building the parser, and
 # so `--help`, does not import torch.
@@ -13,20 +14,29 @@ ANSWER_FROM = ("chunks", "state")  # statekv.cache.ANSWER_FROM, spelled out for 
 
 VIDEO_BACKENDS = ("auto", "decord", "pyav")  # statekv.video.BACKENDS, spelled out: --help imports no decoder
 
+# The flags a cache's settings come from, with their defaults. Their parser default is None, so that a command can
+# tell a flag given from one left out: `statekv prefill --resume` takes what was left out from the cache it resumes
+# (and refuses a given one that differs); every other use fills in these defaults (`check_prefill_options`).
+PREFILL_DEFAULTS: dict[str, Any] = {"policy": "statekv", "capacity": 4096, "answer_from": "chunks", "fps": 2.0,
+                                    "chunks_per_step": 1, "int8": False}
+
 
 def add_prefill_options(parser: argparse.ArgumentParser) -> None:
     """Policy, sampling, chunking and storage flags, with the same names and defaults everywhere."""
-    parser.add_argument("--policy", default="statekv", choices=POLICY_NAMES, help="carried-state policy")
-    parser.add_argument("--capacity", type=int, default=4096, help="carried tokens per layer and KV head (statekv, window; the budget of infinipot)")
-    parser.add_argument("--answer-from", default="chunks", choices=ANSWER_FROM,
+    d = PREFILL_DEFAULTS
+    parser.add_argument("--policy", choices=POLICY_NAMES, help=f"carried-state policy (default: {d['policy']})")
+    parser.add_argument("--capacity", type=int, help="carried tokens per layer and KV head (statekv, window; the "
+                                                      f"budget of infinipot) (default: {d['capacity']})")
+    parser.add_argument("--answer-from", choices=ANSWER_FROM,
                         help="what the cache stores and answers from: every chunk's KV (chunks) or only the bounded "
-                             "carried state (state: with --policy infinipot, bytes that do not grow with the video)")
+                             "carried state (state: with --policy infinipot, bytes that do not grow with the video) "
+                             f"(default: {d['answer_from']})")
     parser.add_argument("--compress-keep", type=float, default=None, metavar="FRACTION",
                         help="StreamKV write-time compression: each chunk stores only this fraction of its tokens per "
                              "layer, those the guidance prompt attends to most (default: store every token)")
     parser.add_argument("--guidance-prompt", default=None, metavar="TEXT",
                         help="the guidance prompt of --compress-keep (default: \"What is happening in this video?\")")
-    parser.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
+    parser.add_argument("--fps", type=float, help=f"frames sampled per second of video (default: {d['fps']})")
     parser.add_argument("--max-frames", type=int, default=None, metavar="N",
                         help="cap on sampled frames per video (default: no cap); a cap that lowers the fps of a "
                              "long video is warned about, and the manifest records requested and sampled fps")
@@ -34,19 +44,51 @@ def add_prefill_options(parser: argparse.ArgumentParser) -> None:
                         help="video decoder: auto = PyAV, falling back to decord when PyAV cannot open or decode")
     parser.add_argument("--min-pixels", type=int, default=None, help="minimum pixels per frame after resizing")
     parser.add_argument("--max-pixels", type=int, default=None, help="maximum pixels per frame after resizing")
-    parser.add_argument("--chunks-per-step", type=int, default=1,
+    parser.add_argument("--chunks-per-step", type=int,
                         help="chunks per model call; with k > 1 the chunks of a step attend to each other in full and "
                              "the policy selects once per step, so statekv/window results differ from k = 1 "
-                             "(full does not); recorded with the cache, a resume must use the same value")
-    parser.add_argument("--int8", action="store_true", help="store K/V as int8 with scales")
+                             f"(full does not); recorded with the cache (default: {d['chunks_per_step']})")
+    parser.add_argument("--int8", action="store_true", default=None, help="store K/V as int8 with scales")
     parser.set_defaults(check=functools.partial(check_prefill_options, parser))
     parser.add_argument("--overwrite", action="store_true",
                         help="redo videos whose cache is committed already (default: skip them, so a rerun resumes)")
 
 
 def check_prefill_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Usage errors across the flags (exit 2); sets `args.compression` (settings or None)."""
+    """Usage errors across the flags (exit 2); fills in the defaults of the flags left out (not for a resume: it
+    takes them from its cache, `resume_settings`) and sets `args.compression` (settings or None)."""
+    if not getattr(args, "resume", False):
+        for name, value in PREFILL_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     args.compression = compression_settings(parser, args)
+
+
+def recorded_flags(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The value of each prefill flag that would make a cache like the committed one `manifest` describes."""
+    config = manifest["prefill"]
+    policy, sampling, compression = config["policy"], config["sampling"], config.get("compression") or {}
+    return {"policy": policy["name"], "capacity": policy.get("capacity", policy.get("budget")),
+            "answer_from": config.get("answer_from", "chunks"), "fps": sampling["fps"],
+            "max_frames": sampling.get("max_frames"), "min_pixels": sampling.get("min_pixels"),
+            "max_pixels": sampling.get("max_pixels"), "chunks_per_step": config["chunks_per_step"],
+            "compress_keep": compression.get("keep"), "guidance_prompt": compression.get("prompt"),
+            "int8": manifest["storage"] == "int8"}
+
+
+def resume_settings(args: argparse.Namespace, manifest: dict[str, Any], where: str) -> None:
+    """Refuse a prefill flag given for a resume whose value differs from the one the cache at `where` was made
+    with (ValueError naming the flag, both values and the way out); fill in the cache's value for every flag left
+    out. `--capacity` of `full` (which takes none) is the only flag with nothing to compare and is refused too."""
+    for name, value in recorded_flags(manifest).items():
+        given = getattr(args, name, None)
+        if given is not None and given != value:
+            flag = "--" + name.replace("_", "-")
+            shown = "(not set)" if value is None else value
+            raise ValueError(f"{where}: {flag} {given} differs from the cache's {flag} {shown}; a resume continues "
+                             "with the settings the cache was made with (leave the flag out, or --overwrite to "
+                             "prefill anew)")
+        setattr(args, name, value)
 
 
 def compression_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict | None:

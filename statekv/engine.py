@@ -36,7 +36,7 @@ from transformers import DynamicCache
 
 from statekv.cache import (ChunkKV, ModelInfo, PrefillConfig, RecurrentState, VideoInfo, VideoKVCache,
                            check_answer_from)
-from statekv.compression import Guided, compress_step, keep_tokens
+from statekv.compression import Guided, compress_step, keep_tokens, make_compression
 from statekv.decoding import DEFAULT_SYNC_EVERY, AnswerRequest, BatchDecoder, Decoding
 from statekv.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DeviceCacheLRU, DeviceVideo
 from statekv.errors import PrefillConfigMismatchError, VideoError
@@ -641,3 +641,12 @@ def policy_from_settings(settings: dict[str, Any]) -> Policy:
     """Rebuild a policy from the settings recorded with a cache."""
     settings = dict(settings)
     return make_policy(settings.pop("name"), **settings)
+
+
+def engine_settings(config: PrefillConfig) -> dict[str, Any]:
+    """The `Engine` / `Engine.from_pretrained` keyword arguments that make caches with `config` — what a resume
+    continues with, so that its caller need not repeat the settings the cache was made with."""
+    return dict(policy=policy_from_settings(config.policy), sampling=SamplingConfig(**config.sampling),
+                chunks_per_step=config.chunks_per_step, attention_backend=config.attention_backend,
+                layout=config.layout, adapter_options=dict(config.adapter), answer_from=config.answer_from,
+                compression=make_compression(config.compression))

@@ -14,6 +14,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,12 +159,16 @@ def _question_text(item: EvalItem) -> str:
 
 
 def run_fidelity(engine: Any, items: list[EvalItem], settings: list[Setting], *, store_root: str | os.PathLike,
-                 max_new_tokens: int = 16, measure_flops: bool = True, storage_options: Any = None) -> FidelityReport:
+                 max_new_tokens: int = 16, measure_flops: bool = False, storage_options: Any = None,
+                 progress: Callable[[str], None] | None = None) -> FidelityReport:
     """Answer every item under every setting (the first setting must be the `Full` reference); see the module doc.
 
     `engine` supplies the loaded model, sampling and step settings; each setting replaces only its policy (and its
-    kept cache and compression).
+    kept cache and compression). `measure_flops` counts each prefill's FLOPs (`statekv.profiling.count_flops`:
+    exact, but the prefill then runs many times slower). `progress` receives one line per prefilled video and per
+    answered question, naming the setting, the video and the question's place in the run.
     """
+    say = progress or (lambda line: None)
     if not items:
         raise ValueError("no items to evaluate")
     if not settings or not settings[0].is_reference:
@@ -177,18 +182,25 @@ def run_fidelity(engine: Any, items: list[EvalItem], settings: list[Setting], *,
                                   "videos": len(videos), "questions": len(items),
                                   "device": str(engine.device), "dtype": str(engine.adapter.dtype)})
     reference: dict[int, tuple[torch.Tensor, list[int]]] = {}
-    for setting in settings:
+    for s, setting in enumerate(settings, 1):
         run = copy.copy(engine)  # same model and sampling, this setting's policy and kept cache
         run.policy = setting.policy
         run.answer_from = setting.answer_from
         run.compression = setting.compression
-        for video in videos:
+        asked = 0
+        for v, video in enumerate(videos, 1):
+            where = f"setting {s}/{len(settings)} {setting.name}, video {v}/{len(videos)} {Path(video).name}"
             uri = f"{root}/{_slug(setting.name)}/{_video_key(video)}"
-            report.videos.append(_prefill(run, setting, video, uri, measure_flops, storage_options))
+            cost = _prefill(run, setting, video, uri, measure_flops, storage_options)
+            report.videos.append(cost)
+            say(f"{where}: prefilled {cost.chunks} chunks in {cost.prefill_s:.2f} s"
+                + ("" if cost.prefill_flops is None else f" ({cost.prefill_flops / 1e9:.3g} GFLOPs)"))
             for n, item in enumerate(items):
                 if item.video != video:
                     continue
                 result, first_logits = _ask(run, setting, item, uri, max_new_tokens, storage_options)
+                asked += 1
+                say(f"{where}: question {asked}/{len(items)} answered in {result.answer_s:.2f} s")
                 if setting.is_reference:
                     reference[n] = (first_logits, result.answer_tokens)
                 ref_logits, ref_tokens = reference[n]

@@ -489,18 +489,34 @@ def test_eval_writes_the_harness_report(capsys, tmp_path, video, tiny_checkpoint
     assert code == 0, err
     assert "| full |" in out and "| window:8 |" in out
     assert f"wrote {out_dir / 'report.json'}" in err
+    # progress on stderr: what runs, then each prefill and each answer, naming setting, video and question
+    progress = [line for line in err.splitlines() if line.startswith("[eval] ")]
+    assert progress[0] == "[eval] 2 settings (full, window:8) x 1 video(s), 1 question(s)"
+    assert progress[1].startswith("[eval] setting 1/2 full, video 1/1 clip.mp4: prefilled 4 chunks in ")
+    assert progress[2].startswith("[eval] setting 1/2 full, video 1/1 clip.mp4: question 1/1 answered in ")
+    assert progress[3].startswith("[eval] setting 2/2 window:8, video 1/1 clip.mp4: prefilled 4 chunks")
+    assert len(progress) == 5 and "GFLOPs" not in err  # FLOPs are counted only when asked (--flops)
     report = json.loads((out_dir / "report.json").read_text())
     assert (out_dir / "report.md").read_text().strip() in out
     assert "window:8" in json.dumps(report)
 
 
+def usage_error(capsys, *argv: str) -> str:
+    """The last stderr line of a command that must stop with a usage error (exit 2)."""
+    with pytest.raises(SystemExit) as stop:
+        main(list(argv))
+    assert stop.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_eval_errors_are_one_line(capsys, tmp_path, tiny_checkpoints):
-    code, _, err = run(capsys, "eval", "--model", tiny_checkpoints["qwen2_vl"], "--out", str(tmp_path / "r"))
-    assert code == 1 and err.strip() == ("statekv eval: error: nothing to evaluate: give --video/--question, "
-                                         "--questions-file or --dataset")
-    code, _, err = run(capsys, "eval", "--model", tiny_checkpoints["qwen2_vl"], "--video", "v.mp4", "--question",
-                       "q", "--settings", "lru:4")
-    assert code == 1 and err.startswith("statekv eval: error:") and "lru" in err and len(err.splitlines()) == 1
+    model = tiny_checkpoints["qwen2_vl"]
+    assert usage_error(capsys, "eval", "--model", model, "--out", str(tmp_path / "r")) == (
+        "statekv eval: error: nothing to evaluate: give --video/--question, --questions-file or --dataset")
+    line = usage_error(capsys, "eval", "--model", model, "--video", "v.mp4", "--question", "q", "--settings", "lru:4")
+    assert line.startswith("statekv eval: error: unknown setting 'lru:4'")
+    line = usage_error(capsys, "eval", "--model", model, "--video", "v.mp4")
+    assert line == "statekv eval: error: --video and --question go together"
     report = run_reporting_imports(["eval", "--model", "./tny-typo", "--video", "v.mp4", "--question", "q"])
     assert report["rc"] == 1 and report["heavy"] == []
     assert report["stderr"].strip().startswith("statekv eval: error: model './tny-typo': no such directory")

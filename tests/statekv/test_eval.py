@@ -14,6 +14,7 @@ from statekv import Engine
 from statekv.eval import (EvalItem, ReadMeter, first_token_kl, greedy_agreement, load_choice_dataset, parse_setting,
                           parse_settings, run_fidelity)
 from statekv.eval.choice import choice_prompt, letter_token_ids
+from statekv.eval.plot import fidelity_figure, method_of
 from statekv.store.fs import resolve
 from statekv.testing.videos import synthetic_frames, write_video
 from statekv.video import SamplingConfig
@@ -84,7 +85,11 @@ def test_harness_runs_end_to_end_and_writes_its_table_and_plot(tiny_checkpoint, 
     # 16 frames at 2 fps sampled -> 8 chunks of 6 tokens: capacity 1000 keeps everything, 1 keeps one token
     settings = parse_settings(["statekv:1000", "window:1", "statekv:6", "infinipot:1000", "topk:100", "topk:1",
                                "infinipot-cache:12"])
-    report = run_fidelity(engine, items, settings, store_root=tmp_path / "caches", max_new_tokens=4)
+    lines: list[str] = []
+    report = run_fidelity(engine, items, settings, store_root=tmp_path / "caches", max_new_tokens=4,
+                          measure_flops=True, progress=lines.append)
+    assert len(lines) == len(settings) * (1 + len(items))  # one line per prefill and per answer
+    assert lines[-1].startswith("setting 8/8 infinipot-cache:12, video 1/1 ") and "question 2/2 answered" in lines[-1]
     rows = {r["setting"]: r for r in report.summary()}
     assert list(rows) == ["full", "statekv:1000", "window:1", "statekv:6", "infinipot:1000", "topk:100", "topk:1",
                           "infinipot-cache:12"]
@@ -112,6 +117,47 @@ def test_harness_runs_end_to_end_and_writes_its_table_and_plot(tiny_checkpoint, 
     assert json.loads(paths["json"].read_text())["summary"][0]["setting"] == "full"
     assert "| statekv:6 |" in paths["markdown"].read_text()
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_method_of_groups_settings_that_differ_in_their_budget():
+    assert method_of("full") == ("full", None)
+    assert method_of("window:64") == ("window", 64.0)
+    assert method_of("statekv:4096:0.9") == ("statekv (·:0.9)", 4096.0)
+    assert method_of("rekv:4096:64:8+int8") == ("rekv (·:64:8)+int8", 4096.0)
+    assert method_of("guided:0.25") == ("guided", 0.25)
+
+
+def summary_row(setting: str, kl: float, top1: float, stored: float, read: float, flops: float | None) -> dict:
+    return {"setting": setting, "first_token_kl": kl, "top1_agreement": top1, "greedy_agreement": top1,
+            "accuracy": None, "prefill_flops": flops, "stored_bytes": stored, "bytes_read_per_question": read,
+            "first_token_s_p50": 0.01}
+
+
+@pytest.mark.parametrize("flops", [None, 2e9])
+def test_fidelity_figure_draws_one_line_per_method_and_full_at_zero(flops):
+    import matplotlib.pyplot as plt
+
+    summary = [summary_row("full", 0.0, 1.0, 4e6, 4e6, flops),
+               summary_row("window:16", 0.3, 0.5, 1e6, 4e6, flops), summary_row("window:64", 0.1, 0.75, 2e6, 4e6, flops),
+               summary_row("statekv:64", 0.05, 1.0, 2e6, 4e6, flops), summary_row("statekv:16", 0.2, 0.5, 1e6, 4e6, flops)]
+    fig = fidelity_figure(summary)
+    try:
+        panels = [ax for ax in fig.axes if ax.lines]
+        assert len(panels) == (3 if flops else 2) * 2  # no empty FLOPs panel when none were counted
+        legend = fig.legends[0]
+        assert [t.get_text() for t in legend.get_texts()] == ["full (reference)", "window", "statekv"]
+        kl_stored = panels[0]
+        lines = {line.get_label(): line for line in kl_stored.lines}
+        assert list(lines["full (reference)"].get_ydata()) == [0.0]  # drawn at its KL, not a made-up floor
+        assert kl_stored.get_yscale() == "symlog"
+        # one line per method, its points in budget order, at their measured cost
+        assert list(lines["window"].get_xdata()) == [1.0, 2.0] and list(lines["window"].get_ydata()) == [0.3, 0.1]
+        assert list(lines["statekv"].get_xdata()) == [1.0, 2.0] and list(lines["statekv"].get_ydata()) == [0.2, 0.05]
+        table = next(ax for ax in fig.axes if ax.tables).tables[0]
+        texts = {cell.get_text().get_text() for cell in table.get_celld().values()}
+        assert {"setting", "window:16", "statekv:64", "0.3", "MB stored per video"} <= texts
+    finally:
+        plt.close(fig)
 
 
 def test_guided_settings_parse_and_compare_in_the_harness(tiny_checkpoints, eval_video, tmp_path):
