@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from statekv.errors import VideoNotFoundError
+from statekv.errors import EmptyVideoError, VideoNotFoundError
 from statekv.locate import locate_checkpoint
 from statekv.video_ids import validate_video_id
 
@@ -29,10 +29,14 @@ def check_model(name: str) -> str:
 
 
 def check_video(video: str) -> None:
-    """A local video must exist (remote ones are checked when they are opened)."""
-    if is_local(video) and not os.path.isfile(local_path(video)):
+    """A local video must exist and hold bytes (remote ones are checked when they are opened)."""
+    if not is_local(video):
+        return
+    if not os.path.isfile(local_path(video)):
         reason = "is a directory, not a video file" if os.path.isdir(local_path(video)) else "no such file"
         raise VideoNotFoundError(video, reason)
+    if os.path.getsize(local_path(video)) == 0:
+        raise EmptyVideoError(video, "empty file (0 bytes)")
 
 
 def check_cache_uri(uri: str) -> str:

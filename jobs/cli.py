@@ -340,14 +340,44 @@ def _quiet_native_libraries(*, enabled: bool) -> Iterator[None]:
         return
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
-        if sys.stderr is not sys.__stderr__ or not _has_fd(sys.stderr):
-            yield
-        else:
-            with _native_stderr_to_devnull():
+    kernels = logging.getLogger(KERNELS_LOGGER)
+    once = _KernelFallbackOnce()
+    kernels.addFilter(once)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+            if sys.stderr is not sys.__stderr__ or not _has_fd(sys.stderr):
                 yield
+            else:
+                with _native_stderr_to_devnull():
+                    yield
+    finally:
+        kernels.removeFilter(once)
+
+
+KERNELS_LOGGER = "transformers.integrations.hub_kernels"  # "`<kernel>` is falling back to its reference PyTorch ..."
+
+
+class _KernelFallbackOnce(logging.Filter):
+    """transformers warns once per kernel that it runs its reference PyTorch implementation (Qwen3.5's four
+    linear-attention kernels: 2-4 lines on every command); without -v the first becomes one line for all of them,
+    the rest are dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "falling back to its reference PyTorch" not in record.getMessage():
+            return True
+        if self.said:
+            return False
+        self.said = True
+        record.msg, record.args = ("some kernels run transformers' reference PyTorch implementation (correct, "
+                                   "slower; install flash-linear-attention and causal-conv1d for the fast ones; "
+                                   "-v names them)"), ()
+        return True
 
 
 @contextlib.contextmanager

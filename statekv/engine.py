@@ -556,7 +556,8 @@ class Engine:
             raise ValueError(f"retrieval needs every chunk addressable: the cache holds {len(cache.chunks)} of "
                              f"{cache.num_chunks} (load it from its store, lazily)")
         prefix = lambda i: (cache.prefix_keys[i], cache.prefix_values[i])  # noqa: E731
-        common = dict(frame_seconds=1.0 / cache.video.sampled_fps, segments=cache.scenes or None)
+        common = dict(frame_times=cache.video.timestamps, duration=cache.video.duration,
+                      frame_seconds=1.0 / cache.video.sampled_fps, segments=cache.scenes or None)
         budgets = None
         if retrieval.adaptive:
             probe_cache = self._answer_cache(cache, prefix)

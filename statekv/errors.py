@@ -25,7 +25,7 @@ class VideoDecodeError(VideoError):
 
 
 class EmptyVideoError(VideoError):
-    """The video decodes but has no frames."""
+    """The video holds no frames: an empty file, a container without a video stream, or one that decodes to none."""
 
 
 class UnsupportedModelError(StateKVError, ValueError):

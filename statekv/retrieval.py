@@ -260,13 +260,14 @@ class RetrievalContext:
     """
 
     def __init__(self, retrieval: Retrieval, chunks: Any, cache_layers: Any, prefix_len: int, *,
-                 frame_seconds: float, segments: list[tuple[int, int]] | None = None,
-                 budgets: dict[int, int] | None = None, probe: bool = False) -> None:
+                 frame_times: Sequence[float], duration: float, frame_seconds: float,
+                 segments: list[tuple[int, int]] | None = None, budgets: dict[int, int] | None = None,
+                 probe: bool = False) -> None:
         self.retrieval = retrieval
         self.chunks = chunks
         self.cache_layers = cache_layers
         self.prefix_len = prefix_len
-        self.frame_seconds = frame_seconds
+        self.frame_times, self.duration, self.frame_seconds = frame_times, duration, frame_seconds
         self.segments = segments
         self.budgets = budgets
         self.probe = probe
@@ -317,10 +318,24 @@ class RetrievalContext:
                 counts.setdefault(i, []).append(float(self.scores[layer][i]))
         out = []
         for i in sorted(counts):
-            times = self._meta[i].timestamps
-            out.append(Evidence(chunk=i, start_s=float(times[0]), end_s=float(times[-1]) + self.frame_seconds,
-                                score=sum(counts[i]) / len(counts[i]), layers=len(counts[i])))
+            start, end = chunk_span(self._meta[i].frame_range, self.frame_times, self.duration, self.frame_seconds)
+            out.append(Evidence(chunk=i, start_s=start, end_s=end, score=sum(counts[i]) / len(counts[i]),
+                                layers=len(counts[i])))
         return out
+
+
+def chunk_span(frame_range: tuple[int, int], frame_times: Sequence[float], duration: float,
+               frame_seconds: float) -> tuple[float, float]:
+    """[start, end) seconds of the chunk holding sampled frames [lo, hi): from its first frame's time to the next
+    chunk's first frame's, and to the video's duration for the last chunk — so chunk ranges tile the video, also
+    when frames are not evenly spaced (VFR). A cache without a recorded duration ends its last chunk one sampled
+    interval (`frame_seconds`) after its last frame."""
+    lo, hi = frame_range
+    start = float(frame_times[lo])
+    if hi < len(frame_times):
+        return start, float(frame_times[hi])
+    last = float(frame_times[hi - 1])
+    return start, float(duration) if duration > last else last + frame_seconds
 
 
 RETRIEVALS: dict[str, type[Retrieval]] = {"topk": TopK, "segments": Segments}

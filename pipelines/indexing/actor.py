@@ -154,8 +154,10 @@ class IndexActor:
 
         self.config = config if isinstance(config, IndexConfig) else IndexConfig(**config)
         c = self.config
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("pipelines").setLevel(logging.INFO)
+        # our progress at INFO; other libraries' INFO (botocore's "Found credentials ..." on every S3 client) stays out
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for name in ("pipelines", "statekv"):
+            logging.getLogger(name).setLevel(logging.INFO)
         pixels = {k: v for k, v in (("min_pixels", c.min_pixels), ("max_pixels", c.max_pixels)) if v is not None}
         self.engine = Engine.from_pretrained(
             c.model, policy=policy_from_size(c.policy, c.capacity), device=c.device,
@@ -241,7 +243,7 @@ class IndexActor:
 
         c = self.config
         video_id = row["video_id"]
-        base = open_video(local, backend=c.backend)
+        base = open_video(local, backend=c.backend, name=_source_name(row, c))  # errors name the input, not scratch
         try:
             source = PrefetchSource(ClipSource(base, row["start"], row["end"]), depth=c.prefetch_batches)
         except BaseException:

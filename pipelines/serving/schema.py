@@ -129,7 +129,8 @@ class Evidence(BaseModel):
 
     chunk: int = Field(description="chunk index in the cache")
     start_s: float = Field(description="time of the chunk's first frame in the source video, seconds")
-    end_s: float = Field(description="end of the chunk's last frame (its time + one sampled frame's duration)")
+    end_s: float = Field(description="end of the chunk: the next chunk's first frame time, the video's duration for "
+                                     "the last chunk (chunk ranges tile the video)")
     score: float = Field(description="mean relevance score (question query · summary key) over the layers that "
                                      "chose it")
     layers: int = Field(description="how many layers attended to it")

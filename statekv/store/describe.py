@@ -78,6 +78,16 @@ def compression_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
     return [("stored", f"{settings['name']} ({options}): {counts} of {m['totals']['tokens']} video tokens per layer")]
 
 
+def _frames_text(video: dict[str, Any]) -> str:
+    """How the frames were sampled; a video shorter than the sampler's minimum gives all its frames, the last
+    repeated to fill whole chunks — said as such, not as a frame rate above the video's own."""
+    indices = video["frame_indices"]
+    distinct, total = len(set(indices)), video["total_frames"]
+    if distinct == total and len(indices) > distinct:
+        return f"all {total} of {total} ({len(indices) - distinct} repeated to fill whole chunks: {len(indices)} in all)"
+    return f"{len(indices)} sampled at {video['sampled_fps']:.2f} fps from {total}"
+
+
 def format_manifest(uri: str, m: dict[str, Any]) -> str:
     """`statekv inspect`'s text: one `name: value` line per aspect of the cache."""
     video, totals, model, prefill = m["video"], m["totals"], m["model"], m["prefill"]
@@ -93,9 +103,8 @@ def format_manifest(uri: str, m: dict[str, Any]) -> str:
         ("policy", f"{prefill['policy']['name']}" + (f" ({policy})" if policy else "")),
         ("prefill", f"layout {prefill['layout']}, {prefill['chunks_per_step']} chunk(s) per step, "
                     f"attention {prefill['attention_backend']}"),
-        ("frames", f"{len(video['frame_indices'])} sampled at {video['sampled_fps']:.2f} fps "
-                   f"from {video['total_frames']} ({video['frame_size'][1]}x{video['frame_size'][0]})"),
-        ("duration", f"{duration:.1f} s"),
+        ("frames", f"{_frames_text(video)} ({video['frame_size'][1]}x{video['frame_size'][0]})"),
+        ("duration", f"{duration:.1f} s" if duration >= 1 else f"{duration:.3g} s"),
         ("tokens", f"{totals['tokens']} video tokens in {totals['chunks']} chunks "
                    + (f"({per_chunk_text} per chunk), " if per_chunk else "") + f"prefix {m['prefix_len']}"),
         ("state", (f"{state_tokens(m)} tokens per layer and KV head" if m.get("has_state") else "none")

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import fsspec
 import numpy as np
 
-from statekv.errors import VideoDecodeError, VideoError, VideoNotFoundError
+from statekv.errors import EmptyVideoError, VideoDecodeError, VideoError, VideoNotFoundError
 from statekv.video.decord_reader import DecordReader
 from statekv.video.pyav_reader import PyAVReader
 from statekv.video.source import FramesSource, VideoSource, iter_frame_batches
@@ -42,11 +42,14 @@ def open_video(
     *,
     backend: str = "auto",
     storage_options: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> VideoSource:
     """Open a video for reading frames by index; close it (or use `with`) to free decoders and temporary files.
 
     `storage_options` go to fsspec for remote URLs (e.g. `{"client_kwargs": {"endpoint_url": ...}}` for S3) and
-    are ignored for local paths and file objects. Raises VideoNotFoundError, VideoDecodeError or EmptyVideoError.
+    are ignored for local paths and file objects. `name` is what errors and the reader's `source` call a local
+    file (default: its path), e.g. the object a local scratch copy was fetched from. Raises VideoNotFoundError,
+    VideoDecodeError or EmptyVideoError (an empty file is one, before any decoder runs).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown video backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
@@ -57,15 +60,18 @@ def open_video(
             return DecordReader(source, name)  # decord copies the whole stream into memory
         return PyAVReader(source, name)  # "auto" streams file objects with PyAV
 
-    name = os.fspath(source)
-    if isinstance(name, bytes):
-        name = os.fsdecode(name)
-    protocol, path = fsspec.core.split_protocol(name)
+    location = os.fspath(source)
+    if isinstance(location, bytes):
+        location = os.fsdecode(location)
+    protocol, path = fsspec.core.split_protocol(location)
     if protocol in _LOCAL_PROTOCOLS:
+        name = name or location
         if not os.path.isfile(path):
             reason = "not a file (a directory)" if os.path.isdir(path) else "no such file"
             raise VideoNotFoundError(name, reason)
+        check_not_empty(path, name)
         return _open_path(path, name, backend, cleanup=None)
+    name = location
 
     fs, path = fsspec.core.url_to_fs(name, **(storage_options or {}))
     if backend == "pyav":
@@ -75,7 +81,14 @@ def open_video(
             raise VideoNotFoundError(name, "no such file") from err
         return _construct(lambda: PyAVReader(stream, name, on_close=stream.close), stream.close)
     local = _download(fs, path, name)
+    _construct(lambda: check_not_empty(local, name), lambda: _remove(local))
     return _open_path(local, name, backend, cleanup=lambda: _remove(local))
+
+
+def check_not_empty(path: str, name: str) -> None:
+    """EmptyVideoError for a 0-byte local file (decoders would only say "Invalid data found")."""
+    if os.path.getsize(path) == 0:
+        raise EmptyVideoError(name, "empty file (0 bytes)")
 
 
 def _construct(build: Callable[[], VideoSource], cleanup: Callable[[], None] | None) -> VideoSource:
@@ -96,6 +109,10 @@ def _open_path(path: str, name: str, backend: str, *, cleanup: Callable[[], None
         return _construct(lambda: DecordReader(path, name, on_close=cleanup), cleanup)
     try:
         return FallbackReader(PyAVReader(path, name), lambda: DecordReader(path, name), on_close=cleanup)
+    except EmptyVideoError:  # FFmpeg found no video frames: decord (FFmpeg too) would only say it less clearly
+        if cleanup is not None:
+            cleanup()
+        raise
     except VideoError as err:
         logger.debug("pyav failed on %s (%s); retrying with decord", name, err.reason)
         pyav_error = err

@@ -159,6 +159,33 @@ def test_a_missing_video_fails_before_any_model_loads(tmp_path, tiny_checkpoints
     assert not (tmp_path / "caches").exists()
 
 
+def test_an_empty_video_file_fails_before_any_model_loads(tmp_path, tiny_checkpoints):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    report = run_reporting_imports(["prefill", str(empty), "--model", tiny_checkpoints["qwen2_vl"],
+                                    "--out", str(tmp_path / "caches" / "x")])
+    assert report["rc"] == 1 and report["heavy"] == []
+    assert report["stderr"].strip() == f"statekv prefill: error: video '{empty}': empty file (0 bytes)"
+
+
+def test_kernel_fallback_warnings_are_one_line(tmp_path, video):
+    """Qwen3.5's linear-attention kernels each warned that they run transformers' reference PyTorch code (2-4 lines
+    on every command): one line without -v, transformers' own lines (naming each kernel) with it."""
+    from statekv.testing.checkpoints import save_tiny_checkpoint
+
+    model = str(save_tiny_checkpoint(tmp_path / "qwen3_5", "qwen3_5"))
+    argv = [sys.executable, "-m", "jobs.cli", "prefill", video, "--model", model, "--capacity", "8", "--no-progress",
+            *PIXELS]
+    quiet = subprocess.run([*argv, "--out", str(tmp_path / "a" / "clip")], capture_output=True, text=True,
+                           timeout=300, cwd=REPO)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr.count("reference PyTorch") == 1 and "-v names them" in quiet.stderr
+    verbose = subprocess.run([*argv, "--out", str(tmp_path / "b" / "clip"), "-v"], capture_output=True, text=True,
+                             timeout=300, cwd=REPO)
+    assert verbose.returncode == 0, verbose.stderr
+    assert verbose.stderr.count("is falling back to its reference PyTorch implementation") >= 2
+
+
 def test_a_committed_cache_is_skipped_without_loading_the_model(tmp_path, video, tiny_checkpoints, capsys):
     uri = str(tmp_path / "caches" / "clip")
     code, _, err = run(capsys, "prefill", video, "--model", tiny_checkpoints["qwen2_vl"], "--out", uri,

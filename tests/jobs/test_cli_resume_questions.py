@@ -133,3 +133,17 @@ def test_ask_question_usage_errors_exit_2(capsys, tmp_path, argv, message):
         main(["ask", str(tmp_path / "caches" / "clip"), *argv])
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_one_frame_clip_is_described_as_it_is(capsys, tmp_path, tiny_checkpoints):
+    """Regression: a 1-frame clip was "2 sampled at 60.00 fps from 1, duration 0.0 s"."""
+    clip = tmp_path / "one.mp4"
+    write_video(clip, synthetic_frames(1, 56, 84), fps=30.0)
+    uri = str(tmp_path / "caches" / "one")
+    code, _, err = run(capsys, "prefill", str(clip), "--model", tiny_checkpoints["qwen2_vl"], "--out", uri,
+                       "--no-progress", *PIXELS)
+    assert code == 0, err
+    code, out, _ = run(capsys, "inspect", uri)
+    assert code == 0
+    assert "frames:   all 1 of 1 (1 repeated to fill whole chunks: 2 in all)" in out
+    assert "duration: 0.0333 s" in out and "fps" not in out.split("frames:")[1].splitlines()[0]

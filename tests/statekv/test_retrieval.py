@@ -106,3 +106,15 @@ def test_retrieval_setting_names_what_users_give():
                          ({"top_k": 0}, "top_k must be a positive integer")):
         with pytest.raises(ValueError, match=message):
             retrieval_setting(**bad)
+
+
+def test_chunk_spans_tile_the_video_with_uneven_frames():
+    """Regression (VFR clip): chunk 3 ended at 4.02 s while chunk 4 started at 4.00 s, and the last chunk ended at
+    34.30 s on a 33.84 s clip. Ranges run from a chunk's first frame to the next chunk's, the last to the duration."""
+    from statekv.retrieval import chunk_span
+
+    times = [0.0, 0.5, 1.1, 1.5, 2.0, 2.52, 3.0, 4.0]  # uneven: frames dropped around 3-4 s
+    spans = [chunk_span((lo, lo + 2), times, 4.3, 0.5) for lo in range(0, 8, 2)]
+    assert spans == [(0.0, 1.1), (1.1, 2.0), (2.0, 3.0), (3.0, 4.3)]
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert chunk_span((6, 8), times, 0.0, 0.5) == (3.0, 4.5)  # no recorded duration: one sampled interval after

@@ -229,18 +229,33 @@ def test_missing_file(tmp_path: Path, backend: str) -> None:
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("kind", ["zero", "random"])
 def test_undecodable_bytes(videos: dict[str, Path], backend: str, kind: str) -> None:
+    with pytest.raises(VideoDecodeError, match="file object"):
+        open_video(io.BytesIO(videos[kind].read_bytes()), backend=backend)
+    if kind == "zero":  # a path to an empty file says so before any decoder runs
+        with pytest.raises(EmptyVideoError) as empty:
+            open_video(videos[kind], backend=backend)
+        assert str(empty.value) == f"video {str(videos[kind])!r}: empty file (0 bytes)"
+        return
     with pytest.raises(VideoDecodeError) as info:
         open_video(videos[kind], backend=backend)
     assert str(videos[kind]) in str(info.value)
     assert ("decord" if backend == "decord" else "pyav") in info.value.reason
-    with pytest.raises(VideoDecodeError, match="file object"):
-        open_video(io.BytesIO(videos[kind].read_bytes()), backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["auto", "pyav"])
 def test_container_without_frames_is_empty(videos: dict[str, Path], backend: str) -> None:
-    with pytest.raises(EmptyVideoError, match="no_stream.mp4"):
+    with pytest.raises(EmptyVideoError, match="no_stream.mp4") as info:
         open_video(videos["no_stream"], backend=backend)
+    # PyAV's reason alone: decord (FFmpeg too) would add only its C++ check ("st_nb >= 0")
+    assert info.value.reason == "container has no video stream"
+
+
+def test_a_local_copy_is_named_as_its_source(videos: dict[str, Path]) -> None:
+    with pytest.raises(EmptyVideoError) as info:
+        open_video(videos["no_stream"], name="s3://bucket/videos/a.mp4")
+    assert str(info.value) == "video 's3://bucket/videos/a.mp4': container has no video stream"
+    with open_video(videos["mp4"], name="s3://bucket/videos/b.mp4") as video:
+        assert video.source == "s3://bucket/videos/b.mp4"
 
 
 def test_auto_reads_with_pyav_and_works_without_decord(videos: dict[str, Path],
