@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, positional: bool = True) -
         parser.add_argument("--input", required=True, help="prefix, glob, manifest (.csv/.jsonl/.parquet) or .tar")
         parser.add_argument("--output", required=True, help="cache root (local or s3://)")
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    parser.add_argument("--address", help="Ray cluster to join ('auto' = this node's); default: start a local one")
+    parser.add_argument("--address", help="Ray cluster to join ('auto' = this node's), given this shell's AWS_* "
+                                           "storage variables and Ray token; default: start a local one")
     parser.add_argument("--actors", type=int, default=1, help="model actors (one model each)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (0: CPU actors)")
     parser.add_argument("--decode-cpus", type=float, default=1.0,

@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, a local S3 server, ...)")
     parser.add_argument("--region", help="S3 region (default: from the AWS environment)")
     parser.add_argument("--address", default=None,
-                        help="Ray cluster to join (default: start a local one)")
+                        help="Ray cluster to join, given this shell's AWS_* storage variables and Ray token (default: "
+                             "start a local one)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from pipelines.cluster import init_ray
     from pipelines.serving.app import build_app
 
     config = config_from_args(args)  # bad settings fail here, before any cluster starts
@@ -66,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     def stop(signum, frame):  # SIGTERM (kill, a container stop) shuts down like Ctrl-C
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    ray.init(address=args.address, include_dashboard=False)
+    init_ray(args.address, include_dashboard=False)  # joining: with this shell's storage credentials
+    signal.signal(signal.SIGTERM, stop)  # after Ray's init, which installs its own SIGTERM handler (an abort)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(config), name="statekv", route_prefix="/", blocking=False)

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any
 
+from pipelines import cluster
 from pipelines.indexing.actor import IndexActor, report_row
 from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import list_inputs
@@ -49,15 +50,9 @@ def build(config: IndexConfig, rows: list[dict[str, Any]]):
 
 
 def init_ray(address: str | None) -> None:
-    """Join the cluster at `address` ("auto" = the one on this node), or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(log_to_driver=True)
+    """Join the cluster at `address` ("auto" = the one on this node) with this shell's storage credentials, or
+    start a local one (`pipelines.cluster.init_ray`)."""
+    cluster.init_ray(address, log_to_driver=True)
 
 
 def run_index(config: IndexConfig, *, address: str | None = None, echo=print) -> Summary:

@@ -10,90 +10,24 @@ the processes it started — never `ray stop`, which would end every Ray cluster
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.infra.ray_head import start_head
 from tests.pipelines.test_indexing import PIXELS, _videos
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _pids_under(temp_dir: str) -> list[int]:
-    """Processes whose command line names `temp_dir`: the Ray processes of the head this test started."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if temp_dir.encode() in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
 @pytest.fixture
 def ray_head():
     """(dashboard URL, env for the `ray` CLI) of a fresh single-node head on 127.0.0.1 with 2 CPUs."""
-    temp_dir = tempfile.mkdtemp(prefix="skv-ray-", dir="/tmp")  # short: Ray's socket paths live under it
-    gcs, dash, client, node, obj, agent_http, agent_grpc, rt_env, metrics = _free_ports(9)
-    workers = _free_ports(1)[0]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
-    env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled",
-               AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-         f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--ray-client-server-port={client}", f"--node-manager-port={node}", f"--object-manager-port={obj}",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
-         f"--min-worker-port={workers}", f"--max-worker-port={workers + 40}", "--num-cpus=2",
-         f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 180
-        while True:  # ready once the job server answers
-            assert head.poll() is None, head.stdout.read()[-3000:]
-            probe = subprocess.run(["ray", "job", "list", "--address", url], env=env, capture_output=True,
-                                   text=True)
-            if probe.returncode == 0:
-                break
-            assert time.time() < deadline, probe.stderr[-2000:]
-            time.sleep(1)
-        yield url, env
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        deadline = time.time() + 30
-        while _pids_under(temp_dir) and time.time() < deadline:
-            time.sleep(0.5)
-        for pid in _pids_under(temp_dir):  # agents that outlive the raylet for a while
-            os.kill(pid, signal.SIGKILL)
+    with start_head(auth="disabled") as head:
+        yield head.dashboard, head.env
 
 
 def _submit(url: str, env: dict, runtime_env: dict, *args: str) -> tuple[str, str]:

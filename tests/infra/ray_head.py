@@ -1,0 +1,101 @@
+"""A real Ray head for the tests that join or submit to one: Ray's own `ray start --head --block` on loopback ports
+with its own temp dir (so no other test's `ray.init()` finds it), started without any AWS variables, and stopped by
+signalling the processes it started — never `ray stop`, which would end every Ray cluster on the machine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Head:
+    dashboard: str  # http://127.0.0.1:<port> (job server, state API)
+    gcs: str  # 127.0.0.1:<port>, what `--address` joins
+    env: dict[str, str]  # the environment the head runs with (and the `ray` CLI needs: its auth mode and token)
+    temp_dir: str
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _pids_under(temp_dir: str) -> list[int]:
+    """Processes whose command line names `temp_dir`: the Ray processes of the head a test started."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if temp_dir.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@contextlib.contextmanager
+def start_head(*, auth: str = "disabled", num_cpus: int = 2) -> Iterator[Head]:
+    """A fresh single-node head on 127.0.0.1. `auth="token"` turns Ray's token authentication on, with a token
+    written to `<temp_dir>/auth_token` (RAY_AUTH_TOKEN_PATH in `Head.env`)."""
+    temp_dir = tempfile.mkdtemp(prefix="skv-ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    gcs, dash, client, node, obj, agent_http, agent_grpc, rt_env, metrics = free_ports(9)
+    workers = free_ports(1)[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", RAY_AUTH_MODE=auth,
+               AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    if auth == "token":
+        token = Path(temp_dir) / "auth_token"
+        token.write_text(os.urandom(16).hex())
+        env["RAY_AUTH_TOKEN_PATH"] = str(token)
+    log = open(Path(temp_dir) / "head.log", "w")
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+         f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--ray-client-server-port={client}", f"--node-manager-port={node}", f"--object-manager-port={obj}",
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
+         f"--min-worker-port={workers}", f"--max-worker-port={workers + 40}", f"--num-cpus={num_cpus}",
+         f"--temp-dir={temp_dir}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 180
+        while True:  # ready once the job server answers
+            assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
+            probe = subprocess.run(["ray", "job", "list", "--address", url], env=env, capture_output=True,
+                                   text=True)
+            if probe.returncode == 0:
+                break
+            assert time.time() < deadline, probe.stderr[-2000:]
+            time.sleep(1)
+        yield Head(dashboard=url, gcs=f"127.0.0.1:{gcs}", env=env, temp_dir=temp_dir)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        log.close()
+        deadline = time.time() + 30
+        while _pids_under(temp_dir) and time.time() < deadline:
+            time.sleep(0.5)
+        for pid in _pids_under(temp_dir):  # agents that outlive the raylet for a while
+            os.kill(pid, signal.SIGKILL)
