@@ -1,6 +1,6 @@
 """The `statekv` command line: prefill a video into a stored cache, ask it questions (from every chunk, or from the
 chunks retrieval chooses, cited with their time ranges), inspect and list caches, index a video archive with Ray
-(`index`), serve questions over HTTP (`serve`), compare cache settings with the fidelity harness (`eval`), write a
+(`index`), serve questions over HTTP (`serve`) to holders of API keys (`keys`), compare cache settings with the fidelity harness (`eval`), write a
 tiny random model (`tiny-model`) and run the whole path on embedded defaults (`demo`).
 
 An entry point only: it parses arguments, calls the library (or the Ray glue in `pipelines/`) and prints. Nothing
@@ -194,6 +194,30 @@ def build_parser() -> argparse.ArgumentParser:
     index_videos.add_arguments(p)
     p = command("serve", "answer questions over stored caches over HTTP (Ray Serve)", _paragraph(serve.__doc__))
     serve.add_arguments(p)
+    p = command("keys", "create or revoke the query service's API keys",
+                "Manage a key file of the query service (`statekv serve --api-keys FILE`, the `api_keys_file` of a "
+                "Serve config): `keys new` appends a key and prints its secret once (only a salted scrypt hash is "
+                "stored); `keys revoke` removes one. A running service re-reads the file within seconds.")
+    actions = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = actions.add_parser("new", help="add a key and print its secret once", formatter_class=HelpFormatter,
+                           description="Append a key to FILE (created if missing, mode 0600) and print its secret "
+                                       "on stdout, once: give it to the client (Authorization: Bearer <secret>).")
+    k.add_argument("--file", required=True, metavar="FILE", help="the key file")
+    k.add_argument("--id", required=True, dest="key_id", help="the key's id (letters, digits, '_', '-'), in audit lines")
+    videos = k.add_mutually_exclusive_group(required=True)
+    videos.add_argument("--prefix", action="append", metavar="PREFIX",
+                        help="video-id prefix the key may read (repeat for several)")
+    videos.add_argument("--all-videos", action="store_true", help="the key may read every video of its roots")
+    k.add_argument("--root", action="append", metavar="ROOT",
+                   help="cache root the key may read (repeat; default: any root of a service using this file)")
+    k.add_argument("--list", action="store_true", dest="can_list",
+                   help="the key may list videos (GET /v1/videos shows only those it may read)")
+    k.add_argument("--note", help="a note stored with the entry (who holds it)")
+    k = actions.add_parser("revoke", help="remove a key", formatter_class=HelpFormatter,
+                           description="Remove key ID from FILE; services using the file refuse it within seconds.")
+    k.add_argument("--file", required=True, metavar="FILE", help="the key file")
+    k.add_argument("--id", required=True, dest="key_id", help="the key's id")
+
     p = command("eval", "compare cache settings with Full on videos and questions (fidelity harness)",
                 "Prefill each video under Full and under each --settings SPEC, ask every question, and report per "
                 "setting the KL and top-1 agreement of the first answer token against Full, greedy agreement, "
@@ -234,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=_CurrentStderr(),
                         format="%(levelname)s %(name)s: %(message)s")
     handler = {"prefill": cmd_prefill, "ask": cmd_ask, "inspect": cmd_inspect, "ls": cmd_ls, "demo": cmd_demo,
-               "index": cmd_index, "serve": cmd_serve, "eval": cmd_eval, "tiny-model": cmd_tiny_model}
+               "index": cmd_index, "serve": cmd_serve, "keys": cmd_keys, "eval": cmd_eval, "tiny-model": cmd_tiny_model}
     try:
         with _quiet_native_libraries(enabled=args.command in NOISY_COMMANDS and not args.verbose):
             return handler[args.command](args)
@@ -555,6 +579,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     args.model = check_model(args.model)  # before a Ray cluster starts
     return serve.run(args)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from pipelines.serving.keys import add_key, remove_key
+
+    if args.keys_command == "revoke":
+        remove_key(args.file, args.key_id)
+        print(f"statekv keys: revoked {args.key_id!r} in {args.file}", file=sys.stderr)
+        return 0
+    secret = add_key(args.file, args.key_id, prefixes=[""] if args.all_videos else args.prefix, roots=args.root,
+                     can_list=args.can_list, note=args.note)
+    print(secret)
+    print(f"statekv keys: added {args.key_id!r} to {args.file}; the secret above is shown only now: clients send "
+          "`Authorization: Bearer <secret>`", file=sys.stderr)
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
