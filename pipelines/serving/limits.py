@@ -3,7 +3,7 @@ on requests in flight, so that one client cannot starve the others or fill the h
 about. Plain classes, no Ray and no HTTP; the state is per replica (N replicas admit up to N times the limits).
 
 A request is admitted when the key has fewer than `max_concurrent` requests in flight, its generated-token bucket
-is not in debt, and its request bucket holds one request; the tokens a request generated are charged when it ends
+holds at least one token, and its request bucket holds one request; the tokens a request generated are charged when it ends
 (so the token bucket can go into debt, and the key's next request waits until it has refilled).
 """
 
@@ -52,10 +52,10 @@ class TokenBucket:
             return 0.0
         return (n - self.level) / self.rate
 
-    def debt_wait(self, now: float) -> float:
-        """0 if the bucket is not in debt, else the seconds until it is back above 0."""
+    def wait_for(self, n: float, now: float) -> float:
+        """0 if the bucket holds `n` units (without taking them), else the seconds until it does."""
         self._refill(now)
-        return 0.0 if self.level > 0 else (-self.level) / self.rate + 1.0 / self.rate
+        return 0.0 if self.level >= n else (n - self.level) / self.rate
 
     def charge(self, n: float, now: float) -> None:
         self._refill(now)
@@ -103,7 +103,7 @@ class KeyLimiter:
             if state.in_flight >= limits.max_concurrent:
                 raise TooManyRequests(f"key {key_id!r} has {state.in_flight} requests in flight, its limit; retry "
                                       "when one has ended", retry_after_s=1)
-            wait = state.tokens.debt_wait(now)
+            wait = state.tokens.wait_for(1, now)
             if wait > 0:
                 raise TooManyRequests(f"key {key_id!r} is over its generated-token rate ({limits.tokens_per_s:g}/s)",
                                       retry_after_s=wait)
