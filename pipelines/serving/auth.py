@@ -67,7 +67,8 @@ class Authenticator:
         self._generation = -1
         self._verified: OrderedDict[bytes, str] = OrderedDict()  # digest -> key id
         self._refused: OrderedDict[bytes, None] = OrderedDict()
-        self._dummy: str | None = None  # hash checked for unknown ids, so they cost what a known id costs
+        # checked for unknown key ids, so that they cost what a known id with a wrong secret costs
+        self._dummy = hash_secret(secrets.token_urlsafe(16))
         self.slow_checks = 0
 
     def _digest(self, secret: str) -> bytes:
@@ -116,8 +117,6 @@ class Authenticator:
                     return None if known is None else entries.get(known)
             entry = entries.get(key_id)
             if entry is None:
-                if self._dummy is None:
-                    self._dummy = hash_secret(secrets.token_urlsafe(16))
                 verify_secret(secret, self._dummy)  # the same cost as a known id with a wrong secret
                 good = False
             else:

@@ -369,11 +369,6 @@ class KeyStore:
         logger.info("key file %s reloaded: %d keys", self.path, len(keys))
 
 
-def limits_of(entry: KeyEntry, defaults: dict[str, float]) -> dict[str, float]:
-    """The key's limits: the service's defaults with the key's own overrides."""
-    return {**defaults, **entry.limits}
-
-
 __all__ = ["ANY_ROOT", "KEY_ID_PATTERN", "KeyEntry", "KeyFileError", "KeyStore", "Scope", "add_key", "check_key_id",
            "hash_secret", "key_id_of", "load_key_file", "new_secret", "normalise_root", "parse_key_file",
-           "remove_key", "verify_secret", "limits_of"]
+           "remove_key", "verify_secret"]

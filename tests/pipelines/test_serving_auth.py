@@ -305,7 +305,7 @@ def test_out_of_scope_is_indistinguishable_from_missing(served):
     assert bodies["outside"] == bodies["missing_outside"] == bodies["missing_inside"]
     assert len(bodies["outside"]) == 1  # ask and describe answer alike
     medians = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\nmedian latency of a 404, ms: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in medians.items()))
+    print("\nmedian latency of a 404, ms: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in medians.items()))
     base = statistics.median(times["missing_inside"] + times["missing_outside"])
     assert abs(medians["outside"] - base) < max(0.3 * base, 0.003), medians
 
@@ -441,7 +441,7 @@ def test_fuzzed_authorization_headers_never_give_500(served):
     for headers, status in zip(cases, statuses):  # the HTTP parser may refuse other bytes (400): the app sees these
         if all(32 <= b < 127 or b == 9 for v in headers for b in v) and sum(map(len, headers)) < 10_000:
             assert status == 401, (headers[0][:80], status)
-    print(f"\nfuzzed Authorization headers: " + ", ".join(f"{statuses.count(k)} x {k}" for k in sorted(
+    print("\nfuzzed Authorization headers: " + ", ".join(f"{statuses.count(k)} x {k}" for k in sorted(
         set(statuses), key=str)))
     assert _raw_get(port, "/v1/videos/a--clip1", [b"bearer " + valid]) == 200  # the scheme is caseless
 
