@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_args(p)
 
     p = command("ask", "answer a question from a stored cache",
-                "Answer QUESTION from the cache at URI, without prefilling the video.")
-    p.add_argument("uri", metavar="URI", help="cache location")
+                "Answer QUESTION from the cache at URI, without prefilling the video; with --service, ask a running "
+                "query service about the video whose id is URI (the API key from $STATEKV_API_KEY).")
+    p.add_argument("uri", metavar="URI", help="cache location (with --service: the video id)")
     p.add_argument("question", metavar="QUESTION")
     _add_model_args(p, required=False)
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
@@ -174,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_retrieval_args(p)
     p.set_defaults(check=functools.partial(_check_retrieval_args, p))
     _add_storage_args(p)
+    p.add_argument("--service", metavar="URL",
+                   help="ask the query service at URL (e.g. http://localhost:8000) instead of loading the cache here; "
+                        "its API key's secret is read from the environment variable STATEKV_API_KEY")
 
     p = command("inspect", "describe a stored cache",
                 "Print model, policy, frames, tokens, duration, bytes, state size.")
@@ -486,7 +490,42 @@ def _report_prefill(args: argparse.Namespace, manifest: dict[str, Any], seconds:
                      "storage": manifest["storage"]})
 
 
+def cmd_ask_service(args: argparse.Namespace) -> int:
+    """`statekv ask --service URL VIDEO_ID QUESTION`: the same output, answered by a running query service."""
+    from pipelines.serving import client
+
+    body: dict[str, Any] = {"video_id": args.uri, "question": args.question, "max_new_tokens": args.max_new_tokens,
+                            "temperature": args.temperature, "top_p": args.top_p}
+    if args.seed is not None:
+        body["seed"] = args.seed
+    retrieval = {k: v for k, v in (("top_k", args.top_k), ("segments", args.segments), ("recent", args.recent))
+                 if v is not None}
+    if args.adaptive:
+        retrieval["adaptive"] = True
+    if retrieval:
+        body["retrieval"] = retrieval
+    if args.stream:
+        for event in client.stream(args.service, body):
+            if event["type"] == "token":
+                print(event["text"], end="", flush=True)
+            elif event["type"] == "done" and event.get("evidence"):
+                print()
+                print(_format_evidence([argparse.Namespace(**e) for e in event["evidence"]]), end="")
+        print()
+        return 0
+    answer = client.ask(args.service, body)
+    if args.json:
+        _print_json(answer)
+        return 0
+    print(answer["answer"])
+    if answer.get("evidence"):
+        print(_format_evidence([argparse.Namespace(**e) for e in answer["evidence"]]))
+    return 0
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
+    if args.service:
+        return cmd_ask_service(args)
     from jobs.checks import check_model
     from statekv.store import load_cache, read_manifest
 

@@ -52,12 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="check no keys and serve every client, on any --host (logged as a warning)")
     access.add_argument("--audit-questions", action="store_true",
                         help="also put the question text in the audit log lines (statekv.audit)")
-    access.add_argument("--key-requests-per-s", type=float, default=5.0, help="requests per second per key")
-    access.add_argument("--key-request-burst", type=float, default=20.0, help="requests at once per key")
-    access.add_argument("--key-tokens-per-s", type=float, default=1000.0,
+    access.add_argument("--key-requests-per-s", metavar="R", type=float, default=5.0, help="requests per second per key")
+    access.add_argument("--key-request-burst", metavar="N", type=float, default=20.0, help="requests at once per key")
+    access.add_argument("--key-tokens-per-s", metavar="R", type=float, default=1000.0,
                         help="generated tokens per second per key")
-    access.add_argument("--key-token-burst", type=float, default=8192.0, help="generated tokens at once per key")
-    access.add_argument("--key-max-concurrent", type=int, default=4, help="requests in flight per key")
+    access.add_argument("--key-token-burst", metavar="N", type=float, default=8192.0, help="generated tokens at once per key")
+    access.add_argument("--key-max-concurrent", metavar="N", type=int, default=4, help="requests in flight per key")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: start a local one)")
 

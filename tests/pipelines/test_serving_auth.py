@@ -446,6 +446,30 @@ def test_fuzzed_authorization_headers_never_give_500(served):
     assert _raw_get(port, "/v1/videos/a--clip1", [b"bearer " + valid]) == 200  # the scheme is caseless
 
 
+def test_statekv_ask_against_the_service_takes_the_key_from_the_environment(served, monkeypatch, capsys):
+    """`statekv ask --service URL VIDEO_ID QUESTION`: the key from $STATEKV_API_KEY, the service's answer printed
+    as `ask` prints a local one; the service's refusals are one line (exit 1)."""
+    from jobs.cli import main as cli_main
+
+    client, s = served
+    url = str(client.base_url)
+    want = _ask(client, s["team-a"], "a--clip1").json()
+    argv = ["ask", "--service", url, "a--clip1", QUESTION, "--max-new-tokens", str(TOKENS)]
+    monkeypatch.delenv("STATEKV_API_KEY", raising=False)
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("statekv ask: error: the service refused the question: 401 unauthorized: ")
+    assert "set STATEKV_API_KEY" in err and "\n" not in err
+    monkeypatch.setenv("STATEKV_API_KEY", s["team-a"])
+    assert cli_main([*argv, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["token_ids"] == want["token_ids"] and got["video_id"] == "a--clip1"
+    assert cli_main(argv) == 0 and capsys.readouterr().out == want["answer"] + "\n"
+    assert cli_main([*argv, "--stream"]) == 0 and capsys.readouterr().out == want["answer"] + "\n"
+    assert cli_main(["ask", "--service", url, "b--clip1", QUESTION]) == 1  # outside team-a's prefixes
+    assert "404 not_found: no committed cache for video 'b--clip1'" in capsys.readouterr().err
+
+
 def test_audit_lines_and_no_secret_or_question_in_the_logs(served, keys):
     """Last in this module: every log the cluster wrote during the run (replicas, proxy, controller, this
     process) holds no secret and no question text; the audit lines are there, one per request, with their fields."""
