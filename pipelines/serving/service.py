@@ -13,6 +13,10 @@ separate so that each path keeps its own guarantee: a whole cache is read in one
 from every chunk; a retrieval entry never reads a chunk it is not asked for, and an answer does not depend on
 which other requests came first. A video asked both ways is held twice; the byte bound counts both.
 
+Scopes: `ask`, `stream`, `describe` and `list_videos` take an API key's `Scope` (auth.py): a listing shows only
+the videos it may read, and a video outside it is answered as one that does not exist, after the same store lookups
+(`_as_missing`), so that neither the answer nor its time tells whether it exists.
+
 Freshness: a cache kept in the LRU is revalidated against its manifest's identity (ETag on S3, mtime/inode
 locally: one HEAD, no read) at most every `revalidate_s` seconds, so a cache re-prefilled under the same id is
 served stale for at most that long: a request that arrives `revalidate_s` or more after the commit is answered from
@@ -343,11 +347,13 @@ class QueryService:
         except ValidationError as err:
             raise Unprocessable(validation_message(err)) from None
 
-    def _as_missing(self, video_id: str) -> None:
+    def _as_missing(self, video_id: str, *, head: bool = True) -> None:
         """Answer exactly as for a video with no committed cache (NotFound, same message), after the same store
-        lookups (a HEAD and a manifest read, of an id that is never committed): for ids outside a key's scope."""
+        lookups, of an id that is never committed: for ids outside a key's scope. `head`: the lookups of a load (a
+        HEAD, then the manifest read); without it, those of `describe` (the manifest read only)."""
         what = f"video {video_id!r}"
-        self._store_call(what, lambda: self.manifest_identity(ABSENT_ID))
+        if head:
+            self._store_call(what, lambda: self.manifest_identity(ABSENT_ID))
         fs, _ = self.filesystem()
         self._store_call(what, lambda: read_manifest(self.uri_of(ABSENT_ID), filesystem=fs))
         raise _missing(what)
@@ -529,7 +535,7 @@ class QueryService:
         a video outside `scope` is answered as one that does not exist."""
         vid = self.check_video_id(video_id)
         if scope is not None and not scope.allows(vid):
-            self._as_missing(vid)
+            self._as_missing(vid, head=False)
         what = f"video {vid!r}"
         fs, _ = self.filesystem()
         m = self._store_call(what, lambda: read_manifest(self.uri_of(vid), filesystem=fs))

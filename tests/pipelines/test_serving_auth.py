@@ -209,9 +209,22 @@ def keys(roots):
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, roots, keys, tiny_checkpoints):
-    """(httpx client, key secrets): the service with keys at /, and the same service without keys (loopback only)
-    at /nokeys."""
+def s3_root(s3_server, engine):
+    """A root on the loopback S3 server with a--clip1 and b--clip1 (a store where a lookup costs a request)."""
+    import uuid
+
+    _, options = s3_server
+    root = f"s3://caches/auth-{uuid.uuid4().hex[:8]}"
+    for i, vid in enumerate(["a--clip1", "b--clip1"]):
+        prefill_to_store(engine, synthetic_frames(4, 56, 84, seed=i), f"{root}/{vid}", fps=2.0,
+                         storage_options=options)
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, roots, keys, tiny_checkpoints, s3_server, s3_root):
+    """(httpx client, key secrets): the service with keys at / (local root) and at /s3 (a root on the loopback S3
+    server), and the service without keys (loopback only) at /nokeys."""
     from ray import serve
 
     from pipelines.serving.app import build_app
@@ -225,9 +238,14 @@ def served(ray_cluster, roots, keys, tiny_checkpoints):
     serve.run(build_app(ServiceConfig(**settings, api_keys_file=path)), name="auth", route_prefix="/",
               blocking=False)
     serve.run(build_app(ServiceConfig(**settings)), name="nokeys", route_prefix="/nokeys", blocking=False)
+    endpoint, _ = s3_server
+    s3 = {**settings, "caches_root": s3_root, "endpoint_url": endpoint, "region": "us-east-1",
+          "storage_options": {"key": "testing", "secret": "testing"}}
+    serve.run(build_app(ServiceConfig(**s3, api_keys_file=path)), name="auth-s3", route_prefix="/s3", blocking=False)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0)
     _wait_ready(client, "/healthz")
     _wait_ready(client, "/nokeys/healthz")
+    _wait_ready(client, "/s3/healthz")
     yield client, secrets
     client.close()
     serve.shutdown()
@@ -237,8 +255,8 @@ def _h(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
 
-def _ask(client, secret: str | None, video_id: str, max_new_tokens: int = TOKENS, **extra):
-    return client.post("/v1/ask", json={"video_id": video_id, "question": QUESTION, "max_new_tokens": max_new_tokens,
+def _ask(client, secret: str | None, video_id: str, max_new_tokens: int = TOKENS, *, prefix: str = "", **extra):
+    return client.post(f"{prefix}/v1/ask", json={"video_id": video_id, "question": QUESTION, "max_new_tokens": max_new_tokens,
                                         **extra}, headers=_h(secret) if secret else {})
 
 
@@ -281,9 +299,11 @@ def test_every_caller_gets_its_documented_status(served):
                                                "max_new_tokens": TOKENS}).status_code == 200
 
 
-def test_out_of_scope_is_indistinguishable_from_missing(served):
+@pytest.mark.parametrize("prefix", ["", "/s3"], ids=["local", "s3"])
+def test_out_of_scope_is_indistinguishable_from_missing(served, prefix):
     """team-a asking about b--clip1 (exists, outside its prefixes) gets what it gets for b--clip9 / a--clip9 (no such
-    cache): status, body (up to the id itself), headers, and time within noise."""
+    cache): status, body (up to the id itself), headers, and time within noise; on a local root and on S3, where
+    each store lookup is a request."""
     client, s = served
     key = s["team-a"]
     ids = {"outside": "b--clip1", "missing_outside": "b--clip9", "missing_inside": "a--clip9"}
@@ -291,11 +311,11 @@ def test_out_of_scope_is_indistinguishable_from_missing(served):
     bodies: dict[str, set[str]] = {k: set() for k in ids}
     for _ in range(2):  # warm
         for vid in ids.values():
-            _ask(client, key, vid)
+            _ask(client, key, vid, prefix=prefix)
     for i in range(25):
         for kind, vid in sorted(ids.items(), key=lambda kv: (hash((i, kv[0])))):  # interleaved, varied order
-            for request in (lambda: _ask(client, key, vid),
-                            lambda: client.get(f"/v1/videos/{vid}", headers=_h(key))):
+            for request in (lambda: _ask(client, key, vid, prefix=prefix),
+                            lambda: client.get(f"{prefix}/v1/videos/{vid}", headers=_h(key))):
                 start = time.perf_counter()
                 r = request()
                 times[kind].append(time.perf_counter() - start)
@@ -305,7 +325,7 @@ def test_out_of_scope_is_indistinguishable_from_missing(served):
     assert bodies["outside"] == bodies["missing_outside"] == bodies["missing_inside"]
     assert len(bodies["outside"]) == 1  # ask and describe answer alike
     medians = {k: statistics.median(v) for k, v in times.items()}
-    print("\nmedian latency of a 404, ms: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in medians.items()))
+    print(f"\nmedian latency of a 404 ({prefix or 'local'}), ms: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in medians.items()))
     base = statistics.median(times["missing_inside"] + times["missing_outside"])
     assert abs(medians["outside"] - base) < max(0.3 * base, 0.003), medians
 
