@@ -131,8 +131,9 @@ def key_id_of(secret: str) -> str | None:
 
 
 def check_key_id(key_id: str) -> str:
+    """`key_id` if valid, else ValueError (without the value: a secret pasted in the wrong field must not be logged)."""
     if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
-        raise ValueError(f"key id {key_id!r} must be 1-64 letters, digits, '_' or '-', starting with a letter or digit")
+        raise ValueError("a key id must be 1-64 letters, digits, '_' or '-', starting with a letter or digit")
     return key_id
 
 

@@ -39,7 +39,7 @@ def test_key_file_errors_are_one_line_naming_the_file(tmp_path):
         load_key_file(str(path))
     cases = {"{": "not JSON", '{"keys": {}}': 'must be a JSON object {"keys"',
              '{"keys": [{"id": "a", "hash": "hunter2", "roots": ["*"], "prefixes": [""]}]}': "keys.0.: key 'a': hash: not a known hash",
-             '{"keys": [{"id": "a b"}]}': "keys.0.: key id 'a b' must be",
+             '{"keys": [{"id": "a.b"}]}': "keys.0.: a key id must be",
              '{"keys": [{"id": "a", "hash": "%s", "roots": ["*"], "prefixes": ["x/"]}]}': "no '/'"}
     good = add_key(str(tmp_path / "other.json"), "a", prefixes=[""])
     hashed = load_key_file(str(tmp_path / "other.json"))["a"].hash
