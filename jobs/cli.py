@@ -1,6 +1,6 @@
 """The `statekv` command line: prefill a video into a stored cache, ask it questions (from every chunk, or from the
 chunks retrieval chooses, cited with their time ranges), inspect and list caches, index a video archive with Ray
-(`index`), serve questions over HTTP (`serve`), compare cache settings with the fidelity harness (`eval`), write a
+(`index`), serve questions over HTTP (`serve`) to holders of API keys (`keys`), compare cache settings with the fidelity harness (`eval`), write a
 tiny random model (`tiny-model`) and run the whole path on embedded defaults (`demo`).
 
 An entry point only: it parses arguments, calls the library (or the Ray glue in `pipelines/`) and prints. Nothing
@@ -192,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("ask", "answer questions from a stored cache",
                 "Answer QUESTION from the cache at URI, without prefilling the video. Several questions (--question "
-                "repeated, --questions-file) load the model and the cache once and are answered together, in order.")
-    p.add_argument("uri", metavar="URI", help="cache location")
+                "repeated, --questions-file) load the model and the cache once and are answered together, in order. "
+                "With --service, ask a running query service about the video whose id is URI (the API key from "
+                "$STATEKV_API_KEY).")
+    p.add_argument("uri", metavar="URI", help="cache location (with --service: the video id)")
     p.add_argument("question", metavar="QUESTION", nargs="?", help="the question (or give --question / --questions-file)")
     p.add_argument("--question", dest="more_questions", action="append", default=[], metavar="TEXT",
                    help="a question; repeat for several (after QUESTION, if given)")
@@ -212,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_retrieval_args(p)
     p.set_defaults(check=functools.partial(_check_ask_args, p))
     _add_storage_args(p)
+    p.add_argument("--service", metavar="URL",
+                   help="ask the query service at URL (e.g. http://localhost:8000) instead of loading the cache here; "
+                        "its API key's secret is read from the environment variable STATEKV_API_KEY")
 
     p = command("inspect", "describe a stored cache",
                 "Print model, policy, frames, tokens, duration, bytes, state size.")
@@ -232,6 +237,30 @@ def build_parser() -> argparse.ArgumentParser:
     index_videos.add_arguments(p)
     p = command("serve", "answer questions over stored caches over HTTP (Ray Serve)", _paragraph(serve.__doc__))
     serve.add_arguments(p)
+    p = command("keys", "create or revoke the query service's API keys",
+                "Manage a key file of the query service (`statekv serve --api-keys FILE`, the `api_keys_file` of a "
+                "Serve config): `keys new` appends a key and prints its secret once (only a salted scrypt hash is "
+                "stored); `keys revoke` removes one. A running service re-reads the file within seconds.")
+    actions = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = actions.add_parser("new", help="add a key and print its secret once", formatter_class=HelpFormatter,
+                           description="Append a key to FILE (created if missing, mode 0600) and print its secret "
+                                       "on stdout, once: give it to the client (Authorization: Bearer <secret>).")
+    k.add_argument("--file", required=True, metavar="FILE", help="the key file")
+    k.add_argument("--id", required=True, dest="key_id", help="the key's id (letters, digits, '_', '-'), in audit lines")
+    videos = k.add_mutually_exclusive_group(required=True)
+    videos.add_argument("--prefix", action="append", metavar="PREFIX",
+                        help="video-id prefix the key may read (repeat for several)")
+    videos.add_argument("--all-videos", action="store_true", help="the key may read every video of its roots")
+    k.add_argument("--root", action="append", metavar="ROOT",
+                   help="cache root the key may read (repeat; default: any root of a service using this file)")
+    k.add_argument("--list", action="store_true", dest="can_list",
+                   help="the key may list videos (GET /v1/videos shows only those it may read)")
+    k.add_argument("--note", help="a note stored with the entry (who holds it)")
+    k = actions.add_parser("revoke", help="remove a key", formatter_class=HelpFormatter,
+                           description="Remove key ID from FILE; services using the file refuse it within seconds.")
+    k.add_argument("--file", required=True, metavar="FILE", help="the key file")
+    k.add_argument("--id", required=True, dest="key_id", help="the key's id")
+
     p = command("eval", "compare cache settings with Full on videos and questions (fidelity harness)",
                 "Prefill each video under Full and under each --settings SPEC, ask every question, and report per "
                 "setting the KL and top-1 agreement of the first answer token against Full, greedy agreement, "
@@ -270,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=_CurrentStderr(),
                         format="%(levelname)s %(name)s: %(message)s")
     handler = {"prefill": cmd_prefill, "ask": cmd_ask, "inspect": cmd_inspect, "ls": cmd_ls, "demo": cmd_demo,
-               "index": cmd_index, "serve": cmd_serve, "eval": cmd_eval, "tiny-model": cmd_tiny_model}
+               "index": cmd_index, "serve": cmd_serve, "keys": cmd_keys, "eval": cmd_eval, "tiny-model": cmd_tiny_model}
     try:
         if getattr(args, "check", None) is not None:  # a command's checks across its flags (usage errors, exit 2)
             args.check(args)
@@ -539,7 +568,45 @@ def _report_prefill(args: argparse.Namespace, manifest: dict[str, Any], seconds:
                      "storage": manifest["storage"]})
 
 
+def cmd_ask_service(args: argparse.Namespace) -> int:
+    """`statekv ask --service URL VIDEO_ID QUESTION...`: the same output, answered by a running query service (one
+    request per question, in order)."""
+    from pipelines.serving import client
+
+    body: dict[str, Any] = {"video_id": args.uri, "max_new_tokens": args.max_new_tokens,
+                            "temperature": args.temperature, "top_p": args.top_p}
+    if args.seed is not None:
+        body["seed"] = args.seed
+    retrieval = {k: v for k, v in (("top_k", args.top_k), ("segments", args.segments), ("recent", args.recent))
+                 if v is not None}
+    if args.adaptive:
+        retrieval["adaptive"] = True
+    if retrieval:
+        body["retrieval"] = retrieval
+    if args.stream:
+        for event in client.stream(args.service, {**body, "question": args.questions[0]}):
+            if event["type"] == "token":
+                print(event["text"], end="", flush=True)
+            elif event["type"] == "done" and event.get("evidence"):
+                print()
+                print(_format_evidence([argparse.Namespace(**e) for e in event["evidence"]]), end="")
+        print()
+        return 0
+    several = len(args.questions) > 1
+    for question in args.questions:
+        answer = client.ask(args.service, {**body, "question": question})
+        if args.json:
+            print(json.dumps(answer) if several else json.dumps(answer, indent=2))
+            continue
+        print(f"Q: {question}\nA: {answer['answer']}" if several else answer["answer"])
+        if answer.get("evidence"):
+            print(_format_evidence([argparse.Namespace(**e) for e in answer["evidence"]]))
+    return 0
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
+    if args.service:
+        return cmd_ask_service(args)
     from jobs.checks import check_model
     from statekv.store import load_cache, read_manifest
 
@@ -649,6 +716,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     args.model = check_model(args.model)  # before a Ray cluster starts
     return serve.run(args)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from pipelines.serving.keys import add_key, remove_key
+
+    if args.keys_command == "revoke":
+        remove_key(args.file, args.key_id)
+        print(f"statekv keys: revoked {args.key_id!r} in {args.file}", file=sys.stderr)
+        return 0
+    secret = add_key(args.file, args.key_id, prefixes=[""] if args.all_videos else args.prefix, roots=args.root,
+                     can_list=args.can_list, note=args.note)
+    print(secret)
+    print(f"statekv keys: added {args.key_id!r} to {args.file}; the secret above is shown only now: clients send "
+          "`Authorization: Bearer <secret>`", file=sys.stderr)
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

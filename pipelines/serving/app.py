@@ -10,7 +10,12 @@
     GET  /openapi.json, /docs
 
 The OpenAPI schema is generated from the same models that validate requests (schema.py), with the service's own
-limits, and lists every status each operation returns. A non-streaming answer whose client disconnects stops at
+limits, and lists every status each operation returns; with API keys it declares the bearer scheme.
+
+Who may ask is decided by an `AccessControl` (auth.py; API keys, scopes, per-key limits, loopback only without
+keys), called by one dependency of each /v1 route; `/healthz` stays open. `AuditMiddleware` writes one audit line
+per request (audit.py) and ends the request's admission (its concurrency slot, its generated tokens) when the
+response has ended, streams included. A non-streaming answer whose client disconnects stops at
 the next token: the handler watches the connection (and Serve cancels the request) while a worker thread decodes.
 """
 
@@ -19,24 +24,29 @@ import asyncio
 import functools
 import json
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
 from ray import serve
 from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from pipelines.serving import audit
+from pipelines.serving.auth import AccessControl, Caller
 from pipelines.serving.config import ServiceConfig
 from pipelines.serving.errors import ClientGone, ServiceError, Unprocessable
+from pipelines.serving.keys import KeyStore
 from pipelines.serving.schema import (VIDEO_ID_PATTERN, AskResponse, Health, VideoInfo, VideoPage, error_responses,
                                       validation_message)
 from pipelines.serving.service import QueryService
@@ -146,6 +156,53 @@ class UTF8Route(APIRoute):
         return utf8_only
 
 
+AUDIT_SCOPE_KEY = "statekv.audit"  # the request's AuditRecord in its ASGI scope
+
+
+class AuditMiddleware:
+    """One audit line per HTTP request once its response has ended (streams too), and the end of its admission."""
+
+    def __init__(self, app: Any, *, with_question: bool = False) -> None:
+        self.app, self.with_question = app, with_question
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        record = scope[AUDIT_SCOPE_KEY] = audit.AuditRecord(scope.get("method", ""), scope.get("path", ""))
+        status = 500  # unless a response starts
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            if record.admission is not None:
+                record.admission.release(record.fields["tokens"] or 0)
+            audit.emit(record, status, with_question=self.with_question)
+
+
+def _record(request: Request) -> audit.AuditRecord:
+    record = request.scope.get(AUDIT_SCOPE_KEY)
+    return record if record is not None else audit.AuditRecord(request.method, request.url.path)
+
+
+def _counted(events: Iterator[dict[str, Any]], record: audit.AuditRecord) -> Iterator[dict[str, Any]]:
+    """`events`, counting token events into the audit record; closing it closes `events` at once."""
+    record.fields["tokens"] = 0
+    try:
+        for event in events:
+            if event.get("type") == "token":
+                record.fields["tokens"] += 1
+            yield event
+    finally:
+        events.close()
+
+
 def _consume(task: "asyncio.Future[Any]") -> None:
     if not task.cancelled():
         task.exception()  # retrieved: a ClientGone nobody waits for is not an "unretrieved exception"
@@ -169,14 +226,47 @@ async def _answer_unless_gone(service: QueryService, request: Request, fields: d
     return work.result()
 
 
-def create_api(service: QueryService) -> FastAPI:
-    """The HTTP API over `service`, its schema built from the service's limits."""
+def create_api(service: QueryService, access: AccessControl | None = None, *,
+               audit_questions: bool = False) -> FastAPI:
+    """The HTTP API over `service`, its schema built from the service's limits; `access` decides who may ask
+    (None: everyone, for in-process callers that wire their own rule)."""
     AskRequest = service.ask_model
+    keys = access is not None and access.keys is not None
     api = FastAPI(title="statekv query service", version="1",
                   description="Answers questions about videos from their stored KV caches, without prefilling "
                               "again. Every error body is {\"error\": {\"code\", \"message\"}}. Request bodies "
-                              "are JSON in UTF-8.")
+                              "are JSON in UTF-8." + (" Every /v1 request carries `Authorization: Bearer <secret>`."
+                                                      if keys else ""))
     api.router.route_class = UTF8Route
+    api.add_middleware(AuditMiddleware, with_question=audit_questions)
+    auth_errors = (401, 403, 429) if keys else (403,) if access is not None else ()
+
+    async def admit(request: Request, *, listing: bool) -> Caller:
+        if access is None:
+            return Caller(None, None)
+        record = _record(request)
+        entry = await run_in_threadpool(access.authenticate, request.headers.getlist("authorization"),
+                                        request.client.host if request.client else None)
+        record.fields["key_id"] = None if entry is None else entry.id
+        caller = access.authorize(entry, listing=listing)
+        record.admission = caller.admission
+        return caller
+
+    if keys:
+        bearer = HTTPBearer(auto_error=False, scheme_name="apiKey",
+                            description="an API key's secret (`statekv keys new` prints it once)")
+
+        async def reader(request: Request, _: Any = Security(bearer)) -> Caller:
+            return await admit(request, listing=False)
+
+        async def lister(request: Request, _: Any = Security(bearer)) -> Caller:
+            return await admit(request, listing=True)
+    else:
+        async def reader(request: Request) -> Caller:
+            return await admit(request, listing=False)
+
+        async def lister(request: Request) -> Caller:
+            return await admit(request, listing=True)
 
     @api.exception_handler(ServiceError)
     async def _service_error(request: Request, err: ServiceError) -> JSONResponse:
@@ -197,33 +287,57 @@ def create_api(service: QueryService) -> FastAPI:
         return _error(500, "internal", "internal error; the server log has the details")
 
     @api.post("/v1/ask", response_model=AskResponse, responses={
-        **error_responses(400, 404, 409, 413, 422, 500, 503),
+        **error_responses(400, *auth_errors, 404, 409, 413, 422, 500, 503),
         200: {"content": {"text/event-stream": {}},
               "description": "the answer; with stream=true, server-sent events: {type: token} per token, then "
                              "{type: done} with the whole answer, or {type: error, error} if it failed midway"}})
-    async def ask(body: AskRequest, request: Request):
+    async def ask(body: AskRequest, request: Request, caller: Caller = Depends(reader)):
         fields = body.model_dump(exclude={"stream"}, exclude_unset=True)  # what was sent, validated again there
+        record = _record(request)
+        record.question = body.question
+        record.fields["video_id"] = body.video_id if "video_id" in fields else _video_of(service, body.cache_uri)
         if body.stream:  # errors before the first token are raised here, with their status
-            events = await run_in_threadpool(functools.partial(service.stream, **fields))
-            return EventStream(events, request.url.path)
+            events = await run_in_threadpool(functools.partial(service.stream, scope=caller.scope, **fields))
+            return EventStream(_counted(events, record), request.url.path)
         try:
-            return await _answer_unless_gone(service, request, fields)
+            result = await _answer_unless_gone(service, request, {**fields, "scope": caller.scope})
         except ClientGone:
             return Response(status_code=499)
+        if isinstance(result, dict):
+            record.fields["tokens"] = result["tokens"]["generated"]
+        return result
 
-    @api.get("/v1/videos", response_model=VideoPage, responses=error_responses(422, 500, 503))
-    def videos(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET)):
-        return service.list_videos(limit=limit, offset=offset)
+    @api.get("/v1/videos", response_model=VideoPage, responses=error_responses(*auth_errors, 422, 500, 503))
+    def videos(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET),
+               caller: Caller = Depends(lister)):
+        return service.list_videos(limit=limit, offset=offset, scope=caller.scope)
 
-    @api.get("/v1/videos/{video_id:path}", response_model=VideoInfo, responses=error_responses(404, 422, 500, 503))
-    def video(video_id: str = Path(..., json_schema_extra={"pattern": VIDEO_ID_PATTERN})):  # enforced by describe
-        return service.describe(video_id)
+    @api.get("/v1/videos/{video_id:path}", response_model=VideoInfo,
+             responses=error_responses(*auth_errors, 404, 422, 500, 503))
+    def video(request: Request, video_id: str = Path(..., json_schema_extra={"pattern": VIDEO_ID_PATTERN}),
+              caller: Caller = Depends(reader)):  # the pattern is enforced by describe
+        _record(request).fields["video_id"] = video_id
+        return service.describe(video_id, scope=caller.scope)
 
     @api.get("/healthz", response_model=Health, responses=error_responses(500))
-    def healthz():
-        return service.health()
+    def healthz():  # open to every client (probes): with keys it does not name the root
+        return service.health(name_root=not keys)
 
     return api
+
+
+def _video_of(service: QueryService, cache_uri: str | None) -> str | None:
+    """The video id a cache_uri names, for the audit line (None when it is outside the root)."""
+    try:
+        return service.resolve(cache_uri=cache_uri)
+    except ServiceError:
+        return None
+
+
+def access_from_config(config: ServiceConfig, root: str) -> AccessControl:
+    """The access rule a replica enforces: the key file's keys, else loopback only, else (no_auth) everyone."""
+    keys = KeyStore(config.api_keys_file, check_every_s=config.keys_check_s) if config.api_keys_file else None
+    return AccessControl(root, keys=keys, no_auth=config.no_auth, defaults=config.limits())
 
 
 @serve.deployment(name="QueryService", max_ongoing_requests=16, health_check_period_s=10,
@@ -233,10 +347,13 @@ class QueryDeployment:
     """One replica: the model loaded once, caches in a byte-bounded LRU, the HTTP API of `create_api`."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self.service = QueryService.from_config(ServiceConfig.from_dict(config))
+        self.config = ServiceConfig.from_dict(config)
+        audit.configure(sys.stderr)  # this replica's entry point: audit lines to its log
+        self.service = QueryService.from_config(self.config)
+        self.access = access_from_config(self.config, self.service.root)  # a bad key file stops the replica here
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.service)
+        return create_api(self.service, self.access, audit_questions=self.config.audit_questions)
 
     def check_health(self) -> None:
         self.service.check_health()
@@ -255,6 +372,9 @@ def build_app(config: ServiceConfig | dict[str, Any]) -> serve.Application:
     """The query-service application for `serve.run`, with resources and autoscaling from `config`."""
     if isinstance(config, dict):
         config = ServiceConfig.from_dict(config)
+    if config.no_auth:
+        logger.warning("the query service checks no API keys (no_auth): every client that reaches its port can ask "
+                       "about, list and load every video under %s", config.caches_root)
     autoscaling = dict(config.autoscaling)
     options: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": config.num_gpus, "num_cpus": config.num_cpus},

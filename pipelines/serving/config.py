@@ -29,6 +29,18 @@ class ServiceConfig:
     max_new_tokens_limit: int = 512  # the schema's maximum of max_new_tokens
     retry_after_s: int = 5  # Retry-After of a 503 when the store is unreachable
     revalidate_s: float = 1.0  # a kept cache re-prefilled under its id is served stale for at most this long
+    # who may ask (auth.py): a key file mounted into the replicas (never the keys themselves in this config); without
+    # one the service answers loopback clients only, unless no_auth opens it to every client on purpose
+    api_keys_file: str | None = None
+    no_auth: bool = False
+    keys_check_s: float = 1.0  # the key file is checked for changes at most this often (rotation, revocation)
+    audit_questions: bool = False  # put the question text in the audit log (off: never logged)
+    # each key's limits per replica (a key's `limits` in the key file override them)
+    key_requests_per_s: float = 5.0
+    key_request_burst: float = 20.0
+    key_tokens_per_s: float = 1000.0
+    key_token_burst: float = 8192.0
+    key_max_concurrent: int = 4
     num_gpus: float = 0.0
     num_cpus: float = 1.0
     max_ongoing_requests: int = 16
@@ -48,6 +60,11 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.revalidate_s >= 0:
             raise ValueError(f"revalidate_s must be >= 0, got {self.revalidate_s}")
+        if self.api_keys_file and self.no_auth:
+            raise ValueError("api_keys_file and no_auth exclude each other: keys close the service, no_auth opens it")
+        if not self.keys_check_s >= 0:
+            raise ValueError(f"keys_check_s must be >= 0, got {self.keys_check_s}")
+        self.limits()  # each must be > 0
         if self.num_gpus < 0 or self.num_cpus < 0:
             raise ValueError("num_gpus and num_cpus must be >= 0")
 
@@ -61,6 +78,14 @@ class ServiceConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def limits(self):
+        """The per-key limits every key gets unless its entry in the key file overrides them."""
+        from pipelines.serving.limits import Limits
+
+        return Limits(requests_per_s=self.key_requests_per_s, request_burst=self.key_request_burst,
+                      tokens_per_s=self.key_tokens_per_s, token_burst=self.key_token_burst,
+                      max_concurrent=self.key_max_concurrent)
 
     def storage(self) -> dict[str, Any] | None:
         """fsspec options for the cache root (None for local roots with no settings)."""

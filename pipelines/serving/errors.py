@@ -9,6 +9,7 @@ video path to its last component. The server log keeps the details.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 from typing import Any
@@ -35,6 +36,29 @@ class ServiceError(Exception):
 
 class BadRequest(ServiceError):
     status, code = 400, "bad_request"
+
+
+class Unauthorized(ServiceError):
+    """No API key, or one that is not valid: 401 with the `WWW-Authenticate` challenge of RFC 6750."""
+
+    status, code = 401, "unauthorized"
+
+    def __init__(self, message: str, *, invalid: bool = False) -> None:
+        challenge = 'Bearer realm="statekv"' + (', error="invalid_token"' if invalid else "")
+        super().__init__(message, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
+class TooManyRequests(ServiceError):
+    """A key over one of its limits: 429 with `Retry-After` (whole seconds, at least 1)."""
+
+    status, code = 429, "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
 
 
 class NotFound(ServiceError):

@@ -223,11 +223,16 @@ class ErrorBody(BaseModel):
 
 _STATUS = {
     400: "outside_root: cache_uri is not <root>/<video_id> under this service's root",
-    404: "not_found: no committed cache for that video",
+    401: "unauthorized: no API key, or not a valid one (unknown, revoked, mistyped); see WWW-Authenticate",
+    403: "forbidden: the key may not read this service's root, or (GET /v1/videos) may not list; loopback_only: "
+         "the service has no API keys and answers loopback clients only",
+    404: "not_found: no committed cache for that video, or one outside the key's scope (answered alike)",
     409: "model_mismatch: the cache was made with another model; cache_outdated: the cache was built on an older "
          "token layout of its model's family (re-index the video); retrieval_unsupported: the request asks for "
          "retrieval and the cache keeps no chunks to retrieve (answer_from=state) or no scenes (segments)",
     413: "question_too_long: the question has more tokens than the service takes (the limit is in the message)",
+    429: "rate_limited: the key is over its request rate, its generated-token rate or its requests in flight "
+         "(see Retry-After)",
     422: "invalid_request: the body or a parameter does not match this schema, or the body is not UTF-8",
     500: "cache_corrupt: the stored cache is damaged or its position cursor unusable (re-prefill the video); "
          "internal: a server fault",

@@ -13,6 +13,10 @@ separate so that each path keeps its own guarantee: a whole cache is read in one
 from every chunk; a retrieval entry never reads a chunk it is not asked for, and an answer does not depend on
 which other requests came first. A video asked both ways is held twice; the byte bound counts both.
 
+Scopes: `ask`, `stream`, `describe` and `list_videos` take an API key's `Scope` (auth.py): a listing shows only
+the videos it may read, and a video outside it is answered as one that does not exist, after the same store lookups
+(`_as_missing`), so that neither the answer nor its time tells whether it exists.
+
 Freshness: a cache kept in the LRU is revalidated against its manifest's identity (ETag on S3, mtime/inode
 locally: one HEAD, no read) at most every `revalidate_s` seconds, so a cache re-prefilled under the same id is
 served stale for at most that long: a request that arrives `revalidate_s` or more after the commit is answered from
@@ -34,6 +38,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pipelines.serving.batching import BatchScheduler
+from pipelines.serving.keys import Scope, normalise_root
 from pipelines.serving.errors import (BadRequest, ClientGone, Conflict, NotFound, PayloadTooLarge, ServiceError,
                                       Unavailable, Unprocessable, network_cause, public_location, public_name,
                                       public_text)
@@ -59,6 +64,9 @@ __all__ = ["BadRequest", "CacheLRU", "ClientGone", "Conflict", "NotFound", "Payl
 logger = logging.getLogger(__name__)
 
 RETRIEVAL_KEY = "{}#retrieval"  # the LRU key of a lazily held cache ('#' never appears in a video id)
+# where a video outside a key's scope is looked up instead (an id ending in '.' is never committed): the request
+# costs the store lookups a missing video costs and gets the same answer, so ids cannot be probed by status or time
+ABSENT_ID = "absent."
 
 
 
@@ -204,8 +212,7 @@ class QueryService:
         try:
             return fn()
         except CacheNotFoundError:
-            raise NotFound(f"no committed cache for {what}; list them with GET /v1/videos or index the video "
-                           "first (statekv prefill / statekv index)") from None
+            raise _missing(what) from None
         except CacheCorruptError as err:
             if network_cause(err) is not None:  # a dropped connection mid-read is not a damaged cache
                 raise self._unavailable(what, err) from None
@@ -340,7 +347,18 @@ class QueryService:
         except ValidationError as err:
             raise Unprocessable(validation_message(err)) from None
 
-    def _prepare(self, fields: dict[str, Any]):
+    def _as_missing(self, video_id: str, *, head: bool = True) -> None:
+        """Answer exactly as for a video with no committed cache (NotFound, same message), after the same store
+        lookups, of an id that is never committed: for ids outside a key's scope. `head`: the lookups of a load (a
+        HEAD, then the manifest read); without it, those of `describe` (the manifest read only)."""
+        what = f"video {video_id!r}"
+        if head:
+            self._store_call(what, lambda: self.manifest_identity(ABSENT_ID))
+        fs, _ = self.filesystem()
+        self._store_call(what, lambda: read_manifest(self.uri_of(ABSENT_ID), filesystem=fs))
+        raise _missing(what)
+
+    def _prepare(self, fields: dict[str, Any], scope: Scope | None = None):
         req = self.parse_ask(fields)
         vid = self.resolve(req.video_id if "video_id" in req.model_fields_set else None,
                            req.cache_uri if "cache_uri" in req.model_fields_set else None)
@@ -353,6 +371,8 @@ class QueryService:
         if prompt_len > self.max_question_tokens:
             raise PayloadTooLarge(f"the question is {prompt_len} tokens long with the chat template; this service "
                                   f"takes at most {self.max_question_tokens} tokens")
+        if scope is not None and not scope.allows(vid):
+            self._as_missing(vid)
         cache, hit, load_s = self.get_cache(vid, lazy=req.retrieval is not None)
         if req.retrieval is not None:
             self._check_retrievable(vid, cache, req.retrieval.setting())
@@ -379,14 +399,16 @@ class QueryService:
             self._count("generated_tokens")
             yield event
 
-    def ask(self, *, cancelled: Callable[[], bool] | None = None, **fields: Any) -> dict[str, Any]:
+    def ask(self, *, cancelled: Callable[[], bool] | None = None, scope: Scope | None = None,
+            **fields: Any) -> dict[str, Any]:
         """Answer a question about a stored video; the response body of POST /v1/ask.
 
         `fields` are the request's (video_id or cache_uri, question, max_new_tokens, temperature, top_p, seed).
         `cancelled` is polled between tokens: once it returns True the work stops and ClientGone is raised.
+        `scope` (an API key's): a video outside it is answered as one that does not exist.
         """
         fields.pop("stream", None)
-        req, vid, cache, hit, load_s, prompt_len = self._prepare(fields)
+        req, vid, cache, hit, load_s, prompt_len = self._prepare(fields, scope)
         evidence = [] if req.retrieval is not None else None
         self._count("in_flight")
         try:
@@ -422,13 +444,13 @@ class QueryService:
         return self._result(vid, cache, hit, answer.text, answer.token_ids, prompt_len, answer.finish_reason, load_s,
                             answer.first_token_s, answer.total_s)
 
-    def stream(self, **fields: Any) -> Iterator[dict[str, Any]]:
+    def stream(self, *, scope: Scope | None = None, **fields: Any) -> Iterator[dict[str, Any]]:
         """Validate and load now (errors raise here), then return the events: one per token, a final "done".
 
         A failure after the first token ends the events with an "error" event (the status is already sent).
         """
         fields.pop("stream", None)
-        req, vid, cache, hit, load_s, prompt_len = self._prepare(fields)
+        req, vid, cache, hit, load_s, prompt_len = self._prepare(fields, scope)
         eos = self.engine.adapter.eos_token_ids
         evidence = [] if req.retrieval is not None else None
 
@@ -474,7 +496,7 @@ class QueryService:
 
     # --- listing and describing --------------------------------------------------------------------------------
 
-    def _entries(self) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    def _entries(self, scope: Scope | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         """(servable caches, invalid ones with the reason) under the root, by video id, from the store's listing:
         its catalog (a few reads, whatever the number of caches; see statekv/store/catalog.py) or, for a root
         without one, a scan that reports invalid manifests instead of failing."""
@@ -482,6 +504,8 @@ class QueryService:
         listing = list_caches(self.root, filesystem=fs)
         videos, invalid = [], []
         for e in listing:
+            if scope is not None and not scope.allows(e.video_id):
+                continue
             if not is_valid_video_id(e.video_id):
                 invalid.append({"video_id": public_text(e.video_id), "reason": "not a valid video id for this service"})
                 continue
@@ -490,22 +514,28 @@ class QueryService:
                            "created": str(e.created), "fingerprint": str(e.fingerprint),
                            "compatible": e.serves(self.model_info)})
         for bad in listing.invalid:
+            if scope is not None and not scope.allows(bad.video_id):
+                continue
             invalid.append({"video_id": public_text(bad.video_id), "reason": public_text(bad.reason)})
         return videos, invalid
 
-    def list_videos(self, *, limit: int = 100, offset: int = 0) -> dict[str, Any]:
-        """One page of the servable caches under the root, sorted by video id, and the invalid ones."""
+    def list_videos(self, *, limit: int = 100, offset: int = 0, scope: Scope | None = None) -> dict[str, Any]:
+        """One page of the servable caches under the root, sorted by video id, and the invalid ones; with `scope`
+        (an API key's) only the videos it may read."""
         if not (1 <= limit <= 1000 and offset >= 0):
             raise Unprocessable("limit must be in [1, 1000] and offset >= 0")
-        videos, invalid = self._store_call("the cache root", self._entries)
+        videos, invalid = self._store_call("the cache root", lambda: self._entries(scope))
         page = videos[offset:offset + limit]
         nxt = offset + len(page)
         return {"videos": page, "invalid": invalid, "total": len(videos), "limit": limit, "offset": offset,
                 "next_offset": nxt if nxt < len(videos) else None}
 
-    def describe(self, video_id: str) -> dict[str, Any]:
-        """What `statekv inspect` shows for one cache, as JSON (plus its text and whether this model can use it)."""
+    def describe(self, video_id: str, *, scope: Scope | None = None) -> dict[str, Any]:
+        """What `statekv inspect` shows for one cache, as JSON (plus its text and whether this model can use it);
+        a video outside `scope` is answered as one that does not exist."""
         vid = self.check_video_id(video_id)
+        if scope is not None and not scope.allows(vid):
+            self._as_missing(vid, head=False)
         what = f"video {vid!r}"
         fs, _ = self.filesystem()
         m = self._store_call(what, lambda: read_manifest(self.uri_of(vid), filesystem=fs))
@@ -519,11 +549,13 @@ class QueryService:
 
     # --- health ------------------------------------------------------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
+    def health(self, *, name_root: bool = True) -> dict[str, Any]:
+        """Readiness: the model, LRU and counters; the root's URI unless `name_root` is False (an open /healthz of a
+        service with API keys says nothing about the corpus)."""
         self.check_health()
         return {"status": "ok", "model": public_name(self.model_info.name_or_path),
                 "model_type": self.model_info.model_type, "fingerprint": self.model_info.fingerprint,
-                "caches_root": self.public_root, "lru": self.lru.stats(), "counters": dict(self.counters)}
+                "caches_root": self.public_root if name_root else None, "lru": self.lru.stats(), "counters": dict(self.counters)}
 
     def check_health(self) -> None:
         """Raises if this replica cannot answer (Serve restarts it)."""
@@ -531,13 +563,14 @@ class QueryService:
             raise RuntimeError("the model is not loaded")
 
 
+def _missing(what: str) -> NotFound:
+    """The one answer for a video with no committed cache (and for one outside the asking key's scope)."""
+    return NotFound(f"no committed cache for {what}; list them with GET /v1/videos or index the video first "
+                    "(statekv prefill / statekv index)")
+
+
 def _normalise_root(root: str | os.PathLike) -> str:
-    root = os.fspath(root).rstrip("/")
-    if "://" in root:
-        if root.startswith("file://"):
-            return os.path.abspath(root[len("file://"):])
-        return root
-    return os.path.abspath(os.path.expanduser(root))
+    return normalise_root(os.fspath(root))
 
 
 def _public_manifest(m: dict[str, Any]) -> dict[str, Any]:

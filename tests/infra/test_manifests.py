@@ -196,3 +196,20 @@ def test_serve_config_passes_serves_schema_with_native_deployment_options():
 def test_rayservice_serves_the_same_config():
     service = _yaml("infra/kuberay/rayservice.yaml")
     assert yaml.safe_load(service["spec"]["serveConfigV2"]) == _yaml("infra/serve/config.yaml")
+
+
+def test_rayservice_mounts_the_api_keys_where_the_service_reads_them():
+    """The replicas (GPU workers) read `api_keys_file` from the mounted Secret: a whole-directory mount (not subPath,
+    which Kubernetes never updates, so a rotation would not arrive), read-only; the keys never sit in the config."""
+    import os
+
+    service = _yaml("infra/kuberay/rayservice.yaml")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    keys_file = app["args"]["api_keys_file"]
+    assert not {"no_auth"} & set(app["args"]) and "secret" not in str(app["args"]).replace("api_keys_file", "")
+    for group in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        (mount,) = [m for c in pod["containers"] for m in c.get("volumeMounts", []) if m["name"] in secrets]
+        assert mount["mountPath"] == os.path.dirname(keys_file) and mount.get("readOnly") and "subPath" not in mount
+        assert secrets[mount["name"]] == "statekv-api-keys"

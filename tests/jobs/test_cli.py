@@ -95,7 +95,7 @@ def test_bad_arguments_exit_2_with_usage(capsys, argv):
 
 
 @pytest.mark.parametrize("command", ["prefill", "ask", "inspect", "ls", "index", "serve", "eval", "tiny-model",
-                                     "demo"])
+                                     "demo", "keys"])
 def test_every_command_has_help(capsys, command):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
@@ -149,6 +149,36 @@ def test_help_imports_no_torch_transformers_or_ray(argv):
     """Regression: `--help` took 5-9 s importing torch and transformers eagerly."""
     report = run_reporting_imports(argv)
     assert report["rc"] == 0 and report["heavy"] == []
+
+
+def test_keys_new_prints_the_secret_once_and_stores_only_its_hash(tmp_path, capsys):
+    """`statekv keys new` appends a hashed entry and prints the secret on stdout only; `revoke` removes it; neither
+    imports torch, transformers or Ray."""
+    import json
+    import stat
+
+    from pipelines.serving.keys import verify_secret
+
+    path = tmp_path / "keys.json"
+    assert main(["keys", "new", "--file", str(path), "--id", "team-a", "--prefix", "a--", "--list"]) == 0
+    out, err = capsys.readouterr()
+    secret = out.strip()
+    assert secret.startswith("team-a.") and secret not in err and secret not in path.read_text()
+    (entry,) = json.loads(path.read_text())["keys"]
+    assert (entry["id"], entry["prefixes"], entry["roots"], entry["list"]) == ("team-a", ["a--"], ["*"], True)
+    assert verify_secret(secret, entry["hash"]) and not verify_secret(secret + "x", entry["hash"])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert main(["keys", "new", "--file", str(path), "--id", "team-a", "--all-videos"]) == 1
+    assert "exists already" in capsys.readouterr().err
+    report = run_reporting_imports(["keys", "new", "--file", str(path), "--id", "bot", "--all-videos",
+                                    "--root", "s3://b/caches/"])
+    assert report["rc"] == 0 and report["heavy"] == []
+    assert [(e["id"], e["roots"], e["prefixes"]) for e in json.loads(path.read_text())["keys"]] == [
+        ("team-a", ["*"], ["a--"]), ("bot", ["s3://b/caches"], [""])]
+    assert main(["keys", "revoke", "--file", str(path), "--id", "team-a"]) == 0
+    assert [e["id"] for e in json.loads(path.read_text())["keys"]] == ["bot"]
+    assert main(["keys", "revoke", "--file", str(path), "--id", "team-a"]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"key file {path}: no key 'team-a'; ids: bot")
 
 
 def test_a_missing_video_fails_before_any_model_loads(tmp_path, tiny_checkpoints):
