@@ -6,7 +6,7 @@
                                   retrieval: {top_k | segments, recent, adaptive}}
     GET  /v1/videos?limit=&offset=
     GET  /v1/videos/{video_id}
-    GET  /healthz
+    GET  /healthz, /readyz
     GET  /openapi.json, /docs
 
 The OpenAPI schema is generated from the same models that validate requests (schema.py), with the service's own
@@ -47,7 +47,7 @@ from pipelines.serving.auth import AccessControl, Caller
 from pipelines.serving.config import ServiceConfig
 from pipelines.serving.errors import ClientGone, ServiceError, Unprocessable
 from pipelines.serving.keys import KeyStore
-from pipelines.serving.schema import (VIDEO_ID_PATTERN, AskResponse, Health, VideoInfo, VideoPage, error_responses,
+from pipelines.serving.schema import (VIDEO_ID_PATTERN, AskResponse, Health, Ready, VideoInfo, VideoPage, error_responses,
                                       validation_message)
 from pipelines.serving.service import QueryService
 
@@ -321,7 +321,17 @@ def create_api(service: QueryService, access: AccessControl | None = None, *,
 
     @api.get("/healthz", response_model=Health, responses=error_responses(500))
     def healthz():  # open to every client (probes): with keys it does not name the root
+        """Liveness: 200 while the model is loaded; `status` "degraded" while the cache store cannot be read."""
         return service.health(name_root=not keys)
+
+    @api.get("/readyz", response_model=Ready, responses=error_responses(503))
+    def readyz():  # open to every client (a readiness probe): says nothing about the corpus
+        """Readiness: 200 while the cache store can be read (checked at most every few seconds), else the 503 a
+        request would get, so a load balancer or a Kubernetes readiness probe routes around this replica."""
+        error = service.storage.status()
+        if error is not None:
+            raise error
+        return {"status": "ready"}
 
     return api
 

@@ -12,9 +12,10 @@ import errno
 import math
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
-from statekv.store.fs import is_transport_error
+from statekv.store.fs import CREDENTIAL_ERRORS, is_transport_error
 
 
 class ServiceError(Exception):
@@ -106,10 +107,20 @@ def network_cause(err: BaseException) -> BaseException | None:
     The store turns an OSError met while reading a Parquet file into its corruption error (`raise ... from
     None` keeps the original as `__context__`); a dropped connection is not corruption, so look behind it.
     """
+    return _cause(err, is_network_error)
+
+
+def credential_cause(err: BaseException) -> BaseException | None:
+    """The missing-credentials (or region) error behind `err`, however deep, else None: the replica's environment
+    cannot reach the store (`statekv.store.fs.CREDENTIAL_ERRORS`)."""
+    return _cause(err, lambda e: isinstance(e, CREDENTIAL_ERRORS))
+
+
+def _cause(err: BaseException | None, match: Callable[[BaseException], bool]) -> BaseException | None:
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if is_network_error(err):
+        if match(err):
             return err
         err = err.__cause__ or err.__context__
     return None

@@ -202,8 +202,14 @@ class VideoInfo(BaseModel):
     summary: str
 
 
+class Ready(BaseModel):
+    status: Literal["ready"]
+
+
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"] = Field(description="degraded: alive, but the cache store cannot be read now "
+                                                          "(GET /readyz is 503 meanwhile)")
+    storage: str = Field(description="\"ok\", or the error code a request gets now (e.g. storage_unavailable)")
     model: str
     model_type: str
     fingerprint: str

@@ -40,10 +40,11 @@ from pydantic import ValidationError
 from pipelines.serving.batching import BatchScheduler
 from pipelines.serving.keys import Scope, normalise_root
 from pipelines.serving.errors import (BadRequest, ClientGone, Conflict, NotFound, PayloadTooLarge, ServiceError,
-                                      Unavailable, Unprocessable, network_cause, public_location, public_name,
-                                      public_text)
+                                      Unavailable, Unprocessable, credential_cause, network_cause, public_location,
+                                      public_name, public_text)
 from pipelines.serving.lazy import HeldChunks, held_nbytes
 from pipelines.serving.lru import CacheLRU
+from pipelines.serving.readiness import StorageProbe
 from pipelines.serving.schema import ask_request_model, validation_message
 from statekv.cache import ModelInfo, VideoKVCache
 from statekv.decoding import AnswerRequest
@@ -116,6 +117,7 @@ class QueryService:
         # concurrent non-streaming questions about one video decode together (batching.py); None: one by one
         self.batcher = BatchScheduler(self.engine, max_batch=max_batch,
                                       on_tokens=lambda n: self._count("generated_tokens", n)) if batching else None
+        self.storage = StorageProbe(self.check_storage)  # readiness: /readyz, /healthz's "degraded"
 
     @classmethod
     def from_config(cls, config) -> "QueryService":
@@ -231,10 +233,18 @@ class QueryService:
             logger.error("cache store refused access (%s): %s", what, err)
             raise ServiceError(f"the cache store refused access to {what}; the server log has the details",
                                code="storage_denied") from None
-        except Exception as err:  # noqa: BLE001 - only connection failures are re-raised as 503
+        except Exception as err:  # noqa: BLE001 - only connection and credential failures are re-raised as 503
             if network_cause(err) is not None:
                 raise self._unavailable(what, err) from None
+            if credential_cause(err) is not None:
+                raise self._no_credentials(what, credential_cause(err)) from None
             raise
+
+    def _no_credentials(self, what: str, err: BaseException) -> Unavailable:
+        logger.error("no credentials for the cache store (%s): %s: %s", what, type(err).__name__, err)
+        return Unavailable(f"the cache store cannot be read for {what}: this replica has no usable credentials "
+                           f"({type(err).__name__}); the operator must give the service the store's credentials",
+                           headers={"Retry-After": str(self.retry_after_s)})
 
     def manifest_identity(self, video_id: str) -> Any:
         """What changes whenever the cache at `video_id` is committed again (one HEAD); None if it is gone.
@@ -550,12 +560,30 @@ class QueryService:
     # --- health ------------------------------------------------------------------------------------------------
 
     def health(self, *, name_root: bool = True) -> dict[str, Any]:
-        """Readiness: the model, LRU and counters; the root's URI unless `name_root` is False (an open /healthz of a
-        service with API keys says nothing about the corpus)."""
+        """Liveness, and whether the store can be read (`storage`; "degraded" when not): the model, LRU and
+        counters; the root's URI unless `name_root` is False (an open /healthz of a service with API keys says
+        nothing about the corpus)."""
         self.check_health()
-        return {"status": "ok", "model": public_name(self.model_info.name_or_path),
+        storage = self.storage.status()
+        return {"status": "ok" if storage is None else "degraded", "storage": "ok" if storage is None else storage.code,
+                "model": public_name(self.model_info.name_or_path),
                 "model_type": self.model_info.model_type, "fingerprint": self.model_info.fingerprint,
                 "caches_root": self.public_root if name_root else None, "lru": self.lru.stats(), "counters": dict(self.counters)}
+
+    def check_storage(self) -> None:
+        """Raise the ServiceError a request would get if the cache root cannot be read now (one HEAD / listing of
+        at most one key); a root with nothing committed yet is readable."""
+        fs, root = self.filesystem()
+
+        def probe() -> None:
+            if not is_local(fs):
+                fs.invalidate_cache(root)
+            try:
+                fs.info(root)
+            except FileNotFoundError:  # the store answered: nothing indexed under the root yet
+                pass
+
+        self._store_call("the cache root", probe)
 
     def check_health(self) -> None:
         """Raises if this replica cannot answer (Serve restarts it)."""

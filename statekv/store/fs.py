@@ -364,6 +364,20 @@ def transport_errors() -> tuple[type[BaseException], ...]:
 TRANSPORT_ERRORS = transport_errors()
 
 
+def credential_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean this process has no usable credentials or region for the store (its environment,
+    not the store or the bytes, is at fault): botocore's, when it is installed."""
+    try:
+        from botocore import exceptions as boto
+    except ImportError:
+        return ()
+    return (boto.NoCredentialsError, boto.PartialCredentialsError, boto.CredentialRetrievalError,
+            boto.NoRegionError)
+
+
+CREDENTIAL_ERRORS = credential_errors()
+
+
 def is_transport_error(exc: BaseException) -> bool:
     """True for a failure to deliver bytes: a network error, or an I/O error that is not 'missing'/'denied'."""
     if isinstance(exc, (FileNotFoundError, PermissionError)):

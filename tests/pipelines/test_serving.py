@@ -326,6 +326,12 @@ def test_http_errors(served):
     _assert_error(r, 503, "storage_unavailable")
     assert r.headers["retry-after"] == "7"
     _assert_error(client.get("/unreachable/v1/videos"), 503)
+    # alive but not ready: Serve keeps the replica (a restart brings no network back), probes route around it
+    health = client.get("/unreachable/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "degraded"
+    assert health.json()["storage"] == "storage_unavailable"
+    _assert_error(client.get("/unreachable/readyz"), 503, "storage_unavailable")
+    assert client.get("/readyz").json() == {"status": "ready"} and client.get("/healthz").json()["storage"] == "ok"
 
 
 @pytest.mark.parametrize("video_id", [v for v in OUTSIDE if v])

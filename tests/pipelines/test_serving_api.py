@@ -9,10 +9,12 @@ connection dropped mid-read answered 503 + Retry-After rather than "corrupt".
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -767,3 +769,30 @@ def test_a_hostile_cache_is_cache_corrupt_never_internal(make_service, local_roo
         body = {"video_id": "clip_a", "question": QUESTION, "max_new_tokens": 2}
         r = c.post("/v1/ask", json=body if retrieval is None else {**body, "retrieval": retrieval})
         _error(r, 500, "cache_corrupt")
+
+
+def test_a_replica_without_credentials_is_503_and_not_ready(make_service, s3_server, engine, monkeypatch):
+    """Regression (issue #20): a replica that did not get the store's credentials answered every /v1/ask and
+    /v1/videos with an opaque 500 `internal` while /healthz said ok. Now: 503 storage_unavailable naming the cause,
+    /healthz alive but "degraded", /readyz 503."""
+    endpoint, options = s3_server
+    root = f"s3://caches/nocreds-{uuid.uuid4().hex[:8]}"
+    prefill_to_store(engine, synthetic_frames(8, 56, 84, seed=0), f"{root}/clip", fps=2.0, storage_options=options)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    storage = {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}  # credentials from the env
+    service = make_service(root, storage_options=storage, retry_after_s=4)
+    service.storage.every_s = 0.0  # probe on every call here
+    with TestClient(create_api(service)) as c:
+        for r in (c.post("/v1/ask", json={"video_id": "clip", "question": QUESTION, "max_new_tokens": 2}),
+                  c.get("/v1/videos"), c.get("/v1/videos/clip")):
+            message = _error(r, 503, "storage_unavailable")
+            assert "no usable credentials (NoCredentialsError)" in message and r.headers["retry-after"] == "4"
+        health = c.get("/healthz")
+        assert health.status_code == 200
+        assert health.json()["status"] == "degraded" and health.json()["storage"] == "storage_unavailable"
+        _error(c.get("/readyz"), 503, "storage_unavailable")
+
