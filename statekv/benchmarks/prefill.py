@@ -444,7 +444,8 @@ def plot_results(report: dict[str, Any], path: str | Path) -> Path:
         ax.set_xticks(cfg["frames"], [str(n) for n in cfg["frames"]])
     for ax in (ax_chunk, ax_total, ax_flops, ax_mem):
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # FLOPs / memory panels are empty with --no-flops / --no-memory
+            ax.legend()
     env = report["environment"]
     model = cfg["model"]
     fig.suptitle(f"statekv prefill — {cfg['size']} random Qwen2-VL (hidden {model['hidden_size']}, "
