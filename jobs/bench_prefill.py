@@ -1,9 +1,12 @@
 """Prefill benchmark: `python -m jobs.bench_prefill --out DIR [--size tiny|mid] [--frames 8 16 ...] [--capacity N]
-[--repeats N] [--device cpu|cuda] [--dtype float32|bfloat16] [--policies full statekv] [--no-one-shot]`.
+[--repeats N] [--device cpu|cuda] [--dtype float32|bfloat16] [--policies full statekv] [--no-one-shot]
+[--inits wide default]`.
 
 Prefills synthetic videos of growing length with Full, Window and StateKV on a random Qwen2-VL, and the same
-frames through one plain transformers forward (the printed ratio per length and the StateKV crossover), writes
-DIR/prefill.json (raw numbers, config, versions) and DIR/prefill.png, and prints a summary table. The logic lives
+frames through one plain transformers forward (the printed ratio per length and the StateKV crossover), once per
+checkpoint init (default: both the widened "wide" init and the model class's "default" one, one after the other),
+writes DIR/<init>/prefill.json (raw numbers, config, versions, load average) and DIR/<init>/prefill.png, and prints
+a summary table per init and both crossovers. With --checkpoint, that checkpoint only, into DIR. The logic lives
 in `statekv.benchmarks.prefill`.
 """
 
@@ -14,7 +17,9 @@ import logging
 
 import torch
 
-from statekv.benchmarks.prefill import DEFAULT_FRAMES, MODEL_SIZES, POLICY_NAMES, BenchConfig, format_table, run_benchmark
+from statekv.benchmarks.prefill import (DEFAULT_FRAMES, MODEL_SIZES, POLICY_NAMES, BenchConfig, format_crossovers,
+                                       format_table, run_benchmark, run_inits)
+from statekv.testing.checkpoints import INITS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 on cpu, steady on a shared machine; 0: torch's default)")
     parser.add_argument("--checkpoint", default=None, help="benchmark this Qwen2-VL checkpoint instead")
+    parser.add_argument("--inits", nargs="+", choices=list(INITS), default=list(INITS),
+                        help="weight inits of the random checkpoint, each run in turn (default: all; wide = N(0, 0.2), "
+                             "peaked attention; default = the model class's own init)")
     parser.add_argument("--policies", nargs="+", choices=list(POLICY_NAMES), default=list(POLICY_NAMES),
                         help="policies to run (default: all)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -45,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """Run the benchmark; returns {init: report} ({"checkpoint": report} with --checkpoint)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = BenchConfig(size=args.size, frames=args.frames, capacity=args.capacity, repeats=args.repeats,
@@ -53,11 +62,17 @@ def main(argv: list[str] | None = None) -> dict:
                          checkpoint=args.checkpoint, policies=args.policies, clock=args.clock, one_shot=not args.no_one_shot,
                          measure_flops=not args.no_flops,
                          measure_memory=not args.no_memory)
-    report = run_benchmark(config, args.out, log=lambda msg: print(f"[bench_prefill] {msg}", flush=True))
-    print(format_table(report))
-    print(f"json: {report['files']['json']}")
-    print(f"png:  {report['files']['png']}")
-    return report
+    log = lambda msg: print(f"[bench_prefill] {msg}", flush=True)  # noqa: E731
+    if args.checkpoint is not None:
+        reports = {"checkpoint": run_benchmark(config, args.out, log=log)}
+    else:
+        reports = run_inits(config, args.inits, args.out, log=log)
+    for report in reports.values():
+        print(format_table(report))
+        print(f"json: {report['files']['json']}")
+        print(f"png:  {report['files']['png']}")
+    print(format_crossovers(reports))
+    return reports
 
 
 if __name__ == "__main__":

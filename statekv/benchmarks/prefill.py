@@ -12,8 +12,13 @@ For each policy and video length it measures
   which streaming StateKV is faster than the one-shot forward (log-interpolated between measured lengths).
 
 The model is a random Qwen2-VL built with `statekv.testing.checkpoints.save_tiny_checkpoint` ("tiny": the test
-config, "mid": hidden 512, 8 layers), so nothing is downloaded. `run_benchmark` returns (and writes) a JSON-ready
-dict; `plot_results` draws the PNG; `format_table` renders the printed summary.
+config, "mid": hidden 512, 8 layers), so nothing is downloaded, with either weight init (`BenchConfig.init`): "wide"
+(the tests' N(0, 0.2): peaked attention) or "default" (the model class's own init: flat attention). A cost that
+only one of them shows (the key-score softmax's subnormal probabilities on peaked heads, issue #21) cannot hide:
+`run_inits` runs the benchmark once per init and `format_crossovers` prints the crossovers side by side.
+`run_benchmark` returns (and writes) a JSON-ready dict; `plot_results` draws the PNG; `format_table` renders the
+printed summary. Every report records the load average (`os.getloadavg`) before and after its run: timings on a
+shared machine mean little without it.
 
 Chunk 0's latency and FLOPs include the text prefix's prefill (the engine reports no progress before chunk 0).
 FLOPs are counted with the torch attention backend on every device (a Triton kernel is invisible to the counter);
@@ -22,8 +27,10 @@ timings use the engine's default backend.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import platform
 import statistics
 import tempfile
@@ -39,7 +46,7 @@ import torch
 from statekv.engine import Engine
 from statekv.policies import Full, Policy, StateKV, Window
 from statekv.profiling import count_flops, peak_memory
-from statekv.testing.checkpoints import save_tiny_checkpoint
+from statekv.testing.checkpoints import INITS, save_tiny_checkpoint
 from statekv.testing.videos import synthetic_frames
 from statekv.video import SamplingConfig
 
@@ -75,6 +82,8 @@ class BenchConfig:
     # from threads and a busy machine makes multi-threaded timings swing by 10x; 0 keeps torch's own setting
     threads: int | None = None
     checkpoint: str | None = None  # an existing checkpoint directory instead of a fresh random one
+    # weights of the fresh random checkpoint: "wide" (N(0, 0.2), peaked attention) or "default" (the class's own)
+    init: str = "wide"
     measure_flops: bool = True
     measure_memory: bool = True
     policies: Sequence[str] = POLICY_NAMES  # which of full / window / statekv to run
@@ -107,9 +116,12 @@ class BenchConfig:
         threads = self.threads if self.threads is not None else (1 if torch.device(device).type == "cpu" else 0)
         if threads < 0:
             raise ValueError(f"threads must be >= 0, got {threads}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; valid: {', '.join(INITS)}")
         return BenchConfig(size=self.size, frames=frames, capacity=self.capacity, repeats=self.repeats,
                            device=device, dtype=dtype, height=self.height or height, width=self.width or width,
-                           seed=self.seed, threads=threads, checkpoint=self.checkpoint, measure_flops=self.measure_flops,
+                           seed=self.seed, threads=threads, checkpoint=self.checkpoint, init=self.init,
+                           measure_flops=self.measure_flops,
                            measure_memory=self.measure_memory, policies=policies, clock=self.clock,
                            one_shot=self.one_shot, extra=dict(self.extra))
 
@@ -252,11 +264,29 @@ def run_benchmark(config: BenchConfig, out_dir: str | Path | None = None, *,
         torch.set_num_threads(threads_before)
 
 
+def run_inits(config: BenchConfig, inits: Sequence[str] = INITS, out_dir: str | Path | None = None, *,
+              log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """`run_benchmark` once per checkpoint init (`config.init` replaced), one after the other; with `out_dir`, each
+    writes into `out_dir/<init>/`. Returns {init: report}."""
+    if not inits or set(inits) - set(INITS):
+        raise ValueError(f"inits must be a non-empty subset of {', '.join(INITS)}, got {list(inits)}")
+    log = log or (lambda msg: None)
+    reports = {}
+    for init in dict.fromkeys(inits):
+        log(f"checkpoint init {init!r}")
+        cfg = dataclasses.replace(config, init=init)
+        reports[init] = run_benchmark(cfg, None if out_dir is None else Path(out_dir) / init,
+                                      log=lambda msg, init=init: log(f"[{init}] {msg}"))
+    return reports
+
+
 def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None]) -> dict[str, Any]:
+    load_before = os.getloadavg()
     dtype = getattr(torch, cfg.dtype)
     with tempfile.TemporaryDirectory(prefix="statekv-bench-") as tmp:
         if cfg.checkpoint is None:
-            path = save_tiny_checkpoint(Path(tmp) / cfg.size, "qwen2_vl", seed=cfg.seed, **MODEL_SIZES[cfg.size])
+            path = save_tiny_checkpoint(Path(tmp) / cfg.size, "qwen2_vl", seed=cfg.seed, init=cfg.init,
+                                        **MODEL_SIZES[cfg.size])
         else:
             path = Path(cfg.checkpoint)
         log(f"loading {path}")
@@ -334,7 +364,8 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
         "benchmark": "prefill",
         "config": {
             "size": cfg.size, "model": {"family": "qwen2_vl", "random": cfg.checkpoint is None,
-                                        "checkpoint": cfg.checkpoint, **MODEL_SIZES[cfg.size],
+                                        "checkpoint": cfg.checkpoint,
+                                        "init": cfg.init if cfg.checkpoint is None else None, **MODEL_SIZES[cfg.size],
                                         "head_dim": layout.head_dim},
             "frames": list(cfg.frames), "capacity": capacity, "capacity_chunks": capacity / tokens_per_chunk,
             "repeats": cfg.repeats, "device": str(device), "dtype": cfg.dtype, "fps": FPS,
@@ -357,6 +388,8 @@ def _run(cfg: BenchConfig, out_dir: str | Path | None, log: Callable[[str], None
             name: {**crossover([e["chunks"] for e in entries], [e["ratio_to_one_shot"] for e in entries]),
                    "unit": "chunks"} for name, entries in results.items()},
         "wall_s": time.perf_counter() - started,
+        # 1, 5 and 15 minute load averages of the machine: timings mean little without them on a shared machine
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
     }
     if out_dir is not None:
         out = Path(out_dir)
@@ -411,7 +444,8 @@ def plot_results(report: dict[str, Any], path: str | Path) -> Path:
         ax.set_xticks(cfg["frames"], [str(n) for n in cfg["frames"]])
     for ax in (ax_chunk, ax_total, ax_flops, ax_mem):
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # FLOPs / memory panels are empty with --no-flops / --no-memory
+            ax.legend()
     env = report["environment"]
     model = cfg["model"]
     fig.suptitle(f"statekv prefill — {cfg['size']} random Qwen2-VL (hidden {model['hidden_size']}, "
@@ -428,7 +462,8 @@ def format_table(report: dict[str, Any]) -> str:
     cfg, results = report["config"], report["results"]
     lines = [f"prefill benchmark: size={cfg['size']} device={cfg['device']} dtype={cfg['dtype']} "
              f"threads={cfg['threads']} tokens/chunk={cfg['tokens_per_chunk']} capacity={cfg['capacity']} "
-             f"repeats={cfg['repeats']} clock={cfg.get('clock', 'wall')}",
+             f"repeats={cfg['repeats']} clock={cfg.get('clock', 'wall')} init={cfg['model'].get('init')}"
+             + _load_text(report.get("load_average")),
              f"{'frames':>6} {'chunks':>6} {'policy':>8} {'total ms':>10} {'first ms':>9} {'last ms':>8} "
              f"{'GFLOPs':>9} {'last-chunk MFLOPs':>17} {'peak MiB':>9} {'/one-shot':>9}"]
     one_shot = report.get("one_shot")
@@ -457,13 +492,36 @@ def format_table(report: dict[str, Any]) -> str:
                              f"per-chunk marginal end/start x{g['marginal_end_over_start']:.2f}, "
                              f"end/middle x{g['marginal_end_over_middle']:.3f}")
     for name, c in (report.get("crossover") or {}).items():
-        if c["below_shortest"]:
-            where = f"already faster at the shortest length ({c['first_measured']} chunks)"
-        elif c["first_measured"] is None:
-            where = "not faster at any measured length"
-        else:
-            where = f"~{c['interpolated']:.1f} chunks (first measured faster: {c['first_measured']} chunks)"
-        lines.append(f"crossover {name} vs one-shot forward: {where}")
+        lines.append(f"crossover {name} vs one-shot forward: {_crossover_text(c)}")
     lines.append(f"wall time {report['wall_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def _load_text(load: dict[str, list[float]] | None) -> str:
+    if not load:
+        return ""
+    return (" load average (1/5/15 min) before " + "/".join(f"{x:.2f}" for x in load["before"])
+            + " after " + "/".join(f"{x:.2f}" for x in load["after"]))
+
+
+def _crossover_text(c: dict[str, Any]) -> str:
+    if c["below_shortest"]:
+        return f"already faster at the shortest length ({c['first_measured']} chunks)"
+    if c["first_measured"] is None:
+        return "not faster at any measured length"
+    return f"~{c['interpolated']:.1f} chunks (first measured faster: {c['first_measured']} chunks)"
+
+
+def format_crossovers(reports: dict[str, dict[str, Any]]) -> str:
+    """One line per checkpoint init and policy: ratios to the one-shot forward by length, and the crossover."""
+    lines = []
+    for init, report in reports.items():
+        if not report.get("crossover"):
+            continue
+        lines.append(f"checkpoint init {init}:{_load_text(report.get('load_average'))}")
+        for name, entries in report["results"].items():
+            ratios = ", ".join(f"{e['chunks']}: {e['ratio_to_one_shot']:.2f}x" for e in entries)
+            lines.append(f"  {name:>8} / one-shot by chunks {ratios}; crossover "
+                         f"{_crossover_text(report['crossover'][name])}")
     return "\n".join(lines)
 

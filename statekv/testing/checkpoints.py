@@ -127,14 +127,36 @@ def preprocessor_config(family: str, *, image_mean: tuple[float, ...] = (0.48145
             "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
 
 
+INITS = ("wide", "default")  # save_tiny_checkpoint(init=...): widened N(0, 0.2) weights, or the class's own init
+
+
 def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_vl", *, seed: int = 0,
-                         preprocessor: dict | None = None, **config_kwargs) -> Path:
+                         preprocessor: dict | None = None, init: str = "wide", **config_kwargs) -> Path:
     """Write a tiny random checkpoint of `family` (weights, config, tokenizer with chat template, video preprocessor
-    config: `preprocessor`, else the family's) to `path`."""
+    config: `preprocessor`, else the family's) to `path`.
+
+    `init="wide"` (the tests' default) redraws every matrix from N(0, 0.2) so tokens differ clearly; `"default"`
+    keeps the model class's own initialisation (`_init_weights`, the config's `initializer_range`): far flatter
+    logits, so benchmarks see both peaked and flat attention.
+    """
     if family not in TINY_CHECKPOINTS:
         raise ValueError(f"no tiny checkpoint for model_type {family!r}; add one to "
                          f"statekv.testing.checkpoints.TINY_CHECKPOINTS (have: {', '.join(TINY_CHECKPOINTS)})")
-    return TINY_CHECKPOINTS[family](Path(path), family, seed=seed, preprocessor=preprocessor, **config_kwargs)
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+    path = TINY_CHECKPOINTS[family](Path(path), family, seed=seed, preprocessor=preprocessor, **config_kwargs)
+    if init == "default":
+        _save_default_init_weights(path, seed=seed)
+    return path
+
+
+def _save_default_init_weights(path: Path, *, seed: int) -> None:
+    """Overwrite the checkpoint's weights with a fresh model of its config, as its class initialises it."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path)
+    torch.manual_seed(seed)
+    AutoModelForImageTextToText.from_config(config).eval().save_pretrained(path)
 
 
 def _widen_random_init(model) -> None:

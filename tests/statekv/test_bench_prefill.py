@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from statekv.benchmarks.prefill import POLICY_NAMES, BenchConfig, crossover, format_table, run_benchmark
+from statekv.benchmarks.prefill import (POLICY_NAMES, BenchConfig, crossover, format_crossovers, format_table,
+                                       run_benchmark, run_inits)
+from statekv.testing.checkpoints import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,15 @@ def test_json_has_config_versions_and_per_policy_entries(report):
             assert e["peak_bytes"] > 0
         assert {"flops_ratio", "loglog_slope", "marginal_flops_start", "marginal_flops_end"} <= data["growth"][name].keys()
     assert "statekv" in format_table(data)
+
+
+def test_records_init_and_load_average(report):
+    _, data = report
+    assert data["config"]["model"]["init"] == "wide"
+    load = data["load_average"]
+    assert set(load) == {"before", "after"}
+    assert all(len(load[k]) == 3 and all(x >= 0 for x in load[k]) for k in load)
+    assert "load average (1/5/15 min) before" in format_table(data) and "init=wide" in format_table(data)
 
 
 def test_statekv_flops_linear_full_faster(report):
@@ -83,3 +94,30 @@ def test_crossover_interpolates_between_the_bracketing_lengths():
     assert 32 < at < 64 and abs(at - 32 * 2 ** (1 / 3)) < 1e-9  # 1/3 of the way from 1.1 to 0.8, in log length
     assert crossover([8, 16], [0.9, 0.8]) == {"first_measured": 8, "interpolated": None, "below_shortest": True}
     assert crossover([8, 16], [1.2, 1.1])["first_measured"] is None
+
+
+def test_default_init_checkpoint_keeps_the_class_init(tmp_path):
+    """"default" must not be the widened N(0, 0.2) init of the tests: the class's own (initializer_range 0.02)."""
+    import torch
+    from safetensors.torch import load_file
+
+    def q_proj_std(init):
+        path = save_tiny_checkpoint(tmp_path / init, "qwen2_vl", seed=0, init=init)
+        weights = {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+        return torch.stack([v.float().std() for k, v in weights.items() if k.endswith("q_proj.weight")]).mean()
+
+    assert abs(q_proj_std("wide") - 0.2) < 0.02
+    assert abs(q_proj_std("default") - 0.02) < 0.005
+
+
+def test_run_inits_runs_and_prints_both_checkpoints(tmp_path):
+    config = BenchConfig(size="tiny", frames=[4, 8], capacity=12, repeats=1, device="cpu", dtype="float32",
+                         policies=["statekv"], measure_flops=False, measure_memory=False)
+    reports = run_inits(config, out_dir=tmp_path)
+    assert list(reports) == ["wide", "default"]
+    for init, data in reports.items():
+        assert data["config"]["model"]["init"] == init
+        assert json.loads((tmp_path / init / "prefill.json").read_text())["config"]["model"]["init"] == init
+        assert [e["chunks"] for e in data["results"]["statekv"]] == [2, 4]
+    text = format_crossovers(reports)
+    assert "checkpoint init wide" in text and "checkpoint init default" in text and text.count("crossover") == 2

@@ -257,3 +257,114 @@ def test_triton_rejects_bad_block_sizes_and_head_dim(triton_ops):
     query, key, value = make_qkv(1, 2, 1, 4, 8, 320)
     with pytest.raises(ValueError, match="head_dim 320"):
         triton_ops.attention_triton(query, key, value, scaling=1.0)
+
+
+# --- the denormal-free softmax of the torch key-score path --------------------------------------------------------
+
+TINY = torch.finfo(torch.float32).tiny
+
+
+def float64_attention(query, key, value, scaling):
+    """The plain softmax in float64 (no threshold): (out [B, q, H, D], scores [B, Hkv, kv]) as float64."""
+    return naive_attention_dtype(query.double(), key.double(), value.double(), scaling)
+
+
+def naive_attention_dtype(query, key, value, scaling):
+    B, H, q_len, D = query.shape
+    Hkv, kv_len = key.shape[1], key.shape[2]
+    G = H // Hkv
+    k = key.repeat_interleave(G, dim=1)  # (B, H, kv, D)
+    v = value.repeat_interleave(G, dim=1)
+    s = scaling * query @ k.transpose(-1, -2)  # (B, H, q, kv)
+    visible = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+    p = s.masked_fill(~visible, float("-inf")).softmax(-1)
+    return (p @ v).transpose(1, 2), p.view(B, Hkv, G, q_len, kv_len).sum(dim=(2, 3))
+
+
+def peaked_qkv(B, H, Hkv, q_len, kv_len, D, spread=6.0, seed=0):
+    """Inputs whose logits span hundreds: a float32 softmax of them has many subnormal probabilities."""
+    query, key, value = make_qkv(B, H, Hkv, q_len, kv_len, D, seed=seed)
+    return query * spread, key * spread, value
+
+
+def subnormal_count(t: torch.Tensor) -> int:
+    """Number of values strictly between 0 and the smallest normal float32 in magnitude."""
+    a = t.detach().abs()
+    return int(((a > 0) & (a < TINY)).sum())
+
+
+UNINITIALISED = (torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
+                 torch.ops.aten.new_empty)
+
+
+class SubnormalOutputs(TorchDispatchMode):
+    """Counts subnormal values in every float32 tensor an op computes (not uninitialised buffers, not views)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func.is_view or func.overloadpacket in UNINITIALISED:
+            return result
+        for t in tree_leaves(result):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype == torch.float32:
+                self.count += subnormal_count(t)
+        return result
+
+
+# (B, H, Hkv, q, kv, D, block_q, spread)
+FUSED_SHAPES = [
+    (1, 8, 4, 24, 90, 16, 8, 1.0),  # a chunk after prefix | state, GQA 2, three full query blocks
+    (2, 6, 2, 13, 40, 16, 5, 1.0),  # GQA 3, a tail block (13 = 5 + 5 + 3)
+    (1, 4, 4, 9, 9, 32, 4, 1.0),  # the text prefix: q == kv, plain causal, MHA
+    (1, 8, 2, 1, 30, 16, 128, 1.0),  # decoding one token, GQA 4
+    (1, 8, 4, 24, 90, 16, 8, 6.0),  # peaked: logits span hundreds
+    (2, 4, 1, 17, 50, 32, 6, 8.0),  # peaked, GQA 4, tail block
+]
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+def test_torch_path_equals_float64_softmax(shape):
+    """Output and key scores equal a float64 softmax; the probabilities the threshold drops are below
+    `probability_floor` (< 4.5 * kv**2 * tiny per query row), far under the float32 tolerance used here."""
+    B, H, Hkv, q_len, kv_len, D, block_q, spread = shape
+    query, key, value = peaked_qkv(B, H, Hkv, q_len, kv_len, D, spread=spread)
+    scaling = D**-0.5
+    want_out, want_scores = float64_attention(query, key, value, scaling)
+    for backend_call in (
+        lambda: attention_reference(query, key, value, scaling=scaling, key_scores=True, block_q=block_q),
+        lambda: attention(query, key, value, scaling=scaling, key_scores=True, block_q=block_q, backend="torch"),
+    ):
+        out, scores = backend_call()
+        assert out.dtype == torch.float32 and scores.dtype == torch.float32
+        # peaked logits are ~|q||k|: float32 rounding of a logit of a few hundred moves its probability ~1e-5
+        tol = 1e-5 if spread == 1.0 else 1e-3
+        torch.testing.assert_close(out.double(), want_out, atol=tol, rtol=tol)
+        torch.testing.assert_close(scores.double(), want_scores, atol=tol * q_len, rtol=tol)
+        # each query row still sums to 1: the mass the threshold drops is below float32 resolution
+        torch.testing.assert_close(scores.double().sum(-1), torch.full((B, Hkv), q_len * H / Hkv, dtype=torch.float64),
+                                   atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spread", [6.0, 8.0])
+def test_torch_path_produces_no_subnormals(spread):
+    """Regression: the explicit float32 softmax of the key-score path produced subnormal probabilities when
+    attention was peaked, and a CPU's subnormal (and underflowing) exp is ~10-40x slower than a normal one, which
+    made StateKV's prefill slower than the one-shot forward (issue #21). No op of the torch path may return a
+    subnormal float32, and the process's floating-point mode (flush-to-zero) must be left as it was."""
+    B, H, Hkv, q_len, kv_len, D = 1, 8, 4, 24, 90, 16
+    query, key, value = peaked_qkv(B, H, Hkv, q_len, kv_len, D, spread=spread)
+    scaling = D**-0.5
+    # the check can fail: the plain softmax of the same logits does make subnormals
+    with SubnormalOutputs() as plain:
+        naive_attention(query, key, value, scaling)
+    assert plain.count > 0
+    subnormal = torch.tensor([TINY / 4])
+    assert subnormal_count(subnormal * 1.0) == 1  # subnormals are on before the call (no flush-to-zero)
+    with SubnormalOutputs() as mode:
+        out, scores = attention_reference(query, key, value, scaling=scaling, key_scores=True, block_q=8)
+    assert mode.count == 0
+    assert subnormal_count(scores) == 0 and subnormal_count(out) == 0
+    assert subnormal_count(subnormal * 1.0) == 1  # ... and after it: no global mode was changed
