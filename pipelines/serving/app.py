@@ -33,7 +33,7 @@ import anyio
 from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from ray import serve
@@ -45,6 +45,7 @@ from starlette.types import Receive, Scope, Send
 from pipelines.serving import audit
 from pipelines.serving.auth import AccessControl, Caller
 from pipelines.serving.config import ServiceConfig
+from pipelines.serving.docs_page import render_docs
 from pipelines.serving.errors import ClientGone, ServiceError, Unprocessable
 from pipelines.serving.keys import KeyStore
 from pipelines.serving.schema import (VIDEO_ID_PATTERN, AskResponse, Health, Ready, VideoInfo, VideoPage, error_responses,
@@ -232,7 +233,7 @@ def create_api(service: QueryService, access: AccessControl | None = None, *,
     (None: everyone, for in-process callers that wire their own rule)."""
     AskRequest = service.ask_model
     keys = access is not None and access.keys is not None
-    api = FastAPI(title="statekv query service", version="1",
+    api = FastAPI(title="statekv query service", version="1", docs_url=None, redoc_url=None,  # /docs: below
                   description="Answers questions about videos from their stored KV caches, without prefilling "
                               "again. Every error body is {\"error\": {\"code\", \"message\"}}. Request bodies "
                               "are JSON in UTF-8." + (" Every /v1 request carries `Authorization: Bearer <secret>`."
@@ -318,6 +319,10 @@ def create_api(service: QueryService, access: AccessControl | None = None, *,
               caller: Caller = Depends(reader)):  # the pattern is enforced by describe
         _record(request).fields["video_id"] = video_id
         return service.describe(video_id, scope=caller.scope)
+
+    @api.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+    def docs():  # the reference from the schema, with no asset from elsewhere (a CDN is out of reach on clusters)
+        return HTMLResponse(render_docs(api.openapi()))
 
     @api.get("/healthz", response_model=Health, responses=error_responses(500))
     def healthz():  # open to every client (probes): with keys it does not name the root

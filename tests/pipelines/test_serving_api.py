@@ -796,3 +796,44 @@ def test_a_replica_without_credentials_is_503_and_not_ready(make_service, s3_ser
         assert health.json()["status"] == "degraded" and health.json()["storage"] == "storage_unavailable"
         _error(c.get("/readyz"), 503, "storage_unavailable")
 
+
+
+def test_docs_render_without_network_and_every_asset_is_served_here(client):
+    """Regression (issue #20): /docs was FastAPI's Swagger UI, whose script and CSS come from a CDN: blank on a
+    cluster without internet. Every resource the page references is served by the app itself."""
+    from html.parser import HTMLParser
+    from urllib.parse import urljoin, urlsplit
+
+    c, _ = client
+    page = c.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
+    class Links(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.urls: list[str] = []
+            self.ids: set[str] = set()
+
+        def handle_starttag(self, tag, attrs):
+            for name, value in attrs:
+                if name in ("src", "href") and value:
+                    self.urls.append(value)
+                if name == "id":
+                    self.ids.add(value)
+
+    links = Links()
+    links.feed(page.text)
+    assert "<script" not in page.text.lower()
+    for url in links.urls:
+        if url.startswith("#"):  # a link inside the page: its target exists
+            assert url[1:] in links.ids, url
+            continue
+        resolved = urlsplit(urljoin("http://testserver/docs", url))
+        assert resolved.netloc == "testserver", f"/docs references {url}, not served by the app"
+        assert c.get(resolved.path).status_code == 200, url
+    schema = c.get("/openapi.json").json()
+    for path in schema["paths"]:  # every operation and every schema is on the page
+        assert f"<code>{path}</code>" in page.text
+    for name in schema["components"]["schemas"]:
+        assert f"id='schema-{name}'" in page.text
+    assert "/docs" not in schema["paths"]  # the page is not part of the API
