@@ -13,6 +13,8 @@ ANSWER_FROM = ("chunks", "state")  # statekv.cache.ANSWER_FROM, spelled out for 
 
 VIDEO_BACKENDS = ("auto", "decord", "pyav")  # statekv.video.BACKENDS, spelled out: --help imports no decoder
 
+VISION_BATCH_FRAMES = 16  # statekv.engine.DEFAULT_VISION_BATCH_FRAMES, spelled out for the same reason
+
 
 def add_prefill_options(parser: argparse.ArgumentParser) -> None:
     """Policy, sampling, chunking and storage flags, with the same names and defaults everywhere."""
@@ -38,6 +40,10 @@ def add_prefill_options(parser: argparse.ArgumentParser) -> None:
                         help="chunks per model call; with k > 1 the chunks of a step attend to each other in full and "
                              "the policy selects once per step, so statekv/window results differ from k = 1 "
                              "(full does not); recorded with the cache, a resume must use the same value")
+    parser.add_argument("--vision-batch-frames", type=int, default=VISION_BATCH_FRAMES, metavar="N",
+                        help="frames the vision tower encodes per call, in whole steps (at least one step): fewer "
+                             "calls, while host memory holds N decoded frames and their pixels; the features equal "
+                             "per-step encoding within float rounding. Not recorded: a resume may use another value")
     parser.add_argument("--int8", action="store_true", help="store K/V as int8 with scales")
     parser.set_defaults(check=functools.partial(check_prefill_options, parser))
     parser.add_argument("--overwrite", action="store_true",
@@ -47,6 +53,8 @@ def add_prefill_options(parser: argparse.ArgumentParser) -> None:
 def check_prefill_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors across the flags (exit 2); sets `args.compression` (settings or None)."""
     args.compression = compression_settings(parser, args)
+    if getattr(args, "vision_batch_frames", 1) < 1:
+        parser.error(f"--vision-batch-frames must be >= 1, got {args.vision_batch_frames}")
 
 
 def compression_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict | None:

@@ -26,6 +26,7 @@ class IndexConfig:
     min_pixels: int | None = None  # per frame after resizing (default: SamplingConfig's)
     max_pixels: int | None = None
     chunks_per_step: int = 1  # temporal chunks per model call
+    vision_batch_frames: int = 16  # frames per vision-tower call, in whole steps (statekv's Engine default)
     int8: bool = False  # store K/V as int8 with scales
     overwrite: bool = False  # redo committed caches too (default: skip them)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec/s3fs options for input and output

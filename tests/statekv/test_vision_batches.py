@@ -111,3 +111,13 @@ def test_steps_must_not_split_a_temporal_patch(tiny_checkpoints):
     adapter = make_engine(tiny_checkpoints["qwen2_vl"], Full()).adapter
     with pytest.raises(ValueError, match="temporal patch"):
         adapter.step_features(np.zeros((6, 56, 84, 3), np.uint8), (56, 84), 3)
+
+
+def test_the_flags_default_is_the_engines():
+    """jobs/options.py spells the default out (its --help imports no torch); pipelines' IndexConfig too."""
+    from jobs.options import VISION_BATCH_FRAMES
+    from pipelines.indexing.config import IndexConfig
+    from statekv.engine import DEFAULT_VISION_BATCH_FRAMES
+
+    assert VISION_BATCH_FRAMES == IndexConfig.__dataclass_fields__["vision_batch_frames"].default \
+        == DEFAULT_VISION_BATCH_FRAMES
