@@ -1,7 +1,8 @@
 """The streaming prefill engine: a video in, a `VideoKVCache` out, then any number of questions answered on it.
 
 Family-free: the adapter (statekv/models/base.py) says what a chunk is. Prefill runs the prefix once, then the
-video chunk after chunk (`chunks_per_step` chunks per model call): preprocess -> chunk inputs -> cache
+video chunk after chunk (`chunks_per_step` chunks per model call; the vision tower on `vision_batch_frames` frames
+per call, several steps at once): preprocess -> chunk inputs -> cache
 [prefix | carried state] (one preallocated buffer per layer, updated in place: statekv/step_cache.py) -> decode -> policy update per layer and KV head -> split at chunk boundaries -> each
 chunk's KV leaves the model's device as soon as it is made, so device memory depends on prefix + capacity + step,
 not on video length.
@@ -108,7 +109,9 @@ class Engine:
     tower's fixed cost is paid once per batch, not per step. Frames never attend to each other in any family's
     tower, so the features equal per-step encoding within float rounding (the step's model call is unchanged);
     host memory grows by the batch's decoded frames and pixels. Not part of the prefill config: a resume may use
-    another value.
+    another value. Batches are aligned to the stream's steps, so a resume at a batch boundary (or with a batch of
+    one step) is bit for bit one prefill; elsewhere the batch that straddles the resume point differs from it in
+    float rounding only (a product's rounding may depend on how many rows it multiplies).
     """
 
     def __init__(self, adapter: VideoLMAdapter, *, policy: Policy | None = None,
