@@ -388,6 +388,9 @@ class Engine:
             cache.scenes = scenes.segments
             if progress is not None:
                 progress(done, total_chunks)
+            # nothing of this step outlives it: its inputs are views of its vision batch's features, which would
+            # otherwise stay alive through the next batch's tower call
+            del inputs, features, host, kept, chunk
         if step_cache is not None:
             for layer in step_cache.attention:
                 state = step_cache.layers[layer].state()
@@ -640,8 +643,11 @@ def _encoded_steps(adapter: VideoLMAdapter, source, indices: np.ndarray, frame_s
         if len(part) == 0:
             continue
         for frames in iter_frame_batches(source, part, size):
-            for i, features in enumerate(adapter.step_features(frames, frame_size, step_frames)):
+            steps = adapter.step_features(frames, frame_size, step_frames)
+            for i in range(len(steps)):
+                features, steps[i] = steps[i], None
                 yield frames[i * step_frames:(i + 1) * step_frames], features
+            del frames, steps, features  # not held while the next batch is read and encoded
 
 
 def _state_reserve(policy: Policy, step_tokens: int) -> int:
