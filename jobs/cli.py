@@ -528,14 +528,16 @@ def cmd_prefill(args: argparse.Namespace) -> int:
         from statekv.cache import PrefillConfig
         from statekv.engine import engine_settings
 
-        engine = _engine(model, args, **engine_settings(PrefillConfig.from_dict(recorded["prefill"])))
+        engine = _engine(model, args, **engine_settings(PrefillConfig.from_dict(recorded["prefill"])),
+                         vision_batch_frames=args.vision_batch_frames)
     else:
         policy = policy_from_size(args.policy, args.capacity)
         pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels))
                   if v is not None}
         sampling = SamplingConfig(fps=args.fps, max_frames=args.max_frames, **pixels)
         engine = _engine(model, args, policy=policy, sampling=sampling, chunks_per_step=args.chunks_per_step,
-                         answer_from=args.answer_from, compression=make_compression(args.compression))
+                         answer_from=args.answer_from, compression=make_compression(args.compression),
+                         vision_batch_frames=args.vision_batch_frames)
     bar = None
     progress = None
     if not args.no_progress:

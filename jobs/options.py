@@ -19,6 +19,7 @@ VIDEO_BACKENDS = ("auto", "decord", "pyav")  # statekv.video.BACKENDS, spelled o
 # (and refuses a given one that differs); every other use fills in these defaults (`check_prefill_options`).
 PREFILL_DEFAULTS: dict[str, Any] = {"policy": "statekv", "capacity": 4096, "answer_from": "chunks", "fps": 2.0,
                                     "chunks_per_step": 1, "int8": False}
+VISION_BATCH_FRAMES = 16  # statekv.engine.DEFAULT_VISION_BATCH_FRAMES, spelled out for the same reason
 
 
 def add_prefill_options(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +49,10 @@ def add_prefill_options(parser: argparse.ArgumentParser) -> None:
                         help="chunks per model call; with k > 1 the chunks of a step attend to each other in full and "
                              "the policy selects once per step, so statekv/window results differ from k = 1 "
                              f"(full does not); recorded with the cache (default: {d['chunks_per_step']})")
+    parser.add_argument("--vision-batch-frames", type=int, default=VISION_BATCH_FRAMES, metavar="N",
+                        help="frames the vision tower encodes per call, in whole steps (at least one step): fewer "
+                             "calls, while host memory holds N decoded frames and their pixels; the features equal "
+                             "per-step encoding within float rounding. Not recorded: a resume may use another value")
     parser.add_argument("--int8", action="store_true", default=None, help="store K/V as int8 with scales")
     parser.set_defaults(check=functools.partial(check_prefill_options, parser))
     parser.add_argument("--overwrite", action="store_true",
@@ -62,6 +67,8 @@ def check_prefill_options(parser: argparse.ArgumentParser, args: argparse.Namesp
             if getattr(args, name) is None:
                 setattr(args, name, value)
     args.compression = compression_settings(parser, args)
+    if getattr(args, "vision_batch_frames", 1) < 1:
+        parser.error(f"--vision-batch-frames must be >= 1, got {args.vision_batch_frames}")
 
 
 def recorded_flags(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The streaming prefill engine: a video in, a `VideoKVCache` out, then any number of questions answered on it.
 
 Family-free: the adapter (statekv/models/base.py) says what a chunk is. Prefill runs the prefix once, then the
-video chunk after chunk (`chunks_per_step` chunks per model call): preprocess -> chunk inputs -> cache
+video chunk after chunk (`chunks_per_step` chunks per model call; the vision tower on `vision_batch_frames` frames
+per call, several steps at once): preprocess -> chunk inputs -> cache
 [prefix | carried state] (one preallocated buffer per layer, updated in place: statekv/step_cache.py) -> decode -> policy update per layer and KV head -> split at chunk boundaries -> each
 chunk's KV leaves the model's device as soon as it is made, so device memory depends on prefix + capacity + step,
 not on video length.
@@ -53,6 +54,10 @@ logger = logging.getLogger(__name__)
 VideoInput = str | os.PathLike | BinaryIO | np.ndarray | VideoSource
 ChunkSink = Callable[[ChunkKV], None]
 DEFAULT_LAYOUT = "prefix-first"
+# frames the vision tower encodes per call (rounded down to whole steps, at least one step). On CPU the tower's
+# fixed cost per call was a third of a 64-chunk prefill; batches of 16 frames pay it once per 8 two-frame chunks,
+# while holding only 16 decoded frames (a 1080p frame is 6 MB) and their pixels and features at a time.
+DEFAULT_VISION_BATCH_FRAMES = 16
 
 
 @dataclass
@@ -99,6 +104,14 @@ class Engine:
     compression: optional write-time compression of what each chunk stores (`statekv.compression.Guided`:
     StreamKV's guidance-prompt scoring keeps the top fraction of every chunk's tokens per attention layer). It
     changes only the stored chunk KV, never the carried state; needs answer_from="chunks".
+
+    vision_batch_frames: frames read and encoded by the vision tower per call, in whole steps (at least one): the
+    tower's fixed cost is paid once per batch, not per step. Frames never attend to each other in any family's
+    tower, so the features equal per-step encoding within float rounding (the step's model call is unchanged);
+    host memory grows by the batch's decoded frames and pixels. Not part of the prefill config: a resume may use
+    another value. Batches are aligned to the stream's steps, so a resume at a batch boundary (or with a batch of
+    one step) is bit for bit one prefill; elsewhere the batch that straddles the resume point differs from it in
+    float rounding only (a product's rounding may depend on how many rows it multiplies).
     """
 
     def __init__(self, adapter: VideoLMAdapter, *, policy: Policy | None = None,
@@ -106,15 +119,19 @@ class Engine:
                  attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT,
                  segment_rule: SegmentRule | None = None, answer_from: str = "chunks",
                  compression: Guided | None = None,
-                 device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES) -> None:
+                 device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES,
+                 vision_batch_frames: int = DEFAULT_VISION_BATCH_FRAMES) -> None:
         if chunks_per_step < 1:
             raise ValueError(f"chunks_per_step must be >= 1, got {chunks_per_step}")
+        if vision_batch_frames < 1:
+            raise ValueError(f"vision_batch_frames must be >= 1, got {vision_batch_frames}")
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
         self.adapter = adapter
         self.policy = policy if policy is not None else StateKV()
         self.sampling = sampling if sampling is not None else SamplingConfig()
         self.chunks_per_step = chunks_per_step
+        self.vision_batch_frames = vision_batch_frames
         self.attention_backend = attention_backend
         self.layout = layout
         check_answer_from(answer_from, compression)
@@ -132,6 +149,7 @@ class Engine:
                         attention_backend: str = "auto", layout: str = DEFAULT_LAYOUT,
                         adapter_options: dict[str, Any] | None = None, answer_from: str = "chunks",
                         compression: Guided | None = None, device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES,
+                        vision_batch_frames: int = DEFAULT_VISION_BATCH_FRAMES,
                         **from_pretrained_kwargs: Any) -> "Engine":
         """Load a checkpoint of a supported family (local directory or hub id). CUDA + bf16 when available."""
         if device is None:
@@ -142,7 +160,8 @@ class Engine:
                                **from_pretrained_kwargs)
         return cls(adapter, policy=policy, sampling=sampling, chunks_per_step=chunks_per_step,
                    attention_backend=attention_backend, layout=layout, answer_from=answer_from,
-                   compression=compression, device_cache_bytes=device_cache_bytes)
+                   compression=compression, device_cache_bytes=device_cache_bytes,
+                   vision_batch_frames=vision_batch_frames)
 
     @property
     def device(self) -> torch.device:
@@ -310,10 +329,12 @@ class Engine:
         scenes = SegmentTracker(self.segment_rule, cache.scenes, cache.num_chunks)
         # one cache for the whole video: [prefix | state | step] buffers per attention layer, updated in place
         step_cache: StepCache | None = None
-        for frames in iter_frame_batches(source, indices, step_frames):
+        steps_per_batch = max(1, self.vision_batch_frames // step_frames)
+        for frames, features in _encoded_steps(a, source, indices, cache.video.frame_size, step_frames,
+                                               steps_per_batch, first_step=cache.num_chunks // self.chunks_per_step):
             # frame times from the integer indices (as the processors compute them; exact across a resume)
             times = [i / cache.video.video_fps for i in cache.video.frame_indices[frame_lo:frame_lo + len(frames)]]
-            inputs = a.chunk_inputs(frames, cache.cursor, timestamps=times)
+            inputs = a.chunk_inputs(frames, cache.cursor, timestamps=times, features=features)
             n = inputs.embeds.shape[0]
             if step_cache is None:
                 step_cache = StepCache(a.model.config, prefix_kv, states, recurrent,
@@ -367,6 +388,9 @@ class Engine:
             cache.scenes = scenes.segments
             if progress is not None:
                 progress(done, total_chunks)
+            # nothing of this step outlives it: its inputs are views of its vision batch's features, which would
+            # otherwise stay alive through the next batch's tower call
+            del inputs, features, host, kept, chunk
         if step_cache is not None:
             for layer in step_cache.attention:
                 state = step_cache.layers[layer].state()
@@ -605,6 +629,26 @@ def build_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor] | None],
         dyn.update_conv_state(state.conv.unsqueeze(0), layer)  # a fresh layer: allocates and copies
         dyn.update_recurrent_state(state.recurrent.unsqueeze(0), layer)
     return dyn
+
+
+def _encoded_steps(adapter: VideoLMAdapter, source, indices: np.ndarray, frame_size, step_frames: int,
+                   steps_per_batch: int, *, first_step: int = 0) -> Iterator[tuple[np.ndarray, Any]]:
+    """(frames, vision features) of each prefill step, the features of `steps_per_batch` steps from one tower call.
+
+    Batches are aligned to the stream's step count (`first_step` steps were prefilled before this call), so a
+    resume at a batch boundary encodes exactly the batches one uninterrupted prefill encodes."""
+    batch = step_frames * steps_per_batch
+    head = min((-first_step % steps_per_batch) * step_frames, len(indices))  # the rest of a batch begun before
+    parts = [(indices[:head], head), (indices[head:], batch)]
+    for part, size in parts:
+        if len(part) == 0:
+            continue
+        for frames in iter_frame_batches(source, part, size):
+            steps = adapter.step_features(frames, frame_size, step_frames)
+            for i in range(len(steps)):
+                features, steps[i] = steps[i], None
+                yield frames[i * step_frames:(i + 1) * step_frames], features
+            del frames, steps, features  # not held while the next batch is read and encoded
 
 
 def _state_reserve(policy: Policy, step_tokens: int) -> int:

@@ -162,7 +162,8 @@ class IndexActor:
         self.engine = Engine.from_pretrained(
             c.model, policy=policy_from_size(c.policy, c.capacity), device=c.device,
             dtype=getattr(torch, c.dtype) if c.dtype else None, sampling=SamplingConfig(fps=c.fps, max_frames=c.max_frames, **pixels),
-            chunks_per_step=c.chunks_per_step, answer_from=c.answer_from, compression=make_compression(c.compression))
+            chunks_per_step=c.chunks_per_step, answer_from=c.answer_from, compression=make_compression(c.compression),
+            vision_batch_frames=c.vision_batch_frames)
         self._hook = _load_hook(c.video_hook) if c.video_hook else None
         logger.info("actor %d ready: %s on %s", os.getpid(), c.model, self.engine.device)
 

@@ -26,6 +26,7 @@ class IndexConfig:
     min_pixels: int | None = None  # per frame after resizing (default: SamplingConfig's)
     max_pixels: int | None = None
     chunks_per_step: int = 1  # temporal chunks per model call
+    vision_batch_frames: int = 16  # frames per vision-tower call, in whole steps (statekv's Engine default)
     int8: bool = False  # store K/V as int8 with scales
     overwrite: bool = False  # redo committed caches too (default: skip them)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec/s3fs options for input and output
@@ -35,7 +36,7 @@ class IndexConfig:
     prefetch_batches: int = 4  # decoded frame batches queued ahead of the model, per actor
     scratch_dir: str | None = None  # local folder for fetched videos (default: the system temp dir)
     track_memory: bool = False  # measure peak tensor memory per video (costly on CPU)
-    store_buffer_mib: float = 16.0  # chunk rows a writer holds before one Parquet write (0: write each at once)
+    store_buffer_mib: float = 2.0  # chunk rows a writer holds before one Parquet write (0: write each at once)
     stage_times: bool = True  # time each video's stages (report's <stage>_s; on CUDA: a device sync per stage)
     log_every: int = 16  # log a video's chunk count every N chunks
     probe_threads: int = 16  # driver threads listing shards and probing inputs (metadata I/O only)

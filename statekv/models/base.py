@@ -9,7 +9,7 @@ The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded
                                            a plain JSON-able dict: where the video's next chunk sits (positions,
                                            grids, times). Stored with the cache, so a stream can be resumed.
     prefix_ids(layout)                     token ids prefilled before the first chunk (always attended to)
-    chunk_inputs(frames, cursor, timestamps=...)
+    chunk_inputs(frames, cursor, timestamps=..., features=...)
                                            ChunkInputs of the next k chunks: frames (k*frames_per_chunk or fewer
                                            at the end of a video, uint8 (T, H, W, 3)) and the time of each in
                                            the video (source frame index / source fps in seconds, as the
@@ -17,7 +17,9 @@ The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded
                                            every token the chunks stand for (vision tokens AND any per-frame text the family's
                                            processor inserts), positions (position_rows, n) exactly as the
                                            transformers model computes them for the whole sequence, tokens and
-                                           frames per chunk, extra decoder kwargs, and the advanced cursor
+                                           frames per chunk, extra decoder kwargs, and the advanced cursor;
+                                           `features`: this step's entry of `step_features` (else it encodes
+                                           the frames itself)
     answer_inputs(question, cursor, layout)
                                            AnswerInputs: what follows the video (rest of the user turn, the
                                            question, the answer header; embeddings, not just ids, so a family can
@@ -31,6 +33,13 @@ The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded
     video_features(frames, frame_size)     vision features of frames (n, hidden): per chunk == whole video. The
                                            only way into the vision tower: chunk_inputs calls it (the query
                                            service counts its calls to prove answering never runs the tower)
+    step_features(frames, frame_size, step_frames)
+                                           the vision features of several consecutive prefill steps' frames
+                                           (`step_frames` each, the last may have fewer) from ONE video_features
+                                           call, one entry per step for chunk_inputs(features=...): the tower's
+                                           fixed cost is paid once per batch of steps, not once per step. Equal
+                                           to encoding each step alone (within float rounding) because in every
+                                           family's tower frames never attend to each other
     reference_inputs(frames, question, layout, frame_size, sampled_fps)
                                            the plain transformers model's inputs for the same sequence
                                            (input_ids with the family's placeholder tokens, pixel values, grids,
@@ -256,8 +265,11 @@ class VideoLMAdapter:
         (e.g. the RoPE base a video's cursor fixed). Empty for most families."""
         return {}
 
-    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *,
-                     timestamps: list[float] | None = None) -> ChunkInputs:
+    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *, timestamps: list[float] | None = None,
+                     features: Any = None) -> ChunkInputs:
+        raise NotImplementedError
+
+    def step_features(self, frames: np.ndarray, frame_size: tuple[int, int], step_frames: int) -> list[Any]:
         raise NotImplementedError
 
     def answer_inputs(self, question: str, cursor: dict[str, Any], layout: str) -> AnswerInputs:

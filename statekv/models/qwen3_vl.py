@@ -152,6 +152,21 @@ class Qwen3VLAdapter(VideoLMAdapter):
         layers = getattr(out, "deepstack_features", None) or []  # none for a tower without DeepStack (Qwen3.5)
         return features, [torch.cat(list(d), dim=0).to(self.dtype) for d in layers]
 
+    def step_features(self, frames: np.ndarray, frame_size: tuple[int, int], step_frames: int
+                      ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """(features, DeepStack features) of consecutive steps of `step_frames` frames (the last may have fewer)
+        from one tower call: the tower attends within one temporal patch only (one `cu_seqlens` segment per patch;
+        the position-embedding interpolation is the same for every patch of a grid row), so the frames of several
+        steps are one grid row of t = all their patches; only the last step may be odd."""
+        tp = self.vision.temporal_patch_size
+        if step_frames % tp:
+            raise ValueError(f"steps of {step_frames} frames split a temporal patch of {tp}")
+        features, deepstack = self.video_features(frames, frame_size, deepstack=True)
+        per_patch = features.shape[0] // -(-len(frames) // tp)  # merged tokens of one temporal patch
+        sizes = [-(-min(step_frames, len(frames) - s) // tp) * per_patch for s in range(0, len(frames), step_frames)]
+        layers = [d.split(sizes) for d in deepstack]
+        return [(f, [d[i] for d in layers]) for i, f in enumerate(features.split(sizes))]
+
     # --- the token layout, from the installed processor ------------------------------------------------------
 
     @functools.cached_property
@@ -202,12 +217,14 @@ class Qwen3VLAdapter(VideoLMAdapter):
 
     # --- chunks ------------------------------------------------------------------------------------------------
 
-    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *,
-                     timestamps: list[float] | None = None) -> ChunkInputs:
+    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *, timestamps: list[float] | None = None,
+                     features: tuple[torch.Tensor, list[torch.Tensor]] | None = None) -> ChunkInputs:
         if timestamps is None or len(timestamps) != len(frames):
             raise ValueError(f"Qwen3-VL chunks need one timestamp per frame ({len(frames)} frames, "
                              f"timestamps {timestamps!r})")
-        features, deepstack = self.video_features(frames, cursor["frame_size"], deepstack=True)
+        # given by step_features, or from video_features (the only way into the tower)
+        features, deepstack = (self.video_features(frames, cursor["frame_size"], deepstack=True) if features is None
+                               else features)
         m, tp = self.vision.merge_size, self.vision.temporal_patch_size
         grid_t = -(-len(frames) // tp)  # an odd last frame is padded by repeating it (as the processor does)
         h, w = (s // (self.vision.patch_size * m) for s in cursor["frame_size"])

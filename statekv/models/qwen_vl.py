@@ -142,6 +142,20 @@ class QwenVLAdapter(VideoLMAdapter):
         pre = self._pixels(frames, frame_size)
         return self._features(pre.pixel_values, pre.grid_thw)
 
+    def step_features(self, frames: np.ndarray, frame_size: tuple[int, int], step_frames: int) -> list[torch.Tensor]:
+        """Features of consecutive steps of `step_frames` frames (the last may have fewer) from one tower call.
+
+        The tower attends within one temporal patch only (`cu_seqlens` holds one segment per patch of each grid
+        row; Qwen2.5-VL's windows too), so the frames of several steps are one grid row of t = all their patches;
+        only the last step may be odd, and its last frame is paired with itself either way."""
+        tp = self.vision.temporal_patch_size
+        if step_frames % tp:
+            raise ValueError(f"steps of {step_frames} frames split a temporal patch of {tp}")
+        features = self.video_features(frames, frame_size)
+        per_patch = features.shape[0] // -(-len(frames) // tp)  # merged tokens of one temporal patch
+        sizes = [-(-min(step_frames, len(frames) - s) // tp) * per_patch for s in range(0, len(frames), step_frames)]
+        return list(features.split(sizes))
+
     def video_positions(self, cursor: dict[str, Any], grid_t: int) -> torch.Tensor:
         """(3, grid_t·h·w/merge²) positions of the next `grid_t` temporal patches."""
         m = self.vision.merge_size
@@ -154,12 +168,15 @@ class QwenVLAdapter(VideoLMAdapter):
         ww = torch.arange(w).view(1, 1, -1).expand(grid_t, h, -1)
         return torch.stack([tt, hh, ww]).reshape(3, -1) + cursor["video_start"]
 
-    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *,
-                     timestamps: list[float] | None = None) -> ChunkInputs:  # positions use the sampled fps
-        embeds = self.video_features(frames, cursor["frame_size"])  # (n, hidden): the only way into the tower
+    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *, timestamps: list[float] | None = None,
+                     features: torch.Tensor | None = None) -> ChunkInputs:  # positions use the sampled fps
+        # (n, hidden): given by step_features, or from video_features (the only way into the tower)
+        embeds = self.video_features(frames, cursor["frame_size"]) if features is None else features
         tp = self.vision.temporal_patch_size
         n_frames = len(frames)
         grid_t = -(-n_frames // tp)  # an odd last frame is padded by repeating it (as the processor does)
+        if embeds.shape[0] % grid_t:
+            raise ValueError(f"{embeds.shape[0]} feature rows are not the tokens of {grid_t} temporal patches")
         positions = self.video_positions(cursor, grid_t)
         chunk_frames = [min(tp, n_frames - j * tp) for j in range(grid_t)]
         new = dict(cursor, grid_t=cursor["grid_t"] + grid_t,

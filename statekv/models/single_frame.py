@@ -230,11 +230,20 @@ class SingleFrameAdapter(VideoLMAdapter):
         feats = self.frame_tokens(self.preprocess(frames))  # (T, k, hidden)
         return feats.reshape(-1, feats.shape[-1])
 
-    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *,
-                     timestamps: list[float] | None = None) -> ChunkInputs:
+    def step_features(self, frames: np.ndarray, frame_size: tuple[int, int], step_frames: int) -> list[torch.Tensor]:
+        """Features of consecutive steps of `step_frames` frames (the last may have fewer) from one tower call:
+        the tower takes the frames as a batch and never mixes them (per-frame attention, per-frame pooling)."""
+        features = self.video_features(frames, frame_size)
+        return list(features.split(step_frames * self.vision_tokens_per_frame))
+
+    def chunk_inputs(self, frames: np.ndarray, cursor: dict[str, Any], *, timestamps: list[float] | None = None,
+                     features: torch.Tensor | None = None) -> ChunkInputs:
         # frame times are not part of these families' token layouts (`timestamps` is accepted and unused)
-        # through video_features, so that whoever counts vision-tower calls on the adapter sees these
-        feats = self.video_features(frames, cursor["frame_size"]).view(len(frames), self.vision_tokens_per_frame, -1)
+        # features: given by step_features, or through video_features, so that whoever counts vision-tower calls
+        # on the adapter sees these
+        if features is None:
+            features = self.video_features(frames, cursor["frame_size"])
+        feats = features.view(len(frames), self.vision_tokens_per_frame, -1)
         parts, tokens = [], []
         for t in range(feats.shape[0]):
             before, after = self.frame_text(cursor["frames"] + t)

@@ -40,7 +40,11 @@ logger = logging.getLogger(__name__)
 MODES = ("overwrite", "skip", "append")
 SWEEP_GRACE_S = 900.0  # a retired or abandoned attempt is deleted once this old: readers take far less
 RETIRED = "RETIRED"  # marker object a winner writes into each attempt folder its commit superseded
-BUFFER_BYTES = 16 << 20  # finished row groups a writer holds before writing them in one call (bounded memory)
+# finished row groups a writer holds before writing them in one call. The write converts them to one Arrow table
+# and encodes it: its transient memory is several times what is held, so with 16 MiB a clip whose KV passed the
+# bound peaked ~80 MB above a shorter one (peak RSS grew with the video until the bound); 2 MiB keeps that under
+# the rest of the prefill's transients, while small chunks still share one call (a 6 KB chunk: ~350 a call)
+BUFFER_BYTES = 2 << 20
 
 
 class _CountingSink:

@@ -54,9 +54,13 @@ def assert_bit_identical(a, b) -> None:
 
 @pytest.mark.parametrize("layout", ["prefix-first", "video-first"])
 @pytest.mark.parametrize("policy", [StateKV(capacity=8), Window(capacity=8), Full()], ids=["statekv", "window", "full"])
+@pytest.mark.parametrize("batch_chunks", [1, 3], ids=["per-step-vision", "batched-vision"])
 @torch.inference_mode()
-def test_resume_equals_one_prefill_bit_for_bit(family_checkpoint, policy, layout):
+def test_resume_equals_one_prefill_bit_for_bit(family_checkpoint, policy, layout, batch_chunks):
+    """With the tower run per step, or on batches of 3 chunks whose boundary is the resume point (batches are
+    aligned to the stream's chunks, so the resumed prefill encodes the same batches as the whole one)."""
     engine = make_engine(family_checkpoint, policy, layout=layout)
+    engine.vision_batch_frames = batch_chunks * engine.adapter.frames_per_chunk
     frames = video_for(engine)
     half = len(frames) // 2
     whole = engine.prefill(frames, fps=2.0)
