@@ -4,7 +4,6 @@ effect of int8 K/V on answers, and load-and-answer vs prefill-again-and-answer t
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 import uuid
@@ -65,7 +64,7 @@ def run(checkpoint: str | None = None, *, num_chunks: int = 200, frame_hw: tuple
         ) -> dict[str, Any]:
     """Run every measurement; `checkpoint` None builds the tiny random Qwen2-VL (no download)."""
     from statekv import Engine, StateKV
-    from statekv.store import load_cache, prefill_to_store, save_cache
+    from statekv.store import load_cache, prefill_to_store
     from statekv.testing.videos import synthetic_frames
     from statekv.video import SamplingConfig
 

@@ -18,6 +18,7 @@ from pipelines.serving.service import (BadRequest, CacheLRU, Conflict, NotFound,
 from statekv.retrieval import Segments, TopK
 from statekv.store import load_cache, prefill_to_store
 from statekv.testing.videos import synthetic_frames
+from tests.pipelines.serving_http import free_port, wait_ready
 
 QUESTIONS = ["What happens?", "Which colour is the square?"]
 TOKENS = 8
@@ -183,27 +184,6 @@ def test_service_errors(engine, store):
 
 # --- the Serve deployment over HTTP -----------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(client: httpx.Client, path: str, timeout: float = 120.0) -> None:
-    """Poll a readiness endpoint until it answers 200 (no fixed sleeps)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if client.get(path).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} not ready after {timeout} s")
-        threading.Event().wait(0.2)
-
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, s3_server, store, tiny_checkpoints):
@@ -214,16 +194,16 @@ def served(ray_cluster, s3_server, store, tiny_checkpoints):
 
     endpoint, _ = s3_server
     root, _ = store
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(_config(tiny_checkpoints, root, endpoint)), name="query", route_prefix="/", blocking=False)
-    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     serve.run(build_app(_config(tiny_checkpoints, root, dead, storage_options={
         "key": "testing", "secret": "testing", "config_kwargs": {"retries": {"max_attempts": 1}}})),
               name="unreachable", route_prefix="/unreachable", blocking=False)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0)
-    _wait_ready(client, "/healthz")
-    _wait_ready(client, "/unreachable/healthz")
+    wait_ready(client, "/healthz")
+    wait_ready(client, "/unreachable/healthz")
     yield client, root
     client.close()
     serve.shutdown()

@@ -22,6 +22,7 @@ from pipelines.serving.keys import KeyFileError, KeyStore, add_key, load_key_fil
 from pipelines.serving.limits import KeyLimiter, Limits
 from statekv.store import load_cache, prefill_to_store
 from statekv.testing.videos import synthetic_frames
+from tests.pipelines.serving_http import free_port, wait_ready
 
 # every question asked in this module carries this marker, so the log test can look for it
 MARK = "q-7Hn2Xk"
@@ -77,7 +78,8 @@ def test_key_store_reloads_on_change_and_keeps_the_last_good_set(tmp_path, caplo
         for t in (3.0, 4.0, 5.0):
             now[0] = t
             assert auth.authenticate([f"Bearer {new}"]).id == "new"
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.serving.keys"]
+    lines = [r.getMessage() for r in caplog.records  # errors only: an earlier test may have set INFO on "pipelines"
+             if r.name == "pipelines.serving.keys" and r.levelno >= logging.ERROR]
     assert len(lines) == 1 and lines[0].startswith(f"key file {path}: not JSON") and "keeping" in lines[0]
     Path(path).unlink()
     now[0] = 6.0
@@ -153,26 +155,6 @@ def test_limiter_buckets():
 
 # --- the deployment over HTTP -----------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(client: httpx.Client, path: str, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if client.get(path).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} not ready after {timeout} s")
-        threading.Event().wait(0.2)
-
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory, engine):
@@ -231,7 +213,7 @@ def served(ray_cluster, roots, keys, tiny_checkpoints, s3_server, s3_root):
 
     _, root1, _ = roots
     path, secrets = keys
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = dict(model=tiny_checkpoints["qwen2_vl"], caches_root=root1, device="cpu", lru_bytes=64 << 20,
                     max_new_tokens_limit=LONG, num_cpus=0.5, max_ongoing_requests=64)
@@ -243,9 +225,9 @@ def served(ray_cluster, roots, keys, tiny_checkpoints, s3_server, s3_root):
           "storage_options": {"key": "testing", "secret": "testing"}}
     serve.run(build_app(ServiceConfig(**s3, api_keys_file=path)), name="auth-s3", route_prefix="/s3", blocking=False)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0)
-    _wait_ready(client, "/healthz")
-    _wait_ready(client, "/nokeys/healthz")
-    _wait_ready(client, "/s3/healthz")
+    wait_ready(client, "/healthz")
+    wait_ready(client, "/nokeys/healthz")
+    wait_ready(client, "/s3/healthz")
     yield client, secrets
     client.close()
     serve.shutdown()

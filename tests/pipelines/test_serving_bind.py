@@ -18,12 +18,7 @@ from pipelines.serving.config import ServiceConfig
 from pipelines.serving.keys import add_key
 from statekv.store import prefill_to_store
 from statekv.testing.videos import synthetic_frames
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.pipelines.serving_http import free_port
 
 
 def _outside_address() -> str | None:
@@ -85,7 +80,7 @@ def test_no_auth_serves_every_interface_with_one_warning(ray_cluster, root, tiny
 
     from pipelines.serving.app import build_app
 
-    port = _free_port()
+    port = free_port()
     args = build_parser().parse_args(["serve", "--caches", root, "--model", tiny_checkpoints["qwen2_vl"], "--host",
                                       "0.0.0.0", "--port", str(port), "--no-auth", "--num-cpus", "0.5",
                                       "--device", "cpu"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 
@@ -25,6 +24,7 @@ from statekv.retrieval import TopK
 from statekv.store import load_cache, prefill_to_store
 from statekv.store import manifest as manifest_schema
 from statekv.testing.videos import synthetic_frames
+from tests.pipelines.serving_http import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +32,6 @@ QUESTION = "What happens?"
 TOKENS = 6
 REQUESTS = int(os.environ.get("STATEKV_SYSTEM_REQUESTS", "240"))
 CONCURRENCY = int(os.environ.get("STATEKV_SYSTEM_CONCURRENCY", "16"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reseal(path, edit) -> None:
@@ -98,7 +92,7 @@ def served(ray_cluster, store, tiny_checkpoints):
     from pipelines.serving.app import build_app
 
     root, _, _ = store
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServiceConfig(model=tiny_checkpoints["qwen2_vl"], caches_root=root, device="cpu", lru_bytes=64 << 20,
                            max_new_tokens_limit=64, max_ongoing_requests=max(64, 2 * CONCURRENCY), num_cpus=0.5,

@@ -3,6 +3,7 @@ store whose deliberately slow part (a slow decoder, a slow filesystem) shows as 
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -119,9 +120,12 @@ def test_timed_iter_charges_each_pull_and_closes_the_source():
 
 
 class SlowFrames(FramesSource):
-    """Frames in memory whose every read takes DELAY_S longer: a slow decoder."""
+    """Frames in memory whose every read takes DELAY_S longer: a slow decoder. Counts its reads."""
+
+    reads = 0
 
     def read(self, indices: np.ndarray) -> np.ndarray:
+        self.reads += 1
         time.sleep(DELAY_S)
         return super().read(indices)
 
@@ -183,8 +187,12 @@ def test_every_stage_of_a_prefill_into_the_store_is_measured(engine, tmp_path):
 def test_a_slow_stage_is_the_largest_share(engine, tmp_path, slow):
     frames = synthetic_frames(8, seed=1)
     if slow == DECODE:
-        timer = _prefill(engine, SlowFrames(frames, FPS), tmp_path)
-        injected = 4 * DELAY_S  # 8 frames, one read per 2-frame chunk
+        per_step = copy.copy(engine)  # one read per 2-frame step, not one per 16-frame vision batch: 4 slow reads
+        per_step.vision_batch_frames = 2
+        source = SlowFrames(frames, FPS)
+        timer = _prefill(per_step, source, tmp_path)
+        assert source.reads == 4
+        injected = source.reads * DELAY_S
     else:
         timer = _prefill(engine, FramesSource(frames, FPS), tmp_path, SlowFileSystem(skip_instance_cache=True))
         injected = 3 * DELAY_S  # chunks, summaries, prefix, ... files

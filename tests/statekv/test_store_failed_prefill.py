@@ -36,7 +36,8 @@ def engine(tiny_checkpoints):
 
 
 def test_a_failed_first_prefill_leaves_no_folder(tmp_path, engine):
-    source = FailsPartWay(synthetic_frames(16, 56, 84), fps=2.0, fail_at=8)  # 8 chunks; fails after chunk 3
+    # 24 chunks, read 8 at a time (the vision batch's 16 frames): the third read fails, after 16 chunks were written
+    source = FailsPartWay(synthetic_frames(48, 56, 84), fps=2.0, fail_at=40)
     written = []
     with pytest.raises(VideoDecodeError, match="half-corrupt.mp4"):
         prefill_to_store(engine, source, tmp_path / "caches" / "vid", progress=lambda done, total: written.append(done))
