@@ -458,10 +458,13 @@ def _set_threads(threads: int) -> None:
 
 
 def _quiet_transformers() -> None:
-    """No weight-loading / writing progress bars unless -v: they would drown the command's own output."""
-    if not logging.getLogger().isEnabledFor(logging.INFO):
-        from transformers.utils import logging as hf_logging
+    """No weight-loading / writing progress bars unless -v: they would drown the command's own output. And each
+    transformers message once: its own handler prints it, and with CI set transformers also propagates it to the
+    root logger, whose handler (ours) printed it a second time."""
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_propagation()
+    if not logging.getLogger().isEnabledFor(logging.INFO):
         hf_logging.disable_progress_bar()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -206,8 +207,9 @@ def test_kernel_fallback_warnings_are_one_line(tmp_path, video):
     model = str(save_tiny_checkpoint(tmp_path / "qwen3_5", "qwen3_5"))
     argv = [sys.executable, "-m", "jobs.cli", "prefill", video, "--model", model, "--capacity", "8", "--no-progress",
             *PIXELS]
+    # CI set: transformers then also propagates its messages to the root logger (our handler): printed twice
     quiet = subprocess.run([*argv, "--out", str(tmp_path / "a" / "clip")], capture_output=True, text=True,
-                           timeout=300, cwd=REPO)
+                           timeout=300, cwd=REPO, env={**os.environ, "CI": "true"})
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr.count("reference PyTorch") == 1 and "-v names them" in quiet.stderr
     verbose = subprocess.run([*argv, "--out", str(tmp_path / "b" / "clip"), "-v"], capture_output=True, text=True,
