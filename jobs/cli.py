@@ -597,15 +597,10 @@ def cmd_ask_service(args: argparse.Namespace) -> int:
                 print(_format_evidence([argparse.Namespace(**e) for e in event["evidence"]]), end="")
         print()
         return 0
-    several = len(args.questions) > 1
     for question in args.questions:
         answer = client.ask(args.service, {**body, "question": question})
-        if args.json:
-            print(json.dumps(answer) if several else json.dumps(answer, indent=2))
-            continue
-        print(f"Q: {question}\nA: {answer['answer']}" if several else answer["answer"])
-        if answer.get("evidence"):
-            print(_format_evidence([argparse.Namespace(**e) for e in answer["evidence"]]))
+        evidence = [argparse.Namespace(**e) for e in answer["evidence"]] if answer.get("evidence") else None
+        _print_answer(args, question, answer["answer"], answer, evidence)
     return 0
 
 
@@ -642,20 +637,25 @@ def cmd_ask(args: argparse.Namespace) -> int:
         answers = engine.ask_many(cache, [AnswerRequest(q, **options) for q in args.questions])
     else:  # each question reads its own chunks
         answers = [engine.ask(cache, q, retrieval=retrieval, **options) for q in args.questions]
-    several = len(args.questions) > 1
     timings = {"load_model_s": round(load_model_s, 4), "load_cache_s": round(load_cache_s, 4)}
     for question, answer in zip(args.questions, answers):
-        if args.json:
-            report = _answer_report(args.uri, question, answer, manifest, cache, retrieval, model, timings)
-            print(json.dumps(report, default=str) if several else json.dumps(report, indent=2, default=str))
-            continue
-        if several:
-            print(f"Q: {question}\nA: {answer.text}")
-        else:
-            print(answer.text)
-        if retrieval is not None:
-            print(_format_evidence(answer.evidence))
+        report = _answer_report(args.uri, question, answer, manifest, cache, retrieval, model, timings) \
+            if args.json else None
+        _print_answer(args, question, answer.text, report, None if retrieval is None else answer.evidence)
     return 0
+
+
+def _print_answer(args: argparse.Namespace, question: str, text: str, report: dict[str, Any] | None,
+                  evidence: list[Any] | None) -> None:
+    """One answer of `ask`, answered here or by a service: its JSON object with --json (one line each when there
+    are several questions), else its text (`Q:`/`A:` when several) and the evidence when there is some to show."""
+    several = len(args.questions) > 1
+    if args.json:
+        print(json.dumps(report, default=str) if several else json.dumps(report, indent=2, default=str))
+        return
+    print(f"Q: {question}\nA: {text}" if several else text)
+    if evidence is not None:
+        print(_format_evidence(evidence))
 
 
 def _answer_report(uri: str, question: str, answer: Any, manifest: dict[str, Any], cache: Any, retrieval: Any,

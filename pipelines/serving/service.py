@@ -236,8 +236,9 @@ class QueryService:
         except Exception as err:  # noqa: BLE001 - only connection and credential failures are re-raised as 503
             if network_cause(err) is not None:
                 raise self._unavailable(what, err) from None
-            if credential_cause(err) is not None:
-                raise self._no_credentials(what, credential_cause(err)) from None
+            missing = credential_cause(err)
+            if missing is not None:
+                raise self._no_credentials(what, missing) from None
             raise
 
     def _no_credentials(self, what: str, err: BaseException) -> Unavailable:
