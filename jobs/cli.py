@@ -468,16 +468,19 @@ def _quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
 
 
-def _engine(model: str, args: argparse.Namespace, **engine_kwargs: Any):
-    """Load the model (after the device check, which needs torch but no model)."""
+def _engine(model: str, args: argparse.Namespace, settings: Any = None):
+    """Load the model with prefill `settings` (a `PrefillSettings`; default: the defaults), after the device check
+    (which needs torch but no model)."""
     import torch
 
     from statekv import Engine
+    from statekv.settings import PrefillSettings
 
     _set_threads(getattr(args, "threads", DEFAULT_THREADS))
     _quiet_transformers()
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
-    return Engine.from_pretrained(model, device=args.device, dtype=dtype, **engine_kwargs)
+    return Engine.from_settings(model, settings if settings is not None else PrefillSettings(), device=args.device,
+                                dtype=dtype)
 
 
 def _check_device(args: argparse.Namespace) -> None:
@@ -500,47 +503,26 @@ def cmd_prefill(args: argparse.Namespace) -> int:
     check_video(args.video)
     model = check_model(args.model)
     _check_device(args)
-    from statekv.store import read_manifest
+    from statekv.store.cache_store import CacheStore  # no torch: a committed cache is skipped without it
     from statekv.store.errors import CacheNotFoundError
 
-    storage = _storage(args)
-    recorded = None
+    store, video_id = CacheStore.of_cache(args.out, storage_options=_storage(args))
+    settings = args.settings
     if args.resume:  # nothing to resume, or a flag that differs from the cache's: fail before loading the model
-        recorded = read_manifest(args.out, storage_options=storage)
         from jobs.options import resume_settings
 
-        resume_settings(args, recorded, args.out)
+        settings = resume_settings(args, store.manifest(video_id), args.out)  # the cache's own settings
     elif not args.overwrite:
         try:
-            committed = read_manifest(args.out, storage_options=storage)
+            committed = store.manifest(video_id)
         except CacheNotFoundError:
             committed = None
         if committed is not None:
-            from statekv.store import catalog
-
-            catalog.reconcile(args.out, committed, storage_options=storage)  # a kill may have lost its entry
+            store.reconcile(video_id, committed)  # a kill may have lost its catalog entry
             _report_prefill(args, {**committed, "skipped": True}, time.perf_counter() - started)
             return 0
 
-    from statekv.compression import make_compression
-    from statekv.policies import policy_from_size
-    from statekv.store import prefill_to_store
-    from statekv.video import SamplingConfig
-
-    if recorded is not None:  # a resume continues with every setting the cache was made with
-        from statekv.cache import PrefillConfig
-        from statekv.engine import engine_settings
-
-        engine = _engine(model, args, **engine_settings(PrefillConfig.from_dict(recorded["prefill"])),
-                         vision_batch_frames=args.vision_batch_frames)
-    else:
-        policy = policy_from_size(args.policy, args.capacity)
-        pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels))
-                  if v is not None}
-        sampling = SamplingConfig(fps=args.fps, max_frames=args.max_frames, **pixels)
-        engine = _engine(model, args, policy=policy, sampling=sampling, chunks_per_step=args.chunks_per_step,
-                         answer_from=args.answer_from, compression=make_compression(args.compression),
-                         vision_batch_frames=args.vision_batch_frames)
+    engine = _engine(model, args, settings)
     bar = None
     progress = None
     if not args.no_progress:
@@ -553,9 +535,8 @@ def cmd_prefill(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
     try:
-        result = prefill_to_store(engine, args.video, args.out, mode="overwrite" if args.overwrite else "skip",
-                                  int8=args.int8, resume=args.resume, storage_options=storage, progress=progress,
-                                  backend=args.backend)
+        result = store.prefill(engine, args.video, video_id, mode="overwrite" if args.overwrite else "skip",
+                               int8=args.int8, resume=args.resume, progress=progress, backend=args.backend)
     finally:
         if bar is not None:
             bar.close()
@@ -608,18 +589,18 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.service:
         return cmd_ask_service(args)
     from jobs.checks import check_model
-    from statekv.store import load_cache, read_manifest
+    from statekv.store.cache_store import CacheStore
 
-    storage = _storage(args)
-    manifest = read_manifest(args.uri, storage_options=storage)
+    store, video_id = CacheStore.of_cache(args.uri, storage_options=_storage(args))
+    start = time.perf_counter()
+    cache = store.load(video_id)  # lazy (retrieval reads only the chosen chunks); its manifest names the model
+    load_cache_s = time.perf_counter() - start
+    manifest = cache.committed.manifest
     model = check_model(args.model or manifest["model"]["name_or_path"])
     _check_device(args)
     start = time.perf_counter()
     engine = _engine(model, args)
     load_model_s = time.perf_counter() - start
-    start = time.perf_counter()
-    cache = load_cache(args.uri, storage_options=storage)
-    load_cache_s = time.perf_counter() - start
     retrieval = _retrieval(args)  # the lazily loaded cache then reads only the chosen chunks
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed)
@@ -678,10 +659,11 @@ def _answer_report(uri: str, question: str, answer: Any, manifest: dict[str, Any
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from statekv.store import read_manifest
+    from statekv.store.cache_store import CacheStore
     from statekv.store.describe import format_manifest
 
-    manifest = read_manifest(args.uri, storage_options=_storage(args))
+    store, video_id = CacheStore.of_cache(args.uri, storage_options=_storage(args))
+    manifest = store.manifest(video_id)
     print(json.dumps(manifest, indent=2) if args.json else format_manifest(args.uri, manifest))
     return 0
 
@@ -693,10 +675,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     storage = _storage(args)
     check_root(args.root, storage)
-    from statekv.store import list_caches
+    from statekv.store.cache_store import CacheStore
     from statekv.store.describe import human_bytes
 
-    entries = list_caches(args.root, storage_options=storage)
+    entries = CacheStore(args.root, storage_options=storage).list()
     if args.json:
         _print_json({"root": args.root, "caches": [asdict(e) for e in entries]})
         return 0
@@ -774,7 +756,8 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from statekv import StateKV, samples
+    from statekv import samples
+    from statekv.settings import PrefillSettings
     from statekv.store import load_cache, prefill_to_store
     from statekv.store.describe import format_manifest
 
@@ -784,7 +767,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = args.out or str(samples.DEFAULT_HOME / "caches")
     uri = f"{root.rstrip('/')}/sample"
     engine = _engine(model, argparse.Namespace(device=args.device, dtype=None, threads=args.threads),
-                     policy=StateKV(capacity=args.capacity))
+                     PrefillSettings(capacity=args.capacity))
     start = time.perf_counter()
     prefill_to_store(engine, video, uri, mode="overwrite")
     prefill_s = time.perf_counter() - start

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -45,6 +46,7 @@ from statekv.generation import TextDeltas, next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
 from statekv.retrieval import Evidence, Retrieval, RetrievalContext, SegmentRule, SegmentTracker
+from statekv.settings import PrefillSettings
 from statekv.step_cache import StepCache
 from statekv.video import FramesSource, SamplingConfig, VideoSource, iter_frame_batches, open_video
 from statekv.video.sampling import resume_timing, sample_source, segment, take_all
@@ -57,7 +59,7 @@ DEFAULT_LAYOUT = "prefix-first"
 # frames the vision tower encodes per call (rounded down to whole steps, at least one step). On CPU the tower's
 # fixed cost per call was a third of a 64-chunk prefill; batches of 16 frames pay it once per 8 two-frame chunks,
 # while holding only 16 decoded frames (a 1080p frame is 6 MB) and their pixels and features at a time.
-DEFAULT_VISION_BATCH_FRAMES = 16
+DEFAULT_VISION_BATCH_FRAMES = PrefillSettings().vision_batch_frames
 
 
 @dataclass
@@ -141,6 +143,7 @@ class Engine:
         self.segment_rule = segment_rule if segment_rule is not None else SegmentRule()
         # answer contexts (the video's KV, concatenated, on the device) reused across questions; 0 keeps none
         self.device_caches = DeviceCacheLRU(device_cache_bytes)
+        self._checked: weakref.WeakValueDictionary[int, VideoKVCache] = weakref.WeakValueDictionary()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, policy: Policy | None = None,
@@ -162,6 +165,21 @@ class Engine:
                    attention_backend=attention_backend, layout=layout, answer_from=answer_from,
                    compression=compression, device_cache_bytes=device_cache_bytes,
                    vision_batch_frames=vision_batch_frames)
+
+    @classmethod
+    def from_settings(cls, name_or_path: str | os.PathLike, settings: PrefillSettings, *,
+                      device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                      device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES, **from_pretrained_kwargs: Any) -> "Engine":
+        """An engine that prefills with `settings` (statekv/settings.py): how the command line, the indexing job
+        and a resume build one. With a cache's recorded settings (`PrefillSettings.from_record`) it makes caches
+        with exactly that record."""
+        return cls.from_pretrained(
+            name_or_path, policy=make_policy(settings.policy, **settings.policy_settings), device=device, dtype=dtype,
+            sampling=SamplingConfig(**settings.sampling), chunks_per_step=settings.chunks_per_step,
+            attention_backend=settings.attention_backend, layout=settings.layout,
+            adapter_options=dict(settings.adapter_options), answer_from=settings.answer_from,
+            compression=make_compression(settings.compression), device_cache_bytes=device_cache_bytes,
+            vision_batch_frames=settings.vision_batch_frames, **from_pretrained_kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -354,8 +372,8 @@ class Engine:
             for layer in step_cache.attention:  # linear-attention layers: their states are exact, no policy
                 buffers = step_cache.layers[layer]
                 layer_scores = None if scores is None else scores[layer][0, :, prefix_len:]
-                state = self.policy.next_state(buffers.merged(first_token), buffers.state_size, carried[layer],
-                                               layer_scores)
+                state = self.policy.update_merged(buffers.merged(first_token), buffers.state_size,
+                                                  carried[layer], layer_scores)
                 buffers.commit(state)  # written into the buffer (nothing moves when it already lies there)
                 carried[layer] = state.scores
             step_kv = host.wait() if host is not None else [None] * a.layout.num_layers  # per layer (Hkv, n, D)
@@ -596,18 +614,25 @@ class Engine:
         return dyn, context
 
     def _check_compatible(self, cache: VideoKVCache) -> None:
-        self.model_info().check_serves(cache.model, cache.video.source)
         self.check_cache(cache)
 
     def check_cache(self, cache: VideoKVCache) -> None:
-        """CacheCorruptError if what a cache says about its sequence cannot be this model's: its family cursor
-        (opaque to the store, so only the adapter can tell a lie in it: a video start of -1000, a [0, 0] grid;
-        checked before any position is computed from it) or its prefix tokens (what this model's chat template
-        gives for the cache's recorded layout: a flipped `prefill.layout` would put the question's text in the wrong
-        place). Every answer and resume checks it; a service calls it at load."""
+        """Raise unless this model can answer from (or resume) `cache`: ModelMismatchError / CacheLayoutError for
+        another model or token layout (skipped for a cache the store already checked against this model at
+        load: `committed.checked_for`), CacheCorruptError if what it says about its sequence cannot be this
+        model's: its family cursor (opaque to the store, so only the adapter can tell a lie in it: a video start of
+        -1000, a [0, 0] grid; checked before any position is computed from it) or its prefix tokens (what this
+        model's chat template gives for the cache's recorded layout: a flipped `prefill.layout` would put the
+        question's text in the wrong place). Every answer and resume calls it, a service at load; a cache object
+        is checked once (a passed check is remembered for as long as the object lives)."""
         from statekv.store.errors import CacheCorruptError  # a stored cache's fault: the service's cache_corrupt
 
-        video = getattr(cache, "manifest", {}).get("video_id", cache.video.source)
+        if self._checked.get(id(cache)) is cache:
+            return
+        mine = self.model_info()
+        if cache.committed is None or cache.committed.checked_for != mine:
+            mine.check_serves(cache.model, cache.video.source)
+        video = cache.committed.video_id if cache.committed is not None else cache.video.source
         problem = self.adapter.cursor_problem(cache.cursor, prefix_len=cache.prefix_len, num_chunks=cache.num_chunks)
         if problem is not None:
             raise CacheCorruptError(video, "manifest.json field 'family.cursor'", problem)
@@ -618,6 +643,7 @@ class Engine:
                                     f"the stored prefix ({cache.prefix_len} tokens) is not what this model's chat "
                                     f"template gives for layout {layout!r} ({len(expected)} tokens): a wrong layout "
                                     f"or another chat template")
+        self._checked[id(cache)] = cache
 
 
 def build_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor] | None],
@@ -680,18 +706,3 @@ def _lookup(config: PrefillConfig, where: str) -> Any:
     for part in where.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return value
-
-
-def policy_from_settings(settings: dict[str, Any]) -> Policy:
-    """Rebuild a policy from the settings recorded with a cache."""
-    settings = dict(settings)
-    return make_policy(settings.pop("name"), **settings)
-
-
-def engine_settings(config: PrefillConfig) -> dict[str, Any]:
-    """The `Engine` / `Engine.from_pretrained` keyword arguments that make caches with `config` — what a resume
-    continues with, so that its caller need not repeat the settings the cache was made with."""
-    return dict(policy=policy_from_settings(config.policy), sampling=SamplingConfig(**config.sampling),
-                chunks_per_step=config.chunks_per_step, attention_backend=config.attention_backend,
-                layout=config.layout, adapter_options=dict(config.adapter), answer_from=config.answer_from,
-                compression=make_compression(config.compression))

@@ -89,28 +89,6 @@ def select_top(scores: torch.Tensor, k: int, recent: int) -> list[int]:
     return sorted(chosen | recent_set)
 
 
-def segment_boundaries(features: torch.Tensor, *, threshold: float = 0.99, min_size: int = 4,
-                       max_size: int = 64) -> list[tuple[int, int]]:
-    """StreamKV's scene segmentation: [start, end) chunk ranges from the cosine similarity of consecutive chunks'
-    mean visual features (C, d). A segment closes where similarity drops below `threshold` (once it has
-    `min_size` chunks) or when it reaches `max_size` chunks."""
-    if min_size < 1 or max_size < min_size:
-        raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
-    num = features.shape[0]
-    if num == 0:
-        return []
-    f = torch.nn.functional.normalize(features.double(), dim=-1)
-    sims = (f[1:] * f[:-1]).sum(dim=-1).tolist()  # sims[i]: chunk i vs chunk i + 1
-    out, start = [], 0
-    for i in range(1, num):
-        size = i - start
-        if size >= max_size or (size >= min_size and sims[i - 1] < threshold):
-            out.append((start, i))
-            start = i
-    out.append((start, num))
-    return out
-
-
 @dataclass(frozen=True)
 class SegmentRule:
     """StreamKV's segmentation settings (its published defaults): similarity threshold, min and max chunks."""
@@ -125,8 +103,10 @@ class SegmentRule:
 
 
 class SegmentTracker:
-    """`segment_boundaries` computed online, chunk by chunk, as the engine prefills (so it needs no stored
-    features). A resumed stream starts a new segment at its first chunk."""
+    """StreamKV's scene segmentation, online, chunk by chunk, as the engine prefills (so it needs no stored
+    features): [start, end) chunk ranges from the cosine similarity of consecutive chunks' mean visual features;
+    a segment closes where similarity drops below `threshold` (once it has `min_size` chunks) or when it reaches
+    `max_size` chunks. A resumed stream starts a new segment at its first chunk."""
 
     def __init__(self, rule: SegmentRule, segments: Sequence[tuple[int, int]] = (), num_chunks: int = 0) -> None:
         self.rule = rule

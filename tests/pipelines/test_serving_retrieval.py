@@ -83,7 +83,7 @@ def test_retrieval_answers_equal_the_engines(client, engine, root, body, setting
         assert answer["tokens"]["context"] == cache.prefix_len + sum(cache.chunk_tokens[i] for i in chunks)
     frame_s = 1 / cache.video.sampled_fps
     for e in got["evidence"]:
-        times = cache.manifest["video"]["timestamps"][slice(*cache.chunks[e["chunk"]].frame_range)]
+        times = cache.committed.manifest["video"]["timestamps"][slice(*cache.chunks[e["chunk"]].frame_range)]
         assert (e["start_s"], e["end_s"]) == (times[0], pytest.approx(times[-1] + frame_s))
 
 
