@@ -15,7 +15,7 @@ from statekv._version import __version__
 
 _EXPORTS = {  # public name -> the module that defines it
     "ChunkKV": "statekv.cache", "VideoKVCache": "statekv.cache", "AnswerRequest": "statekv.decoding",
-    "Answer": "statekv.engine", "Engine": "statekv.engine", "TokenEvent": "statekv.engine",
+    "Answer": "statekv.answering", "Engine": "statekv.engine", "TokenEvent": "statekv.answering",
     "EmptyVideoError": "statekv.errors", "ModelMismatchError": "statekv.errors", "StateKVError": "statekv.errors",
     "UnsupportedModelError": "statekv.errors", "VideoDecodeError": "statekv.errors", "VideoError": "statekv.errors",
     "VideoNotFoundError": "statekv.errors", "PrefillConfigMismatchError": "statekv.errors",

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -120,9 +121,9 @@ class QueryService:
                          "in_flight": 0, "cancelled": 0}
         self._count_calls(self.engine.adapter, "video_features", "vision_tower_calls")
         self._count_calls(self.engine, "prefill", "prefill_calls")
-        # concurrent non-streaming questions about one video decode together (batching.py); None: one by one
-        self.batcher = BatchScheduler(self.engine, max_batch=max_batch,
-                                      on_tokens=lambda n: self._count("generated_tokens", n)) if batching else None
+        # every question goes through the batch scheduler (batching.py); batching=False: one question at a time
+        self.batcher = BatchScheduler(self.engine, max_batch=max_batch if batching else 1,
+                                      on_tokens=lambda n: self._count("generated_tokens", n))
         self.storage = StorageProbe(self.check_storage)  # readiness: /readyz, /healthz's "degraded"
 
     @classmethod
@@ -371,87 +372,61 @@ class QueryService:
             raise Conflict(f"the cache of video {vid!r} records no scene boundaries for segment retrieval; use "
                            "top_k, or prefill the video again", code="retrieval_unsupported")
 
-    def _generate(self, req, cache: VideoKVCache, evidence: list[Any] | None = None) -> Iterator[Any]:
-        """The engine's token events, counted (so a test can see work stop); with retrieval the chunks chosen
-        are appended to `evidence` before the first event."""
+    def _request(self, req) -> AnswerRequest:
+        """The engine's request for a validated one (its retrieval setting, if any)."""
         retrieval = req.retrieval.setting() if req.retrieval is not None else None
-        for event in self.engine.stream(cache, req.question, max_new_tokens=req.max_new_tokens,
-                                        temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                                        retrieval=retrieval, evidence=evidence):
-            self._count("generated_tokens")
-            yield event
+        return AnswerRequest(req.question, req.max_new_tokens, req.temperature, req.top_p, req.seed,
+                             retrieval=retrieval)
 
     def ask(self, *, cancelled: Callable[[], bool] | None = None, scope: Scope | None = None,
             **fields: Any) -> dict[str, Any]:
         """Answer a question about a stored video; the response body of POST /v1/ask.
 
-        `fields` are the request's (video_id or cache_uri, question, max_new_tokens, temperature, top_p, seed).
-        `cancelled` is polled between tokens: once it returns True the work stops and ClientGone is raised.
+        `fields` are the request's (video_id or cache_uri, question, max_new_tokens, temperature, top_p, seed,
+        retrieval). The question is answered by the batch scheduler, with the other questions in flight.
+        `cancelled` is polled between steps: once it returns True the work stops and ClientGone is raised.
         `scope` (an API key's): a video outside it is answered as one that does not exist.
         """
         fields.pop("stream", None)
         req, vid, cache, hit, load_s, prompt_len = self._prepare(fields, scope)
-        evidence = [] if req.retrieval is not None else None
         self._count("in_flight")
         try:
-            if self.batcher is not None and getattr(req, "retrieval", None) is None:  # retrieval: one by one
-                return self._ask_batched(req, vid, cache, hit, load_s, prompt_len, cancelled)
-            start = time.perf_counter()
-            first = 0.0
-            ids: list[int] = []
-            for event in self._generate(req, cache, evidence):
-                if not ids:
-                    first = time.perf_counter() - start
-                ids.append(event.token_id)
-                if cancelled is not None and cancelled():
-                    self._count("cancelled")
-                    raise ClientGone(f"the client of a question about {vid!r} left after {len(ids)} tokens")
-            text = self.engine.adapter.tokenizer.decode(ids, skip_special_tokens=True)
-            finish = "eos" if ids and ids[-1] in self.engine.adapter.eos_token_ids else "length"
-            return self._result(vid, cache, hit, text, ids, prompt_len, finish, load_s, first,
-                                time.perf_counter() - start, evidence)
-        finally:
-            self._count("in_flight", -1)
-
-    def _ask_batched(self, req, vid: str, cache: VideoKVCache, hit: bool, load_s: float, prompt_len: int,
-                     cancelled: Callable[[], bool] | None) -> dict[str, Any]:
-        """`ask` through the batch scheduler: decoded together with the other questions about this video."""
-        request = AnswerRequest(req.question, req.max_new_tokens, req.temperature, req.top_p, req.seed)
-        try:
             answer = self._store_call(f"video {vid!r}", lambda: self.batcher.answer(
-                cache, request, cancelled=cancelled, label=vid))
+                cache, self._request(req), cancelled=cancelled, label=vid))
         except ClientGone:
             self._count("cancelled")
             raise
+        finally:
+            self._count("in_flight", -1)
         return self._result(vid, cache, hit, answer.text, answer.token_ids, prompt_len, answer.finish_reason, load_s,
-                            answer.first_token_s, answer.total_s)
+                            answer.first_token_s, answer.total_s, answer.evidence)
 
     def stream(self, *, scope: Scope | None = None, **fields: Any) -> Iterator[dict[str, Any]]:
-        """Validate and load now (errors raise here), then return the events: one per token, a final "done".
+        """Validate and load now (errors raise here), then return the events: one per token as the batch scheduler
+        reads it back, a final "done".
 
-        A failure after the first token ends the events with an "error" event (the status is already sent).
+        A failure after the first token ends the events with an "error" event (the status is already sent). Closing
+        the events (the client left) cancels the question; they return once it has left the batch.
         """
         fields.pop("stream", None)
         req, vid, cache, hit, load_s, prompt_len = self._prepare(fields, scope)
-        eos = self.engine.adapter.eos_token_ids
-        evidence = [] if req.retrieval is not None else None
+        request = self._request(req)
 
         def events() -> Iterator[dict[str, Any]]:
             self._count("in_flight")
+            gone = threading.Event()
+            pieces: queue.SimpleQueue = queue.SimpleQueue()  # lists of token events, then None once settled
+            future = None
             try:
-                start = time.perf_counter()
-                first = 0.0
-                ids: list[int] = []
-                text = ""
-                for event in self._generate(req, cache, evidence):
-                    if not ids:
-                        first = time.perf_counter() - start
-                    ids.append(event.token_id)
-                    text += event.text
-                    yield {"type": "token", "text": event.text, "token_id": event.token_id}
-                finish = "eos" if ids and ids[-1] in eos else "length"
-                final = self._result(vid, cache, hit, text, ids, prompt_len, finish, load_s, first,
-                                     time.perf_counter() - start, evidence)
+                future = self.batcher.submit(cache, request, cancelled=gone.is_set, label=vid, on_events=pieces.put)
+                future.add_done_callback(lambda _: pieces.put(None))
+                while (batch := pieces.get()) is not None:
+                    for event in batch:
+                        yield {"type": "token", "text": event.text, "token_id": event.token_id}
+                answer = self._store_call(f"video {vid!r}", future.result)
+                final = self._result(vid, cache, hit, answer.text, answer.token_ids, prompt_len,
+                                     answer.finish_reason, load_s, answer.first_token_s, answer.total_s,
+                                     answer.evidence)
                 yield {"type": "done", **final}
             except Exception as err:  # noqa: BLE001 - the stream must end with an event, never be cut
                 logger.exception("answer stream for %r failed", vid)
@@ -459,6 +434,9 @@ class QueryService:
                     "internal error while answering; the server log has the details")
                 yield {"type": "error", **error.body()}
             finally:
+                gone.set()  # a client that left: its question leaves the batch at the next step
+                if future is not None and isinstance(future.exception(), ClientGone):
+                    self._count("cancelled")
                 self._count("in_flight", -1)
 
         return events()
