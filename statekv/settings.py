@@ -194,22 +194,20 @@ class PrefillSettings:
         another value is refused (ValueError naming the flag, both values and the way out); unrecorded ones
         (`vision_batch_frames`) are taken as given."""
         for name, value in given.items():
-            if not dataclasses.fields(self)[_index(name)].metadata["recorded"]:
-                continue
             mine = getattr(self, name)
-            if value != mine:
+            if _recorded(name) and value != mine:
                 flag = "--" + _dashed(name)
                 shown = "(not set)" if mine is None else mine
                 raise ValueError(f"{where}: {flag} {value} differs from the cache's {flag} {shown}; a resume "
                                  "continues with the settings the cache was made with (leave the flag out, or "
                                  "--overwrite to prefill anew)")
-        return dataclasses.replace(self, **{k: v for k, v in given.items()
-                                            if not dataclasses.fields(self)[_index(k)].metadata["recorded"]})
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if not _recorded(k)})
 
 
 def _dashed(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _index(name: str) -> int:
-    return [f.name for f in dataclasses.fields(PrefillSettings)].index(name)
+def _recorded(name: str) -> bool:
+    """Whether caches record the setting `name` (a resume may not change it)."""
+    return next(f for f in dataclasses.fields(PrefillSettings) if f.name == name).metadata["recorded"]

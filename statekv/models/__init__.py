@@ -74,5 +74,5 @@ def load_adapter(name_or_path: str | os.PathLike, *, device: str | torch.device 
     model.to(device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(name, **hub)
     logger.info("loaded %s (%s) on %s as %s", name, model_type, device, dtype)
-    return cls(model, tokenizer, name_or_path=name, preprocessor=load_preprocessor_config(name),
+    return cls(model, tokenizer, name_or_path=name, preprocessor=load_preprocessor_config(name, **hub),
                **(adapter_options or {}))

@@ -136,15 +136,18 @@ class AnswerInputs:
     next_position: int  # position of the first generated token
 
 
-def load_preprocessor_config(name_or_path: str) -> dict[str, Any]:
+def load_preprocessor_config(name_or_path: str, **hub: Any) -> dict[str, Any]:
     """The checkpoint's own (video) preprocessor config as a dict; {} when it has none (then the adapter's
-    family defaults apply, with a warning)."""
+    family defaults apply, with a warning). `hub`: where a hub id's files come from (revision, cache_dir,
+    local_files_only, ...), as for its config and tokenizer: without them a cached id at another revision read
+    the default revision's file, and an id cached only in `cache_dir` went to the network."""
     for name in PREPROCESSOR_FILES:
         path = os.path.join(name_or_path, name)
         if not os.path.isdir(name_or_path):
             from transformers.utils import cached_file
 
-            path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False)
+            files = {k: v for k, v in hub.items() if k != "trust_remote_code"}
+            path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False, **files)
         if path and os.path.isfile(path):
             with open(path) as f:
                 return json.load(f)

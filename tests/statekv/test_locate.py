@@ -73,14 +73,34 @@ def test_revision_and_cache_dir_reach_config_and_tokenizer(tmp_path, tiny_checkp
     tok_config = json.loads(config_path.read_text())
     tok_config["model_max_length"] = 1234
     config_path.write_text(json.dumps(tok_config))
+    pre_path = v1 / "video_preprocessor_config.json"
+    pre = json.loads(pre_path.read_text())
+    pre["statekv_marker"] = "v1"
+    pre_path.write_text(json.dumps(pre))
     cache = tmp_path / "hub"
     _hub_cache(cache, "acme/tiny-vl", {"main": Path(tiny_checkpoints["qwen2_vl"]), "v1": v1})
 
     adapter = load_adapter("acme/tiny-vl", cache_dir=str(cache), revision="v1", local_files_only=True)
     assert adapter.model_type == "qwen2_5_vl" and adapter.tokenizer.model_max_length == 1234
+    assert adapter.preprocessor.get("statekv_marker") == "v1"  # the preprocessor config of that revision too
     assert adapter.name_or_path == "acme/tiny-vl"  # a hub id is recorded as the hub id
     main = load_adapter("acme/tiny-vl", cache_dir=str(cache))  # cached: loaded with no network
-    assert main.model_type == "qwen2_vl"
+    assert main.model_type == "qwen2_vl" and "statekv_marker" not in main.preprocessor
+
+
+def test_a_cached_hub_id_loads_without_asking_the_hub(tmp_path, tiny_checkpoints, monkeypatch):
+    """Regression: the preprocessor config ignored cache_dir and revision, asked the hub, and waited out 90 s of
+    retries with no network (then read the default cache's file, if any)."""
+    import huggingface_hub.file_download as download
+
+    cache = tmp_path / "hub"
+    _hub_cache(cache, "acme/tiny-vl", {"main": Path(tiny_checkpoints["qwen2_vl"])})
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"asked the hub: {args} {kwargs}")
+
+    monkeypatch.setattr(download, "get_hf_file_metadata", no_network)
+    assert load_adapter("acme/tiny-vl", cache_dir=str(cache)).model_type == "qwen2_vl"
 
 
 def test_an_uncached_hub_id_offline_fails_at_once_naming_it(tmp_path):
