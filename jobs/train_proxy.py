@@ -42,12 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the init, the data and the batch order")
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue from this checkpoint (an earlier stage's --out; its record is kept in ours)")
     p.add_argument("--steps", type=int, default=3000, help="optimiser steps")
     p.add_argument("--batch", type=int, default=8, help="videos per step (each with one random question)")
     p.add_argument("--lengths", default="8,16,24,32,40,48",
                    help="video lengths (frames, comma-separated) trained on, drawn uniformly per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warm-up then cosine)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warm-up then cosine)")
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-token vision loss")
+    p.add_argument("--feature-penalty", type=float, default=1e-3,
+                   help="weight of the mean square of the vision tokens (keeps them at the text embeddings' scale)")
     p.add_argument("--hidden", type=int, default=128, help="text hidden size")
     p.add_argument("--layers", type=int, default=3, help="text decoder layers")
     p.add_argument("--vision-depth", type=int, default=2, help="vision tower blocks")
@@ -136,8 +140,9 @@ def collate(examples: list[dict[str, Any]], pad: int, video_token_id: int) -> di
 
 
 def build_model(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any, Any]:
-    """A fresh Qwen2-VL of the requested size with the proxy tokenizer, written once to `workdir` (config,
-    tokenizer, preprocessor) so the adapter sees exactly what a loaded checkpoint gives it."""
+    """A fresh Qwen2-VL of the requested size with the proxy tokenizer (or, with --init, an earlier stage's
+    checkpoint), its tokenizer and preprocessor written to `workdir` so the adapter sees exactly what a loaded
+    checkpoint gives it."""
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -149,10 +154,16 @@ def build_model(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any, Any]
     long_answers = [w for w in ANSWER_WORDS if len(tokenizer(w, add_special_tokens=False)["input_ids"]) != 1]
     if long_answers:
         raise SystemExit(f"answers {long_answers} are more than one token at --vocab {args.vocab}; raise it")
-    config = tiny_config("qwen2_vl", tokenizer, hidden_size=args.hidden, num_layers=args.layers,
-                         vision_depth=args.vision_depth, vision_dim=args.vision_dim)
     torch.manual_seed(args.seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    if args.init is not None:  # a further stage: same tokenizer and size, weights of the earlier stage
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.init)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+    else:
+        config = tiny_config("qwen2_vl", tokenizer, hidden_size=args.hidden, num_layers=args.layers,
+                             vision_depth=args.vision_depth, vision_dim=args.vision_dim)
+        model = Qwen2VLForConditionalGeneration(config)
     pixels = FRAME_SIZE * FRAME_SIZE  # every frame becomes 56 x 56: 4 tokens per chunk
     preprocessor = preprocessor_config("qwen2_vl", min_pixels=pixels, max_pixels=pixels)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +186,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, adapter = build_model(args, out)
     model.train()
-    head = torch.nn.Linear(args.hidden, 8 + 5)  # per vision token: colour (8) and shape ("none" + 4)
+    head = torch.nn.Linear(model.config.text_config.hidden_size, 8 + 5)  # per vision token: colour (8) and shape ("none" + 4)
     captured: dict[str, torch.Tensor] = {}
     hook = model.model.visual.merger.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", o))
     params = [*model.parameters(), *head.parameters()]
@@ -195,10 +206,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         logits = model(**b["inputs"]).logits[:, :-1]  # (B, L-1, V)
         target = b["labels"][:, 1:]
         answer_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-        aux = head(captured["tokens"])  # (N video tokens, 13)
+        tokens = captured["tokens"]  # (N video tokens, hidden): what the language model receives
+        # the head reads normalised tokens: on raw ones the cross-entropy is driven to 0 by growing their norm (400x
+        # the text embeddings' in a first run), and the language model then learned almost nothing from them
+        aux = head(torch.nn.functional.layer_norm(tokens, tokens.shape[-1:]))  # (N, 13)
         aux_loss = (torch.nn.functional.cross_entropy(aux[:, :8], b["colour"])
                     + torch.nn.functional.cross_entropy(aux[:, 8:], b["shape"]))
-        loss = answer_loss + args.aux_weight * aux_loss
+        loss = answer_loss + args.aux_weight * aux_loss + args.feature_penalty * tokens.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -212,7 +226,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             record.update(held_out_check(model, check))
             model.train()
         history.append(record)
-        bar.set_postfix(loss=f"{float(answer_loss):.3f}", aux=f"{float(aux_loss):.3f}",
+        bar.set_postfix(loss=f"{record['loss']:.3f}", aux=f"{record['aux_loss']:.3f}",
                         **{k: f"{v:.2f}" for k, v in record.items() if k.startswith("check")})
     wall_s = time.perf_counter() - start
     hook.remove()
@@ -221,7 +235,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer.save_pretrained(out)
     record = {
         "script": "python -m jobs.train_proxy " + " ".join(sys.argv[1:]),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                 if k not in ("out", "plot")},
         "seed": args.seed, "steps": args.steps, "train_wall_s": round(wall_s, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "machine": {**machine(), "load_average_at_start_1_5_15": [round(x, 2) for x in load_at_start]},
@@ -229,6 +244,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "final": {k: round(v, 4) for k, v in history[-1].items() if k != "step"},
         "curve": [{k: round(v, 4) for k, v in h.items()} for h in history if "check_short" in h],
     }
+    if args.init is not None:  # the stages before this one, oldest first
+        earlier = json.loads((args.init / "training.json").read_text())
+        record["earlier_stages"] = [*earlier.pop("earlier_stages", []), earlier]
+        record["train_wall_s_all_stages"] = round(sum(r["train_wall_s"] for r in record["earlier_stages"])
+                                                  + wall_s, 1)
     eval_lengths = (_lengths(args.eval_lengths) if args.eval_lengths
                     else sorted({min(lengths), lengths[len(lengths) // 2], max(lengths)}))
     record["held_out"] = evaluate_checkpoint(out, eval_lengths, args.eval_videos, args.threads)
