@@ -2,15 +2,18 @@
 
     python -m jobs.train_proxy                       # the shipped checkpoint (statekv/proxy/weights/qwen2_vl)
     python -m jobs.train_proxy --out /tmp/p --steps 20 --hidden 32 --layers 1 --lengths 8   # a smoke run
+    python -m jobs.train_proxy --init /tmp/stage1 --seed 1 --lr 1e-3 --out /tmp/stage2     # a further stage
 
 The model is the real `Qwen2VLForConditionalGeneration` fed exactly what the processor builds
 (`adapter.reference_inputs`: the chat template around the video, M-RoPE positions computed by the model), so
 `Engine.from_pretrained` loads the result like any checkpoint and `Full()` answers as it does. Besides the answer
 loss, a linear head on the vision merger's output learns each video token's colour and shape (an auxiliary loss,
-dropped after training): without it the tiny model learned nothing in minutes. Deterministic given --seed (data
-seeds, init and batch order all come from it; fixed --steps, not a time budget). Writes the checkpoint with
-`save_pretrained`, a `training.json` (script, seed, steps, wall time, machine, held-out accuracy per question type
-and length through statekv's `Full()` and the plain model) and `training.png` (loss and accuracy against steps).
+dropped after training): without it the tiny model learned nothing in minutes; it reads layer-normed tokens, since on
+raw ones it drove the tokens' norm up instead. Deterministic given --seed (data seeds, init and batch order all come
+from it; fixed --steps, not a time budget) and, for a further stage, --init (the earlier stage's record is kept).
+Writes the checkpoint with `save_pretrained`, a `training.json` (script, seed, steps, wall time, machine, held-out
+accuracy per question type and length through statekv's `Full()` and the plain model) and, with --plot, a PNG of
+loss and accuracy against steps.
 """
 
 from __future__ import annotations
@@ -186,7 +189,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, adapter = build_model(args, out)
     model.train()
-    head = torch.nn.Linear(model.config.text_config.hidden_size, 8 + 5)  # per vision token: colour (8) and shape ("none" + 4)
+    # per vision token: colour (8) and shape ("none" + 4)
+    head = torch.nn.Linear(model.config.text_config.hidden_size, 8 + 5)
     captured: dict[str, torch.Tensor] = {}
     hook = model.model.visual.merger.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", o))
     params = [*model.parameters(), *head.parameters()]
