@@ -54,3 +54,15 @@ def test_too_small_a_vocabulary_is_refused(tmp_path):
     """Every answer must be one token (the training's held-out check reads the first answer token)."""
     with pytest.raises(SystemExit, match="more than one token"):
         main(["--out", str(tmp_path), "--steps", "1", "--vocab", "270", *SMALL])
+
+
+def test_a_further_stage_starts_from_the_earlier_weights_and_keeps_its_record(trained, tmp_path):
+    """With a learning rate of 0 a further stage saves exactly the weights it started from: those of --init."""
+    assert main(["--init", str(trained / "a"), "--out", str(tmp_path / "c"), "--steps", "2", "--seed", "4",
+                 "--lr", "0", *SMALL]) == 0
+    record = json.loads((tmp_path / "c" / "training.json").read_text())
+    earlier = json.loads((trained / "a" / "training.json").read_text())
+    assert record["earlier_stages"] == [earlier] and record["seed"] == 4
+    assert abs(record["train_wall_s_all_stages"] - earlier["train_wall_s"] - record["train_wall_s"]) < 0.2
+    a, c = (load_file(str(d / "model.safetensors")) for d in (trained / "a", tmp_path / "c"))
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
