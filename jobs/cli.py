@@ -473,16 +473,19 @@ def _quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
 
 
-def _engine(model: str, args: argparse.Namespace, **engine_kwargs: Any):
-    """Load the model (after the device check, which needs torch but no model)."""
+def _engine(model: str, args: argparse.Namespace, settings: Any = None):
+    """Load the model with prefill `settings` (a `PrefillSettings`; default: the defaults), after the device check
+    (which needs torch but no model)."""
     import torch
 
     from statekv import Engine
+    from statekv.settings import PrefillSettings
 
     _set_threads(getattr(args, "threads", DEFAULT_THREADS))
     _quiet_transformers()
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
-    return Engine.from_pretrained(model, device=args.device, dtype=dtype, **engine_kwargs)
+    return Engine.from_settings(model, settings if settings is not None else PrefillSettings(), device=args.device,
+                                dtype=dtype)
 
 
 def _check_device(args: argparse.Namespace) -> None:
@@ -505,47 +508,26 @@ def cmd_prefill(args: argparse.Namespace) -> int:
     check_video(args.video)
     model = check_model(args.model)
     _check_device(args)
-    from statekv.store import read_manifest
+    from statekv.store.cache_store import CacheStore  # no torch: a committed cache is skipped without it
     from statekv.store.errors import CacheNotFoundError
 
-    storage = _storage(args)
-    recorded = None
+    store, video_id = CacheStore.of_cache(args.out, storage_options=_storage(args))
+    settings = args.settings
     if args.resume:  # nothing to resume, or a flag that differs from the cache's: fail before loading the model
-        recorded = read_manifest(args.out, storage_options=storage)
         from jobs.options import resume_settings
 
-        resume_settings(args, recorded, args.out)
+        settings = resume_settings(args, store.manifest(video_id), args.out)  # the cache's own settings
     elif not args.overwrite:
         try:
-            committed = read_manifest(args.out, storage_options=storage)
+            committed = store.manifest(video_id)
         except CacheNotFoundError:
             committed = None
         if committed is not None:
-            from statekv.store import catalog
-
-            catalog.reconcile(args.out, committed, storage_options=storage)  # a kill may have lost its entry
+            store.reconcile(video_id, committed)  # a kill may have lost its catalog entry
             _report_prefill(args, {**committed, "skipped": True}, time.perf_counter() - started)
             return 0
 
-    from statekv.compression import make_compression
-    from statekv.policies import policy_from_size
-    from statekv.store import prefill_to_store
-    from statekv.video import SamplingConfig
-
-    if recorded is not None:  # a resume continues with every setting the cache was made with
-        from statekv.cache import PrefillConfig
-        from statekv.engine import engine_settings
-
-        engine = _engine(model, args, **engine_settings(PrefillConfig.from_dict(recorded["prefill"])),
-                         vision_batch_frames=args.vision_batch_frames)
-    else:
-        policy = policy_from_size(args.policy, args.capacity)
-        pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels))
-                  if v is not None}
-        sampling = SamplingConfig(fps=args.fps, max_frames=args.max_frames, **pixels)
-        engine = _engine(model, args, policy=policy, sampling=sampling, chunks_per_step=args.chunks_per_step,
-                         answer_from=args.answer_from, compression=make_compression(args.compression),
-                         vision_batch_frames=args.vision_batch_frames)
+    engine = _engine(model, args, settings)
     bar = None
     progress = None
     if not args.no_progress:
@@ -558,9 +540,8 @@ def cmd_prefill(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
     try:
-        result = prefill_to_store(engine, args.video, args.out, mode="overwrite" if args.overwrite else "skip",
-                                  int8=args.int8, resume=args.resume, storage_options=storage, progress=progress,
-                                  backend=args.backend)
+        result = store.prefill(engine, args.video, video_id, mode="overwrite" if args.overwrite else "skip",
+                               int8=args.int8, resume=args.resume, progress=progress, backend=args.backend)
     finally:
         if bar is not None:
             bar.close()
@@ -613,18 +594,18 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.service:
         return cmd_ask_service(args)
     from jobs.checks import check_model
-    from statekv.store import load_cache, read_manifest
+    from statekv.store.cache_store import CacheStore
 
-    storage = _storage(args)
-    manifest = read_manifest(args.uri, storage_options=storage)
+    store, video_id = CacheStore.of_cache(args.uri, storage_options=_storage(args))
+    start = time.perf_counter()
+    cache = store.load(video_id)  # lazy (retrieval reads only the chosen chunks); its manifest names the model
+    load_cache_s = time.perf_counter() - start
+    manifest = cache.committed.manifest
     model = check_model(args.model or manifest["model"]["name_or_path"])
     _check_device(args)
     start = time.perf_counter()
     engine = _engine(model, args)
     load_model_s = time.perf_counter() - start
-    start = time.perf_counter()
-    cache = load_cache(args.uri, storage_options=storage)
-    load_cache_s = time.perf_counter() - start
     retrieval = _retrieval(args)  # the lazily loaded cache then reads only the chosen chunks
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed)
@@ -683,10 +664,11 @@ def _answer_report(uri: str, question: str, answer: Any, manifest: dict[str, Any
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from statekv.store import read_manifest
+    from statekv.store.cache_store import CacheStore
     from statekv.store.describe import format_manifest
 
-    manifest = read_manifest(args.uri, storage_options=_storage(args))
+    store, video_id = CacheStore.of_cache(args.uri, storage_options=_storage(args))
+    manifest = store.manifest(video_id)
     print(json.dumps(manifest, indent=2) if args.json else format_manifest(args.uri, manifest))
     return 0
 
@@ -698,10 +680,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     storage = _storage(args)
     check_root(args.root, storage)
-    from statekv.store import list_caches
+    from statekv.store.cache_store import CacheStore
     from statekv.store.describe import human_bytes
 
-    entries = list_caches(args.root, storage_options=storage)
+    entries = CacheStore(args.root, storage_options=storage).list()
     if args.json:
         _print_json({"root": args.root, "caches": [asdict(e) for e in entries]})
         return 0
@@ -779,9 +761,10 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from statekv import StateKV, proxy, samples
+    from statekv import proxy, samples
     from statekv.retrieval import TopK
-    from statekv.store import load_cache, prefill_to_store
+    from statekv.settings import PrefillSettings
+    from statekv.store.cache_store import CacheStore
     from statekv.store.describe import format_manifest
 
     _check_device(args)
@@ -794,19 +777,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         video = str(path)
     question = args.question or (truth.questions["shape"].text if truth else "What happens in the video?")
     expected = next((q for q in truth.questions.values() if q.text == question), None) if truth else None
-    root = args.out or str(samples.DEFAULT_HOME / "caches")
-    uri = f"{root.rstrip('/')}/sample"
+    store = CacheStore(args.out or str(samples.DEFAULT_HOME / "caches"))
+    uri = store.uri("sample")
     engine = _engine(model, argparse.Namespace(device=args.device, dtype=None, threads=args.threads),
-                     policy=StateKV(capacity=args.capacity))
+                     PrefillSettings(capacity=args.capacity))
     start = time.perf_counter()
-    prefill_to_store(engine, video, uri, mode="overwrite")
+    store.prefill(engine, video, "sample", mode="overwrite")
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    cache = load_cache(uri)
+    cache = store.load("sample")
     answer = engine.ask(cache, question, max_new_tokens=24)
     answer_s = time.perf_counter() - start
     located = engine.ask(cache, question, max_new_tokens=1, retrieval=TopK(k=args.evidence_chunks))
-    print(format_manifest(uri, _manifest_of(uri)))
+    print(format_manifest(uri, cache.committed.manifest))
     print(f"prefill + store: {prefill_s:.2f} s; load + answer: {answer_s:.2f} s")
     if truth is not None:
         print(f"video:    {video} ({truth.num_chunks * 2 / truth.fps:g} s, 2 fps, lossless: open it to check)\n"
@@ -832,12 +815,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "# a real model (from the hub)\n"
               "  statekv tiny-model --list   # tiny random checkpoints of every family, to try offline")
     return 0
-
-
-def _manifest_of(uri: str) -> dict[str, Any]:
-    from statekv.store import read_manifest
-
-    return read_manifest(uri)
 
 
 def _describe(manifest: dict[str, Any]) -> str:

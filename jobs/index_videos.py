@@ -59,9 +59,8 @@ def config_from_args(args: argparse.Namespace):
         storage["region"] = args.region
     return IndexConfig(
         input=args.input, output=args.output, model=args.model, actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor, decode_cpus=args.decode_cpus, policy=args.policy,
-        capacity=args.capacity, answer_from=args.answer_from, compression=args.compression, fps=args.fps, max_frames=args.max_frames, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-        chunks_per_step=args.chunks_per_step, vision_batch_frames=args.vision_batch_frames, int8=args.int8, overwrite=args.overwrite, storage_options=storage,
+        gpus_per_actor=args.gpus_per_actor, decode_cpus=args.decode_cpus, prefill=args.settings, int8=args.int8,
+        overwrite=args.overwrite, storage_options=storage,
         backend=args.backend, device=args.device, dtype=args.dtype, prefetch_batches=args.prefetch,
         scratch_dir=args.scratch_dir, track_memory=args.track_memory, probe_threads=args.probe_threads)
 

@@ -5,8 +5,8 @@
     python -m jobs.train_proxy --init /tmp/stage1 --seed 1 --lr 1e-3 --out /tmp/stage2     # a further stage
 
 The model is the real `Qwen2VLForConditionalGeneration` fed exactly what the processor builds
-(`adapter.reference_inputs`: the chat template around the video, M-RoPE positions computed by the model), so
-`Engine.from_pretrained` loads the result like any checkpoint and `Full()` answers as it does. Besides the answer
+(`statekv.testing.reference_inputs`: the chat template around the video, M-RoPE positions computed by the
+model), so `Engine.from_pretrained` loads the result like any checkpoint and `Full()` answers as it does. Besides the answer
 loss, a linear head on the vision merger's output learns each video token's colour and shape (an auxiliary loss,
 dropped after training): without it the tiny model learned nothing in minutes; it reads layer-normed tokens, since on
 raw ones it drove the tokens' norm up instead. Deterministic given --seed (data seeds, init and batch order all come
@@ -93,8 +93,10 @@ class Batches:
         self.pad = adapter.tokenizer.pad_token_id
 
     def example(self, video: Any, qtype: str) -> dict[str, Any]:
+        from statekv.testing.reference_inputs import reference_inputs
+
         q = video.questions[qtype]
-        inputs = self.adapter.reference_inputs(video.frames, q.text, "prefix-first", self.size, self.fps)
+        inputs = reference_inputs(self.adapter, video.frames, q.text, "prefix-first", self.size, self.fps)
         answer = self.adapter.text_ids(q.answer) + [self.eos]
         ids = inputs["input_ids"][0].tolist() + answer
         labels = [-100] * (len(ids) - len(answer)) + answer

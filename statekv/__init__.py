@@ -10,14 +10,12 @@ The names below are imported on first use (PEP 562), so that `import statekv.vid
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-__version__ = "0.3.0"
+from statekv._lazy import lazy_attributes
+from statekv._version import __version__
 
 _EXPORTS = {  # public name -> the module that defines it
     "ChunkKV": "statekv.cache", "VideoKVCache": "statekv.cache", "AnswerRequest": "statekv.decoding",
-    "Answer": "statekv.engine", "Engine": "statekv.engine", "TokenEvent": "statekv.engine",
+    "Answer": "statekv.answering", "Engine": "statekv.engine", "TokenEvent": "statekv.answering",
     "EmptyVideoError": "statekv.errors", "ModelMismatchError": "statekv.errors", "StateKVError": "statekv.errors",
     "UnsupportedModelError": "statekv.errors", "VideoDecodeError": "statekv.errors", "VideoError": "statekv.errors",
     "VideoNotFoundError": "statekv.errors", "PrefillConfigMismatchError": "statekv.errors",
@@ -28,19 +26,4 @@ _EXPORTS = {  # public name -> the module that defines it
 __all__ = [*sorted(_EXPORTS), "policies", "retrieval", "__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    else:  # a submodule used as an attribute (`statekv.policies.StateKV`), as when __init__ imported them all
-        try:
-            value = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _EXPORTS)

@@ -3,8 +3,7 @@
 It ignores transformers' mask: every call we make has the shape [past keys, open | the new tokens, causal], which
 is the rule `statekv.ops.attention` applies (see there). When the caller passes `statekv_scores=dict`, the
 attention mass each key receives is recorded in it under the layer index; `statekv_backend` picks the kernel;
-`statekv_retrieval` inserts query-time retrieved chunks (statekv/retrieval.py); `statekv_batch` answers
-questions over a shared video KV (statekv/decoding.py).
+`statekv_batch` answers questions over a shared video KV or their retrieved chunks (statekv/decoding.py).
 """
 
 from __future__ import annotations
@@ -20,21 +19,17 @@ from statekv.ops import attention
 def statekv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                       statekv_scores: dict[int, torch.Tensor] | None = None, statekv_backend: str = "auto",
-                      statekv_retrieval: Any = None, statekv_batch: Any = None,
-                      **_: Any) -> tuple[torch.Tensor, None]:
+                      statekv_batch: Any = None, **_: Any) -> tuple[torch.Tensor, None]:
     """query (B, H, q, D), key/value (B, Hkv, kv, D) post-RoPE → output (B, q, H, D).
 
-    With `statekv_retrieval` (a `statekv.retrieval.RetrievalContext`, on a question's first pass) the layer's keys
-    and values are first extended with the chunks retrieval chooses for this question at this layer. With
-    `statekv_batch` (a `statekv.decoding.StepContext`, when answering) the keys are the step's new tokens: the
-    context attends them to the video's shared KV and to each question's own tokens (statekv/decoding.py).
+    With `statekv_batch` (a `statekv.decoding.StepContext`, when answering) the keys are the step's new tokens:
+    the context attends them to the video's shared KV (or a retrieval question's chosen chunks) and to each
+    question's own tokens (statekv/decoding.py).
     """
     if statekv_batch is not None:
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         return statekv_batch.attend(module.layer_idx, query, key, value, scaling), None
-    if statekv_retrieval is not None:
-        key, value = statekv_retrieval.extend(module.layer_idx, query, key, value)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     out, scores = attention(query, key, value, scaling=scaling, key_scores=statekv_scores is not None,

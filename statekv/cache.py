@@ -108,7 +108,8 @@ class ModelInfo:
         ModelMismatchError for another model, CacheLayoutError (re-index) for another layout of this model."""
         if made_with.fingerprint != self.fingerprint:
             raise ModelMismatchError("model", f"{made_with.name_or_path} (fingerprint {made_with.fingerprint})",
-                                     f"{self.name_or_path} (fingerprint {self.fingerprint})")
+                                     f"{self.name_or_path} (fingerprint {self.fingerprint})", cache_model=made_with,
+                                     engine_model=self)
         if made_with.layout_version != self.layout_version:
             raise CacheLayoutError(video, made_with.model_type, made_with.layout_version,
                                    made_with.transformers_version, self.layout_version)
@@ -186,6 +187,22 @@ class PrefillConfig:
         return None
 
 
+@dataclass(frozen=True)
+class Committed:
+    """Where a cache read from a store came from: the committed manifest it was read from, that manifest's
+    version (S3 ETag / MD5 of its bytes: compare with `CacheStore.version` to see a re-prefill), the layers
+    read (every layer unless a partial load asked for some) and the model it was checked against at load."""
+
+    manifest: dict[str, Any]
+    version: str
+    layers: list[int]
+    checked_for: ModelInfo | None = None  # the model the store checked it against before reading any tensor
+
+    @property
+    def video_id(self) -> str:
+        return self.manifest["video_id"]
+
+
 @dataclass
 class VideoKVCache:
     """Prefix KV + per-chunk KV + final carried state of one video, for one model and prefill config."""
@@ -207,6 +224,7 @@ class VideoKVCache:
     # token} (= after the prefix before the first chunk). Answering starts from `recurrent` (a copy), resume too.
     prefix_recurrent: dict[int, RecurrentState] = field(default_factory=dict)
     recurrent: dict[int, RecurrentState] = field(default_factory=dict)
+    committed: Committed | None = None  # set by the store's reader; None for a cache made in this process
 
     @property
     def policy(self) -> dict[str, Any]:
@@ -286,18 +304,3 @@ class VideoKVCache:
         if len(self.chunks) != self.num_chunks:
             raise ValueError(f"this cache holds {len(self.chunks)} of its {self.num_chunks} chunks in memory "
                              "(chunks were streamed to a sink); load it from its store to answer")
-
-    # --- store (imported on use: the store depends on this module, not the other way round) ------------------
-
-    def save(self, uri: str, **opts: Any) -> dict[str, Any]:
-        """Write this (in-memory, complete) cache to `uri` = `<root>/<video_id>`; see `statekv.store.save_cache`."""
-        from statekv.store import save_cache
-
-        return save_cache(self, uri, **opts)
-
-    @classmethod
-    def load(cls, uri: str, **opts: Any) -> "VideoKVCache":
-        """Load a committed cache (lazily by default); see `statekv.store.load_cache`."""
-        from statekv.store import load_cache
-
-        return load_cache(uri, **opts)

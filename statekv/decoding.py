@@ -1,4 +1,5 @@
-"""Answering several questions about one video together: one forward per step for every active question.
+"""The answer runner: the one place the model is stepped for answers, one forward per step for every active
+question about one video (plain, streamed and retrieval questions alike; statekv/answering.py admits them).
 
 The video's KV (a read-only `DeviceVideo`, statekv/device_cache.py) is shared; each question keeps its own tokens
 (its question, then its answer) in a "tail" of its own, so nothing a question does reaches the shared KV or another
@@ -9,9 +10,18 @@ call for the whole step, statekv/ops/split_kv.py) and to its own question's tail
 Each question has its own prompt length, `max_new_tokens`, sampling settings and stopping; questions join and
 leave between steps (continuous batching).
 
+Retrieval questions (`AnswerRequest.retrieval`) attend to a context of their own instead of the video's shared KV:
+[prefix | the chunks chosen for them at that layer], chosen on their first pass (statekv/retrieval.py), then their
+own tail. Their attention is one call over [context | tail] per question, the computation of answering it with a
+transformers cache holding [prefix | chosen chunks | question | answer]. An adaptive budget runs the question's
+prompt once more first: a probe pass over the prefix alone that only measures each layer's chunk scores (its tail
+and token are discarded). The video's whole KV is built on the device only when a plain question needs it, so a
+decoder of retrieval questions on a lazily loaded cache reads only the chosen chunks.
+
 Host syncs: greedy tokens stay on the device and feed the next step directly; the tokens are read back every
 `sync_every` steps, when a question reaches its `max_new_tokens`, after a question's first token (its time to
-first token) and on every step when `sync_every=1` (streaming). Tokens a question produced after its
+first token) and on every step when `sync_every=1` or a streamed question is in the batch (its tokens go out as
+they are read back; its batch mates are read back with it, one sync for all). Tokens a question produced after its
 end-of-sequence token, before the next read-back, are dropped: the outputs are those of stopping at once.
 Sampling (temperature > 0) draws on the host with the request's seeded generator, so it syncs each step.
 
@@ -24,16 +34,20 @@ copy of the recurrent states per question (small, fixed size); questions about i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from statekv.cache import VideoKVCache
 from statekv.device_cache import DeviceVideo
 from statekv.generation import check_sampling, next_token
 from statekv.models.base import AnswerInputs, VideoLMAdapter
+from statekv.ops import attention
 from statekv.ops.common import visible_mask
+from statekv.retrieval import Retrieval, RetrievalContext
 from statekv.ops.split_kv import merge_partials, shared_attention, tail_attention
 
 DEFAULT_SYNC_EVERY = 8
@@ -49,6 +63,7 @@ class AnswerRequest:
     top_p: float = 1.0
     seed: int | None = None
     output_scores: bool = False  # keep the float logits (V,) of every generated step
+    retrieval: Retrieval | None = None  # attend to the chunks chosen for this question instead of the whole video
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -77,6 +92,8 @@ class Decoding:
     length: int = 0  # tokens in this question's tail
     slot: int = -1
     cache: Any = None  # hybrid models: this question's transformers cache (its recurrent states and tail)
+    retrieval: RetrievalContext | None = None  # its own context (with `request.retrieval`)
+    stream: bool = False  # read back at every step: its tokens go out as they are made
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -124,16 +141,20 @@ class TailPool:
 
 class StepContext:
     """What our attention function needs for one packed step (passed as `statekv_batch`): the shared KV, the
-    tails and each question's segment of the packed sequence."""
+    tails, each question's segment of the packed sequence, and the questions with a context of their own."""
 
-    def __init__(self, video: DeviceVideo, pool: TailPool | None, rows: list[Decoding], sizes: list[int],
-                 device: torch.device) -> None:
-        self.video, self.pool = video, pool
+    def __init__(self, video: DeviceVideo | None, pool: TailPool | None, rows: list[Decoding], sizes: list[int],
+                 device: torch.device, backend: str) -> None:
+        self.video, self.pool, self.backend = video, pool, backend  # video: None when every row has its own
         self.segments = []  # (slot, start in the packed sequence, new tokens, tail length before)
+        self.own = []  # (decoding, slot, start, new tokens, tail length before) of the rows with their own context
         start = 0
         for d, q in zip(rows, sizes):
             self.segments.append((d.slot, start, q, d.length))
+            if d.retrieval is not None:
+                self.own.append((d, d.slot, start, q, d.length))
             start += q
+        self.shared = len(self.own) < len(rows)  # some rows attend to the video's shared KV
         if pool is None:
             return
         device_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
@@ -156,29 +177,51 @@ class StepContext:
                scaling: float) -> torch.Tensor:
         """query (1, H, L, D) of the packed step, key/value (1, Hkv, L, D) its new tokens (with a transformers
         cache: (1, Hkv, T, D), the one question's whole tail) -> output (1, L, H, D)."""
-        out_s, lse_s = shared_attention(query, self.video.keys[layer], self.video.values[layer], scaling=scaling)
-        if self.pool is None:  # one question whose tail the transformers cache holds
-            q, T = query.shape[2], key.shape[2]
-            visible = visible_mask(0, q, q, T, query.device).unsqueeze(0)
-            out_t, lse_t = tail_attention(query, key, value, visible, scaling=scaling)
+        if self.pool is not None:
+            self._write(layer, key, value)
+        _, H, L, D = query.shape
+        if self.shared:
+            out_s, lse_s = shared_attention(query, self.video.keys[layer], self.video.values[layer], scaling=scaling)
+            if self.pool is None:  # one question whose tail the transformers cache holds
+                q, T = query.shape[2], key.shape[2]
+                visible = visible_mask(0, q, q, T, query.device).unsqueeze(0)
+                out_t, lse_t = tail_attention(query, key, value, visible, scaling=scaling)
+            else:
+                out_t, lse_t = self._tails(layer, query, scaling)
+            out = merge_partials(out_s, lse_s, out_t, lse_t, query.dtype).transpose(1, 2).contiguous()
         else:
-            out_t, lse_t = self._tails(layer, query, key, value, scaling)
-        return merge_partials(out_s, lse_s, out_t, lse_t, query.dtype).transpose(1, 2).contiguous()
+            out = query.new_empty(1, L, H, D)
+        for d, slot, start, q, n0 in self.own:  # [its context | its tail], causal over its new tokens
+            ctx_k, ctx_v = d.retrieval.context(layer, query[0, :, start:start + q])
+            if self.pool is None:
+                tail_k, tail_v = key, value
+            else:
+                tail_k = self.pool.keys[layer][slot:slot + 1, :, :n0 + q]
+                tail_v = self.pool.values[layer][slot:slot + 1, :, :n0 + q]
+            o, _ = attention(query[:, :, start:start + q], torch.cat([ctx_k, tail_k], dim=2),
+                             torch.cat([ctx_v, tail_v], dim=2), scaling=scaling, backend=self.backend)
+            out[:, start:start + q] = o
+        return out
 
-    def _tails(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Append the step's new tokens to their question's tail."""
+        pk, pv = self.pool.keys[layer], self.pool.values[layer]  # (slots, Hkv, cap, D)
+        if self.all_single:  # one index write for every question
+            pk[self.single_slots, :, self.single_ends] = key[0].transpose(0, 1)  # (n, Hkv, D)
+            pv[self.single_slots, :, self.single_ends] = value[0].transpose(0, 1)
+            return
+        for slot, start, q, n0 in self.segments:
+            pk[slot, :, n0:n0 + q] = key[0, :, start:start + q]
+            pv[slot, :, n0:n0 + q] = value[0, :, start:start + q]
+
+    def _tails(self, layer: int, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         pk, pv = self.pool.keys[layer], self.pool.values[layer]  # (slots, Hkv, cap, D)
         _, H, L, D = query.shape
         n, span = self.num_slots, self.single_span
-        if self.all_single:  # the common step: one index write and one attention call for every question
-            pk[self.single_slots, :, self.single_ends] = key[0].transpose(0, 1)  # (n, Hkv, D)
-            pv[self.single_slots, :, self.single_ends] = value[0].transpose(0, 1)
+        if self.all_single:  # the common step: one attention call for every question
             o, l = tail_attention(query[0].transpose(0, 1).unsqueeze(2), pk[:n, :, :span], pv[:n, :, :span],
                                   self.single_visible, scaling=scaling)  # (n, H, 1, D), (n, H, 1)
             return o[:, :, 0].transpose(0, 1).unsqueeze(0), l[:, :, 0].transpose(0, 1).unsqueeze(0)
-        for slot, start, q, n0 in self.segments:  # append the step's new tokens to their question's tail
-            pk[slot, :, n0:n0 + q] = key[0, :, start:start + q]
-            pv[slot, :, n0:n0 + q] = value[0, :, start:start + q]
         out = torch.empty(1, H, L, D, dtype=torch.float32, device=query.device)
         lse = torch.empty(1, H, L, dtype=torch.float32, device=query.device)
         for slot, start, q, n0 in self.segments:  # a question's prompt: causal over its own tokens
@@ -198,19 +241,26 @@ class StepContext:
 
 
 class BatchDecoder:
-    """Decodes the questions added to it about one video, one forward per `step` for all of them."""
+    """Decodes the questions added to it about one video, one forward per `step` for all of them.
 
-    def __init__(self, adapter: VideoLMAdapter, video: DeviceVideo, decoder_kwargs: dict[str, Any], *,
-                 max_batch: int = 32, sync_every: int = DEFAULT_SYNC_EVERY) -> None:
+    `video` builds (or fetches from the device LRU) the video's whole KV on the device: called on the first step
+    that has a plain question, never for a decoder of retrieval questions only."""
+
+    def __init__(self, adapter: VideoLMAdapter, cache: VideoKVCache, video: Callable[[], DeviceVideo],
+                 decoder_kwargs: dict[str, Any], *, backend: str = "auto", max_batch: int = 32,
+                 sync_every: int = DEFAULT_SYNC_EVERY) -> None:
         if max_batch < 1 or sync_every < 1:
             raise ValueError(f"max_batch and sync_every must be >= 1, got {max_batch}, {sync_every}")
-        self.adapter, self.video, self.decoder_kwargs = adapter, video, decoder_kwargs
-        self.hybrid = bool(video.recurrent)
+        self.adapter, self.cache, self.decoder_kwargs, self.backend = adapter, cache, decoder_kwargs, backend
+        self._video_of = video
+        self._video: DeviceVideo | None = None
+        self._prefix: DeviceVideo | None = None
+        layout = adapter.layout
+        self.hybrid = bool(layout.linear_layers)
         self.max_batch = 1 if self.hybrid else max_batch  # see the module docstring
         self.sync_every = sync_every
         self.active: list[Decoding] = []
         self._since_sync = 0
-        layout = adapter.layout
         self.pool = None if self.hybrid else TailPool(list(layout.attention_layers), layout.num_kv_heads,
                                                       layout.head_dim, adapter.dtype, adapter.device)
 
@@ -218,19 +268,62 @@ class BatchDecoder:
     def room(self) -> int:
         return self.max_batch - len(self.active)
 
-    def add(self, request: AnswerRequest, prompt: AnswerInputs) -> Decoding:
-        """Start answering `request` from its prompt (the tokens after the video) at the next step."""
+    def video(self) -> DeviceVideo:
+        """The video's whole answer context on the device (built on first use)."""
+        if self._video is None:
+            self._video = self._video_of()
+        return self._video
+
+    def prefix(self) -> DeviceVideo:
+        """The prefix's KV and the linear layers' final states on the device: what retrieval questions share."""
+        if self._prefix is None:
+            c, dev, linear = self.cache, self.adapter.device, self.adapter.layout.linear_layers
+            kv = [None if i in linear else (c.prefix_keys[i].to(dev).unsqueeze(0),
+                                            c.prefix_values[i].to(dev).unsqueeze(0))
+                  for i in range(self.adapter.layout.num_layers)]
+            self._prefix = DeviceVideo([None if x is None else x[0] for x in kv],
+                                       [None if x is None else x[1] for x in kv],
+                                       {i: r.to(dev) for i, r in c.recurrent.items()})
+        return self._prefix
+
+    def add(self, request: AnswerRequest, prompt: AnswerInputs, *, stream: bool = False) -> Decoding:
+        """Start answering `request` from its prompt (the tokens after the video) at the next step; `stream`: read
+        back at every step while it runs."""
         if self.room < 1:
             raise RuntimeError(f"the decoder is full ({self.max_batch} questions)")
-        d = Decoding(request, prompt, position=prompt.next_position, slot=len(self.active),
+        d = Decoding(request, prompt, position=prompt.next_position, stream=stream,
                      generator=torch.Generator().manual_seed(request.seed) if request.seed is not None else None)
-        if self.pool is None:
-            d.cache = DynamicCache(config=self.adapter.model.config)
-            for layer, state in self.video.recurrent.items():  # copies: decoding updates them in place
-                d.cache.update_conv_state(state.conv.unsqueeze(0), layer)
-                d.cache.update_recurrent_state(state.recurrent.unsqueeze(0), layer)
+        if request.retrieval is not None:
+            d.retrieval = self._retrieval(request.retrieval)
+        if self.hybrid:
+            d.cache = self._fresh_cache(d)
+        d.slot = len(self.active)
         self.active.append(d)
         return d
+
+    def _retrieval(self, retrieval: Retrieval) -> RetrievalContext:
+        """A question's retrieval context over this decoder's cache (ValueError if the cache cannot retrieve)."""
+        c = self.cache
+        if c.config.answer_from == "state":
+            raise ValueError("retrieval picks chunks, and this cache keeps none: it answers from its carried state "
+                             "(answer_from='state')")
+        if len(c.chunks) != c.num_chunks:
+            raise ValueError(f"retrieval needs every chunk addressable: the cache holds {len(c.chunks)} of "
+                             f"{c.num_chunks} (load it from its store, lazily)")
+        prefix = self.prefix()
+        return RetrievalContext(retrieval, c.chunks, lambda layer: (prefix.keys[layer], prefix.values[layer]),
+                                frame_times=c.video.timestamps, duration=c.video.duration,
+                                frame_seconds=1.0 / c.video.sampled_fps, segments=c.scenes or None)
+
+    def _fresh_cache(self, d: Decoding) -> DynamicCache:
+        """A hybrid question's transformers cache: copies of the linear layers' states after the video (decoding
+        updates them in place), and room for its tail."""
+        states = (self.prefix() if d.retrieval is not None else self.video()).recurrent
+        cache = DynamicCache(config=self.adapter.model.config)
+        for layer, state in states.items():
+            cache.update_conv_state(state.conv.unsqueeze(0), layer)
+            cache.update_recurrent_state(state.recurrent.unsqueeze(0), layer)
+        return cache
 
     def remove(self, d: Decoding) -> None:
         """Stop decoding `d` (e.g. its client went away); its tail slot is reused."""
@@ -262,7 +355,8 @@ class BatchDecoder:
             sizes.append(parts[-1].shape[0])
         if self.pool is not None:  # grown as the tails grow (by doubling), not reserved for max_new_tokens
             self.pool.reserve(len(rows), max(d.length + q for d, q in zip(rows, sizes)))
-        ctx = StepContext(self.video, self.pool, rows, sizes, a.device)
+        video = self.video() if any(d.retrieval is None for d in rows) else None
+        ctx = StepContext(video, self.pool, rows, sizes, a.device, self.backend)
         cache = rows[0].cache if self.hybrid else None
         hidden = a.decode(torch.cat(parts), torch.cat(positions, dim=1), cache, statekv_batch=ctx,
                           **self.decoder_kwargs)
@@ -271,6 +365,11 @@ class BatchDecoder:
         greedy = logits.argmax(dim=-1, keepdim=True)  # (B, 1) on the device: no sync
         first = must_read = False
         for i, (d, q) in enumerate(zip(rows, sizes)):
+            if d.retrieval is not None and d.retrieval.probe:  # the pass only measured: the prompt runs again
+                d.retrieval.end_probe()
+                if self.hybrid:
+                    d.cache = self._fresh_cache(d)
+                continue
             d.length += q
             r = d.request
             if r.temperature == 0.0:
@@ -286,7 +385,7 @@ class BatchDecoder:
             first |= d.steps == 1
             must_read |= d.steps >= r.max_new_tokens
         self._since_sync += 1
-        if sync or first or must_read or self._since_sync >= self.sync_every:
+        if sync or first or must_read or self._since_sync >= self.sync_every or any(d.stream for d in rows):
             return self._read_back()
         return []
 

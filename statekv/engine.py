@@ -13,10 +13,10 @@ computation as one pass: nothing is approximated), and the policy, chunk KV and 
 (full-attention) layers only. The states after the prefix and after the last chunk are kept in the cache; answering
 starts from a copy of the latter (asking never changes a cache), resuming from the latter.
 
-Answering (without retrieval) attends to the video's KV built once on the device and kept in a byte-bounded LRU
-(statekv/device_cache.py), shared read-only by every question; each question's own tokens stay apart, and several
-questions decode together, one forward per step (statekv/decoding.py). Retrieval builds its own context per
-question (statekv/retrieval.py).
+Answering is handed over to statekv/answering.py (admission, collection) and statekv/decoding.py (the one decode
+step): plain questions attend to the video's KV built once on the device and kept in a byte-bounded LRU
+(statekv/device_cache.py), shared read-only by every question; retrieval questions to the chunks chosen for them
+(statekv/retrieval.py); several questions decode together, one forward per step.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ import dataclasses
 import logging
 import math
 import os
-import time
+import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -37,14 +36,15 @@ from transformers import DynamicCache
 
 from statekv.cache import (ChunkKV, ModelInfo, PrefillConfig, RecurrentState, VideoInfo, VideoKVCache,
                            check_answer_from)
+from statekv.answering import Answer, TokenEvent, answer_all, stream_answer
 from statekv.compression import Guided, compress_step, keep_tokens, make_compression
-from statekv.decoding import DEFAULT_SYNC_EVERY, AnswerRequest, BatchDecoder, Decoding
+from statekv.decoding import DEFAULT_SYNC_EVERY, AnswerRequest, BatchDecoder
 from statekv.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DeviceCacheLRU, DeviceVideo
 from statekv.errors import PrefillConfigMismatchError, VideoError
-from statekv.generation import TextDeltas, next_token
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
 from statekv.policies import LayerState, Policy, StateKV, make_policy
-from statekv.retrieval import Evidence, Retrieval, RetrievalContext, SegmentRule, SegmentTracker
+from statekv.retrieval import Evidence, Retrieval, SegmentRule, SegmentTracker
+from statekv.settings import PrefillSettings
 from statekv.step_cache import StepCache
 from statekv.video import FramesSource, SamplingConfig, VideoSource, iter_frame_batches, open_video
 from statekv.video.sampling import resume_timing, sample_source, segment, take_all
@@ -57,30 +57,7 @@ DEFAULT_LAYOUT = "prefix-first"
 # frames the vision tower encodes per call (rounded down to whole steps, at least one step). On CPU the tower's
 # fixed cost per call was a third of a 64-chunk prefill; batches of 16 frames pay it once per 8 two-frame chunks,
 # while holding only 16 decoded frames (a 1080p frame is 6 MB) and their pixels and features at a time.
-DEFAULT_VISION_BATCH_FRAMES = 16
-
-
-@dataclass
-class Answer:
-    """A generated answer and what it was generated from."""
-
-    text: str
-    token_ids: list[int]
-    prompt_ids: list[int]  # the tokens placed after the video: rest of the user turn, question, answer header
-    finish_reason: str  # "eos" or "length"
-    scores: list[torch.Tensor] | None = None  # with output_scores: float logits (V,) of each generated step
-    first_token_s: float = 0.0
-    total_s: float = 0.0
-    evidence: list[Evidence] | None = None  # with retrieval: the chunks attended to and their time ranges
-
-
-@dataclass
-class TokenEvent:
-    """One generated token while streaming; `text` is the new text it completes (may be empty)."""
-
-    token_id: int
-    text: str
-    logits: torch.Tensor | None = field(default=None, repr=False)
+DEFAULT_VISION_BATCH_FRAMES = PrefillSettings().vision_batch_frames
 
 
 class Engine:
@@ -141,6 +118,7 @@ class Engine:
         self.segment_rule = segment_rule if segment_rule is not None else SegmentRule()
         # answer contexts (the video's KV, concatenated, on the device) reused across questions; 0 keeps none
         self.device_caches = DeviceCacheLRU(device_cache_bytes)
+        self._checked: weakref.WeakValueDictionary[int, VideoKVCache] = weakref.WeakValueDictionary()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, policy: Policy | None = None,
@@ -162,6 +140,21 @@ class Engine:
                    attention_backend=attention_backend, layout=layout, answer_from=answer_from,
                    compression=compression, device_cache_bytes=device_cache_bytes,
                    vision_batch_frames=vision_batch_frames)
+
+    @classmethod
+    def from_settings(cls, name_or_path: str | os.PathLike, settings: PrefillSettings, *,
+                      device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                      device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES, **from_pretrained_kwargs: Any) -> "Engine":
+        """An engine that prefills with `settings` (statekv/settings.py): how the command line, the indexing job
+        and a resume build one. With a cache's recorded settings (`PrefillSettings.from_record`) it makes caches
+        with exactly that record."""
+        return cls.from_pretrained(
+            name_or_path, policy=make_policy(settings.policy, **settings.policy_settings), device=device, dtype=dtype,
+            sampling=SamplingConfig(**settings.sampling), chunks_per_step=settings.chunks_per_step,
+            attention_backend=settings.attention_backend, layout=settings.layout,
+            adapter_options=dict(settings.adapter_options), answer_from=settings.answer_from,
+            compression=make_compression(settings.compression), device_cache_bytes=device_cache_bytes,
+            vision_batch_frames=settings.vision_batch_frames, **from_pretrained_kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -272,7 +265,7 @@ class Engine:
         return cache, prefix_kv
 
     def _check_resumable(self, cache: VideoKVCache) -> None:
-        self._check_compatible(cache)
+        self.check_cache(cache)
         mine = self.prefill_config()
         where = cache.config.first_difference(mine)
         if where is not None:
@@ -354,8 +347,8 @@ class Engine:
             for layer in step_cache.attention:  # linear-attention layers: their states are exact, no policy
                 buffers = step_cache.layers[layer]
                 layer_scores = None if scores is None else scores[layer][0, :, prefix_len:]
-                state = self.policy.next_state(buffers.merged(first_token), buffers.state_size, carried[layer],
-                                               layer_scores)
+                state = self.policy.update_merged(buffers.merged(first_token), buffers.state_size,
+                                                  carried[layer], layer_scores)
                 buffers.commit(state)  # written into the buffer (nothing moves when it already lies there)
                 carried[layer] = state.scores
             step_kv = host.wait() if host is not None else [None] * a.layout.num_layers  # per layer (Hkv, n, D)
@@ -403,7 +396,7 @@ class Engine:
                     cache.num_video_tokens, cache.state_sizes())
         return cache
 
-    # --- answering -------------------------------------------------------------------------------------------
+    # --- answering (handed over to statekv/answering.py) ------------------------------------------------------
 
     def ask(self, cache: VideoKVCache, question: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
             top_p: float = 1.0, seed: int | None = None, output_scores: bool = False,
@@ -415,31 +408,28 @@ class Engine:
         chunks' bytes are read. `Answer.evidence` then lists those chunks with their time ranges.
         Without retrieval the video's KV is shared with other questions on it (see `ask_many`).
         """
-        if retrieval is not None:
-            return self._ask_retrieval(cache, question, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_p=top_p, seed=seed, output_scores=output_scores, retrieval=retrieval)
         return self.ask_many(cache, [AnswerRequest(question, max_new_tokens, temperature, top_p, seed,
-                                                   output_scores)])[0]
+                                                   output_scores, retrieval)])[0]
 
     def ask_many(self, cache: VideoKVCache, requests: list[AnswerRequest | str], *, max_batch: int = 32,
                  sync_every: int = DEFAULT_SYNC_EVERY) -> list[Answer]:
         """Answer several questions about one video together: one forward per step for up to `max_batch` of
-        them (each with its own prompt length, `max_new_tokens`, sampling and stopping; greedy answers equal
-        answering each alone). A string is a greedy `AnswerRequest` of 64 tokens. The cache is not changed."""
+        them (each with its own prompt length, `max_new_tokens`, sampling, stopping and retrieval; greedy answers
+        equal answering each alone). A string is a greedy `AnswerRequest` of 64 tokens. The cache is not changed."""
         requests = [AnswerRequest(r) if isinstance(r, str) else r for r in requests]
-        self._check_compatible(cache)
-        with torch.inference_mode():
-            decoder = self.decoder(cache, max_batch=max_batch, sync_every=sync_every)
-            waiting = list(enumerate(requests))
-            running: dict[int, Decoding] = {}
-            done: dict[int, Decoding] = {}
-            while waiting or decoder.active:
-                while waiting and decoder.room:
-                    i, r = waiting.pop(0)
-                    running[id(decoder.add(r, self.answer_prompt(cache, r.question)))] = i
-                for d in decoder.step():
-                    done[running.pop(id(d))] = d
-        return [self.answer_of(cache, done[i]) for i in range(len(requests))]
+        self.check_cache(cache)
+        return answer_all(self, cache, requests, max_batch=max_batch, sync_every=sync_every)
+
+    def stream(self, cache: VideoKVCache, question: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, output_logits: bool = False,
+               retrieval: Retrieval | None = None, evidence: list[Evidence] | None = None) -> Iterator[TokenEvent]:
+        """Generate the answer token by token; stops after an end-of-sequence token or `max_new_tokens`.
+
+        With `retrieval` see `ask`; the chosen chunks are appended to `evidence` (a list) once the question's first
+        pass has run, before the first token is yielded.
+        """
+        request = AnswerRequest(question, max_new_tokens, temperature, top_p, seed, output_logits, retrieval)
+        return stream_answer(self, cache, request, evidence=evidence)
 
     def answer_prompt(self, cache: VideoKVCache, question: str):
         """What follows the video for `question` (`AnswerInputs`), in the cache's layout."""
@@ -453,161 +443,29 @@ class Engine:
 
     def decoder(self, cache: VideoKVCache, *, max_batch: int = 32,
                 sync_every: int = DEFAULT_SYNC_EVERY) -> BatchDecoder:
-        """A batch decoder over the cache's shared KV (statekv/decoding.py); add questions with `answer_prompt`."""
-        self._check_compatible(cache)
-        return BatchDecoder(self.adapter, self.device_video(cache), self.adapter.decoder_kwargs(cache.cursor),
+        """A batch decoder over the cache (statekv/decoding.py); add questions with `answer_prompt`."""
+        self.check_cache(cache)
+        return BatchDecoder(self.adapter, cache, lambda: self.device_video(cache),
+                            self.adapter.decoder_kwargs(cache.cursor), backend=self.attention_backend,
                             max_batch=max_batch, sync_every=sync_every)
 
-    def answer_of(self, cache: VideoKVCache, d: Decoding) -> Answer:
-        """The `Answer` of a finished decoding."""
-        r = d.request
-        return Answer(text=self.adapter.tokenizer.decode(d.tokens, skip_special_tokens=True),
-                      token_ids=list(d.tokens),
-                      prompt_ids=self.adapter.question_ids(r.question, cache.config.layout).tolist(),
-                      finish_reason=d.finish_reason or "length",
-                      scores=[l.cpu() for l in d.logits] if r.output_scores else None,
-                      first_token_s=d.first_token_s, total_s=d.total_s)
-
-    def _ask_retrieval(self, cache: VideoKVCache, question: str, *, max_new_tokens: int, temperature: float,
-                       top_p: float, seed: int | None, output_scores: bool, retrieval: Retrieval) -> Answer:
-        """`ask` with retrieval: the answer cache holds the prefix, chunks are inserted per layer."""
-        start = time.perf_counter()
-        first = 0.0
-        ids: list[int] = []
-        logits: list[torch.Tensor] = []
-        finish = "length"
-        evidence: list[Evidence] = []
-        for event in self.stream(cache, question, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed, output_logits=output_scores, retrieval=retrieval,
-                                 evidence=evidence):
-            if not ids:
-                first = time.perf_counter() - start
-            ids.append(event.token_id)
-            if output_scores:
-                logits.append(event.logits)
-            if event.token_id in self.adapter.eos_token_ids:
-                finish = "eos"
-        text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True)
-        return Answer(text=text, token_ids=ids, prompt_ids=self.adapter.question_ids(question, cache.config.layout).tolist(),
-                      finish_reason=finish, scores=logits if output_scores else None, first_token_s=first,
-                      total_s=time.perf_counter() - start, evidence=evidence if retrieval is not None else None)
-
-    def stream(self, cache: VideoKVCache, question: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, output_logits: bool = False,
-               retrieval: Retrieval | None = None, evidence: list[Evidence] | None = None) -> Iterator[TokenEvent]:
-        """Generate the answer token by token; stops after an end-of-sequence token or `max_new_tokens`.
-
-        With `retrieval` see `ask`; the chosen chunks are appended to `evidence` (a list) once the question's first
-        pass has run, before the first token is yielded.
-        """
-        if retrieval is not None:
-            yield from self._stream_retrieval(cache, question, max_new_tokens=max_new_tokens,
-                                              temperature=temperature, top_p=top_p, seed=seed,
-                                              output_logits=output_logits, retrieval=retrieval, evidence=evidence)
-            return
-        request = AnswerRequest(question, max_new_tokens, temperature, top_p, seed, output_logits)
-        text = TextDeltas(self.adapter.tokenizer)
-        # inference mode is per thread and a stream may be resumed by any thread (a server's pool): each step
-        # enters it, no `yield` holds it (held across one, it leaks into the thread that ran the step)
-        with torch.inference_mode():
-            decoder = self.decoder(cache, max_batch=1, sync_every=1)  # a token is read back at every step
-            d = decoder.add(request, self.answer_prompt(cache, question))
-        while not d.done:
-            with torch.inference_mode():
-                decoder.step(sync=True)
-                events = []
-                for token in d.take():
-                    delta = text.add(token, last=d.done)
-                    events.append(TokenEvent(token, delta,
-                                             d.logits[len(text.ids) - 1].cpu() if output_logits else None))
-            yield from events
-
-    def _stream_retrieval(self, cache: VideoKVCache, question: str, *, max_new_tokens: int, temperature: float,
-                          top_p: float, seed: int | None, output_logits: bool, retrieval: Retrieval,
-                          evidence: list[Evidence] | None) -> Iterator[TokenEvent]:
-        """`stream` with retrieval (the answer cache holds the prefix; chunks are inserted on the first pass)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self._check_compatible(cache)
-        a = self.adapter
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        text = TextDeltas(a.tokenizer)
-        with torch.inference_mode():  # entered per step, never held across a `yield` (see `stream`)
-            prompt = a.answer_inputs(question, cache.cursor, cache.config.layout)
-            decoder_kwargs = a.decoder_kwargs(cache.cursor)
-            embeds, positions = prompt.embeds, prompt.position_ids
-            dyn, context = self._retrieval_cache(cache, retrieval, embeds, positions)
-        position = prompt.next_position
-        for step in range(max_new_tokens):
-            with torch.inference_mode():
-                extra = {"statekv_retrieval": context} if step == 0 else {}
-                hidden = a.decode(embeds, positions, dyn, statekv_backend=self.attention_backend, **decoder_kwargs,
-                                  **extra)
-                if step == 0 and evidence is not None:
-                    evidence.extend(context.evidence())
-                step_logits = a.logits(hidden[-1])
-                token = next_token(step_logits, temperature=temperature, top_p=top_p, generator=generator)
-                delta = text.add(token, last=token in a.eos_token_ids or step == max_new_tokens - 1)
-                event = TokenEvent(token, delta, step_logits.cpu() if output_logits else None)
-            yield event
-            if token in a.eos_token_ids:
-                return
-            with torch.inference_mode():
-                embeds = a.embed(torch.tensor([token], dtype=torch.long))
-                positions = a.text_positions(position, 1)
-            position += 1
-
-    def _answer_cache(self, cache: VideoKVCache, layer_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
-                      ) -> DynamicCache:
-        """The answer's transformers cache on the device: `layer_kv(i)` at attention layers, and copies of the
-        linear layers' states after the video (the cache itself stays as it is)."""
-        dev = self.device
-        linear = self.adapter.layout.linear_layers
-        return build_cache(self.adapter.model.config, [
-            None if i in linear else tuple(t.to(dev).unsqueeze(0) for t in layer_kv(i))
-            for i in range(self.adapter.layout.num_layers)], {i: r.to(dev) for i, r in cache.recurrent.items()})
-
-    def _retrieval_cache(self, cache: VideoKVCache, retrieval: Retrieval, embeds: torch.Tensor,
-                         positions: torch.Tensor) -> tuple[DynamicCache, RetrievalContext]:
-        """The answer's KV cache holding only the prefix, and the context that fills in the chosen chunks per layer
-        on the question's first pass. An adaptive budget first runs the question over the prefix alone to measure
-        how concentrated each layer's chunk scores are."""
-        a = self.adapter
-        if cache.config.answer_from == "state":
-            raise ValueError("retrieval picks chunks, and this cache keeps none: it answers from its carried state "
-                             "(answer_from='state')")
-        if len(cache.chunks) != cache.num_chunks:
-            raise ValueError(f"retrieval needs every chunk addressable: the cache holds {len(cache.chunks)} of "
-                             f"{cache.num_chunks} (load it from its store, lazily)")
-        prefix = lambda i: (cache.prefix_keys[i], cache.prefix_values[i])  # noqa: E731
-        common = dict(frame_times=cache.video.timestamps, duration=cache.video.duration,
-                      frame_seconds=1.0 / cache.video.sampled_fps, segments=cache.scenes or None)
-        budgets = None
-        if retrieval.adaptive:
-            probe_cache = self._answer_cache(cache, prefix)
-            probe = RetrievalContext(retrieval, cache.chunks, probe_cache.layers, cache.prefix_len, probe=True,
-                                     **common)
-            a.decode(embeds, positions, probe_cache, statekv_backend=self.attention_backend, statekv_retrieval=probe,
-                     **a.decoder_kwargs(cache.cursor))
-            layers = sorted(probe.scores)
-            budgets = dict(zip(layers, retrieval.budgets([probe.scores[l] for l in layers])))
-        dyn = self._answer_cache(cache, prefix)
-        context = RetrievalContext(retrieval, cache.chunks, dyn.layers, cache.prefix_len, budgets=budgets, **common)
-        return dyn, context
-
-    def _check_compatible(self, cache: VideoKVCache) -> None:
-        self.model_info().check_serves(cache.model, cache.video.source)
-        self.check_cache(cache)
-
     def check_cache(self, cache: VideoKVCache) -> None:
-        """CacheCorruptError if what a cache says about its sequence cannot be this model's: its family cursor
-        (opaque to the store, so only the adapter can tell a lie in it: a video start of -1000, a [0, 0] grid;
-        checked before any position is computed from it) or its prefix tokens (what this model's chat template
-        gives for the cache's recorded layout: a flipped `prefill.layout` would put the question's text in the wrong
-        place). Every answer and resume checks it; a service calls it at load."""
+        """Raise unless this model can answer from (or resume) `cache`: ModelMismatchError / CacheLayoutError for
+        another model or token layout (skipped for a cache the store already checked against this model at
+        load: `committed.checked_for`), CacheCorruptError if what it says about its sequence cannot be this
+        model's: its family cursor (opaque to the store, so only the adapter can tell a lie in it: a video start of
+        -1000, a [0, 0] grid; checked before any position is computed from it) or its prefix tokens (what this
+        model's chat template gives for the cache's recorded layout: a flipped `prefill.layout` would put the
+        question's text in the wrong place). Every answer and resume calls it, a service at load; a cache object
+        is checked once (a passed check is remembered for as long as the object lives)."""
         from statekv.store.errors import CacheCorruptError  # a stored cache's fault: the service's cache_corrupt
 
-        video = getattr(cache, "manifest", {}).get("video_id", cache.video.source)
+        if self._checked.get(id(cache)) is cache:
+            return
+        mine = self.model_info()
+        if cache.committed is None or cache.committed.checked_for != mine:
+            mine.check_serves(cache.model, cache.video.source)
+        video = cache.committed.video_id if cache.committed is not None else cache.video.source
         problem = self.adapter.cursor_problem(cache.cursor, prefix_len=cache.prefix_len, num_chunks=cache.num_chunks)
         if problem is not None:
             raise CacheCorruptError(video, "manifest.json field 'family.cursor'", problem)
@@ -618,6 +476,7 @@ class Engine:
                                     f"the stored prefix ({cache.prefix_len} tokens) is not what this model's chat "
                                     f"template gives for layout {layout!r} ({len(expected)} tokens): a wrong layout "
                                     f"or another chat template")
+        self._checked[id(cache)] = cache
 
 
 def build_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor] | None],
@@ -680,18 +539,3 @@ def _lookup(config: PrefillConfig, where: str) -> Any:
     for part in where.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return value
-
-
-def policy_from_settings(settings: dict[str, Any]) -> Policy:
-    """Rebuild a policy from the settings recorded with a cache."""
-    settings = dict(settings)
-    return make_policy(settings.pop("name"), **settings)
-
-
-def engine_settings(config: PrefillConfig) -> dict[str, Any]:
-    """The `Engine` / `Engine.from_pretrained` keyword arguments that make caches with `config` — what a resume
-    continues with, so that its caller need not repeat the settings the cache was made with."""
-    return dict(policy=policy_from_settings(config.policy), sampling=SamplingConfig(**config.sampling),
-                chunks_per_step=config.chunks_per_step, attention_backend=config.attention_backend,
-                layout=config.layout, adapter_options=dict(config.adapter), answer_from=config.answer_from,
-                compression=make_compression(config.compression))

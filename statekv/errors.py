@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class StateKVError(Exception):
     """Base class of every error statekv raises on purpose."""
@@ -44,9 +46,12 @@ class UnsupportedModelError(StateKVError, ValueError):
 class ModelMismatchError(StateKVError, ValueError):
     """A cache was made by a different model (or prefill config) than the one asked to use it."""
 
-    def __init__(self, what: str, cache_side: str, engine_side: str) -> None:
+    def __init__(self, what: str, cache_side: str, engine_side: str, *, cache_model: Any = None,
+                 engine_model: Any = None) -> None:
         self.cache_side = cache_side
         self.engine_side = engine_side
+        # for a model mismatch: the two `ModelInfo`s (a service words its own message from them, without paths)
+        self.cache_model, self.engine_model = cache_model, engine_model
         super().__init__(f"{what} mismatch: the cache was made with {cache_side}, this engine has {engine_side}")
 
 

@@ -53,7 +53,12 @@ class LayerState:
 
 
 class Policy:
-    """Base class: `update` returns the state carried into the next chunk."""
+    """Base class: `update` returns the state carried into the next chunk.
+
+    The streaming engine calls `update_merged` (the state and the chunk as one buffer); a policy implements
+    `update`, and overrides `update_merged` too when it can decide without concatenating. A subclass that changes
+    what a policy keeps overrides `update_merged` (what runs), not only `update`.
+    """
 
     name: ClassVar[str]
     needs_scores: ClassVar[bool] = False
@@ -61,16 +66,6 @@ class Policy:
     def update(self, state: LayerState | None, chunk: LayerState, scores: torch.Tensor | None) -> LayerState:
         """`scores` (Hkv, S + n) is the attention mass [state; chunk] received from the chunk's queries."""
         raise NotImplementedError
-
-    def next_state(self, merged: LayerState, state_size: int, carried: torch.Tensor | None,
-                   scores: torch.Tensor | None) -> LayerState:
-        """What the streaming engine calls: `update_merged`, unless a subclass overrides `update` below the class
-        that defines `update_merged` (e.g. a test's recording policy): then that `update` is what runs."""
-        mro = type(self).__mro__
-        owner = lambda name: next(i for i, c in enumerate(mro) if name in c.__dict__)  # noqa: E731
-        if owner("update") < owner("update_merged"):
-            return Policy.update_merged(self, merged, state_size, carried, scores)
-        return self.update_merged(merged, state_size, carried, scores)
 
     def update_merged(self, merged: LayerState, state_size: int, carried: torch.Tensor | None,
                       scores: torch.Tensor | None) -> LayerState:

@@ -13,7 +13,7 @@ more of the budget). Retrieval settings are small objects without model knowledg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -89,28 +89,6 @@ def select_top(scores: torch.Tensor, k: int, recent: int) -> list[int]:
     return sorted(chosen | recent_set)
 
 
-def segment_boundaries(features: torch.Tensor, *, threshold: float = 0.99, min_size: int = 4,
-                       max_size: int = 64) -> list[tuple[int, int]]:
-    """StreamKV's scene segmentation: [start, end) chunk ranges from the cosine similarity of consecutive chunks'
-    mean visual features (C, d). A segment closes where similarity drops below `threshold` (once it has
-    `min_size` chunks) or when it reaches `max_size` chunks."""
-    if min_size < 1 or max_size < min_size:
-        raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
-    num = features.shape[0]
-    if num == 0:
-        return []
-    f = torch.nn.functional.normalize(features.double(), dim=-1)
-    sims = (f[1:] * f[:-1]).sum(dim=-1).tolist()  # sims[i]: chunk i vs chunk i + 1
-    out, start = [], 0
-    for i in range(1, num):
-        size = i - start
-        if size >= max_size or (size >= min_size and sims[i - 1] < threshold):
-            out.append((start, i))
-            start = i
-    out.append((start, num))
-    return out
-
-
 @dataclass(frozen=True)
 class SegmentRule:
     """StreamKV's segmentation settings (its published defaults): similarity threshold, min and max chunks."""
@@ -125,8 +103,10 @@ class SegmentRule:
 
 
 class SegmentTracker:
-    """`segment_boundaries` computed online, chunk by chunk, as the engine prefills (so it needs no stored
-    features). A resumed stream starts a new segment at its first chunk."""
+    """StreamKV's scene segmentation, online, chunk by chunk, as the engine prefills (so it needs no stored
+    features): [start, end) chunk ranges from the cosine similarity of consecutive chunks' mean visual features;
+    a segment closes where similarity drops below `threshold` (once it has `min_size` chunks) or when it reaches
+    `max_size` chunks. A resumed stream starts a new segment at its first chunk."""
 
     def __init__(self, rule: SegmentRule, segments: Sequence[tuple[int, int]] = (), num_chunks: int = 0) -> None:
         self.rule = rule
@@ -250,29 +230,29 @@ class Evidence:
 
 
 class RetrievalContext:
-    """One question's retrieval, called by the attention function of every layer on the question's first pass.
+    """One question's retrieval: per layer, the context it attends to besides its own tokens.
 
-    At layer l it scores the cache's chunks with the question's mean query, reads the chosen chunks' K/V of that
-    layer only (`chunks.read_layer`, when the chunks are a lazily loaded store; else from memory), inserts them
-    into the answer's KV cache between the prefix and the question (so every later decoding step sees them too)
-    and returns the extended keys and values. With `probe=True` it only records each layer's scores (the first
-    pass of an adaptive budget) and extends nothing.
+    Called by the answer step (statekv/decoding.py) at every layer of every pass of the question. On the first
+    pass, at layer l, it scores the cache's chunks with the question's mean query, reads the chosen chunks' K/V of
+    that layer only (`chunks.read_layer`, when the chunks are a lazily loaded store; else from memory) and keeps
+    [prefix | chosen chunks in temporal order] as the layer's context; later passes attend to the same context.
+    An adaptive budget first runs a probe pass (`probe=True`: contexts are the prefix alone and only the scores
+    are recorded), then `end_probe` splits the budget over the layers by how concentrated their scores were.
     """
 
-    def __init__(self, retrieval: Retrieval, chunks: Any, cache_layers: Any, prefix_len: int, *,
-                 frame_times: Sequence[float], duration: float, frame_seconds: float,
-                 segments: list[tuple[int, int]] | None = None, budgets: dict[int, int] | None = None,
-                 probe: bool = False) -> None:
+    def __init__(self, retrieval: Retrieval, chunks: Any, prefix: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                 *, frame_times: Sequence[float], duration: float, frame_seconds: float,
+                 segments: list[tuple[int, int]] | None = None) -> None:
         self.retrieval = retrieval
         self.chunks = chunks
-        self.cache_layers = cache_layers
-        self.prefix_len = prefix_len
+        self.prefix = prefix  # layer -> the prefix's (keys, values) (1, Hkv, P, D) on the answer's device
         self.frame_times, self.duration, self.frame_seconds = frame_times, duration, frame_seconds
         self.segments = segments
-        self.budgets = budgets
-        self.probe = probe
+        self.budgets: dict[int, int] | None = None
+        self.probe = retrieval.adaptive  # the first pass only measures (see `end_probe`)
         self.scores: dict[int, torch.Tensor] = {}
         self.selected: dict[int, list[int]] = {}
+        self._context: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._meta: dict[int, Any] = {}
 
     def summaries(self, layer: int) -> torch.Tensor:
@@ -285,13 +265,14 @@ class RetrievalContext:
             return self.chunks.read_layer(layer, indices)
         return {i: self.chunks[i] for i in indices}
 
-    def extend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(key, value) of [prefix | chosen chunks | question] for `layer` (as given once the layer is extended)."""
-        if layer in self.selected or (self.probe and layer in self.scores):
-            return key, value
+    def context(self, layer: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) (1, Hkv, P + chosen, D) of [prefix | chosen chunks] at `layer`; chosen from the
+        question's queries `query` (H, q, D) on its first pass (on a probe pass: the prefix, scores recorded)."""
+        if layer in self._context:
+            return self._context[layer]
+        key, value = self.prefix(layer)
         summaries = self.summaries(layer)
-        scores = chunk_scores(fold_query(query[0], key.shape[1]), summaries) if len(summaries) else summaries[:, 0, 0]
+        scores = chunk_scores(fold_query(query, key.shape[1]), summaries) if len(summaries) else summaries[:, 0, 0]
         self.scores[layer] = scores.cpu()
         if self.probe:
             return key, value
@@ -301,14 +282,17 @@ class RetrievalContext:
         read = self._read(layer, chosen)
         for i in chosen:
             self._meta.setdefault(i, read[i])
-        p = self.prefix_len
         ks = [read[i].keys[layer].to(key.device, key.dtype).unsqueeze(0) for i in chosen]
         vs = [read[i].values[layer].to(value.device, value.dtype).unsqueeze(0) for i in chosen]
-        key = torch.cat([key[:, :, :p], *ks, key[:, :, p:]], dim=2)
-        value = torch.cat([value[:, :, :p], *vs, value[:, :, p:]], dim=2)
-        cache_layer = self.cache_layers[layer]
-        cache_layer.keys, cache_layer.values = key, value
-        return key, value
+        self._context[layer] = torch.cat([key, *ks], dim=2), torch.cat([value, *vs], dim=2)
+        return self._context[layer]
+
+    def end_probe(self) -> None:
+        """After the probe pass: each layer's budget from every layer's scores; the next pass chooses."""
+        layers = sorted(self.scores)
+        self.budgets = dict(zip(layers, self.retrieval.budgets([self.scores[l] for l in layers])))
+        self.scores = {}
+        self.probe = False
 
     def evidence(self) -> list[Evidence]:
         """The chunks any layer attended to, in temporal order, with their time range in the source video."""

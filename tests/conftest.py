@@ -9,6 +9,7 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU; must be set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import inspect  # noqa: E402
 import uuid  # noqa: E402
 
 import pytest  # noqa: E402
@@ -16,6 +17,29 @@ import pytest  # noqa: E402
 from statekv.models import ADAPTERS  # noqa: E402
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+# what in a test's own source starts another Python process (the `subprocess` marker)
+SPAWNS = ("subprocess.", "run_reporting_imports(", "sys.executable")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark tests by what they use, so that a developer's fast lane can leave them out (CI runs everything):
+    `s3` (the loopback S3 server, also the "s3" case of `store_root`), `ray` (the session's Ray cluster) and
+    `subprocess` (the test's body starts a Python process). The fast lane is in the README."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "s3_server" in names or params.get("store_root") == "s3":
+            item.add_marker(pytest.mark.s3)
+        if "ray_cluster" in names:
+            item.add_marker(pytest.mark.ray)
+        function = getattr(item, "function", None)
+        if function is not None:
+            try:
+                source = inspect.getsource(function)
+            except (OSError, TypeError):
+                continue
+            if any(s in source for s in SPAWNS):
+                item.add_marker(pytest.mark.subprocess)
 
 
 @pytest.fixture(scope="session")

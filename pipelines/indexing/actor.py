@@ -31,11 +31,9 @@ import numpy as np
 
 from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import fetch_file, fetch_member
-from pipelines.indexing.probe import cache_uri
 from pipelines.indexing.report import FETCH, REPORT_COLUMNS, STAGE_COLUMNS, STAGE_NAMES
 from statekv.errors import VideoNotFoundError
 from statekv.profiling import OTHER, StageTimer, measure_stages, stage
-from statekv.store import prefill_to_store
 from statekv.video import ClipSource, iter_frame_batches, open_video
 
 logger = logging.getLogger(__name__)
@@ -148,9 +146,6 @@ class IndexActor:
         import torch
 
         from statekv import Engine
-        from statekv.compression import make_compression
-        from statekv.policies import policy_from_size
-        from statekv.video import SamplingConfig
 
         self.config = config if isinstance(config, IndexConfig) else IndexConfig(**config)
         c = self.config
@@ -158,12 +153,9 @@ class IndexActor:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         for name in ("pipelines", "statekv"):
             logging.getLogger(name).setLevel(logging.INFO)
-        pixels = {k: v for k, v in (("min_pixels", c.min_pixels), ("max_pixels", c.max_pixels)) if v is not None}
-        self.engine = Engine.from_pretrained(
-            c.model, policy=policy_from_size(c.policy, c.capacity), device=c.device,
-            dtype=getattr(torch, c.dtype) if c.dtype else None, sampling=SamplingConfig(fps=c.fps, max_frames=c.max_frames, **pixels),
-            chunks_per_step=c.chunks_per_step, answer_from=c.answer_from, compression=make_compression(c.compression),
-            vision_batch_frames=c.vision_batch_frames)
+        self.engine = Engine.from_settings(c.model, c.prefill, device=c.device,
+                                           dtype=getattr(torch, c.dtype) if c.dtype else None)
+        self.store = c.cache_store()
         self._hook = _load_hook(c.video_hook) if c.video_hook else None
         logger.info("actor %d ready: %s on %s", os.getpid(), c.model, self.engine.device)
 
@@ -256,9 +248,9 @@ class IndexActor:
         mode = "overwrite" if c.overwrite else "skip"
         try:
             with peak_memory(self.engine.device) if c.track_memory else contextlib.nullcontext() as mem:
-                manifest = prefill_to_store(self.engine, source, cache_uri(c, video_id), mode=mode, int8=c.int8,
-                                            storage_options=c.storage_options, progress=progress,
-                                            writer_kwargs={"buffer_bytes": int(c.store_buffer_mib * 2**20)})
+                manifest = self.store.prefill(self.engine, source, video_id, mode=mode, int8=c.int8,
+                                              progress=progress,
+                                              writer_kwargs={"buffer_bytes": int(c.store_buffer_mib * 2**20)})
         finally:
             source.close()
         if manifest["skipped"]:  # committed after the probe looked (a retried or concurrent task)

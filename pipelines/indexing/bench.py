@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.indexing.config import IndexConfig
+from statekv.settings import PrefillSettings
 from pipelines.indexing.pipeline import run_index
 from pipelines.indexing.report import SHARE_NAMES
 
@@ -39,8 +40,9 @@ def run_bench(*, model: str | None = None, videos: int = 8, frames: int = 32, ac
         for n in actor_counts:
             for buffer in store_buffer_mib:
                 config = IndexConfig(input=str(src), output=str(root / f"out-{n}-{buffer}-{repeat}"), model=model,
-                                     actors=n, gpus_per_actor=gpus_per_actor, fps=4.0, min_pixels=28 * 28,
-                                     max_pixels=height * width, capacity=64, store_buffer_mib=buffer)
+                                     actors=n, gpus_per_actor=gpus_per_actor, store_buffer_mib=buffer,
+                                     prefill=PrefillSettings(fps=4.0, min_pixels=28 * 28, max_pixels=height * width,
+                                                             capacity=64))
                 start = time.perf_counter()
                 summary = run_index(config, address=address, echo=lambda s: None)
                 wall = time.perf_counter() - start

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from statekv.cache import check_answer_from
-from statekv.policies import POLICIES
+from statekv.settings import PrefillSettings
+from statekv.store.cache_store import CacheStore
 
 
 @dataclass
@@ -17,16 +17,7 @@ class IndexConfig:
     actors: int = 1  # model actors (one model each)
     gpus_per_actor: float = 0.0  # 0 runs CPU actors
     decode_cpus: float = 1.0  # CPUs reserved per actor: its decode thread (and, on CPU actors, the model)
-    policy: str = "statekv"  # one of statekv.policies.POLICIES
-    capacity: int = 4096  # carried tokens per layer and KV head (statekv, window; the budget of infinipot)
-    answer_from: str = "chunks"  # chunks: store every chunk's KV | state: only the bounded carried state
-    compression: dict[str, Any] | None = None  # write-time compression settings, e.g. {"name": "guided", "keep": 0.6}
-    fps: float = 2.0  # frames sampled per second of video
-    max_frames: int | None = None  # cap on sampled frames per video (None: no cap; a cap that lowers fps warns)
-    min_pixels: int | None = None  # per frame after resizing (default: SamplingConfig's)
-    max_pixels: int | None = None
-    chunks_per_step: int = 1  # temporal chunks per model call
-    vision_batch_frames: int = 16  # frames per vision-tower call, in whole steps (statekv's Engine default)
+    prefill: PrefillSettings = field(default_factory=PrefillSettings)  # policy, sampling, chunking (statekv.settings)
     int8: bool = False  # store K/V as int8 with scales
     overwrite: bool = False  # redo committed caches too (default: skip them)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec/s3fs options for input and output
@@ -55,9 +46,13 @@ class IndexConfig:
             raise ValueError(f"probe_threads must be >= 1, got {self.probe_threads}")
         if self.gpus_per_actor < 0 or self.decode_cpus <= 0:
             raise ValueError("gpus_per_actor must be >= 0 and decode_cpus > 0")
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; valid policies: {', '.join(POLICIES)}")
-        check_answer_from(self.answer_from, self.compression)
+        if isinstance(self.prefill, dict):  # from `to_dict` (how the config travels to the actors)
+            self.prefill = PrefillSettings(**self.prefill)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def cache_store(self) -> CacheStore:
+        """The output root's `CacheStore` (caches at `<output>/<video_id>`); made where it is used, never shipped
+        to an actor (its filesystem client belongs to the process that made it)."""
+        return CacheStore(self.output, storage_options=self.storage_options)

@@ -17,16 +17,11 @@ from typing import Any
 
 from pipelines.indexing.config import IndexConfig
 from pipelines.indexing.inputs import expand_shard
-from statekv.store import catalog, read_manifest
+from statekv.store.cache_store import CacheStore
 from statekv.store.errors import CacheCorruptError, CacheNotFoundError
 from statekv.store.fs import resolve
 
 logger = logging.getLogger(__name__)
-
-
-def cache_uri(config: IndexConfig, video_id: str) -> str:
-    """Where the cache of `video_id` lives: `<output>/<video_id>`."""
-    return f"{config.output.rstrip('/')}/{video_id}"
 
 
 def probe_inputs(rows: list[dict[str, Any]], config: IndexConfig) -> list[dict[str, Any]]:
@@ -35,9 +30,10 @@ def probe_inputs(rows: list[dict[str, Any]], config: IndexConfig) -> list[dict[s
     Returns the rows in input order; each has status "" (to index), "skipped" or "failed" (with `error`).
     """
     threads = max(1, min(config.probe_threads, len(rows) or 1))
+    store = config.cache_store()  # one client for every probe
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="statekv-probe") as pool:
         expanded = [r for rs in pool.map(lambda r: _expand(r, config), rows) for r in rs]
-        return list(pool.map(lambda r: probe_row(r, config), expanded))
+        return list(pool.map(lambda r: probe_row(r, config, store), expanded))
 
 
 def _expand(row: dict[str, Any], config: IndexConfig) -> list[dict[str, Any]]:
@@ -48,13 +44,13 @@ def _expand(row: dict[str, Any], config: IndexConfig) -> list[dict[str, Any]]:
         return [{**row, "member": "", "status": "failed", "error": f"{type(err).__name__}: {err}"}]
 
 
-def probe_row(row: dict[str, Any], config: IndexConfig) -> dict[str, Any]:
+def probe_row(row: dict[str, Any], config: IndexConfig, store: CacheStore | None = None) -> dict[str, Any]:
     """Cheap checks before a video takes an actor: missing or zero-length inputs fail, committed caches skip."""
     row = dict(row)
     if row["status"]:
         return row
     try:
-        if not config.overwrite and _committed(config, row["video_id"]):
+        if not config.overwrite and _committed(store or config.cache_store(), row["video_id"]):
             return {**row, "status": "skipped", "error": "committed cache exists"}
         size = row["size"] if row["member"] else _size(row["uri"], config)
     except FileNotFoundError:
@@ -67,14 +63,13 @@ def probe_row(row: dict[str, Any], config: IndexConfig) -> dict[str, Any]:
     return {**row, "size": size}
 
 
-def _committed(config: IndexConfig, video_id: str) -> bool:
+def _committed(store: CacheStore, video_id: str) -> bool:
     """A readable committed cache exists (a corrupt one is prefilled again, replacing it)."""
-    uri = cache_uri(config, video_id)
     try:
-        committed = read_manifest(uri, storage_options=config.storage_options)
+        committed = store.manifest(video_id)
     except (CacheNotFoundError, CacheCorruptError):
         return False
-    catalog.reconcile(uri, committed, storage_options=config.storage_options)  # a kill may have lost its entry
+    store.reconcile(video_id, committed)  # a kill may have lost its catalog entry
     return True
 
 

@@ -379,8 +379,8 @@ class QueryDeployment:
         batcher = self.service.batcher
         return {"lru": self.service.lru.stats(), "counters": dict(self.service.counters),
                 "device_cache": self.service.engine.device_caches.stats(),
-                "batching": None if batcher is None else {"steps": batcher.steps,
-                                                          "max_batch_seen": batcher.max_seen_batch}}
+                "batching": {"steps": batcher.steps, "max_batch": batcher.max_batch,
+                             "max_batch_seen": batcher.max_seen_batch}}
 
 
 def build_app(config: ServiceConfig | dict[str, Any]) -> serve.Application:

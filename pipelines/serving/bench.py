@@ -180,7 +180,7 @@ def run_benchmark(model: str, *, lengths: list[int], concurrency: list[int], req
                   transport: str = "serve", port: int | None = None,
                   batching: tuple[str, ...] = ("off", "on")) -> dict[str, Any]:
     """`batching`: the modes whose concurrency rows are measured in this run, one after the other ("off": the
-    replica answers its requests one by one in their own threads; "on": concurrent questions about a video are
+    replica's scheduler answers one question at a time; "on": concurrent questions about a video are
     decoded together, pipelines/serving/batching.py)."""
     import socket
 

@@ -17,8 +17,12 @@ Scopes: `ask`, `stream`, `describe` and `list_videos` take an API key's `Scope` 
 the videos it may read, and a video outside it is answered as one that does not exist, after the same store lookups
 (`_as_missing`), so that neither the answer nor its time tells whether it exists.
 
-Freshness: a cache kept in the LRU is revalidated against its manifest's identity (ETag on S3, mtime/inode
-locally: one HEAD, no read) at most every `revalidate_s` seconds, so a cache re-prefilled under the same id is
+Loading: a cold question reads the cache's manifest once and checks the model once (`CacheStore.load` with the
+service's model: a cache of another model is refused before any tensor is read), then the engine checks the
+cache's cursor and prefix once (`Engine.check_cache`); the manifest's version comes with that read.
+
+Freshness: a cache kept in the LRU is revalidated against its manifest's version (ETag on S3, the MD5 of the
+manifest locally: one HEAD on S3) at most every `revalidate_s` seconds, so a cache re-prefilled under the same id is
 served stale for at most that long: a request that arrives `revalidate_s` or more after the commit is answered from
 it (requests already answering keep the copy they started with; a store that cannot be reached leaves the kept copy
 answering); `revalidate_s=0` checks on every request.
@@ -29,6 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -52,11 +57,10 @@ from statekv.device_cache import DEFAULT_DEVICE_CACHE_BYTES
 from statekv.engine import Engine
 from statekv.errors import CacheLayoutError, ModelMismatchError
 from statekv.retrieval import Retrieval, Segments
-from statekv.store import CacheCorruptError, CacheNotFoundError, list_caches, load_cache, read_manifest
 from statekv.store import describe as store_describe
-from statekv.store import format as store_format
-from statekv.store.errors import CacheChangedError
-from statekv.store.fs import is_local, join, resolve
+from statekv.store.cache_store import CacheStore
+from statekv.store.errors import CacheChangedError, CacheCorruptError, CacheNotFoundError
+from statekv.store.fs import is_local
 from statekv.video_ids import is_valid_video_id, validate_video_id
 
 __all__ = ["BadRequest", "CacheLRU", "ClientGone", "Conflict", "NotFound", "PayloadTooLarge", "QueryService",
@@ -73,11 +77,14 @@ ABSENT_ID = "absent."
 
 @dataclass
 class _Loaded:
-    """An LRU entry: the cache and the identity of the manifest it was read under."""
+    """An LRU entry: the cache (its `committed.version` is the manifest version it was read under)."""
 
     cache: VideoKVCache
-    identity: Any
-    checked_at: float  # monotonic time its identity was asked for: the cache is known current as of then
+    checked_at: float  # monotonic time its version was asked for: the cache is known current as of then
+
+    @property
+    def version(self) -> str:
+        return self.cache.committed.version
 
 
 class QueryService:
@@ -107,16 +114,16 @@ class QueryService:
                                            max_question_chars=int(max_question_chars),
                                            max_question_tokens=self.max_question_tokens)
         self.lru = CacheLRU(lru_bytes)
-        self._fs_lock = threading.Lock()
-        self._fs: Any = None
+        self._store_lock = threading.Lock()
+        self._store: CacheStore | None = None
         self._counter_lock = threading.Lock()
         self.counters = {"vision_tower_calls": 0, "prefill_calls": 0, "store_loads": 0, "generated_tokens": 0,
                          "in_flight": 0, "cancelled": 0}
         self._count_calls(self.engine.adapter, "video_features", "vision_tower_calls")
         self._count_calls(self.engine, "prefill", "prefill_calls")
-        # concurrent non-streaming questions about one video decode together (batching.py); None: one by one
-        self.batcher = BatchScheduler(self.engine, max_batch=max_batch,
-                                      on_tokens=lambda n: self._count("generated_tokens", n)) if batching else None
+        # every question goes through the batch scheduler (batching.py); batching=False: one question at a time
+        self.batcher = BatchScheduler(self.engine, max_batch=max_batch if batching else 1,
+                                      on_tokens=lambda n: self._count("generated_tokens", n))
         self.storage = StorageProbe(self.check_storage)  # readiness: /readyz, /healthz's "degraded"
 
     @classmethod
@@ -188,20 +195,18 @@ class QueryService:
             return [self.root]
         return [self.root, "file://" + self.root]
 
-    def uri_of(self, video_id: str) -> str:
-        return f"{self.root}/{video_id}"
-
     def public_uri(self, video_id: str) -> str | None:
-        return None if self._local_root else self.uri_of(video_id)
+        return None if self._local_root else f"{self.root}/{video_id}"
 
     # --- the store ----------------------------------------------------------------------------------------------
 
-    def filesystem(self) -> tuple[Any, str]:
-        """(fsspec filesystem, root path) made once per service: manifest HEADs and listings reuse its client."""
-        with self._fs_lock:
-            if self._fs is None:
-                self._fs = self._store_call("the cache root", lambda: resolve(self.root, self.storage_options))
-            return self._fs
+    def store(self) -> CacheStore:
+        """The cache root's `CacheStore`, made once per service: every read reuses its client."""
+        with self._store_lock:
+            if self._store is None:
+                self._store = self._store_call("the cache root", lambda: CacheStore(
+                    self.root, storage_options=self.storage_options))
+            return self._store
 
     def _unavailable(self, what: str, err: BaseException) -> Unavailable:
         logger.warning("cache store unreachable (%s): %r", what, err)
@@ -226,9 +231,8 @@ class QueryService:
                               code="cache_changed", headers={"Retry-After": "0"}) from None
         except CacheLayoutError as err:
             raise Conflict(public_text(str(err)), code="cache_outdated") from None
-        except ModelMismatchError:
-            raise Conflict(f"the cache of {what} was made with another model; ask a service running the cache's "
-                           "model, or prefill the video again") from None
+        except ModelMismatchError as err:
+            raise _model_conflict(what, err) from None
         except PermissionError as err:
             logger.error("cache store refused access (%s): %s", what, err)
             raise ServiceError(f"the cache store refused access to {what}; the server log has the details",
@@ -247,35 +251,19 @@ class QueryService:
                            f"({type(err).__name__}); the operator must give the service the store's credentials",
                            headers={"Retry-After": str(self.retry_after_s)})
 
-    def manifest_identity(self, video_id: str) -> Any:
-        """What changes whenever the cache at `video_id` is committed again (one HEAD); None if it is gone.
-
-        S3 gives the manifest's ETag (an MD5 of content that holds its `created` time); a local manifest is
-        replaced by an atomic rename, so its inode and mtime change.
-        """
-        fs, root = self.filesystem()
-        path = join(root, video_id, store_format.MANIFEST)
-        try:
-            if not is_local(fs):
-                fs.invalidate_cache(path)
-            info = fs.info(path)
-        except FileNotFoundError:
-            return None
-        return tuple(info.get(k) for k in ("ETag", "LastModified", "mtime", "ino", "size"))
+    def manifest_version(self, video_id: str) -> str | None:
+        """The version of the committed manifest of `video_id` (one HEAD on S3); None if there is none. It changes
+        with every commit (S3: the ETag; locally: the MD5 of the manifest, which holds its `created` time)."""
+        return self.store().version(video_id)
 
     def _load(self, video_id: str, *, lazy: bool = False) -> tuple[_Loaded, int]:
-        uri = self.uri_of(video_id)
         what = f"video {video_id!r}"
-        checked = time.monotonic()  # the identity read next holds from here (see `get_cache`)
-        identity = self._store_call(what, lambda: self.manifest_identity(video_id))
-        fs, _ = self.filesystem()  # one client for every read (a new S3 client per call costs more than the read)
-        manifest = self._store_call(what, lambda: read_manifest(uri, filesystem=fs))
-        self._check_model(video_id, manifest)
+        checked = time.monotonic()  # the manifest read next holds from here (see `get_cache`)
+        store = self.store()
         self._count("store_loads")
-        cache = self._store_call(what, lambda: load_cache(
-            uri, lazy=lazy, filesystem=fs, expect_model=self.model_info))
+        cache = self._store_call(what, lambda: store.load(video_id, lazy=lazy, expect_model=self.model_info))
         self._store_call(what, lambda: self.engine.check_cache(cache))  # a lying cursor: cache_corrupt; never kept
-        loaded = _Loaded(cache, identity, checked)
+        loaded = _Loaded(cache, checked)
         if not lazy:
             return loaded, cache.nbytes
         key = RETRIEVAL_KEY.format(video_id)
@@ -296,26 +284,12 @@ class QueryService:
         self.lru.resize(key, loaded, held_nbytes(loaded.cache))
         return out
 
-    def _check_model(self, video_id: str, manifest: dict[str, Any]) -> None:
-        mine = self.model_info
-        try:
-            theirs = {k: str(manifest["model"][k]) for k in ("fingerprint", "name_or_path", "model_type")}
-        except (KeyError, TypeError):
-            raise ServiceError(f"the stored cache of video {video_id!r} is corrupt at manifest.json: no model "
-                               "record; re-prefill the video", code="cache_corrupt") from None
-        if theirs["fingerprint"] != mine.fingerprint:
-            raise Conflict(
-                f"the cache of video {video_id!r} was made with model {public_name(theirs['name_or_path'])!r} "
-                f"({theirs['model_type']}, fingerprint {theirs['fingerprint']}), but this service runs "
-                f"{public_name(mine.name_or_path)!r} ({mine.model_type}, fingerprint {mine.fingerprint}); ask a "
-                "service running that model, or prefill the video again with this one")
-
     def get_cache(self, video_id: str, *, lazy: bool = False) -> tuple[VideoKVCache, bool, float]:
         """(cache, LRU hit, seconds spent getting it); a kept cache whose manifest changed is loaded again.
 
         The freshness bound (module docstring): a request that arrives `revalidate_s` or more after a commit is
         answered from that commit or a later one, whatever else is in flight: an entry counts as current from the
-        moment its manifest's identity was *asked for* (not answered: a HEAD slowed by load that started before a
+        moment its manifest's version was *asked for* (not answered: a HEAD slowed by load that started before a
         commit must not vouch for the time after it), and a load this request joined is checked like a kept entry.
         `lazy`: the lazily held cache of retrieval requests (its own LRU entry, see the module docstring).
         """
@@ -338,11 +312,11 @@ class QueryService:
         """One HEAD: drop `kept` from the LRU if its cache was committed again, else mark it current."""
         checked = time.monotonic()  # before the HEAD: what it says holds from then on, not from its answer
         try:
-            identity = self.manifest_identity(video_id)
+            version = self.manifest_version(video_id)
         except Exception as err:  # noqa: BLE001 - the store is unreachable: the kept copy still answers
             logger.warning("cannot revalidate the cache of %r, serving the kept copy: %r", video_id, err)
             return
-        if identity != kept.identity:
+        if version != kept.version:
             logger.info("the cache of %r was committed again; reloading it", video_id)
             self.lru.discard(key, kept)
         else:
@@ -358,15 +332,13 @@ class QueryService:
         except ValidationError as err:
             raise Unprocessable(validation_message(err)) from None
 
-    def _as_missing(self, video_id: str, *, head: bool = True) -> None:
+    def _as_missing(self, video_id: str) -> None:
         """Answer exactly as for a video with no committed cache (NotFound, same message), after the same store
-        lookups, of an id that is never committed: for ids outside a key's scope. `head`: the lookups of a load (a
-        HEAD, then the manifest read); without it, those of `describe` (the manifest read only)."""
+        lookup (the manifest read a load and `describe` make first), of an id that is never committed: for ids
+        outside a key's scope."""
         what = f"video {video_id!r}"
-        if head:
-            self._store_call(what, lambda: self.manifest_identity(ABSENT_ID))
-        fs, _ = self.filesystem()
-        self._store_call(what, lambda: read_manifest(self.uri_of(ABSENT_ID), filesystem=fs))
+        store = self.store()
+        self._store_call(what, lambda: store.manifest(ABSENT_ID))
         raise _missing(what)
 
     def _prepare(self, fields: dict[str, Any], scope: Scope | None = None):
@@ -400,87 +372,61 @@ class QueryService:
             raise Conflict(f"the cache of video {vid!r} records no scene boundaries for segment retrieval; use "
                            "top_k, or prefill the video again", code="retrieval_unsupported")
 
-    def _generate(self, req, cache: VideoKVCache, evidence: list[Any] | None = None) -> Iterator[Any]:
-        """The engine's token events, counted (so a test can see work stop); with retrieval the chunks chosen
-        are appended to `evidence` before the first event."""
+    def _request(self, req) -> AnswerRequest:
+        """The engine's request for a validated one (its retrieval setting, if any)."""
         retrieval = req.retrieval.setting() if req.retrieval is not None else None
-        for event in self.engine.stream(cache, req.question, max_new_tokens=req.max_new_tokens,
-                                        temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                                        retrieval=retrieval, evidence=evidence):
-            self._count("generated_tokens")
-            yield event
+        return AnswerRequest(req.question, req.max_new_tokens, req.temperature, req.top_p, req.seed,
+                             retrieval=retrieval)
 
     def ask(self, *, cancelled: Callable[[], bool] | None = None, scope: Scope | None = None,
             **fields: Any) -> dict[str, Any]:
         """Answer a question about a stored video; the response body of POST /v1/ask.
 
-        `fields` are the request's (video_id or cache_uri, question, max_new_tokens, temperature, top_p, seed).
-        `cancelled` is polled between tokens: once it returns True the work stops and ClientGone is raised.
+        `fields` are the request's (video_id or cache_uri, question, max_new_tokens, temperature, top_p, seed,
+        retrieval). The question is answered by the batch scheduler, with the other questions in flight.
+        `cancelled` is polled between steps: once it returns True the work stops and ClientGone is raised.
         `scope` (an API key's): a video outside it is answered as one that does not exist.
         """
         fields.pop("stream", None)
         req, vid, cache, hit, load_s, prompt_len = self._prepare(fields, scope)
-        evidence = [] if req.retrieval is not None else None
         self._count("in_flight")
         try:
-            if self.batcher is not None and getattr(req, "retrieval", None) is None:  # retrieval: one by one
-                return self._ask_batched(req, vid, cache, hit, load_s, prompt_len, cancelled)
-            start = time.perf_counter()
-            first = 0.0
-            ids: list[int] = []
-            for event in self._generate(req, cache, evidence):
-                if not ids:
-                    first = time.perf_counter() - start
-                ids.append(event.token_id)
-                if cancelled is not None and cancelled():
-                    self._count("cancelled")
-                    raise ClientGone(f"the client of a question about {vid!r} left after {len(ids)} tokens")
-            text = self.engine.adapter.tokenizer.decode(ids, skip_special_tokens=True)
-            finish = "eos" if ids and ids[-1] in self.engine.adapter.eos_token_ids else "length"
-            return self._result(vid, cache, hit, text, ids, prompt_len, finish, load_s, first,
-                                time.perf_counter() - start, evidence)
-        finally:
-            self._count("in_flight", -1)
-
-    def _ask_batched(self, req, vid: str, cache: VideoKVCache, hit: bool, load_s: float, prompt_len: int,
-                     cancelled: Callable[[], bool] | None) -> dict[str, Any]:
-        """`ask` through the batch scheduler: decoded together with the other questions about this video."""
-        request = AnswerRequest(req.question, req.max_new_tokens, req.temperature, req.top_p, req.seed)
-        try:
             answer = self._store_call(f"video {vid!r}", lambda: self.batcher.answer(
-                cache, request, cancelled=cancelled, label=vid))
+                cache, self._request(req), cancelled=cancelled, label=vid))
         except ClientGone:
             self._count("cancelled")
             raise
+        finally:
+            self._count("in_flight", -1)
         return self._result(vid, cache, hit, answer.text, answer.token_ids, prompt_len, answer.finish_reason, load_s,
-                            answer.first_token_s, answer.total_s)
+                            answer.first_token_s, answer.total_s, answer.evidence)
 
     def stream(self, *, scope: Scope | None = None, **fields: Any) -> Iterator[dict[str, Any]]:
-        """Validate and load now (errors raise here), then return the events: one per token, a final "done".
+        """Validate and load now (errors raise here), then return the events: one per token as the batch scheduler
+        reads it back, a final "done".
 
-        A failure after the first token ends the events with an "error" event (the status is already sent).
+        A failure after the first token ends the events with an "error" event (the status is already sent). Closing
+        the events (the client left) cancels the question; they return once it has left the batch.
         """
         fields.pop("stream", None)
         req, vid, cache, hit, load_s, prompt_len = self._prepare(fields, scope)
-        eos = self.engine.adapter.eos_token_ids
-        evidence = [] if req.retrieval is not None else None
+        request = self._request(req)
 
         def events() -> Iterator[dict[str, Any]]:
             self._count("in_flight")
+            gone = threading.Event()
+            pieces: queue.SimpleQueue = queue.SimpleQueue()  # lists of token events, then None once settled
+            future = None
             try:
-                start = time.perf_counter()
-                first = 0.0
-                ids: list[int] = []
-                text = ""
-                for event in self._generate(req, cache, evidence):
-                    if not ids:
-                        first = time.perf_counter() - start
-                    ids.append(event.token_id)
-                    text += event.text
-                    yield {"type": "token", "text": event.text, "token_id": event.token_id}
-                finish = "eos" if ids and ids[-1] in eos else "length"
-                final = self._result(vid, cache, hit, text, ids, prompt_len, finish, load_s, first,
-                                     time.perf_counter() - start, evidence)
+                future = self.batcher.submit(cache, request, cancelled=gone.is_set, label=vid, on_events=pieces.put)
+                future.add_done_callback(lambda _: pieces.put(None))
+                while (batch := pieces.get()) is not None:
+                    for event in batch:
+                        yield {"type": "token", "text": event.text, "token_id": event.token_id}
+                answer = self._store_call(f"video {vid!r}", future.result)
+                final = self._result(vid, cache, hit, answer.text, answer.token_ids, prompt_len,
+                                     answer.finish_reason, load_s, answer.first_token_s, answer.total_s,
+                                     answer.evidence)
                 yield {"type": "done", **final}
             except Exception as err:  # noqa: BLE001 - the stream must end with an event, never be cut
                 logger.exception("answer stream for %r failed", vid)
@@ -488,6 +434,9 @@ class QueryService:
                     "internal error while answering; the server log has the details")
                 yield {"type": "error", **error.body()}
             finally:
+                gone.set()  # a client that left: its question leaves the batch at the next step
+                if future is not None and isinstance(future.exception(), ClientGone):
+                    self._count("cancelled")
                 self._count("in_flight", -1)
 
         return events()
@@ -511,8 +460,7 @@ class QueryService:
         """(servable caches, invalid ones with the reason) under the root, by video id, from the store's listing:
         its catalog (a few reads, whatever the number of caches; see statekv/store/catalog.py) or, for a root
         without one, a scan that reports invalid manifests instead of failing."""
-        fs, _ = self.filesystem()
-        listing = list_caches(self.root, filesystem=fs)
+        listing = self.store().list()
         videos, invalid = [], []
         for e in listing:
             if scope is not None and not scope.allows(e.video_id):
@@ -546,10 +494,10 @@ class QueryService:
         a video outside `scope` is answered as one that does not exist."""
         vid = self.check_video_id(video_id)
         if scope is not None and not scope.allows(vid):
-            self._as_missing(vid, head=False)
+            self._as_missing(vid)
         what = f"video {vid!r}"
-        fs, _ = self.filesystem()
-        m = self._store_call(what, lambda: read_manifest(self.uri_of(vid), filesystem=fs))
+        store = self.store()
+        m = self._store_call(what, lambda: store.manifest(vid))
         try:
             return describe_manifest(self.public_uri(vid) or vid, m, self.model_info,
                                      public_uri=self.public_uri(vid))
@@ -574,7 +522,8 @@ class QueryService:
     def check_storage(self) -> None:
         """Raise the ServiceError a request would get if the cache root cannot be read now (one HEAD / listing of
         at most one key); a root with nothing committed yet is readable."""
-        fs, root = self.filesystem()
+        store = self.store()
+        fs, root = store.fs, store.path
 
         def probe() -> None:
             if not is_local(fs):
@@ -596,6 +545,18 @@ def _missing(what: str) -> NotFound:
     """The one answer for a video with no committed cache (and for one outside the asking key's scope)."""
     return NotFound(f"no committed cache for {what}; list them with GET /v1/videos or index the video first "
                     "(statekv prefill / statekv index)")
+
+
+def _model_conflict(what: str, err: ModelMismatchError) -> Conflict:
+    """409 for a cache made by another model, naming both models without host paths."""
+    theirs, mine = err.cache_model, err.engine_model
+    if theirs is None or mine is None:  # another prefill setting, not another model
+        return Conflict(f"the cache of {what} was made with another model or setting ({public_text(str(err))}); "
+                        "ask a service running the cache's model, or prefill the video again")
+    return Conflict(f"the cache of {what} was made with model {public_name(theirs.name_or_path)!r} "
+                    f"({theirs.model_type}, fingerprint {theirs.fingerprint}), but this service runs "
+                    f"{public_name(mine.name_or_path)!r} ({mine.model_type}, fingerprint {mine.fingerprint}); ask a "
+                    "service running that model, or prefill the video again")
 
 
 def _normalise_root(root: str | os.PathLike) -> str:

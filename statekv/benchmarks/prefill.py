@@ -47,6 +47,7 @@ from statekv.engine import Engine
 from statekv.policies import Full, Policy, StateKV, Window
 from statekv.profiling import count_flops, peak_memory
 from statekv.testing.checkpoints import INITS, save_tiny_checkpoint
+from statekv.testing.reference_inputs import reference_inputs
 from statekv.testing.videos import synthetic_frames
 from statekv.video import SamplingConfig
 
@@ -162,7 +163,7 @@ def plain_model(path: str | Path, model_class: type, *, device: torch.device, dt
 def one_shot_inputs(adapter: Any, frames: np.ndarray, frame_size: tuple[int, int], tokens: int) -> dict[str, Any]:
     """The plain model's inputs for the first `tokens` tokens of the processor's sequence (prefix + video: the
     question is cut off)."""
-    inputs = adapter.reference_inputs(frames, "?", "prefix-first", frame_size, FPS)
+    inputs = reference_inputs(adapter, frames, "?", "prefix-first", frame_size, FPS)
     length = inputs["input_ids"].shape[1]
     return {k: v[:, :tokens] if torch.is_tensor(v) and v.shape == (1, length) else v for k, v in inputs.items()}
 

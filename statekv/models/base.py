@@ -40,12 +40,6 @@ The engine (statekv/engine.py) is family-free. It asks the adapter of the loaded
                                            fixed cost is paid once per batch of steps, not once per step. Equal
                                            to encoding each step alone (within float rounding) because in every
                                            family's tower frames never attend to each other
-    reference_inputs(frames, question, layout, frame_size, sampled_fps)
-                                           the plain transformers model's inputs for the same sequence
-                                           (input_ids with the family's placeholder tokens, pixel values, grids,
-                                           mm_token_type_ids ... as its processor lays them out): used by
-                                           statekv.testing.reference to check the adapter against ONE forward
-                                           of the model with the model computing its own positions
 
 plus class attributes `model_type` (the checkpoint's config.model_type: the registry key), `model_class` (its
 transformers class), `frames_per_chunk`, `position_rows` and `layout_version` (bump it whenever the token sequence
@@ -73,8 +67,10 @@ How to add a family (one file + one registry entry):
    tokenizer carrying the family's special tokens and real chat template, and a preprocessor config), then call
    `statekv.testing.reference.check_against_transformers(path, frames, fps=..., layout=...)`: it prefills with
    `Full()`, answers, and compares per-chunk K/V, the answer logits at every generated step and the greedy
-   tokens with one forward of the plain transformers model over `reference_inputs(...)`. The engine's generic
-   tests (resume bit-exactness, prefill-config refusal, store round trips) are parametrised over `ADAPTERS`.
+   tokens with one forward of the plain transformers model over the family's own processor inputs (add the
+   family's builder to statekv/testing/reference_inputs.py: the test side, not part of this contract). The
+   engine's generic tests (resume bit-exactness, prefill-config refusal, store round trips) are parametrised over
+   `ADAPTERS`.
 """
 
 from __future__ import annotations
@@ -276,10 +272,6 @@ class VideoLMAdapter:
         raise NotImplementedError
 
     def video_features(self, frames: np.ndarray, frame_size: tuple[int, int]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
-                         sampled_fps: float) -> dict[str, Any]:
         raise NotImplementedError
 
     # --- shared by every family ---------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import InternVLForConditionalGeneration, InternVLProcessor
 
@@ -89,9 +88,3 @@ class InternVLAdapter(SingleFrameAdapter):
 
     # --- the plain model's inputs ------------------------------------------------------------------------
 
-    def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
-                         sampled_fps: float) -> dict[str, Any]:
-        """As InternVLProcessor gives them: the video's frames become `pixel_values` (T, 3, h, w)."""
-        input_ids = torch.tensor([self.sequence_ids(question, layout, len(frames))], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                "pixel_values": self.preprocess(frames)}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 
@@ -66,9 +65,3 @@ class LlavaOnevisionAdapter(SingleFrameAdapter):
 
     # --- the plain model's inputs ------------------------------------------------------------------------
 
-    def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
-                         sampled_fps: float) -> dict[str, Any]:
-        """As LlavaOnevisionProcessor gives them: `pixel_values_videos` (1, T, 3, h, w)."""
-        input_ids = torch.tensor([self.sequence_ids(question, layout, len(frames))], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                "pixel_values_videos": self.preprocess(frames)[None]}

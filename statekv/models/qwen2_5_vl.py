@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
@@ -20,9 +17,3 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
         # as get_rope_index: tokens_per_second (int) * second_per_grid_ts (the processor's float32 tensor)
         return self.config.vision_config.tokens_per_second * torch.tensor(second_per_grid_t, dtype=torch.float32)
 
-    def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
-                         sampled_fps: float) -> dict[str, Any]:
-        inputs = super().reference_inputs(frames, question, layout, frame_size, sampled_fps)
-        spgt = self.vision.temporal_patch_size / sampled_fps  # Qwen2_5_VLProcessor: temporal_patch_size / fps
-        inputs["second_per_grid_ts"] = torch.tensor([spgt], dtype=torch.float32)
-        return inputs

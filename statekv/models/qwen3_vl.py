@@ -262,20 +262,6 @@ class Qwen3VLAdapter(VideoLMAdapter):
         return AnswerInputs(prompt_ids=ids, embeds=self.embed(ids), position_ids=self.text_positions(start, len(ids)),
                             next_position=start + len(ids))
 
-    # --- the plain model's inputs for the same sequence --------------------------------------------------------
-
-    def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
-                         sampled_fps: float) -> dict[str, Any]:
-        """What transformers' own `Qwen3VLProcessor` gives for these frames at `frame_size` (frames taken as
-        sampled at `sampled_fps`; see statekv.testing.qwen3_vl_reference)."""
-        from statekv.testing.qwen3_vl_reference import load_reference_processor, processor_inputs
-
-        processor = load_reference_processor(self.name_or_path)
-        return processor_inputs(processor, frames, list(range(len(frames))), sampled_fps, question, layout=layout,
-                                frame_size=tuple(frame_size),
-                                template_kwargs=self.template_kwargs()).as_model_inputs()
-
-
 class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     """Qwen3-VL-MoE (e.g. Qwen3-VL-30B-A3B): the same processor, vision tower, positions and DeepStack; only the
     text layers' MLPs are mixtures of experts, which changes nothing the engine sees."""

@@ -201,18 +201,3 @@ class QwenVLAdapter(VideoLMAdapter):
 
     # --- the plain model's inputs for the same sequence --------------------------------------------------------
 
-    def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
-                         sampled_fps: float) -> dict[str, Any]:
-        """As the installed processor lays a video out (`replace_video_token` for the video's grid, put into the
-        template by `get_text_with_replacements`)."""
-        pre = self._pixels(frames, frame_size)
-        video = self.processor.replace_video_token({"video_grid_thw": torch.tensor([pre.grid_thw])}, 0)
-        if layout == "prefix-first":
-            before, after = self.split_template(question)
-            ids = before + self.text_ids(video) + after
-        else:
-            ids = self.prefix_ids(layout).tolist() + self.text_ids(video) + self.question_ids(question, layout).tolist()
-        input_ids = torch.tensor([ids], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                "pixel_values_videos": pre.pixel_values, "video_grid_thw": torch.tensor([pre.grid_thw]),
-                "mm_token_type_ids": (input_ids == self.video_token_id).long() * 2}

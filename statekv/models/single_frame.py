@@ -305,7 +305,3 @@ class SingleFrameAdapter(VideoLMAdapter):
             before, after = around_video(self.processor, text)  # as the processor puts the video in
             return self.text_ids(before + video + after)
         return self.prefix_ids(layout).tolist() + self.text_ids(video) + self.question_ids(question, layout).tolist()
-
-    def reference_inputs(self, frames: np.ndarray, question: str, layout: str, frame_size: tuple[int, int],
-                         sampled_fps: float) -> dict[str, Any]:
-        raise NotImplementedError

@@ -2,7 +2,7 @@
 retrieval or answer source) and optionally the plain transformers model over the processor's own sequence.
 
 The engine answers from its cache; the reference runs `generate` of the checkpoint's own class on
-`adapter.reference_inputs` (the sequence the family's processor lays out). With `Full()` the two must agree:
+`statekv.testing.reference_inputs` (the sequence the family's processor lays out). With `Full()` the two must agree:
 that is what makes the proxy's accuracy a property of the model, and every other method's accuracy a property of
 the method.
 """
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from statekv.proxy.task import QUESTION_TYPES, ProxyVideo, held_out_seed, make_video
+from statekv.testing.reference_inputs import reference_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def reference_answer(model: Any, adapter: Any, video: ProxyVideo, question: str,
                      layout: str = "prefix-first", max_new_tokens: int = MAX_NEW_TOKENS) -> str:
     """The plain transformers model's greedy answer over the processor's sequence for `video` (at `frame_size`,
     the engine's) and `question`."""
-    inputs = adapter.reference_inputs(video.frames, question, layout, tuple(frame_size), video.fps)
+    inputs = reference_inputs(adapter, video.frames, question, layout, tuple(frame_size), video.fps)
     if hasattr(model.model, "rope_deltas"):
         model.model.rope_deltas = None  # positions from these input_ids, not a last call's
     eos = adapter.tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -1,77 +1,44 @@
 """Cache store: a `VideoKVCache` as Parquet objects + a manifest under `<root>/<video_id>/` (local or S3).
 
-    with CacheWriter("s3://bucket/caches/vid1") as w:
-        cache = engine.prefill(video, sink=w.write_chunk, keep_chunks=False)
-        w.commit(cache)
-    cache = load_cache("s3://bucket/caches/vid1")          # lazy: chunks read on first access
+The front door is `CacheStore` (statekv/store/cache_store.py), one per cache root:
+
+    store = CacheStore("s3://bucket/caches")
+    store.prefill(engine, "s3://bucket/videos/vid1.mp4", "vid1")   # chunks streamed to the store, none kept
+    cache = store.load("vid1")                                       # lazy: chunks read on first access
+    store.version("vid1"), store.manifest("vid1"), store.list()
 
 Bytes move through fsspec (`fs`, which also makes commits single-winner), tensors are (de)serialised in
-`serde`; the layout is in `format`, the manifest's schema, checksum and consistency rules in `manifest`, the
-root's listing index in `catalog`, the error classes (and which are retryable) in `errors`; see
-docs/cache-format.md.
+`serde`; the layout is in `format`, the manifest's schema, checks and reading in `manifest`, the root's listing
+(and its index) in `catalog`, a cache <-> manifest mapping in `convert`, the error classes (and which are
+retryable) in `errors`; see docs/cache-format.md.
+
+The names below are imported on first use (PEP 562): the manifest, the catalog and `CacheStore` itself import
+no tensor library, so a command that only checks what is committed (a rerun of `statekv prefill`) never imports
+torch; loading and writing caches does.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from typing import Any
+from statekv._lazy import lazy_attributes
 
-from statekv.store import catalog, serde
-from statekv.store.errors import (CacheChangedError, CacheCorruptError, CacheNotFoundError, CacheStoreError,
-                                  CacheUnavailableError, CacheVersionError, ConcurrentWriteError)
-from statekv.store.fs import StorageOptions
-from statekv.store.catalog import list_caches
-from statekv.store.reader import (CacheEntry, CacheListing, InvalidCache, LazyChunks, load_cache, load_summary_keys,
-                                  manifest_version, read_manifest)
-from statekv.store.writer import CacheWriter, footage_identity, same_footage, save_cache, sweep
+_EXPORTS = {  # public name -> the module that defines it
+    "CacheStore": "statekv.store.cache_store",
+    "CacheChangedError": "statekv.store.errors", "CacheCorruptError": "statekv.store.errors",
+    "CacheNotFoundError": "statekv.store.errors", "CacheStoreError": "statekv.store.errors",
+    "CacheUnavailableError": "statekv.store.errors", "CacheVersionError": "statekv.store.errors",
+    "ConcurrentWriteError": "statekv.store.errors",
+    "StorageOptions": "statekv.store.fs",
+    "CacheEntry": "statekv.store.catalog", "CacheListing": "statekv.store.catalog",
+    "InvalidCache": "statekv.store.catalog", "list_caches": "statekv.store.catalog",
+    "manifest_version": "statekv.store.manifest", "read_manifest": "statekv.store.manifest",
+    "LazyChunks": "statekv.store.reader", "load_cache": "statekv.store.reader",
+    "load_summary_keys": "statekv.store.reader",
+    "CacheWriter": "statekv.store.writer", "footage_identity": "statekv.store.writer",
+    "same_footage": "statekv.store.writer", "save_cache": "statekv.store.writer", "sweep": "statekv.store.writer",
+    "prefill_to_store": "statekv.store.prefill",
+}
 
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "CacheChangedError", "CacheCorruptError", "CacheEntry", "CacheListing", "CacheNotFoundError", "CacheStoreError",
-    "CacheUnavailableError", "CacheVersionError", "CacheWriter", "ConcurrentWriteError", "InvalidCache", "LazyChunks",
-    "StorageOptions", "catalog", "footage_identity", "list_caches", "load_cache", "load_summary_keys",
-    "manifest_version", "prefill_to_store", "read_manifest", "save_cache", "sweep",
-]
+__all__ = sorted([*_EXPORTS, "catalog"])
 
 
-def prefill_to_store(engine, video, uri: str | os.PathLike, *, mode: str = "overwrite", int8: bool = False,
-                     resume: bool = False, storage_options: Any = None, filesystem: Any = None,
-                     writer_kwargs: dict[str, Any] | None = None, **prefill_kwargs: Any) -> dict[str, Any]:
-    """Prefill `video` straight into the store at `uri` (chunks streamed, none kept); returns the manifest.
-
-    mode "skip" returns the committed manifest without prefilling. `resume=True` continues the committed cache's
-    video with `video` (its carried state) and appends the new chunks; resuming with footage the cache already
-    holds (same content and sampling, per the manifest's `appends`) is a no-op. The manifest's `skipped` key
-    says whether this call wrote anything, `message` why not.
-    """
-    writer_kwargs = dict(writer_kwargs or {})
-    # the video is stat-ed (size, etag) with the options it is read with, else the store's
-    source_options = prefill_kwargs.get("storage_options") or storage_options
-    writer_kwargs.setdefault("source_storage_options", source_options)
-    footage = footage_identity(video, source_options, sampling=getattr(engine, "sampling", None),
-                               fps=prefill_kwargs.get("fps"))
-    if resume:
-        committed = read_manifest(uri, storage_options=storage_options, filesystem=filesystem)
-        for seg in committed.get("appends", []):
-            if same_footage(seg.get("footage"), footage):
-                a, b = seg["chunks"]
-                message = (f"the cache {os.fspath(uri)!r} already holds this footage (chunks [{a}, {b}), committed "
-                           f"{committed['created']}): nothing appended")
-                logger.info("%s", message)
-                return {**committed, "skipped": True, "message": message}
-        base = load_cache(uri, storage_options=storage_options, filesystem=filesystem,
-                          expect_model=engine.model_info())
-        # bound to the commit the resumed state came from: a re-prefill since then refuses the append
-        writer = CacheWriter(uri, mode="append", storage_options=storage_options, filesystem=filesystem,
-                             base_version=base.manifest_version, **writer_kwargs)
-        prefill_kwargs["resume_from"] = base
-    else:
-        writer = CacheWriter(uri, mode=mode, int8=int8, storage_options=storage_options, filesystem=filesystem,
-                             **writer_kwargs)
-    with writer:
-        if writer.skipped:
-            return {**writer.existing, "skipped": True, "message": "a committed cache exists (mode skip)"}
-        cache = engine.prefill(video, sink=writer.write_chunk, keep_chunks=False, **prefill_kwargs)
-        return {**writer.commit(cache, footage=footage), "skipped": False}
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _EXPORTS)

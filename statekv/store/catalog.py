@@ -24,16 +24,22 @@ import json
 import logging
 import os
 import uuid
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from statekv.store import format as F
+from statekv.store.errors import CacheCorruptError, CacheNotFoundError
 from statekv.store.fs import (TRANSPORT_ERRORS, NotRegularFileError, ObjectTooLargeError, StorageOptionsLike,
                               is_local, join, put_atomic, put_if_version, read_versioned, resolve)
-from statekv.store.reader import CacheEntry, CacheListing, InvalidCache, scan
+from statekv.store.manifest import read_committed
+
+if TYPE_CHECKING:
+    from statekv.cache import ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +61,77 @@ SCHEMA = pa.schema([
 ])
 _FAILURES = (OSError, *TRANSPORT_ERRORS)
 
+
+
+@dataclass
+class CacheEntry:
+    """One committed cache found by `list_caches`."""
+
+    video_id: str
+    uri: str
+    chunks: int
+    tokens: int
+    bytes: int
+    storage: str
+    created: str
+    fingerprint: str
+    checksum: str = ""  # the manifest's content checksum: changes with every commit
+    layout_version: int = 1  # the family's token layout it was built on (ModelInfo.layout_version)
+
+    @classmethod
+    def from_manifest(cls, root: str, video_id: str, m: dict[str, Any]) -> "CacheEntry":
+        return cls(video_id, f"{root}/{video_id}", m["totals"]["chunks"], m["totals"]["tokens"], m["totals"]["bytes"],
+                   m["storage"], m["created"], m["model"]["fingerprint"], m["checksum"],
+                   m["model"].get("layout_version", 1))
+
+    def serves(self, model: ModelInfo) -> bool:
+        """Whether `model` can answer from this cache (same model, same token layout; see ModelInfo.check_serves)."""
+        return self.fingerprint == model.fingerprint and self.layout_version == model.layout_version
+
+
+@dataclass
+class InvalidCache:
+    """A cache folder whose manifest could not be used (skipped by `list_caches`): `reason` says why."""
+
+    video_id: str
+    uri: str
+    reason: str
+
+
+class CacheListing(list):
+    """`list_caches`' result: the valid caches (a list of CacheEntry) plus `invalid`, those skipped and why."""
+
+    def __init__(self, entries: Iterable[CacheEntry] = (), invalid: Iterable[InvalidCache] = ()) -> None:
+        super().__init__(entries)
+        self.invalid: list[InvalidCache] = list(invalid)
+
+
+def scan(fs: fsspec.AbstractFileSystem, path: str, root: str) -> CacheListing:
+    """Read every manifest under `root` (the catalog-less listing); invalid ones are reported, not raised."""
+    if not is_local(fs):
+        fs.invalidate_cache()
+    out, invalid = [], []
+    found_all = fs.glob(join(path, "*", F.MANIFEST), detail=True)  # the listing gives type and size for free
+    for found, info in sorted(found_all.items()):
+        vpath = fs._strip_protocol(found).rsplit("/", 1)[0]
+        video_id = vpath.rsplit("/", 1)[-1]
+        uri = f"{root}/{video_id}"
+        if info.get("type") != "file" or (info.get("size") or 0) > F.MANIFEST_MAX_BYTES:
+            err = CacheCorruptError(video_id, F.MANIFEST, f"not a manifest file ({info.get('type')}, "
+                                    f"{info.get('size')} bytes; at most {F.MANIFEST_MAX_BYTES})")
+            logger.warning("skipping cache %s: %s", uri, err)
+            invalid.append(InvalidCache(video_id, uri, str(err)))
+            continue
+        try:
+            m, _ = read_committed(fs, vpath, uri)
+        except CacheNotFoundError:  # deleted between listing and reading
+            continue
+        except CacheCorruptError as err:
+            logger.warning("skipping cache %s: %s", uri, err)
+            invalid.append(InvalidCache(video_id, uri, str(err)))
+            continue
+        out.append(CacheEntry.from_manifest(root, video_id, m))
+    return CacheListing(out, invalid)
 
 def entry_of(manifest: dict[str, Any]) -> dict[str, Any]:
     """The catalog row of a committed manifest."""

@@ -1,7 +1,9 @@
 """The on-disk format: object names, Parquet schemas, the manifest and its checks (see docs/cache-format.md).
 
-Both the writer and the reader use this module (and never each other): schemas, the chunk-metadata CRC, reading
-and version-checking a manifest, and the mapping between a `VideoKVCache` and its manifest keys.
+Both the writer and the reader use this module (and never each other): schemas, the cell CRCs, parsing and
+version-checking a manifest. It imports no tensor library, so listing and checking manifests (the catalog, a
+command's "already committed" check) stay free of torch; the mapping between a `VideoKVCache` and its manifest
+keys is in `convert`.
 
     <root>/<video_id>/manifest.json                       written last: the commit marker
     <root>/<video_id>/parts-<attempt>/prefix.parquet      1 row: prefix token ids + per-layer K/V
@@ -17,15 +19,13 @@ state exist for the attention layers only; the linear layers' states are in recu
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from statekv.cache import ModelInfo, PrefillConfig, VideoInfo, VideoKVCache
-from statekv.store import serde
-from statekv.store.errors import CacheCorruptError, CacheNotFoundError, CacheVersionError
-from statekv.store.fs import join
+from statekv.store.errors import CacheCorruptError, CacheVersionError
 
 FORMAT = "statekv-cache"
 FORMAT_VERSION = 2  # bump on any incompatible change; readers refuse versions they do not know
@@ -40,6 +40,15 @@ LAYER_TYPES = ("full_attention", "linear_attention")
 MAX_LAYERS, MAX_KV_HEADS, MAX_HEAD_DIM, MAX_POSITION_ROWS = 1024, 1024, 8192, 16
 # Positions a chunk may hold: RoPE positions of any model fit far below this; 10^15 does not (checked on read)
 MAX_POSITION = 1 << 40
+
+
+def crc32(*parts: bytes | None) -> int:
+    """CRC-32 of the concatenated parts (None parts are skipped)."""
+    value = 0
+    for p in parts:
+        if p is not None:
+            value = zlib.crc32(p, value)
+    return value
 
 
 def layer_tag(layer: int) -> str:
@@ -160,7 +169,7 @@ RECURRENT_SCHEMA = pa.schema([
 def recurrent_crc(row: dict[str, Any]) -> int:
     head = json.dumps([row["layer"], row["after"], list(row["conv_shape"]), row["conv_dtype"],
                        list(row["recurrent_shape"]), row["recurrent_dtype"]]).encode()
-    return serde.crc32(head, row["conv"], row["recurrent"])
+    return crc32(head, row["conv"], row["recurrent"])
 
 
 def parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
@@ -207,7 +216,7 @@ def meta_crc(row: dict[str, Any]) -> int:
     """CRC-32 of a chunk row's non-tensor fields (index, frames, times, token count, positions)."""
     head = json.dumps([row["chunk_index"], row["frame_start"], row["frame_end"], list(row["source_frames"]),
                        [float(t) for t in row["timestamps"]], row["num_tokens"]]).encode()
-    return serde.crc32(head, row["position_ids"])
+    return crc32(head, row["position_ids"])
 
 
 def parse_manifest(data: bytes, video_id: str) -> dict[str, Any]:
@@ -238,61 +247,3 @@ def check_format_version(manifest: dict[str, Any], video_id: str) -> None:
         else:
             reason = f"format version {version!r}; this statekv reads version {FORMAT_VERSION}"
         raise CacheVersionError(video_id, reason)
-
-
-# --- the manifest's description of a cache (written by the writer, read by the reader) ---------------------------
-
-
-def describe_cache(cache: VideoKVCache, position_rows: int | None) -> dict[str, Any]:
-    """The manifest keys that describe a `VideoKVCache` (everything but files, totals and commit metadata).
-
-    Generic keys only; the family's own bookkeeping is the adapter's opaque cursor under "family" (the one
-    family-specific place in the manifest).
-    """
-    m, v = cache.model, cache.video
-    return {
-        "model": {"name_or_path": m.name_or_path, "model_type": m.model_type, "fingerprint": m.fingerprint,
-                  "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
-                  "linear_layers": list(m.linear_layers), "layout_version": m.layout_version,
-                  "transformers_version": m.transformers_version},
-        "dtype": serde.dtype_name(cache.dtype),
-        "layout": {"num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
-                   "position_rows": position_rows, "layer_types": m.layer_types},
-        "prefill": cache.config.to_dict(),
-        "video": {"source": v.source, "video_fps": v.video_fps, "total_frames": v.total_frames,
-                  "sampled_fps": v.sampled_fps, "frame_size": list(v.frame_size),
-                  "frame_indices": list(v.frame_indices), "timestamps": list(v.timestamps),
-                  "requested_fps": v.requested_fps, "duration": v.duration, "segments": list(v.segments)},
-        "chunks": {"count": cache.num_chunks, "tokens": list(cache.chunk_tokens)},
-        "family": {"model_type": m.model_type, "cursor": cache.cursor},
-        "scenes": [list(seg) for seg in cache.scenes],
-        "prefix_len": cache.prefix_len,
-        "has_state": cache.state is not None,
-    }
-
-
-def cache_fields(manifest: dict[str, Any]) -> dict[str, Any]:
-    """`VideoKVCache` keyword arguments (model, config, video, num_chunks, chunk_tokens, cursor) of a manifest."""
-    v = manifest["video"]
-    return {
-        "model": ModelInfo(**manifest["model"]),
-        "config": PrefillConfig.from_dict(manifest["prefill"]),
-        "video": VideoInfo(source=v["source"], video_fps=v["video_fps"], total_frames=v["total_frames"],
-                           sampled_fps=v["sampled_fps"], frame_size=tuple(v["frame_size"]),
-                           frame_indices=list(v["frame_indices"]), timestamps=list(v["timestamps"]),
-                           requested_fps=v.get("requested_fps", 0.0), duration=v.get("duration", 0.0),
-                           segments=list(v.get("segments", []))),
-        "num_chunks": manifest["chunks"]["count"],
-        "chunk_tokens": list(manifest["chunks"]["tokens"]),
-        "cursor": dict(manifest["family"]["cursor"]),
-        "scenes": [tuple(seg) for seg in manifest.get("scenes", [])],
-    }
-
-
-def read_manifest_at(fs: Any, path: str, uri: str) -> dict[str, Any]:
-    """The committed manifest under `path` on `fs` (CacheNotFoundError naming `uri` if there is none)."""
-    try:
-        data = fs.cat_file(join(path, MANIFEST))
-    except FileNotFoundError:
-        raise CacheNotFoundError(uri) from None
-    return parse_manifest(data, path.rstrip("/").rsplit("/", 1)[-1])

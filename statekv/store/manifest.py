@@ -17,13 +17,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
+
 from statekv.store import format as F
-from statekv.store.errors import CacheCorruptError
+from statekv.store.errors import CacheCorruptError, CacheNotFoundError, CacheUnavailableError
+from statekv.store.fs import (TRANSPORT_ERRORS, NotRegularFileError, ObjectTooLargeError, StorageOptionsLike,
+                              is_transport_error, join, object_version, read_versioned, resolve)
 
 CHECKSUM_KEY = "checksum"
 
@@ -398,3 +403,49 @@ RULES: list[Callable[[dict[str, Any]], tuple[str, str] | None]] = [
     _rule_paths, _rule_file_kinds, _rule_chunk_files, _rule_totals, _rule_layout, _rule_layer_types,
     _rule_position_rows, _rule_video, _rule_ranges, _rule_kept,
 ]
+
+
+# --- reading the committed manifest ------------------------------------------------------------------------
+
+
+def read_manifest(uri: str | os.PathLike, *, storage_options: StorageOptionsLike = None,
+                  filesystem: fsspec.AbstractFileSystem | None = None) -> dict[str, Any]:
+    """The committed, validated manifest at `uri` (= `<root>/<video_id>`).
+
+    CacheNotFoundError if there is none, CacheCorruptError (naming the field) if it fails its checksum, schema
+    or consistency rules, CacheUnavailableError if the store did not deliver it.
+    """
+    uri = os.fspath(uri)
+    fs, path = resolve(uri, storage_options, filesystem)
+    return read_committed(fs, path, uri)[0]
+
+
+def manifest_version(uri: str | os.PathLike, *, storage_options: StorageOptionsLike = None,
+                     filesystem: fsspec.AbstractFileSystem | None = None) -> str:
+    """The committed manifest's version (S3 ETag / MD5 of its bytes) at the cost of one HEAD: compare it with a
+    loaded cache's `manifest_version` to detect a re-prefill cheaply. CacheNotFoundError if there is none."""
+    uri = os.fspath(uri)
+    fs, path = resolve(uri, storage_options, filesystem)
+    return _fetch(path, uri, lambda: object_version(fs, join(path, F.MANIFEST),
+                                                            limit=F.MANIFEST_MAX_BYTES))
+
+
+def read_committed(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[dict[str, Any], str]:
+    """(validated manifest, its version: see `manifest_version`) of the cache folder `path` on `fs`."""
+    data, version = _fetch(path, uri, lambda: read_versioned(fs, join(path, F.MANIFEST),
+                                                                     limit=F.MANIFEST_MAX_BYTES))
+    return parse(data, path.rsplit("/", 1)[-1]), version
+
+
+def _fetch(path: str, uri: str, fetch):
+    """Run `fetch` on the manifest object: absent -> CacheNotFoundError, not delivered -> CacheUnavailableError."""
+    try:
+        return fetch()
+    except FileNotFoundError:
+        raise CacheNotFoundError(uri) from None
+    except (NotRegularFileError, ObjectTooLargeError) as e:  # a FIFO, a link, /dev/zero: never read
+        raise CacheCorruptError(path.rsplit("/", 1)[-1], F.MANIFEST, str(e)) from None
+    except (OSError, *TRANSPORT_ERRORS) as e:
+        if isinstance(e, PermissionError) or not is_transport_error(e):
+            raise
+        raise CacheUnavailableError(path.rsplit("/", 1)[-1], F.MANIFEST, e) from None

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, overload
 
 import fsspec
@@ -21,131 +20,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from statekv.cache import ChunkKV, ModelInfo, RecurrentState, VideoKVCache
+from statekv.cache import ChunkKV, Committed, ModelInfo, RecurrentState, VideoKVCache
 from statekv.policies import LayerState
+from statekv.store import convert
 from statekv.store import format as F
-from statekv.store import manifest as manifest_schema
+from statekv.store.manifest import read_committed
 from statekv.store import serde
 from statekv.store.errors import CacheChangedError, CacheCorruptError, CacheNotFoundError, CacheUnavailableError
-from statekv.store.fs import (TRANSPORT_ERRORS, NotRegularFileError, ObjectTooLargeError, StorageOptionsLike,
-                              is_local, is_transport_error, join, local_part_size, object_version, open_part,
-                              read_part, read_versioned, resolve)
+from statekv.store.fs import (TRANSPORT_ERRORS, NotRegularFileError, StorageOptionsLike, is_local,
+                              is_transport_error, join, local_part_size, open_part, read_part, resolve)
 
 logger = logging.getLogger(__name__)
-
-
-def read_manifest(uri: str | os.PathLike, *, storage_options: StorageOptionsLike = None,
-                  filesystem: fsspec.AbstractFileSystem | None = None) -> dict[str, Any]:
-    """The committed, validated manifest at `uri` (= `<root>/<video_id>`).
-
-    CacheNotFoundError if there is none, CacheCorruptError (naming the field) if it fails its checksum, schema
-    or consistency rules, CacheUnavailableError if the store did not deliver it.
-    """
-    uri = os.fspath(uri)
-    fs, path = resolve(uri, storage_options, filesystem)
-    return _read_manifest(fs, path, uri)[0]
-
-
-def manifest_version(uri: str | os.PathLike, *, storage_options: StorageOptionsLike = None,
-                     filesystem: fsspec.AbstractFileSystem | None = None) -> str:
-    """The committed manifest's version (S3 ETag / MD5 of its bytes) at the cost of one HEAD: compare it with a
-    loaded cache's `manifest_version` to detect a re-prefill cheaply. CacheNotFoundError if there is none."""
-    uri = os.fspath(uri)
-    fs, path = resolve(uri, storage_options, filesystem)
-    return _manifest_call(path, uri, lambda: object_version(fs, join(path, F.MANIFEST),
-                                                            limit=F.MANIFEST_MAX_BYTES))
-
-
-def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[dict[str, Any], str]:
-    """(validated manifest, its version)."""
-    data, version = _manifest_call(path, uri, lambda: read_versioned(fs, join(path, F.MANIFEST),
-                                                                     limit=F.MANIFEST_MAX_BYTES))
-    return manifest_schema.parse(data, path.rsplit("/", 1)[-1]), version
-
-
-def _manifest_call(path: str, uri: str, fetch):
-    """Run `fetch` on the manifest object: absent -> CacheNotFoundError, not delivered -> CacheUnavailableError."""
-    try:
-        return fetch()
-    except FileNotFoundError:
-        raise CacheNotFoundError(uri) from None
-    except (NotRegularFileError, ObjectTooLargeError) as e:  # a FIFO, a link, /dev/zero: never read
-        raise CacheCorruptError(path.rsplit("/", 1)[-1], F.MANIFEST, str(e)) from None
-    except (OSError, *TRANSPORT_ERRORS) as e:
-        if isinstance(e, PermissionError) or not is_transport_error(e):
-            raise
-        raise CacheUnavailableError(path.rsplit("/", 1)[-1], F.MANIFEST, e) from None
-
-
-@dataclass
-class CacheEntry:
-    """One committed cache found by `list_caches`."""
-
-    video_id: str
-    uri: str
-    chunks: int
-    tokens: int
-    bytes: int
-    storage: str
-    created: str
-    fingerprint: str
-    checksum: str = ""  # the manifest's content checksum: changes with every commit
-    layout_version: int = 1  # the family's token layout it was built on (ModelInfo.layout_version)
-
-    @classmethod
-    def from_manifest(cls, root: str, video_id: str, m: dict[str, Any]) -> "CacheEntry":
-        return cls(video_id, f"{root}/{video_id}", m["totals"]["chunks"], m["totals"]["tokens"], m["totals"]["bytes"],
-                   m["storage"], m["created"], m["model"]["fingerprint"], m["checksum"],
-                   m["model"].get("layout_version", 1))
-
-    def serves(self, model: ModelInfo) -> bool:
-        """Whether `model` can answer from this cache (same model, same token layout; see ModelInfo.check_serves)."""
-        return self.fingerprint == model.fingerprint and self.layout_version == model.layout_version
-
-
-@dataclass
-class InvalidCache:
-    """A cache folder whose manifest could not be used (skipped by `list_caches`): `reason` says why."""
-
-    video_id: str
-    uri: str
-    reason: str
-
-
-class CacheListing(list):
-    """`list_caches`' result: the valid caches (a list of CacheEntry) plus `invalid`, those skipped and why."""
-
-    def __init__(self, entries: Iterable[CacheEntry] = (), invalid: Iterable[InvalidCache] = ()) -> None:
-        super().__init__(entries)
-        self.invalid: list[InvalidCache] = list(invalid)
-
-
-def scan(fs: fsspec.AbstractFileSystem, path: str, root: str) -> CacheListing:
-    """Read every manifest under `root` (the catalog-less listing); invalid ones are reported, not raised."""
-    if not is_local(fs):
-        fs.invalidate_cache()
-    out, invalid = [], []
-    found_all = fs.glob(join(path, "*", F.MANIFEST), detail=True)  # the listing gives type and size for free
-    for found, info in sorted(found_all.items()):
-        vpath = fs._strip_protocol(found).rsplit("/", 1)[0]
-        video_id = vpath.rsplit("/", 1)[-1]
-        uri = f"{root}/{video_id}"
-        if info.get("type") != "file" or (info.get("size") or 0) > F.MANIFEST_MAX_BYTES:
-            err = CacheCorruptError(video_id, F.MANIFEST, f"not a manifest file ({info.get('type')}, "
-                                    f"{info.get('size')} bytes; at most {F.MANIFEST_MAX_BYTES})")
-            logger.warning("skipping cache %s: %s", uri, err)
-            invalid.append(InvalidCache(video_id, uri, str(err)))
-            continue
-        try:
-            m, _ = _read_manifest(fs, vpath, uri)
-        except CacheNotFoundError:  # deleted between listing and reading
-            continue
-        except CacheCorruptError as err:
-            logger.warning("skipping cache %s: %s", uri, err)
-            invalid.append(InvalidCache(video_id, uri, str(err)))
-            continue
-        out.append(CacheEntry.from_manifest(root, video_id, m))
-    return CacheListing(out, invalid)
 
 
 class _GuardedFile:
@@ -227,7 +112,7 @@ class _Store:
         if not self.version:
             return
         try:
-            m, version = _read_manifest(self.fs, self.path, self.uri)
+            m, version = read_committed(self.fs, self.path, self.uri)
         except CacheNotFoundError:
             return
         if version != self.version:
@@ -266,7 +151,7 @@ class _Store:
                 self.check_unchanged()
                 raise CacheCorruptError(self.video_id, f"file {entry['path']}",
                                         f"{len(raw)} bytes read, the manifest says {size} (truncated?)")
-            if self.verify and serde.crc32(raw) != entry["crc32"]:
+            if self.verify and F.crc32(raw) != entry["crc32"]:
                 self.check_unchanged()
                 raise CacheCorruptError(self.video_id, f"file {entry['path']}", "CRC-32 differs from the manifest")
             source: Any = pa.BufferReader(raw)
@@ -400,7 +285,7 @@ class _Store:
             raise CacheCorruptError(self.video_id, part, "non-finite keys or values (NaN/inf)")
 
     def _check_crc(self, want: int, part: str, *data: bytes | None) -> None:
-        if self.verify and serde.crc32(*data) != want:
+        if self.verify and F.crc32(*data) != want:
             raise CacheCorruptError(self.video_id, part, "checksum mismatch (altered bytes)")
 
     # --- prefix and state --------------------------------------------------------------------------------------
@@ -753,12 +638,12 @@ def load_cache(uri: str | os.PathLike, *, chunks: Iterable[int] | None = None, l
     The result's `num_chunks`, `chunk_tokens`, `video` and cursor describe the whole video; with `chunks` it holds only those
     (so it can serve retrieval but not `Engine.ask`, which needs every chunk). With `layers`, other layers'
     tensors are None in `prefix_keys`, `prefix_values`, each chunk's `keys`/`values` and `state`; the cache's
-    `loaded_layers` attribute lists the layers present. A full, eager load reads each object in one request and
+    `committed.layers` lists the layers present. A full, eager load reads each object in one request and
     checks its whole-file CRC-32; partial and lazy loads check per-layer and page checksums of what they read.
 
     A cache re-prefilled while this call reads it is read again from its new commit (CacheChangedError after a
     few tries); a lazy cache's later chunk reads raise CacheChangedError if its files were retired meanwhile.
-    `cache.manifest_version` identifies the commit read (see `manifest_version`). With `expect_model` (the model
+    `cache.committed` holds the manifest read and its version (see `manifest_version`). With `expect_model` (the model
     that will use the cache) a cache made by another model (ModelMismatchError) or on another token layout of its
     family (CacheLayoutError: re-index) is refused before any tensor is read.
     """
@@ -778,9 +663,9 @@ _CHANGED_RETRIES = 3
 
 def _load(fs: fsspec.AbstractFileSystem, path: str, uri: str, chunks: Iterable[int] | None,
           layers: Iterable[int] | None, lazy: bool, verify: bool, expect_model: ModelInfo | None) -> VideoKVCache:
-    m, version = _read_manifest(fs, path, uri)
+    m, version = read_committed(fs, path, uri)
     try:  # the manifest passed SCHEMA and RULES; what the cache's own classes still refuse is this cache's fault
-        fields = F.cache_fields(m)
+        fields = convert.cache_fields(m)
     except (TypeError, ValueError, KeyError) as e:
         raise CacheCorruptError(m["video_id"], F.MANIFEST, f"does not describe a cache ({type(e).__name__}: {e})") \
             from None
@@ -815,10 +700,8 @@ def _load(fs: fsspec.AbstractFileSystem, path: str, uri: str, chunks: Iterable[i
             _check_kept_totals(m, store, seq._loaded.values())
     cache = VideoKVCache(dtype=store.dtype, prefix_ids=prefix_ids, prefix_keys=prefix_keys,
                          prefix_values=prefix_values, chunks=seq if lazy else list(seq), state=state,
-                         prefix_recurrent=prefix_recurrent, recurrent=recurrent, **fields)
-    cache.loaded_layers = layer_list  # type: ignore[attr-defined]
-    cache.manifest = m  # type: ignore[attr-defined]
-    cache.manifest_version = version  # type: ignore[attr-defined]  # compare with manifest_version(uri)
+                         prefix_recurrent=prefix_recurrent, recurrent=recurrent,
+                         committed=Committed(m, version, layer_list, expect_model), **fields)
     return cache
 
 
@@ -841,7 +724,7 @@ def load_summary_keys(uri: str | os.PathLike, layer: int, *, chunks: Iterable[in
     """(chunk indices, (C, Hkv, D) float32 mean keys) at `layer`: the retrieval index, without reading K/V."""
     uri = os.fspath(uri)
     fs, path = resolve(uri, storage_options, filesystem)
-    m, version = _read_manifest(fs, path, uri)
+    m, version = read_committed(fs, path, uri)
     store = _Store(fs, path, uri, m, [layer], verify=True, version=version)
     if layer not in store.all_kv_layers:
         raise ValueError(f"layer {layer} of {uri!r} is a linear-attention layer: it has no keys to summarise")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import sys
-import zlib
 
 import numpy as np
 import torch
@@ -50,21 +49,6 @@ def from_bytes(data: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, .
     if raw.nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     return t.view(dtype).reshape(shape)
-
-
-def crc32(*parts: bytes | None) -> int:
-    """CRC-32 of the concatenated parts (None parts are skipped)."""
-    value = 0
-    for p in parts:
-        if p is not None:
-            value = zlib.crc32(p, value)
-    return value
-
-
-# --- int8 -------------------------------------------------------------------------------------------------------
-# Keys have outlier channels (RoPE pairs with large magnitudes), so a scale per (head, channel) over the chunk's
-# tokens; values vary more per token, so a scale per (head, token) (KIVI's choice). Symmetric, round to nearest:
-# |x - dequant(quant(x))| <= scale / 2 = absmax / 254 of the channel (keys) or token (values).
 
 
 def quantize_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

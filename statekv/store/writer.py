@@ -25,7 +25,9 @@ import fsspec
 import pyarrow as pa
 import torch
 
+from statekv._version import __version__
 from statekv.cache import ChunkKV, VideoKVCache
+from statekv.store import convert
 from statekv.store import format as F
 from statekv.store import manifest as manifest_schema
 from statekv.store import serde
@@ -174,7 +176,7 @@ class CacheWriter:
     another writer commits this cache after this one started, `commit` raises ConcurrentWriteError.
     `buffer_bytes`: chunk rows held in memory before they are written together (each chunk still its own row
     group, the file the same); 0 writes each row group as it completes. `base_version` (append): the version of the
-    committed cache the resumed stream continues from (`cache.manifest_version` of the loaded base); if another
+    committed cache the resumed stream continues from (`cache.committed.version` of the loaded base); if another
     commit replaced it since, the append is refused (ConcurrentWriteError) instead of mixing the two.
     """
 
@@ -336,7 +338,7 @@ class CacheWriter:
         for layer in self._kv_layers:
             t = F.layer_tag(layer)
             entry[f"summary_k_{t}"] = row[f"summary_k_{t}"]
-            entry[f"summary_crc_{t}"] = serde.crc32(row[f"summary_k_{t}"])
+            entry[f"summary_crc_{t}"] = F.crc32(row[f"summary_k_{t}"])
         self._summaries.add(entry)
         if self._summaries.num_rows % F.SUMMARY_ROWS_PER_GROUP == 0:
             self._summaries.flush_row_group()
@@ -374,7 +376,7 @@ class CacheWriter:
             kept = None
             if self._kept:  # which of the chunk's tokens these K/V are (summary: the mean of the kept keys)
                 kept = row[f"kept_{t}"] = serde.to_bytes(chunk.token_index(layer).to(torch.int64))
-            row[f"crc_{t}"] = serde.crc32(kb, vb, skb, svb, summary, kept)
+            row[f"crc_{t}"] = F.crc32(kb, vb, skb, svb, summary, kept)
         return row
 
     def _check_like_base(self, layout: tuple[int, int, int], dtype: torch.dtype) -> None:
@@ -475,11 +477,11 @@ class CacheWriter:
         layers = cache.model.attention_layers
         f = _ParquetFile(self.fs, join(self.path, rel), rel, F.prefix_schema(layers), "prefix")
         ids = serde.to_bytes(cache.prefix_ids.to(torch.int64))
-        row: dict[str, Any] = {"prefix_ids": ids, "ids_crc": serde.crc32(ids)}
+        row: dict[str, Any] = {"prefix_ids": ids, "ids_crc": F.crc32(ids)}
         for layer in layers:
             t = F.layer_tag(layer)
             kb, vb = serde.to_bytes(cache.prefix_keys[layer]), serde.to_bytes(cache.prefix_values[layer])
-            row[f"k_{t}"], row[f"v_{t}"], row[f"crc_{t}"] = kb, vb, serde.crc32(kb, vb)
+            row[f"k_{t}"], row[f"v_{t}"], row[f"crc_{t}"] = kb, vb, F.crc32(kb, vb)
         f.add(row)
         return f.close()
 
@@ -498,7 +500,7 @@ class CacheWriter:
             ib = serde.to_bytes(s.token_index.to(torch.int64))
             sb = None if s.scores is None else serde.to_bytes(s.scores.float())
             f.add({"layer": layer, "size": s.size, "keys": kb, "values": vb, "token_index": ib, "scores": sb,
-                   "keys_scale": ksb, "values_scale": vsb, "crc": serde.crc32(kb, vb, ib, sb, ksb, vsb)})
+                   "keys_scale": ksb, "values_scale": vsb, "crc": F.crc32(kb, vb, ib, sb, ksb, vsb)})
             f.flush_row_group()  # one row group per layer: a layer subset reads only its own
         return f.close()
 
@@ -520,10 +522,8 @@ class CacheWriter:
 
     def _manifest(self, cache: VideoKVCache, files: list[dict[str, Any]], appends: list[dict[str, Any]],
                   ) -> dict[str, Any]:
-        import statekv
-
         tokens = cache.num_video_tokens
-        described = F.describe_cache(cache, self._position_rows)
+        described = convert.describe_cache(cache, self._position_rows)
         if cache.config.compression is not None:
             if self._kept is False:
                 raise ValueError(f"cache {self.uri!r}: the prefill config compresses chunks, the chunks written "
@@ -544,7 +544,7 @@ class CacheWriter:
             "files": files,
             "appends": appends,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-            "statekv_version": statekv.__version__,
+            "statekv_version": __version__,
         }
 
     def _check_written(self) -> None:

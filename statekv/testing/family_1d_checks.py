@@ -12,13 +12,14 @@ import numpy as np
 import torch
 
 from statekv.testing.hf_processors import family_processor, processor_inputs
+from statekv.testing.reference_inputs import reference_inputs
 
 
 def check_layout_matches_processor(adapter: Any, path: str | os.PathLike, frames: np.ndarray, question: str) -> None:
-    """The adapter's sequence (reference_inputs, and prefix + chunk tokens + answer prompt) is token for token and
+    """The adapter's sequence (`reference_inputs`, and prefix + chunk tokens + answer prompt) is token for token and
     pixel for pixel what the family's own transformers processor gives for the same frames and question."""
     expected = processor_inputs(family_processor(path, adapter.preprocess), frames, question)
-    got = adapter.reference_inputs(frames, question, "prefix-first", adapter.pixels.size, 1.0)
+    got = reference_inputs(adapter, frames, question, "prefix-first", adapter.pixels.size, 1.0)
     assert got["input_ids"].tolist() == expected["input_ids"].tolist(), "input_ids differ from the processor's"
     pixels = "pixel_values" if "pixel_values" in got else "pixel_values_videos"
     assert torch.equal(got[pixels], expected[pixels]), f"{pixels} differ from the processor's"
@@ -175,7 +176,7 @@ def dynamic_reference_differences(adapter: Any, model: Any, cache: Any, answer: 
     from statekv.testing.reference import model_forward
 
     planned = planned if planned is not None else cache.cursor["rope"]["planned_length"]
-    inputs = adapter.reference_inputs(frames, question, "prefix-first", cache.video.frame_size,
+    inputs = reference_inputs(adapter, frames, question, "prefix-first", cache.video.frame_size,
                                       cache.video.sampled_fps)
     prompt_len = inputs["input_ids"].shape[1]
     extra = answer.token_ids[:-1]

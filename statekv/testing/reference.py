@@ -2,7 +2,7 @@
 
 `check_against_transformers` prefills frames with `Full()` through the engine, answers a question, and compares
 with ONE forward of the checkpoint's own transformers class (transformers' SDPA attention) over the sequence the
-family's processor lays out (`adapter.reference_inputs`), the model computing its own positions:
+family's processor lays out (`statekv.testing.reference_inputs`), the model computing its own positions:
 per-chunk K/V at every attention layer, the answer logits at every generated step, and the greedy tokens.
 Family tests call it with their tiny checkpoint (see statekv/models/base.py).
 """
@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from statekv.testing.reference_inputs import reference_inputs
 
 QUESTION = "What happens after the dog enters?"
 
@@ -73,7 +75,7 @@ def check_against_transformers(path: str, frames: np.ndarray, *, fps: float, sam
     cache = engine.prefill(frames, fps=fps)
     answer = engine.ask(cache, question, max_new_tokens=max_new_tokens, output_scores=True)
     model = model if model is not None else reference_model(path)
-    inputs = engine.adapter.reference_inputs(frames, question, layout, cache.video.frame_size, cache.video.sampled_fps)
+    inputs = reference_inputs(engine.adapter, frames, question, layout, cache.video.frame_size, cache.video.sampled_fps)
     out = model_forward(model, inputs, answer.token_ids[:-1])
     logits = out.logits[0].float()  # (L + generated - 1, V)
     prompt_end = inputs["input_ids"].shape[1] - 1

@@ -2,8 +2,8 @@
 
 Nothing of statekv's engine, attention op or policies is used: the plain transformers model itself builds the
 embeddings and positions of the whole sequence (captured at the input of its language model during one forward
-over `adapter.reference_inputs`), and the streaming is replayed chunk by chunk with transformers' eager attention
-and `output_attentions=True`: per layer, the chunk's attention probabilities are summed over its queries and over
+over `statekv.testing.reference_inputs`), and the streaming is replayed chunk by chunk with transformers' eager
+attention and `output_attentions=True`: per layer, the chunk's attention probabilities are summed over its queries and over
 the query heads of each KV group, the top-`capacity` keys of [carried state | chunk] per layer and KV head are
 kept, in temporal order. Returns the token indices carried after every chunk. In hybrid stacks (Qwen3.5) the
 linear-attention layers run on transformers' own cache layers, carried from chunk to chunk as they are; only the

@@ -236,7 +236,7 @@ def test_a_committed_cache_is_skipped_without_loading_the_model(tmp_path, video,
                        "--no-progress", *PIXELS)
     assert code == 0, err
     report = run_reporting_imports(["prefill", video, "--model", tiny_checkpoints["qwen2_vl"], "--out", uri])
-    assert report["rc"] == 0 and "transformers" not in report["heavy"]
+    assert report["rc"] == 0 and report["heavy"] == []  # not even torch: the store's front door is torch-free
 
 
 def test_index_with_a_missing_input_fails_before_ray_starts(tmp_path, tiny_checkpoints):
@@ -405,12 +405,17 @@ def test_help_shows_defaults_and_the_whole_description(capsys):
         assert shown in out
 
 
-def test_the_cli_policy_names_are_the_library_policies():
-    from jobs.options import ANSWER_FROM, POLICY_NAMES
+def test_the_settings_names_are_the_librarys():
+    """statekv/settings.py spells them out (the parser imports no torch)."""
     from statekv.cache import ANSWER_FROM as LIBRARY_ANSWER_FROM
+    from statekv.models.base import LAYOUTS
     from statekv.policies import POLICIES
+    from statekv.compression import Guided
+    from statekv.settings import ANSWER_FROM, DEFAULT_GUIDANCE_PROMPT, LAYOUT_NAMES, POLICY_NAMES
 
     assert list(POLICY_NAMES) == list(POLICIES) and ANSWER_FROM == LIBRARY_ANSWER_FROM
+    assert tuple(LAYOUT_NAMES) == tuple(LAYOUTS)
+    assert Guided().prompt == DEFAULT_GUIDANCE_PROMPT
 
 
 def test_threads_flag_sets_torch_threads(capsys, tmp_path, video, tiny_checkpoints):
@@ -597,10 +602,8 @@ def test_eval_errors_are_one_line(capsys, tmp_path, tiny_checkpoints):
 
 def test_prefill_with_guided_compression_stores_the_kept_fraction(capsys, tmp_path, video, tiny_checkpoints):
     from statekv import Engine
-    from statekv.compression import Guided
-    from statekv.engine import policy_from_settings
+    from statekv.settings import PrefillSettings
     from statekv.store import read_manifest
-    from statekv.video import SamplingConfig
 
     model = tiny_checkpoints["qwen2_vl"]
     uri = str(tmp_path / "caches" / "guided")
@@ -612,9 +615,7 @@ def test_prefill_with_guided_compression_stores_the_kept_fraction(capsys, tmp_pa
     stored = load_cache(uri)
     assert all(chunk.stored_tokens(layer) == 3 for chunk in stored.chunks for layer in range(len(chunk.keys)))
     # the same cache as the library writes with the same settings
-    engine = Engine.from_pretrained(model, device="cpu", policy=policy_from_settings(stored.config.policy),
-                                    sampling=SamplingConfig(**stored.config.sampling),
-                                    compression=Guided(prompt="Who is there?", keep=0.5))
+    engine = Engine.from_settings(model, PrefillSettings.from_record(stored.config.to_dict()), device="cpu")
     want = engine.prefill(video)
     for got, ref in zip(stored.chunks, want.chunks):
         assert [k.tolist() for k in got.kept] == [k.tolist() for k in ref.kept]
@@ -657,11 +658,15 @@ def test_bad_compression_flags_are_usage_errors(capsys, command, flags, message)
 def test_index_flags_reach_the_index_config():
     from jobs import index_videos
     from jobs.cli import build_parser
+    from pipelines.indexing.config import IndexConfig
+    from statekv.settings import PrefillSettings
 
     parser = build_parser()
     args = parser.parse_args(["index", "in/", "out/", "--model", "m", "--policy", "infinipot", "--capacity", "64",
                               "--compress-keep", "0.25"])
     args.check(args)
     config = index_videos.config_from_args(args)
-    assert (config.policy, config.capacity, config.answer_from) == ("infinipot", 64, "chunks")
-    assert config.compression == {"name": "guided", "keep": 0.25}
+    assert (config.prefill.policy, config.prefill.capacity, config.prefill.answer_from) == ("infinipot", 64, "chunks")
+    assert config.prefill.compression == {"name": "guided", "keep": 0.25}
+    assert config.prefill == PrefillSettings(policy="infinipot", capacity=64, compress_keep=0.25)
+    assert IndexConfig(**config.to_dict()) == config  # as it travels to the actors

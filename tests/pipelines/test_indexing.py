@@ -20,6 +20,7 @@ from pipelines.indexing import (IndexActor, IndexConfig, IndexRunError, list_inp
                                 read_summary, run_index)
 from pipelines.indexing.report import SHARE_NAMES, STAGE_NAMES
 from pipelines.indexing.inputs import expand_shard
+from statekv.settings import PrefillSettings
 from statekv.store import list_caches, load_cache, read_manifest, sweep
 from statekv.testing.videos import synthetic_frames, write_video
 from statekv.video_ids import validate_video_id, video_id_from_path
@@ -29,7 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _config(model: str, input: str, output: str, **kw) -> IndexConfig:
-    return IndexConfig(input=input, output=output, model=model, capacity=24, fps=4.0, **PIXELS, **kw)
+    return IndexConfig(input=input, output=output, model=model,
+                       prefill=PrefillSettings(capacity=24, fps=4.0, **PIXELS), **kw)
 
 
 def _videos(folder: Path, lengths: dict[str, int]) -> dict[str, Path]:

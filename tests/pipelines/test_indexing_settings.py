@@ -6,6 +6,7 @@ import pytest
 
 from pipelines.indexing import IndexActor, IndexConfig, list_inputs, probe_inputs
 from pipelines.indexing.actor import _columns
+from statekv.settings import PrefillSettings
 from statekv.store import load_cache, read_manifest
 from statekv.testing.videos import synthetic_frames, write_video
 
@@ -16,8 +17,8 @@ def _index_one(model: str, tmp_path, **settings) -> str:
     folder = tmp_path / "in"
     folder.mkdir()
     write_video(folder / "a.mp4", synthetic_frames(8, seed=3), fps=4.0)
-    config = IndexConfig(input=str(folder), output=str(tmp_path / "out"), model=model, capacity=24, fps=4.0,
-                         **PIXELS, **settings)
+    config = IndexConfig(input=str(folder), output=str(tmp_path / "out"), model=model,
+                         prefill=PrefillSettings(capacity=24, fps=4.0, **PIXELS, **settings))
     rows = probe_inputs(list_inputs(config.input), config)
     out = IndexActor(config)(_columns(rows, list(rows[0])))
     assert list(out["status"]) == ["ok"], list(out["error"])
@@ -25,7 +26,7 @@ def _index_one(model: str, tmp_path, **settings) -> str:
 
 
 def test_a_compressed_run_stores_the_kept_fraction(tiny_checkpoints, tmp_path):
-    uri = _index_one(tiny_checkpoints["qwen2_vl"], tmp_path, compression={"name": "guided", "keep": 0.5})
+    uri = _index_one(tiny_checkpoints["qwen2_vl"], tmp_path, compress_keep=0.5)
     assert read_manifest(uri)["prefill"]["compression"]["keep"] == 0.5
     cache = load_cache(uri)
     assert cache.num_chunks == 4
@@ -40,11 +41,13 @@ def test_a_state_only_infinipot_run_stores_no_chunks(tiny_checkpoints, tmp_path)
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"policy": "lru"}, "unknown policy 'lru'; valid policies: full, window, statekv, infinipot"),
-    ({"answer_from": "all"}, "unknown answer_from 'all'"),
-    ({"answer_from": "state", "compression": {"name": "guided", "keep": 0.5}}, "answer_from='state' stores none"),
+    ({"policy": "lru"}, "--policy: unknown policy 'lru'; valid: full, window, statekv, infinipot"),
+    ({"answer_from": "all"}, "--answer-from: unknown value 'all'"),
+    ({"answer_from": "state", "compress_keep": 0.5}, "--answer-from state stores none"),
 ])
 def test_bad_settings_are_refused_before_the_run(settings, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        IndexConfig(input="in/", output="out/", model="m", **settings)
+        IndexConfig(input="in/", output="out/", model="m", prefill=PrefillSettings(**settings))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):  # as it travels to actors
+        IndexConfig(input="in/", output="out/", model="m", prefill={**PrefillSettings().__dict__, **settings})
 

@@ -144,13 +144,46 @@ OUTSIDE_URIS = ["s3://caches/elsewhere/clip_a", "s3://other-bucket/clip_a", "{ro
                 "s3a://{bare}/clip_a", "{root}\\..\\x"]
 
 
+def test_a_cold_question_reads_the_manifest_once_and_checks_the_model_once(engine, store, expected, monkeypatch,
+                                                                         make_service):
+    """Issue 19: a cold question HEADed the manifest, read it twice and checked the model's fingerprint three
+    times. Now: one manifest read (its version comes with it), one model check (the store's, before any tensor is
+    read), one cursor check; a warm question within `revalidate_s` reads no manifest and checks nothing again."""
+    import statekv.store.manifest as manifest_module
+    from statekv.cache import ModelInfo
+
+    root, options = store
+    calls = {"get": 0, "head": 0, "model": 0, "cursor": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(manifest_module, "read_versioned", counting("get", manifest_module.read_versioned))
+    monkeypatch.setattr(manifest_module, "object_version", counting("head", manifest_module.object_version))
+    monkeypatch.setattr(ModelInfo, "check_serves", counting("model", ModelInfo.check_serves))
+    monkeypatch.setattr(engine.adapter, "cursor_problem", counting("cursor", engine.adapter.cursor_problem))
+    service = make_service(root, storage_options=options, revalidate_s=3600.0)
+    try:
+        got = service.ask(video_id="clip_a", question=QUESTIONS[0], max_new_tokens=TOKENS)
+        assert got["token_ids"] == expected["clip_a", QUESTIONS[0]].token_ids and got["cache"] == "miss"
+        assert calls == {"get": 1, "head": 0, "model": 1, "cursor": 1}
+        got = service.ask(video_id="clip_a", question=QUESTIONS[1], max_new_tokens=TOKENS)
+        assert got["token_ids"] == expected["clip_a", QUESTIONS[1]].token_ids and got["cache"] == "hit"
+        assert calls == {"get": 1, "head": 0, "model": 1, "cursor": 1}
+    finally:
+        service.batcher.close()
+
+
 def test_outside_root_never_read(engine, store, monkeypatch):
     root, options = store
-    import pipelines.serving.service as module
+    from statekv.store.cache_store import CacheStore
 
     reads = []
-    for name in ("read_manifest", "load_cache", "resolve"):
-        monkeypatch.setattr(module, name, lambda *a, _n=name, **k: reads.append((_n, a)))
+    for name in ("manifest", "load", "version", "list", "summary_keys"):
+        monkeypatch.setattr(CacheStore, name, lambda *a, _n=name, **k: reads.append((_n, a)))
     service = QueryService(engine, root, storage_options=options)
     try:
         for vid in OUTSIDE:

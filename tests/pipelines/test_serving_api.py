@@ -569,22 +569,22 @@ def test_revalidation_bound_holds_while_a_check_is_slow(make_service, engine, tm
     first = commit(0)
     service = make_service(root, revalidate_s=revalidate_s)
     assert service.ask(video_id="clip", question=QUESTION, max_new_tokens=8)["token_ids"] == first
-    head = service.manifest_identity
+    head = service.manifest_version
     sent, release = threading.Event(), threading.Event()
 
-    def slow_head(video_id):  # the store answers this HEAD (the old identity) only once `release` is set
-        identity = head(video_id)
+    def slow_head(video_id):  # the store answers this HEAD (the old version) only once `release` is set
+        version = head(video_id)
         if not sent.is_set():
             sent.set()
             assert release.wait(60)
-        return identity
+        return version
 
-    monkeypatch.setattr(service, "manifest_identity", slow_head)
+    monkeypatch.setattr(service, "manifest_version", slow_head)
     time.sleep(revalidate_s)  # the kept copy is due for revalidation
     slow = threading.Thread(target=service.ask, kwargs=dict(video_id="clip", question=QUESTION, max_new_tokens=8),
                             daemon=True)
     slow.start()
-    assert sent.wait(60)  # its HEAD has read the old identity ...
+    assert sent.wait(60)  # its HEAD has read the old version ...
     second = commit(5)  # ... and the cache is committed again
     assert second != first
     time.sleep(revalidate_s)

@@ -83,7 +83,7 @@ def test_retrieval_answers_equal_the_engines(client, engine, root, body, setting
         assert answer["tokens"]["context"] == cache.prefix_len + sum(cache.chunk_tokens[i] for i in chunks)
     frame_s = 1 / cache.video.sampled_fps
     for e in got["evidence"]:
-        times = cache.manifest["video"]["timestamps"][slice(*cache.chunks[e["chunk"]].frame_range)]
+        times = cache.committed.manifest["video"]["timestamps"][slice(*cache.chunks[e["chunk"]].frame_range)]
         assert (e["start_s"], e["end_s"]) == (times[0], pytest.approx(times[-1] + frame_s))
 
 
@@ -216,3 +216,38 @@ def test_a_recommitted_cache_is_not_served_stale_with_retrieval(make_service, en
     assert kept.lru.keys() == []
     again = ask(kept, 2)
     assert again["cache"] == "miss" and again["token_ids"] == want.token_ids
+
+
+def test_retrieval_and_streamed_questions_are_batched_and_equal_alone(make_service, engine, root):
+    """Concurrent retrieval questions about one video, asked and streamed, go through the batch scheduler together
+    (retrieval and streaming no longer bypass it) and each equals `Engine.ask` alone: tokens, text and evidence
+    (scores to float rounding: a packed step may round later layers' queries differently). A stream gives one
+    token event per token, then "done"; the counters add up and nothing is left in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    service = make_service(str(root), max_new_tokens_limit=16)
+    cache = load_cache(f"{root}/long_a")
+    jobs = [(body, setting, stream) for body, setting in SETTINGS for stream in (False, True)]
+    want = [engine.ask(cache, QUESTION, max_new_tokens=TOKENS, retrieval=setting) for _, setting, _ in jobs]
+
+    def run(job):
+        body, _, stream = job
+        fields = dict(video_id="long_a", question=QUESTION, max_new_tokens=TOKENS, retrieval=body)
+        if not stream:
+            return service.ask(**fields)
+        events = list(service.stream(**fields))
+        assert [e["type"] for e in events] == ["token"] * (len(events) - 1) + ["done"], events[-1]
+        assert [e["token_id"] for e in events[:-1]] == events[-1]["token_ids"]
+        assert "".join(e["text"] for e in events[:-1]) == events[-1]["answer"]
+        return events[-1]
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(run, jobs))
+    for g, w in zip(got, want):
+        assert (g["token_ids"], g["answer"], g["finish_reason"]) == (w.token_ids, w.text, w.finish_reason)
+        assert [(e["chunk"], e["start_s"], e["end_s"], e["layers"]) for e in g["evidence"]] == \
+            [(e.chunk, e.start_s, e.end_s, e.layers) for e in w.evidence]
+        assert [e["score"] for e in g["evidence"]] == pytest.approx([e.score for e in w.evidence], rel=1e-5)
+    assert service.batcher.max_seen_batch > 1
+    assert service.counters["generated_tokens"] == sum(len(g["token_ids"]) for g in got)
+    assert service.counters["in_flight"] == 0 and service.counters["cancelled"] == 0

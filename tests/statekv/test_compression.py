@@ -19,6 +19,7 @@ from statekv.store import manifest as schema
 from statekv.store.describe import format_manifest
 from statekv.store.fs import resolve
 from statekv.testing.reference import check_against_transformers, model_forward, reference_model
+from statekv.testing.reference_inputs import reference_inputs
 from statekv.testing.videos import synthetic_frames
 from statekv.video import SamplingConfig
 
@@ -77,7 +78,7 @@ def reference_kept(model, adapter, cache, frames, upto: int, target: int, keep: 
     """Per layer, the kept tokens of chunk `target` by an eager forward of the plain model over [prefix, chunks
     0..upto, guidance prompt]: the guidance rows' attention on the target chunk's keys, summed over rows and
     heads, top ceil(keep · n) in order. Asserts that the top set is not the bottom set (so a reversed mutant fails)."""
-    inputs = adapter.reference_inputs(frames[:cache.chunks[upto].frame_range[1]], PROMPT, "prefix-first",
+    inputs = reference_inputs(adapter, frames[:cache.chunks[upto].frame_range[1]], PROMPT, "prefix-first",
                                       cache.video.frame_size, cache.video.sampled_fps)
     attentions = model_forward(model, inputs, output_attentions=True).attentions
     guidance = adapter.answer_inputs(PROMPT, cache.cursor, "prefix-first").embeds.shape[0]

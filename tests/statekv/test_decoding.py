@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from statekv import Engine, Full
+from statekv.answering import Scheduler, Ticket
 from statekv.decoding import AnswerRequest, BatchDecoder
 from statekv.ops import attention_reference
 from statekv.ops.split_kv import attention_lse, attention_lse_reference, merge_partials, shared_attention, \
     tail_attention
+from statekv.retrieval import TopK
 from statekv.testing.checkpoints import save_family_checkpoint
 from statekv.testing.videos import synthetic_frames
 from statekv.video import SamplingConfig
@@ -105,6 +107,103 @@ def test_greedy_answers_read_back_every_few_steps_not_per_token(engine_and_cache
     answer = engine.ask_many(cache, [AnswerRequest(QUESTIONS[0], max_new_tokens=17)], sync_every=8)[0]
     assert len(answer.token_ids) == 17
     assert len(reads) == 3  # after the first token (its latency), after 8 steps, at the 17th token
+
+
+# --- retrieval and streaming in the same batch -----------------------------------------------------------------
+
+def _mixed_requests() -> list[AnswerRequest]:
+    """Retrieval questions (a fixed budget, the latest chunk, an adaptive budget with its probe pass) among plain
+    ones, each with its own token limit."""
+    settings = [TopK(k=1), None, TopK(k=2, recent=1), TopK(k=2, adaptive_budget=True), None]
+    return [AnswerRequest(q, max_new_tokens=n, retrieval=r) for q, n, r in zip(QUESTIONS, MAX_NEW, settings)]
+
+
+@torch.inference_mode()
+def test_batched_retrieval_equals_retrieval_alone(engine_and_cache):
+    """Retrieval questions batched with each other and with plain questions (3 at a time, so they join while others
+    decode) give each the greedy tokens, finish reason and evidence of asking it alone."""
+    engine, cache = engine_and_cache
+    requests = _mixed_requests()
+    alone = [engine.ask(cache, r.question, max_new_tokens=r.max_new_tokens, retrieval=r.retrieval)
+             for r in requests]
+    assert all(0 < len(a.evidence) for r, a in zip(requests, alone) if r.retrieval is not None)
+    assert any(len(a.evidence) < cache.num_chunks for a in alone if a.evidence is not None)  # chunks left out
+    batched = engine.ask_many(cache, requests, max_batch=3)
+    assert [(b.token_ids, b.text, b.finish_reason) for b in batched] == \
+        [(a.token_ids, a.text, a.finish_reason) for a in alone]
+    for a, b in zip(alone, batched):
+        assert _evidence(b) == _evidence(a)
+
+
+def _evidence(answer) -> list[tuple] | None:
+    """An answer's evidence: chunks, time ranges and layers exactly; scores to float rounding (a packed step
+    multiplies more rows at once, which may round the last bits of later layers' queries differently, as for the
+    logits of plain batched questions above)."""
+    if answer.evidence is None:
+        return None
+    return [(e.chunk, e.start_s, e.end_s, e.layers, pytest.approx(e.score, rel=1e-5, abs=1e-6))
+            for e in answer.evidence]
+
+
+def test_streaming_through_the_scheduler_equals_ask(engine_and_cache):
+    """A streamed question in a batch with others gets one token event per step, as each token is read back (its
+    batch mates sync with it), and its events equal `ask`: tokens, text, and (retrieval) evidence."""
+    engine, cache = engine_and_cache
+    requests = _mixed_requests()
+    with torch.inference_mode():
+        alone = [engine.ask(cache, r.question, max_new_tokens=r.max_new_tokens, retrieval=r.retrieval)
+                 for r in requests]
+    scheduler = Scheduler(engine, max_batch=4, sync_every=64)
+    batches: dict[int, list[list]] = {i: [] for i in range(len(requests))}
+    tickets = [scheduler.submit(cache, Ticket(r, stream=i % 2 == 0, on_events=batches[i].append))
+               for i, r in enumerate(requests)]
+    while scheduler.busy:
+        scheduler.round()
+    assert not torch.is_inference_mode_enabled()
+    for i, (t, a) in enumerate(zip(tickets, alone)):
+        assert t.error is None and t.answer.token_ids == a.token_ids and _evidence(t.answer) == _evidence(a)
+        if t.stream:
+            assert [len(b) for b in batches[i]] == [1] * len(a.token_ids)  # each token as it was read back
+            assert [b[0].token_id for b in batches[i]] == a.token_ids
+            assert "".join(b[0].text for b in batches[i]) == a.text
+        else:
+            assert batches[i] == []
+    for r, a in zip(requests, alone):  # and `Engine.stream`, a scheduler of its own
+        evidence = []
+        events = list(engine.stream(cache, r.question, max_new_tokens=r.max_new_tokens, retrieval=r.retrieval,
+                                    evidence=evidence))
+        assert [e.token_id for e in events] == a.token_ids and "".join(e.text for e in events) == a.text
+        assert evidence == (a.evidence or [])
+
+
+def test_one_place_steps_the_model_for_answers(engine_and_cache, monkeypatch):
+    """Every answer (plain, batched, streamed, retrieval, an adaptive budget's probe pass) is stepped by the decoder
+    of statekv/decoding.py, which calls the model in one place; no other module passes an answer context."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    engine, cache = engine_and_cache
+    callers = []
+    decode = engine.adapter.decode
+
+    def recorded(*args, **kwargs):
+        callers.append(inspect.stack()[1].frame.f_globals["__name__"])
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.adapter, "decode", recorded)
+    with torch.inference_mode():
+        engine.ask_many(cache, _mixed_requests(), max_batch=3)
+        engine.ask(cache, QUESTIONS[0], max_new_tokens=2, retrieval=TopK(k=1, adaptive_budget=True))
+    list(engine.stream(cache, QUESTIONS[1], max_new_tokens=2, retrieval=TopK(k=1)))
+    assert callers and set(callers) == {"statekv.decoding"}
+    root = Path(__file__).resolve().parents[2]
+    passing = []  # modules whose calls pass an answer context (statekv_batch=) to the model
+    for path in [*(root / "statekv").rglob("*.py"), *(root / "pipelines").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and any(k.arg == "statekv_batch" for k in node.keywords):
+                passing.append(path.relative_to(root).as_posix())
+    assert passing == ["statekv/decoding.py"]
 
 
 # --- the device LRU ---------------------------------------------------------------------------------------------

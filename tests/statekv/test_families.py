@@ -15,7 +15,7 @@ import torch
 
 from statekv import Engine, Full, StateKV, Window
 from statekv.errors import PrefillConfigMismatchError
-from statekv.store import load_cache
+from statekv.store import load_cache, save_cache
 from statekv.testing.videos import synthetic_frames
 from statekv.video import SamplingConfig
 
@@ -84,23 +84,35 @@ CHANGES = {
 }
 
 
-@pytest.mark.parametrize("field", list(CHANGES))
-@torch.inference_mode()
-def test_resume_with_another_prefill_config_is_refused(family_checkpoint, field):
-    engine = make_engine(family_checkpoint, StateKV(capacity=8))
+def check_resume_refused(path: str, field: str) -> None:
+    engine = make_engine(path, StateKV(capacity=8))
     first = engine.prefill(video_for(engine, 2), fps=2.0)
     change = dict(CHANGES[field])
-    other = make_engine(family_checkpoint, change.pop("policy", StateKV(capacity=8)), **change)
+    other = make_engine(path, change.pop("policy", StateKV(capacity=8)), **change)
     with pytest.raises(PrefillConfigMismatchError, match=rf"prefill config field '{field}'") as info:
         other.prefill(video_for(engine, 2), fps=2.0, resume_from=first)
     assert info.value.field == field
+
+
+# The refusal compares recorded prefill configs (PrefillConfig.first_difference) before any family code runs: every
+# field is checked on one family, and every family refuses one change (was 8 families x 6 fields = 48 cases, two
+# engine loads each, for a check that never touches family code).
+@pytest.mark.parametrize("field", list(CHANGES))
+@torch.inference_mode()
+def test_resume_with_another_prefill_config_is_refused(tiny_checkpoints, field):
+    check_resume_refused(tiny_checkpoints["qwen2_vl"], field)
+
+
+@torch.inference_mode()
+def test_every_family_refuses_a_resume_with_another_layout(family_checkpoint):
+    check_resume_refused(family_checkpoint, "layout")
 
 
 @torch.inference_mode()
 def test_store_round_trip_answers_the_same(family_checkpoint, tmp_path):
     engine = make_engine(family_checkpoint, StateKV(capacity=8), layout="video-first")
     cache = engine.prefill(video_for(engine, 3), fps=2.0)
-    manifest = cache.save(str(tmp_path / "vid"))
+    manifest = save_cache(cache, str(tmp_path / "vid"))
     assert manifest["family"]["model_type"] == cache.model.model_type
     assert manifest["prefill"]["layout"] == "video-first"
     loaded = load_cache(str(tmp_path / "vid"), lazy=False)

@@ -17,9 +17,11 @@ import torch
 
 from statekv import Engine, Full, StateKV, Window
 from statekv.profiling import count_flops
+from statekv.store import save_cache
 from statekv.testing.checkpoints import (QWEN3_VL_ADDED_TOKENS, QWEN3_VL_EXTRA_SPECIAL_TOKENS, SPECIAL_TOKENS,
                                          save_tiny_checkpoint)
 from statekv.testing.reference import check_against_transformers, model_forward, reference_model
+from statekv.testing.reference_inputs import reference_inputs
 from statekv.testing.videos import synthetic_frames
 from statekv.video import SamplingConfig
 
@@ -125,7 +127,7 @@ def test_linear_states_equal_the_plain_model_after_the_prefix_and_after_the_vide
     """The cache's conv + recurrent states of every linear layer are the plain model's after the same tokens."""
     engine = make_engine(checkpoint, Full())
     cache = engine.prefill(frames, fps=FPS)
-    inputs = engine.adapter.reference_inputs(frames, QUESTION, "prefix-first", cache.video.frame_size, FPS)
+    inputs = reference_inputs(engine.adapter, frames, QUESTION, "prefix-first", cache.video.frame_size, FPS)
     n_ctx = cache.prefix_len + cache.num_video_tokens
     video = dict(inputs, input_ids=inputs["input_ids"][:, :n_ctx], attention_mask=inputs["attention_mask"][:, :n_ctx],
                  mm_token_type_ids=inputs["mm_token_type_ids"][:, :n_ctx])
@@ -258,7 +260,7 @@ def test_partial_loads_of_a_hybrid_cache(checkpoint, frames, tmp_path):
 
     engine = make_engine(checkpoint, StateKV(capacity=8))
     cache = engine.prefill(frames, fps=FPS)
-    cache.save(str(tmp_path / "clip"))
+    save_cache(cache, str(tmp_path / "clip"))
     part = load_cache(str(tmp_path / "clip"), layers=[1, 3], lazy=False)
     assert sorted(part.recurrent) == sorted(part.prefix_recurrent) == [1]
     assert torch.equal(part.recurrent[1].conv, cache.recurrent[1].conv)

@@ -8,7 +8,29 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from statekv.retrieval import (Segments, TopK, adaptive_budgets, chunk_scores, concentration, fold_query,
-                               make_retrieval, segment_boundaries, select_top)
+                               make_retrieval, select_top)
+
+
+def offline_segments(features: torch.Tensor, *, threshold: float = 0.99, min_size: int = 4,
+                     max_size: int = 64) -> list[tuple[int, int]]:
+    """The reference for `SegmentTracker`: StreamKV's scene segmentation over all chunks' mean visual features
+    (C, d) at once: [start, end) chunk ranges; a segment closes where the cosine similarity of consecutive chunks
+    drops below `threshold` (once it has `min_size` chunks) or when it reaches `max_size` chunks."""
+    if min_size < 1 or max_size < min_size:
+        raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
+    num = features.shape[0]
+    if num == 0:
+        return []
+    f = torch.nn.functional.normalize(features.double(), dim=-1)
+    sims = (f[1:] * f[:-1]).sum(dim=-1).tolist()  # sims[i]: chunk i vs chunk i + 1
+    out, start = [], 0
+    for i in range(1, num):
+        size = i - start
+        if size >= max_size or (size >= min_size and sims[i - 1] < threshold):
+            out.append((start, i))
+            start = i
+    out.append((start, num))
+    return out
 
 
 def test_scores_are_the_mean_query_dot_each_chunk_summary_per_kv_group():
@@ -52,10 +74,10 @@ def test_segments_fall_where_consecutive_features_change():
     g = torch.Generator().manual_seed(1)
     scenes = [torch.randn(16, generator=g) for _ in range(3)]
     feats = torch.stack([scenes[0]] * 5 + [scenes[1]] * 6 + [scenes[2]] * 4) + 1e-3 * torch.randn(15, 16, generator=g)
-    assert segment_boundaries(feats, threshold=0.99, min_size=2, max_size=64) == [(0, 5), (5, 11), (11, 15)]
+    assert offline_segments(feats, threshold=0.99, min_size=2, max_size=64) == [(0, 5), (5, 11), (11, 15)]
     # max_size splits a long scene; min_size keeps a short change inside its segment
-    assert segment_boundaries(feats, threshold=0.99, min_size=2, max_size=3)[:2] == [(0, 3), (3, 5)]
-    assert segment_boundaries(feats, threshold=0.99, min_size=6, max_size=64) == [(0, 11), (11, 15)]
+    assert offline_segments(feats, threshold=0.99, min_size=2, max_size=3)[:2] == [(0, 3), (3, 5)]
+    assert offline_segments(feats, threshold=0.99, min_size=6, max_size=64) == [(0, 11), (11, 15)]
 
 
 def test_segment_retrieval_takes_whole_scenes():
@@ -87,7 +109,7 @@ def test_online_segmentation_equals_the_batch_rule(scene_of_chunk, min_size, ext
     tracker = SegmentTracker(rule)
     for f in feats:
         tracker.add(f)
-    assert tracker.segments == segment_boundaries(feats, threshold=0.99, min_size=min_size,
+    assert tracker.segments == offline_segments(feats, threshold=0.99, min_size=min_size,
                                                   max_size=min_size + extra)
 
 

@@ -101,8 +101,8 @@ def test_a_stored_cache_reads_only_the_chosen_chunks(wide_engine, store_root):
     assert cache.chunks.loaded == []  # no chunk was read whole
     # 4 of 48 chunks per layer: k/N = 8 % of the chunk bytes, plus metadata (manifest, prefix, the summaries file,
     # footers); a whole-cache answer reads every chunk
-    chunk_bytes = sum(f["bytes"] for f in cache.manifest["files"] if f["kind"] == "chunks")
-    metadata = sum(f["bytes"] for f in cache.manifest["files"] if f["kind"] in ("prefix", "summaries"))
+    chunk_bytes = sum(f["bytes"] for f in cache.committed.manifest["files"] if f["kind"] == "chunks")
+    metadata = sum(f["bytes"] for f in cache.committed.manifest["files"] if f["kind"] in ("prefix", "summaries"))
     assert few_bytes < 2 * metadata + 0.15 * chunk_bytes + 100_000, (few_bytes, full_bytes, chunk_bytes)
     assert few_bytes < 0.35 * full_bytes
 

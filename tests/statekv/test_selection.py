@@ -25,6 +25,7 @@ import torch
 from statekv import Engine, StateKV
 from statekv.policies import LayerState
 from statekv.testing.reference import reference_model
+from statekv.testing.reference_inputs import reference_inputs
 from statekv.testing.selection import reference_selection
 from statekv.testing.videos import synthetic_frames
 from statekv.video import SamplingConfig
@@ -39,8 +40,8 @@ class RecordingStateKV(StateKV):
 
     carried: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
 
-    def update(self, state, chunk, scores):
-        new = super().update(state, chunk, scores)
+    def update_merged(self, merged, state_size, carried, scores):  # what the engine calls
+        new = super().update_merged(merged, state_size, carried, scores)
         self.carried.append(new.token_index.cpu().clone())
         return new
 
@@ -52,8 +53,8 @@ class RecordingStateKV(StateKV):
 class ReversedStateKV(RecordingStateKV):
     """The mutant: keeps the keys with the least attention mass."""
 
-    def update(self, state, chunk, scores):
-        return super().update(state, chunk, -scores)
+    def update_merged(self, merged, state_size, carried, scores):
+        return super().update_merged(merged, state_size, carried, -scores)
 
 
 def engine_selection(path: str, policy: RecordingStateKV, frames: np.ndarray, layout: str):
@@ -69,7 +70,7 @@ def mismatches(path: str, policy: RecordingStateKV, frames: np.ndarray, layout: 
     """(chunk, layer) pairs where the engine's carried indices differ from the re-implementation's."""
     engine, cache, ours = engine_selection(path, policy, frames, layout)
     model = reference_model(path, attn_implementation="eager")
-    inputs = engine.adapter.reference_inputs(frames, "What happens?", layout, cache.video.frame_size,
+    inputs = reference_inputs(engine.adapter, frames, "What happens?", layout, cache.video.frame_size,
                                              cache.video.sampled_fps)
     theirs = reference_selection(model, inputs, cache.prefix_len, cache.chunk_tokens, CAPACITY)
     assert len(ours) == len(theirs) == cache.num_chunks

@@ -27,7 +27,7 @@ def test_step_layer_writes_in_place_and_the_model_sees_prefix_state_step():
     keys, values = layer.update(*kv(3))
     assert keys.shape == (1, 2, 5, 4) and keys[0, 0, :, 0].tolist() == [100, 101, 0, 1, 2]
     assert torch.equal(values, -keys) and layer.get_seq_length() == 5 and layer.get_mask_sizes(1) == (6, 0)
-    state = Full().next_state(layer.merged(0), layer.state_size, None, None)
+    state = Full().update_merged(layer.merged(0), layer.state_size, None, None)
     layer.commit(state)  # Full's next state is [state | step] where it already lies
     assert layer.state_size == 3 and layer.keys.untyped_storage().data_ptr() == storage
     layer.begin_step()
@@ -42,7 +42,7 @@ def test_window_tail_moved_onto_an_overlapping_state_keeps_its_values():
                       reserve=2)
     layer.begin_step()
     layer.update(*kv(2, start=4))
-    layer.commit(Window(capacity=5).next_state(layer.merged(4), layer.state_size, None, None))
+    layer.commit(Window(capacity=5).update_merged(layer.merged(4), layer.state_size, None, None))
     state = layer.state()
     assert state.keys[0, :, 0].tolist() == [1, 2, 3, 4, 5] == state.token_index[0].tolist()
     assert layer.keys[0, 0, :, 0].tolist() == [100, 1, 2, 3, 4, 5]
@@ -70,24 +70,12 @@ def test_update_merged_equals_update(policy, state_size):
     chunk = LayerState(merged.keys[:, state_size:].clone(), merged.values[:, state_size:].clone(),
                        merged.token_index[:, state_size:].clone())
     expected = policy.update(state, chunk, scores if policy.needs_scores else None)
-    got = policy.next_state(merged, state_size, carried, scores if policy.needs_scores else None)
+    got = policy.update_merged(merged, state_size, carried, scores if policy.needs_scores else None)
     for name in ("keys", "values", "token_index", "scores"):
         a, b = getattr(expected, name), getattr(got, name)
         assert (a is None) == (b is None), name
         if a is not None:
             assert torch.equal(a, b), name
-
-
-def test_a_subclass_overriding_update_is_honoured():
-    calls = []
-
-    class Recording(Full):
-        def update(self, state, chunk, scores):
-            calls.append((0 if state is None else state.size, chunk.size))
-            return super().update(state, chunk, scores)
-
-    Recording().next_state(_merged(4, 3), 4, None, None)
-    assert calls == [(4, 3)]
 
 
 class Spy(Policy):

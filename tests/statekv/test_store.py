@@ -148,14 +148,14 @@ def test_round_trip_is_bit_identical(store_root, prefilled, dtype):
     root, options = store_root
     cache = cast(prefilled, dtype)
     uri = uri_of(root, "vid")
-    manifest = cache.save(uri, storage_options=options)
+    manifest = save_cache(cache, uri, storage_options=options)
     assert manifest["dtype"] == str(dtype).removeprefix("torch.") and manifest["storage"] == "native"
     assert manifest["totals"]["chunks"] == 6 and manifest["totals"]["tokens"] == 36
     assert manifest["model"]["fingerprint"] == cache.model.fingerprint
     assert manifest["chunks"] == {"count": 6, "tokens": [6] * 6} and manifest["layout"]["position_rows"] == 3
     assert manifest["family"] == {"model_type": "qwen2_vl", "cursor": cache.cursor}
     assert manifest["prefill"] == cache.config.to_dict() and manifest["format_version"] == 2
-    lazy = VideoKVCache.load(uri, storage_options=options)
+    lazy = load_cache(uri, storage_options=options)
     assert lazy.chunks.loaded == []  # nothing read before first access
     assert_identical(cache, lazy)
     assert_identical(cache, load_cache(uri, lazy=False, storage_options=options))
@@ -169,7 +169,7 @@ def test_answers_from_a_loaded_cache_equal_the_in_memory_cache(store_root, engin
     uri = uri_of(root, "vid")
     manifest = prefill_to_store(engine, frames, uri, storage_options=options, fps=FPS)  # streamed: none kept
     assert manifest["skipped"] is False
-    loaded = VideoKVCache.load(uri, storage_options=options)
+    loaded = load_cache(uri, storage_options=options)
     assert_identical(prefilled, loaded)
     for q in (QUESTION, "Is there a cat?"):
         assert engine.ask(loaded, q, max_new_tokens=5).token_ids == engine.ask(prefilled, q, max_new_tokens=5).token_ids
@@ -179,9 +179,9 @@ def test_int8_round_trip_within_half_a_quantisation_step(store_root, prefilled, 
     root, options = store_root
     uri = uri_of(root, "vid")
     native = uri_of(root, "native")
-    manifest = prefilled.save(uri, int8=True, storage_options=options)
+    manifest = save_cache(prefilled, uri, int8=True, storage_options=options)
     assert manifest["storage"] == "int8"
-    assert manifest["totals"]["bytes"] < prefilled.save(native, storage_options=options)["totals"]["bytes"]
+    assert manifest["totals"]["bytes"] < save_cache(prefilled, native, storage_options=options)["totals"]["bytes"]
     loaded = load_cache(uri, storage_options=options)
     assert loaded.dtype == torch.float32
     for a, b in zip(prefilled.chunks, loaded.chunks):
@@ -210,11 +210,11 @@ def test_partial_read_transfers_only_the_chunks_and_layers_asked_for(store_root)
     root, options = store_root
     uri = uri_of(root, "big")
     cache = fake_cache(24, layers=4, heads=2, tokens=256, dim=64)  # 128 KiB per layer K, 1 MiB per chunk
-    manifest = cache.save(uri, storage_options=options)
+    manifest = save_cache(cache, uri, storage_options=options)
     fs, _ = store_fs(uri, options)
     counting = CountingFS(fs)
     part = load_cache(uri, chunks=[5, 6], layers=[2], filesystem=counting)
-    assert part.loaded_layers == [2] and len(part.chunks) == 2
+    assert part.committed.layers == [2] and len(part.chunks) == 2
     assert part.prefix_keys[0] is None and part.state[0] is None and part.state[2] is not None
     chunks_file = next(f for f in manifest["files"] if f["kind"] == "chunks")
     before = sum(n for p, n in counting.bytes_read.items() if p.endswith(chunks_file["path"]))
@@ -376,7 +376,7 @@ def test_a_flipped_byte_or_truncation_is_detected(store_root):
     root, options = store_root
     uri = uri_of(root, "vid")
     cache = fake_cache(6)
-    manifest = cache.save(uri, storage_options=options)
+    manifest = save_cache(cache, uri, storage_options=options)
     fs, path = store_fs(uri, options)
     entry = next(f for f in manifest["files"] if f["kind"] == "chunks")
     obj = f"{path}/{entry['path']}"
@@ -402,7 +402,7 @@ def test_missing_cache_and_other_model_are_named(store_root):
         load_cache(uri_of(root, "nope"), storage_options=options)
     uri = uri_of(root, "vid")
     cache = fake_cache(2)
-    cache.save(uri, storage_options=options)
+    save_cache(cache, uri, storage_options=options)
     with pytest.raises(ModelMismatchError, match="f00d.*beef"):
         load_cache(uri, expect_model=dataclasses.replace(cache.model, fingerprint="beef"), storage_options=options)
 
@@ -413,7 +413,7 @@ def test_s3_through_environment_credentials(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     cache = fake_cache(3, dtype=torch.bfloat16)
-    cache.save("s3://caches/env/vid", storage_options={"endpoint_url": endpoint})
+    save_cache(cache, "s3://caches/env/vid", storage_options={"endpoint_url": endpoint})
     assert_identical(cache, load_cache("s3://caches/env/vid", storage_options={"endpoint_url": endpoint}))
 
 

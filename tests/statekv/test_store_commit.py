@@ -301,7 +301,7 @@ def test_a_resume_whose_base_was_replaced_is_refused(store_root, engine, frames,
     uri = f"{root}/vid"
     prefill_to_store(engine, frames[:6], uri, storage_options=options, fps=FPS)
     other = synthetic_frames(6, 56, 84, seed=11)  # as many chunks as the base: the resume's chunks fit after it
-    real_load = statekv.store.load_cache
+    real_load = statekv.store.prefill.load_cache
     winner = {}
 
     def load_then_overwrite(*args, **kwargs):
@@ -309,7 +309,7 @@ def test_a_resume_whose_base_was_replaced_is_refused(store_root, engine, frames,
         winner.update(prefill_to_store(engine, other, uri, storage_options=options, fps=FPS))
         return base
 
-    monkeypatch.setattr(statekv.store, "load_cache", load_then_overwrite)
+    monkeypatch.setattr(statekv.store.prefill, "load_cache", load_then_overwrite)
     with pytest.raises(ConcurrentWriteError, match="another writer committed"):
         prefill_to_store(engine, frames[6:], uri, resume=True, storage_options=options, fps=FPS)
     monkeypatch.undo()

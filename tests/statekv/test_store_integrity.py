@@ -406,9 +406,9 @@ def test_manifest_version_detects_a_re_prefill(store_root):
     uri = f"{root}/vid"
     save_cache(fake_cache(2, seed=1), uri, storage_options=options)
     loaded = load_cache(uri, storage_options=options)
-    assert manifest_version(uri, storage_options=options) == loaded.manifest_version
+    assert manifest_version(uri, storage_options=options) == loaded.committed.version
     save_cache(fake_cache(2, seed=2), uri, storage_options=options)
-    assert manifest_version(uri, storage_options=options) != loaded.manifest_version
+    assert manifest_version(uri, storage_options=options) != loaded.committed.version
 
 
 # --- issue 8.15: the catalog ------------------------------------------------------------------------------------

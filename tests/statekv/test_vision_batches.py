@@ -114,10 +114,10 @@ def test_steps_must_not_split_a_temporal_patch(tiny_checkpoints):
 
 
 def test_the_flags_default_is_the_engines():
-    """jobs/options.py spells the default out (its --help imports no torch); pipelines' IndexConfig too."""
-    from jobs.options import VISION_BATCH_FRAMES
+    """One definition (statekv/settings.py) for the flag, the indexing config and the engine."""
     from pipelines.indexing.config import IndexConfig
     from statekv.engine import DEFAULT_VISION_BATCH_FRAMES
+    from statekv.settings import PrefillSettings
 
-    assert VISION_BATCH_FRAMES == IndexConfig.__dataclass_fields__["vision_batch_frames"].default \
-        == DEFAULT_VISION_BATCH_FRAMES
+    assert PrefillSettings().vision_batch_frames == IndexConfig(input="i", output="o", model="m").prefill \
+        .vision_batch_frames == DEFAULT_VISION_BATCH_FRAMES == 16
