@@ -6,8 +6,8 @@
 
 The model is the real `Qwen2VLForConditionalGeneration` fed exactly what the processor builds
 (`statekv.testing.reference_inputs`: the chat template around the video, M-RoPE positions computed by the
-model), so `Engine.from_pretrained` loads the result like any checkpoint and `Full()` answers as it does. Besides the answer
-loss, a linear head on the vision merger's output learns each video token's colour and shape (an auxiliary loss,
+model), so `Engine.from_pretrained` loads the result like any checkpoint and `Full()` answers as it does. Besides
+the answer loss, a linear head on the vision merger's output learns each video token's colour and shape (an auxiliary loss,
 dropped after training): without it the tiny model learned nothing in minutes; it reads layer-normed tokens, since on
 raw ones it drove the tokens' norm up instead. Deterministic given --seed (data seeds, init and batch order all come
 from it; fixed --steps, not a time budget) and, for a further stage, --init (the earlier stage's record is kept).
