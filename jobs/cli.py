@@ -279,14 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
     p = command("demo", "the main job on embedded defaults",
-                "Prefill a sample video into a local store with a tiny random model (or --model), then answer a "
-                "question from the stored cache.")
-    p.add_argument("--model", help="checkpoint (default: a tiny random Qwen2-VL built locally)")
-    p.add_argument("--video", help="video (default: a synthetic sample video)")
+                "Prefill a generated video of the proxy task into a local store with the proxy model that ships "
+                "with statekv (or --model / --video), then answer a question from the stored cache, with the "
+                "chunks (time ranges) that hold its evidence; for the proxy video it says what the video shows "
+                "and whether the answer is right.")
+    p.add_argument("--model", help="checkpoint (default: statekv's trained proxy model, a tiny Qwen2-VL)")
+    p.add_argument("--video", help="video (default: a generated 12 s proxy-task video)")
     p.add_argument("--out", help="cache root (default: ~/.cache/statekv/caches, or $STATEKV_HOME/caches)")
-    p.add_argument("--question", default="What happens in the video?", help="the question asked")
-    p.add_argument("--capacity", type=int, default=512,
+    p.add_argument("--question", default=None,
+                   help="the question asked (default: 'What shape appeared?' on the proxy video)")
+    p.add_argument("--capacity", type=int, default=16,
                    help="carried tokens per layer (small so that the sample video exceeds it)")
+    p.add_argument("--evidence-chunks", type=int, default=2,
+                   help="chunks retrieved (TopK) to show where the evidence is")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help="torch CPU threads (0: torch's own choice, one per core)")
@@ -756,44 +761,62 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from statekv import samples
+    from statekv import proxy, samples
+    from statekv.retrieval import TopK
     from statekv.settings import PrefillSettings
-    from statekv.store import load_cache, prefill_to_store
+    from statekv.store.cache_store import CacheStore
     from statekv.store.describe import format_manifest
 
     _check_device(args)
-    model = args.model or str(samples.tiny_checkpoint())
-    video = args.video or str(samples.sample_video())
-    root = args.out or str(samples.DEFAULT_HOME / "caches")
-    uri = f"{root.rstrip('/')}/sample"
+    model = args.model or str(proxy.checkpoint_path())
+    truth = None
+    if args.video:
+        video = args.video
+    else:
+        path, truth = samples.proxy_video()
+        video = str(path)
+    question = args.question or (truth.questions["shape"].text if truth else "What happens in the video?")
+    expected = next((q for q in truth.questions.values() if q.text == question), None) if truth else None
+    store = CacheStore(args.out or str(samples.DEFAULT_HOME / "caches"))
+    uri = store.uri("sample")
     engine = _engine(model, argparse.Namespace(device=args.device, dtype=None, threads=args.threads),
                      PrefillSettings(capacity=args.capacity))
     start = time.perf_counter()
-    prefill_to_store(engine, video, uri, mode="overwrite")
+    store.prefill(engine, video, "sample", mode="overwrite")
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    cache = load_cache(uri)
-    answer = engine.ask(cache, args.question, max_new_tokens=24)
+    cache = store.load("sample")
+    answer = engine.ask(cache, question, max_new_tokens=24)
     answer_s = time.perf_counter() - start
-    print(format_manifest(uri, _manifest_of(uri)))
+    located = engine.ask(cache, question, max_new_tokens=1, retrieval=TopK(k=args.evidence_chunks))
+    print(format_manifest(uri, cache.committed.manifest))
     print(f"prefill + store: {prefill_s:.2f} s; load + answer: {answer_s:.2f} s")
-    print(f"question: {args.question}")
-    print(f"answer:   {answer.text!r}")
+    if truth is not None:
+        print(f"video:    {video} ({truth.num_chunks * 2 / truth.fps:g} s, 2 fps, lossless: open it to check)\n"
+              f"          {truth.describe()}")
+    print(f"question: {question}")
+    verdict = ""
+    if expected is not None:
+        right = answer.text.strip().lower().strip(".") == expected.answer
+        verdict = f"  ({'right' if right else 'WRONG'}: the video says {expected.answer!r})"
+    print(f"answer:   {answer.text!r}{verdict}")
+    # the chunks most layers pick first: where the question finds its evidence, in the video's time
+    evidence = sorted(located.evidence, key=lambda e: (-e.layers, e.chunk))
+    chunks = _format_evidence(evidence).split("\n", 1)[1]  # the chunk lines, without their header
+    print(f"evidence: the chunks whose stored summary keys the question scores highest (ReKV's TopK, k="
+          f"{args.evidence_chunks} per layer; 'layers': how many of the model's layers picked it):\n{chunks}")
     if not args.model:
-        print("\nThe model is a tiny random Qwen2-VL (random weights, built locally), so the answer is noise: the "
-              "demo shows the path (prefill -> store -> answer from the store), not the words. Next:\n"
+        other = truth.questions["after"].text if truth else "What moves?"
+        print("\nThe model is statekv's proxy (a 0.8 M-parameter Qwen2-VL trained here on synthetic videos of colours "
+              "and shapes, statekv/proxy; python -m jobs.train_proxy retrains it). It answers shape questions "
+              "reliably; its answers to the other question types are often wrong (docs/benchmarks.md). Next:\n"
               f"  statekv inspect {uri}\n"
-              f"  statekv ask {uri} \"What moves?\" --json\n"
+              f"  statekv ask {uri} \"{question}\" --json\n"
+              f"  statekv ask {uri} \"{other}\"   # still often wrong\n"
               "  statekv prefill your.mp4 --model Qwen/Qwen2-VL-2B-Instruct --out caches/your   "
               "# a real model (from the hub)\n"
               "  statekv tiny-model --list   # tiny random checkpoints of every family, to try offline")
     return 0
-
-
-def _manifest_of(uri: str) -> dict[str, Any]:
-    from statekv.store import read_manifest
-
-    return read_manifest(uri)
 
 
 def _describe(manifest: dict[str, Any]) -> str:

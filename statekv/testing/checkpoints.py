@@ -60,8 +60,9 @@ def vision_token_ids(tokenizer) -> dict[str, int]:
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
 
 
-def build_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE tokenizer with Qwen's special tokens and chat template."""
+def build_tokenizer(vocab_size: int = 400, corpus: list[str] | None = None):
+    """A byte-level BPE tokenizer with Qwen's special tokens and chat template, trained on `corpus` (default: a
+    few sentences about videos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -74,7 +75,7 @@ def build_tokenizer(vocab_size: int = 400):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok.train_from_iterator(_CORPUS if corpus is None else corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",

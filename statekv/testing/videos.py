@@ -34,8 +34,10 @@ def synthetic_frames(num_frames: int, height: int = 56, width: int = 84, *, seed
     return frames
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 4.0, *, codec: str = "libx264") -> None:
-    """Encode uint8 (T, H, W, 3) RGB frames to `path` as yuv420p (H and W must be even)."""
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 4.0, *, codec: str = "libx264",
+                lossless: bool = False) -> None:
+    """Encode uint8 (T, H, W, 3) RGB frames to `path` as yuv420p (H and W must be even); `lossless=True` stores
+    the RGB exactly instead (H.264 RGB at qp 0: decoders give back the very pixels), whatever `codec` says."""
     import av
 
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
@@ -44,8 +46,11 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 4.0, *
     if height % 2 or width % 2:
         raise ValueError(f"yuv420p needs even frame sides, got {height}x{width}")
     with av.open(os.fspath(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream = container.add_stream("libx264rgb" if lossless else codec,
+                                      rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24" if lossless else "yuv420p"
+        if lossless:
+            stream.options = {"qp": "0"}
         for rgb in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
         container.mux(stream.encode(None))  # flush delayed (B-)frames

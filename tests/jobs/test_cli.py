@@ -110,18 +110,30 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert "statekv inspect: error:" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_demo_runs_the_main_job_on_embedded_defaults(tmp_path):
-    """The README's main job: tiny model + sample video → stored cache → answer read back from the store."""
+def test_demo_answers_the_proxy_video_right_with_its_evidence(tmp_path):
+    """The README's main job: the shipped proxy model + a generated video → stored cache → an answer read back from
+    the store that the video confirms, the time range it comes from, and what the video shows to check it."""
     import os
+    import re
+
+    from statekv.proxy.task import held_out_seed, make_video
+    from statekv.samples import DEMO_FRAMES, DEMO_SEED
 
     env = {**os.environ, "STATEKV_HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--capacity", "64"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--capacity", "8"], capture_output=True,
                           text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
-    assert "state:    64 tokens per layer" in done.stdout and "answer:" in done.stdout
-    assert "random weights" in done.stdout and "statekv tiny-model --list" in done.stdout  # what it is, what next
-    assert "statekv ask" in done.stdout and "Qwen/" in done.stdout
+    out = done.stdout
+    truth = make_video(DEMO_FRAMES, held_out_seed(DEMO_FRAMES, DEMO_SEED))
+    shape = truth.questions["shape"].answer
+    assert "state:    8 tokens per layer" in out and "question: What shape appeared?" in out
+    assert f"answer:   '{shape}'  (right: the video says '{shape}')" in out
+    assert truth.describe() in out  # what the video shows, in time ranges the viewer can check
+    needle = truth.needles[0]
+    assert re.search(rf"chunk +{needle} +{needle:.2f} s - +{needle + 1:.2f} s", out), out  # the evidence's time range
+    assert "statekv ask" in out and "Qwen/" in out and "jobs.train_proxy" in out  # what it is, what next
     assert (tmp_path / "caches" / "sample" / "manifest.json").exists()
+    assert (tmp_path / f"proxy-{DEMO_FRAMES}f-{DEMO_SEED}.mp4").exists()
 
 
 # --- start-up cost and cheap checks (issue 8, point 10) ---------------------------------------------------------

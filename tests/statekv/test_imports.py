@@ -82,7 +82,7 @@ def test_no_import_circles():
 # Inside statekv, highest layer first. A module may import from its own layer (without circles, checked above)
 # and from any layer below it, never from one above. "statekv" itself is the package's facade (lazy exports).
 STATEKV_LAYERS = [
-    ("tools", ("statekv.benchmarks", "statekv.eval", "statekv.samples", "statekv.testing")),
+    ("tools", ("statekv.benchmarks", "statekv.eval", "statekv.proxy", "statekv.samples", "statekv.testing")),
     ("answering", ("statekv", "statekv.engine", "statekv.answering", "statekv.decoding")),
     ("models, store, video", ("statekv.models", "statekv.store", "statekv.video", "statekv.attention")),
     ("cache, policies, ops", ()),  # everything else: plain containers, policies, kernels, errors
@@ -102,14 +102,14 @@ def layer_of(module: str) -> int:
 
 def test_statekv_layers_point_down():
     """Issue 19: answering/engine above models/store/video above the cache, policies and kernels; the test side
-    (statekv.testing: tiny checkpoints, reference inputs) is used only by tools (benchmarks, eval, the demo's
-    samples), never by an adapter, a policy or the store."""
+    (statekv.testing: tiny checkpoints, reference inputs) is used only by tools (benchmarks, the proxy model's
+    evaluation, the demo's samples), never by an adapter, a policy or the store."""
     g = graph()
     up = [(a, b) for a, deps in g.items() if a.startswith("statekv") for b in deps
           if b.startswith("statekv") and layer_of(b) < layer_of(a)]
     assert up == []
     assert [a for a, deps in g.items() if a.startswith("statekv") and any(d.startswith("statekv.testing") for d in deps)
-            and not a.startswith(("statekv.testing", "statekv.benchmarks", "statekv.samples"))] == []
+            and not a.startswith(("statekv.testing", "statekv.benchmarks", "statekv.proxy", "statekv.samples"))] == []
     assert layer_of("statekv.store.reader") == 2 and layer_of("statekv.cache") == 3 and layer_of("statekv") == 1
 
 
