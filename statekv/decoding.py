@@ -277,13 +277,9 @@ class BatchDecoder:
     def prefix(self) -> DeviceVideo:
         """The prefix's KV and the linear layers' final states on the device: what retrieval questions share."""
         if self._prefix is None:
-            c, dev, linear = self.cache, self.adapter.device, self.adapter.layout.linear_layers
-            kv = [None if i in linear else (c.prefix_keys[i].to(dev).unsqueeze(0),
-                                            c.prefix_values[i].to(dev).unsqueeze(0))
-                  for i in range(self.adapter.layout.num_layers)]
-            self._prefix = DeviceVideo([None if x is None else x[0] for x in kv],
-                                       [None if x is None else x[1] for x in kv],
-                                       {i: r.to(dev) for i, r in c.recurrent.items()})
+            layout = self.adapter.layout
+            self._prefix = DeviceVideo.from_cache(self.cache, layout.num_layers, layout.linear_layers,
+                                                  self.adapter.device, prefix_only=True)
         return self._prefix
 
     def add(self, request: AnswerRequest, prompt: AnswerInputs, *, stream: bool = False) -> Decoding:

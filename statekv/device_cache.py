@@ -41,8 +41,9 @@ class DeviceVideo:
 
     @classmethod
     def from_cache(cls, cache: VideoKVCache, num_layers: int, linear_layers: tuple[int, ...],
-                   device: torch.device) -> "DeviceVideo":
-        """Concatenate the cache's KV per layer (`cache.layer_kv`) and move it to `device`, once."""
+                   device: torch.device, *, prefix_only: bool = False) -> "DeviceVideo":
+        """Concatenate the cache's KV per layer (`cache.layer_kv`) and move it to `device`, once. `prefix_only`:
+        the text prefix's KV alone (what retrieval questions share; each adds the chunks chosen for it)."""
         keys: list[torch.Tensor | None] = []
         values: list[torch.Tensor | None] = []
         for i in range(num_layers):
@@ -50,7 +51,7 @@ class DeviceVideo:
                 keys.append(None)
                 values.append(None)
                 continue
-            k, v = cache.layer_kv(i)  # (Hkv, S, D)
+            k, v = (cache.prefix_keys[i], cache.prefix_values[i]) if prefix_only else cache.layer_kv(i)  # (Hkv, S, D)
             keys.append(k.to(device).unsqueeze(0).contiguous())
             values.append(v.to(device).unsqueeze(0).contiguous())
         return cls(keys, values, {i: r.to(device) for i, r in cache.recurrent.items()})
