@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,6 +37,36 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def free_port_block(n: int) -> list[int]:
+    """`n` consecutive ports, every one free now, below the kernel's ephemeral range (so no port another process
+    asks the kernel for — another test's `free_ports`, an outgoing connection — can land inside the block). A head
+    takes its component ports and its worker-port range from one block: ranges drawn apart once collided, the
+    raylet's port falling inside the workers' range, and Ray refused to start."""
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(10000, low - n)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return list(range(base, base + n))
+    raise RuntimeError(f"no {n} consecutive free ports below {low}")
+
+
+def _signal(pid: int, sig: int, *, group: bool = False) -> None:
+    """Send `sig`; a process that has already exited is what was wanted."""
+    with contextlib.suppress(ProcessLookupError):
+        (os.killpg if group else os.kill)(pid, sig)
+
+
 def _pids_under(temp_dir: str) -> list[int]:
     """Processes whose command line names `temp_dir`: the Ray processes of the head a test started."""
     pids = []
@@ -55,8 +86,9 @@ def start_head(*, auth: str = "disabled", num_cpus: int = 2) -> Iterator[Head]:
     """A fresh single-node head on 127.0.0.1. `auth="token"` turns Ray's token authentication on, with a token
     written to `<temp_dir>/auth_token` (RAY_AUTH_TOKEN_PATH in `Head.env`)."""
     temp_dir = tempfile.mkdtemp(prefix="skv-ray-", dir="/tmp")  # short: Ray's socket paths live under it
-    gcs, dash, client, node, obj, agent_http, agent_grpc, rt_env, metrics = free_ports(9)
-    workers = free_ports(1)[0]
+    block = free_port_block(9 + 41)
+    gcs, dash, client, node, obj, agent_http, agent_grpc, rt_env, metrics = block[:9]
+    workers = block[9]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "RAY_AUTH"))}
     env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", RAY_AUTH_MODE=auth,
                AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
@@ -87,15 +119,15 @@ def start_head(*, auth: str = "disabled", num_cpus: int = 2) -> Iterator[Head]:
             time.sleep(1)
         yield Head(dashboard=url, gcs=f"127.0.0.1:{gcs}", env=env, temp_dir=temp_dir)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        _signal(head.pid, signal.SIGTERM, group=True)
         try:
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            _signal(head.pid, signal.SIGKILL, group=True)
             head.wait()
         log.close()
         deadline = time.time() + 30
         while _pids_under(temp_dir) and time.time() < deadline:
             time.sleep(0.5)
         for pid in _pids_under(temp_dir):  # agents that outlive the raylet for a while
-            os.kill(pid, signal.SIGKILL)
+            _signal(pid, signal.SIGKILL)
