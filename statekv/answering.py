@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -74,9 +74,9 @@ class QuestionCancelled(Exception):
 class Collector:
     """One question's pieces -> token events while it streams, then its `Answer`."""
 
-    def __init__(self, adapter: VideoLMAdapter, layout: str) -> None:
-        self.adapter, self.layout = adapter, layout
-        self.text = TextDeltas(adapter.tokenizer)
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.text = TextDeltas(tokenizer)
 
     def events(self, d: Decoding) -> list[TokenEvent]:
         """The tokens read back since the last call, with the text each completes (and its logits, if kept)."""
@@ -96,9 +96,9 @@ class Collector:
     def answer(self, d: Decoding) -> Answer:
         """The `Answer` of a finished question."""
         r = d.request
-        return Answer(text=self.adapter.tokenizer.decode(d.tokens, skip_special_tokens=True),
+        return Answer(text=self.tokenizer.decode(d.tokens, skip_special_tokens=True),
                       token_ids=list(d.tokens),
-                      prompt_ids=self.adapter.question_ids(r.question, self.layout).tolist(),
+                      prompt_ids=d.prompt.prompt_ids.tolist(),  # the ids it was asked with: not tokenized again
                       finish_reason=d.finish_reason or "length",
                       scores=[l.cpu() for l in d.logits] if r.output_scores else None,
                       first_token_s=d.first_token_s, total_s=d.total_s, evidence=self.evidence(d))
@@ -251,7 +251,7 @@ class Scheduler:
                 self._fail([t], err)
                 continue
             t.decoding.started = t.submitted
-            t.collector = Collector(self.engine.adapter, group.cache.config.layout)
+            t.collector = Collector(self.engine.adapter.tokenizer)
             group.running.append(t)
 
     def _deliver(self, group: _Group, t: Ticket, finished: bool) -> None:

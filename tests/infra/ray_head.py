@@ -119,15 +119,20 @@ def start_head(*, auth: str = "disabled", num_cpus: int = 2) -> Iterator[Head]:
             time.sleep(1)
         yield Head(dashboard=url, gcs=f"127.0.0.1:{gcs}", env=env, temp_dir=temp_dir)
     finally:
-        _signal(head.pid, signal.SIGTERM, group=True)
+        # Ctrl-C, as a user stops `ray start --block`: it stops its processes in ~4 s (SIGTERM waits out 30 s)
+        _signal(head.pid, signal.SIGINT, group=True)
         try:
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
             _signal(head.pid, signal.SIGKILL, group=True)
             head.wait()
         log.close()
-        deadline = time.time() + 30
+        # agents and workers outlive the raylet (for up to 30 s, waiting on their own timeouts): ask them to stop,
+        # then end what is left; only this head's processes name its temp dir
+        for pid in _pids_under(temp_dir):
+            _signal(pid, signal.SIGTERM)
+        deadline = time.time() + 5
         while _pids_under(temp_dir) and time.time() < deadline:
-            time.sleep(0.5)
-        for pid in _pids_under(temp_dir):  # agents that outlive the raylet for a while
+            time.sleep(0.2)
+        for pid in _pids_under(temp_dir):
             _signal(pid, signal.SIGKILL)

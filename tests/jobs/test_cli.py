@@ -547,6 +547,7 @@ def test_retrieval_from_a_state_cache_is_one_line(capsys, tmp_path, tiny_checkpo
                                     sampling=SamplingConfig(min_pixels=28 * 28, max_pixels=56 * 84))
     uri = str(tmp_path / "caches" / "state")
     prefill_to_store(engine, synthetic_frames(8, 56, 84, seed=1), uri, fps=2.0)
+    capsys.readouterr()  # the setup's own output (its weight-loading bar, when no earlier CLI run turned bars off)
     code, out, err = run(capsys, "ask", uri, "What happens?", "--top-k", "2")
     assert code == 1 and out == ""
     assert err.strip() == ("statekv ask: error: retrieval picks chunks, and this cache keeps none: it answers from "
