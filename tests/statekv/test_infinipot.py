@@ -185,3 +185,30 @@ def test_infinipot_settings_round_trip():
     assert policy.settings() == {"name": "infinipot", "budget": 64, "target": 0.5, "recent": 0.25, "tar": 0.5}
     with pytest.raises(ValueError, match="target"):
         InfiniPotV(target=1.5)
+
+
+@pytest.mark.parametrize("chunks_per_step", [1, 2])
+def test_the_engine_state_is_the_published_rule_on_the_chunks_it_made(tiny_checkpoints, chunks_per_step):
+    """End to end: the engine tells the policy its chunks' sizes (6 tokens each here), so the carried state after a
+    prefill is the reference's memory over the very K/V each step produced (stored as the cache's chunks). Taking a
+    two-chunk step for one frame would give a 12-token state instead of 18 (5 frames held at most, 3 kept)."""
+    from statekv import Engine
+    from statekv.testing.videos import synthetic_frames
+    from statekv.video import SamplingConfig
+
+    engine = Engine.from_pretrained(tiny_checkpoints["qwen2_vl"], policy=InfiniPotV(budget=30), device="cpu",
+                                    dtype=torch.float32, chunks_per_step=chunks_per_step,
+                                    sampling=SamplingConfig(fps=2.0, min_pixels=28 * 28, max_pixels=56 * 84))
+    cache = engine.prefill(synthetic_frames(16, 56, 84, seed=5), fps=2.0)
+    assert set(cache.chunk_tokens) == {6} and cache.num_chunks == 8
+    for layer, state in enumerate(cache.state):
+        steps = []
+        for i in range(0, cache.num_chunks, chunks_per_step):
+            group = cache.chunks[i:i + chunks_per_step]
+            steps.append((torch.cat([c.keys[layer] for c in group], dim=1),
+                          torch.cat([c.values[layer] for c in group], dim=1), 6))
+        expected = reference_stream(steps, 30, 0.75, 0.25, 0.5)[-1]
+        assert state.token_index.tolist() == expected
+        assert state.size == {1: 24, 2: 18}[chunks_per_step]  # 8 chunks: ..., 30 -> 18, 24 / ..., 36 -> 18, 30 -> 18
+        flat_k = torch.cat([s[0] for s in steps], dim=1)
+        assert torch.equal(state.keys, flat_k.gather(1, state.token_index.unsqueeze(-1).expand_as(state.keys)))
