@@ -7,8 +7,8 @@ setting where it carries everything and so equals `Full()` exactly (capacity >= 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
