@@ -344,11 +344,13 @@ class Engine:
                 read_recurrent(step_cache, linear), inputs.cursor, inputs.chunk_tokens, layout=self.layout,
                 backend=self.attention_backend, build_cache=build_cache))  # before the policy overwrites the step
             first_token = cache.num_video_tokens
+            # the step's chunk sizes, for a policy that works in frames (InfiniPot-V): the policy stays model-free
+            chunk_kw = {"chunk_tokens": tuple(inputs.chunk_tokens)} if self.policy.needs_chunk_tokens else {}
             for layer in step_cache.attention:  # linear-attention layers: their states are exact, no policy
                 buffers = step_cache.layers[layer]
                 layer_scores = None if scores is None else scores[layer][0, :, prefix_len:]
                 state = self.policy.update_merged(buffers.merged(first_token), buffers.state_size,
-                                                  carried[layer], layer_scores)
+                                                  carried[layer], layer_scores, **chunk_kw)
                 buffers.commit(state)  # written into the buffer (nothing moves when it already lies there)
                 carried[layer] = state.scores
             step_kv = host.wait() if host is not None else [None] * a.layout.num_layers  # per layer (Hkv, n, D)

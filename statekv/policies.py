@@ -7,6 +7,7 @@ setting where it carries everything and so equals `Full()` exactly (capacity >= 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -62,6 +63,8 @@ class Policy:
 
     name: ClassVar[str]
     needs_scores: ClassVar[bool] = False
+    # the engine passes `chunk_tokens` (the step's chunks' token counts) to `update_merged` when this is set
+    needs_chunk_tokens: ClassVar[bool] = False
 
     def update(self, state: LayerState | None, chunk: LayerState, scores: torch.Tensor | None) -> LayerState:
         """`scores` (Hkv, S + n) is the attention mass [state; chunk] received from the chunk's queries."""
@@ -159,26 +162,110 @@ class StateKV(Policy):
 
 @dataclass
 class InfiniPotV(Policy):
-    """Keep at most `budget` tokens per layer and KV head by InfiniPot-V's rule, without attention weights.
+    """InfiniPot-V as published (paper and reference code): block-wise compression of a fixed-budget memory.
 
-    When [state; chunk] exceeds the budget: the newest `recent` fraction of the budget is always kept; of the
-    rest, a `tar` share goes to the tokens with the highest temporal novelty (TaR: 1 - cosine similarity of a
-    key to the key at the same spatial position, counted from the end of the chunk, in the chunk before it —
-    recorded once, when the token arrives) and the remainder to the highest value L2 norms (VaN). Kept tokens keep
-    their post-RoPE keys, so their original positions are preserved. With budget >= all tokens it equals `Full`.
+    The memory fills, frame after frame, until it holds the `budget` (in tokens, rounded down to whole frames);
+    then it is compressed to the `target` share of those frames (the paper's 32 frames -> 24) and fills again.
+    A compression, per layer and KV head, of the F frames held:
+    - the newest int(F * `recent`) frames are the recent window, kept whole;
+    - TaR: every older token is scored by its mean cosine similarity to the keys at the same spatial offset (its
+      slot within a frame) in each recent frame, recomputed at every compression; the least similar (most novel)
+      are kept, so that TaR's share — `tar` of the kept tokens, the recent window included — is filled;
+    - VaN: the rest of the kept tokens are those with the largest value L2 norm among the tokens left.
+    With `tar=0` there is no recent window and VaN chooses every kept token (as in the reference code). A frame is
+    one chunk of the engine (`chunk_tokens`); frames must have equal token counts (Qwen2-VL / Qwen2.5-VL, the
+    paper's families) when a compression runs. Kept keys stay post-RoPE at their original positions. With a
+    budget above all video tokens nothing is ever compressed: `Full`.
+    """
+
+    budget: int = 4096  # tokens the memory may hold (whole frames); a memory that reaches it is compressed
+    target: float = 0.75  # share of the budget's frames a compression keeps (0.75: 32 frames -> 24)
+    recent: float = 0.25  # share of the frames held that is the recent window (TaR's reference, kept whole)
+    tar: float = 0.5  # share of the kept tokens chosen by TaR, recent window included; the rest by VaN
+    name: ClassVar[str] = "infinipot"
+    needs_chunk_tokens: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_capacity(self.budget)
+        for field_name in ("target", "recent", "tar"):
+            value = getattr(self, field_name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"InfiniPotV {field_name} must be in [0, 1], got {value!r}")
+
+    def update(self, state: LayerState | None, chunk: LayerState, scores: torch.Tensor | None) -> LayerState:
+        """The chunk is one frame (the engine's path, `update_merged`, is told its chunks' token counts)."""
+        return self.update_merged(LayerState.concat(state, chunk), 0 if state is None else state.size, None, None)
+
+    def update_merged(self, merged: LayerState, state_size: int, carried: torch.Tensor | None,
+                      scores: torch.Tensor | None, *, chunk_tokens: Sequence[int] | None = None) -> LayerState:
+        kept = LayerState(merged.keys, merged.values, merged.token_index)
+        frame = int(chunk_tokens[-1]) if chunk_tokens else merged.size - state_size  # tokens per frame
+        if frame < 1:
+            return kept
+        budget_frames = max(1, self.budget // frame)
+        if merged.size < budget_frames * frame:  # the memory is not full yet
+            return kept
+        if merged.size % frame or (chunk_tokens and any(int(t) != frame for t in chunk_tokens)):
+            raise ValueError(f"InfiniPot-V compresses whole frames of equal size, but the memory holds "
+                             f"{merged.size} tokens and the step's chunks have {list(chunk_tokens or [frame])} "
+                             "tokens (a family whose chunks differ in length: use infinipot-stream)")
+        target_frames = max(1, int(budget_frames * self.target))
+        if merged.size <= target_frames * frame:
+            return kept
+        return kept.gather(infinipot_keep(merged.keys, merged.values, frame, target_frames, self.recent, self.tar))
+
+
+def infinipot_keep(keys: torch.Tensor, values: torch.Tensor, frame: int, target_frames: int, recent: float,
+                   tar: float) -> torch.Tensor:
+    """(Hkv, target_frames * frame) sorted indices that one InfiniPot-V compression keeps of the F whole frames in
+    `keys`/`values` (Hkv, F * frame, D): the recent window, TaR's most novel older tokens, then VaN."""
+    heads, size, _ = keys.shape
+    frames = size // frame
+    keep = target_frames * frame
+    device = keys.device
+    pinned = torch.empty(heads, 0, dtype=torch.long, device=device)  # kept before VaN chooses
+    n_recent = min(int(frames * recent), target_frames) if tar > 0 else 0
+    if tar > 0 and n_recent > 0:
+        r = n_recent * frame
+        tar_budget = keep - round((1.0 - tar) * keep)  # the reference's split: VaN gets round((1 - tar) * keep)
+        unit = keys.float() / (keys.float().norm(dim=-1, keepdim=True) + 1e-9)  # (Hkv, S, D)
+        old = unit[:, :size - r].reshape(heads, frames - n_recent, frame, -1)  # (Hkv, F - R, frame, D)
+        ref = unit[:, size - r:].reshape(heads, n_recent, frame, -1)  # (Hkv, R, frame, D)
+        similarity = torch.einsum("hjtd,hqtd->hjt", old, ref) / n_recent  # mean over the recent frames
+        novelty = -similarity.reshape(heads, -1)  # (Hkv, S - R * frame)
+        n_tar = min(max(0, tar_budget - r), novelty.shape[1])
+        tar_idx = novelty.topk(n_tar, dim=1).indices
+        recent_idx = torch.arange(size - r, size, device=device).expand(heads, -1)
+        pinned = torch.cat([tar_idx, recent_idx], dim=1)
+    norms = values.float().norm(dim=-1)  # (Hkv, S)
+    norms = norms.scatter(1, pinned, float("-inf"))
+    van_idx = norms.topk(keep - pinned.shape[1], dim=1).indices
+    return torch.cat([pinned, van_idx], dim=1).sort(dim=1).values
+
+
+@dataclass
+class InfiniPotVStream(Policy):
+    """statekv's earlier, per-chunk variant of InfiniPot-V (not the published rule: see docs/methods.md).
+
+    Compresses after every chunk, not block-wise: when [state; chunk] exceeds the budget, the newest `recent`
+    fraction of the budget (in tokens) is always kept; of the rest, a `tar` share goes to the tokens with the
+    highest temporal novelty (1 - cosine similarity of a key to the key at the same offset from the end of the
+    previous carried state — recorded once, when the token arrives; 2.0 where there is none, so the first chunk
+    counts as maximally novel) and the remainder to the highest value L2 norms (VaN). With budget >= all tokens it
+    equals `Full`.
     """
 
     budget: int = 4096
     recent: float = 0.25
     tar: float = 0.5
-    name: ClassVar[str] = "infinipot"
+    name: ClassVar[str] = "infinipot-stream"
 
     def __post_init__(self) -> None:
         _check_capacity(self.budget)
         for field_name in ("recent", "tar"):
             value = getattr(self, field_name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"InfiniPotV {field_name} must be in [0, 1], got {value!r}")
+                raise ValueError(f"InfiniPotVStream {field_name} must be in [0, 1], got {value!r}")
 
     def update(self, state: LayerState | None, chunk: LayerState, scores: torch.Tensor | None) -> LayerState:
         novelty = temporal_novelty(state, chunk)
@@ -225,7 +312,9 @@ def _infinipot_keep(merged: LayerState, budget: int, recent: float, tar: float) 
     return index, merged.scores.gather(1, index)
 
 
-POLICIES: dict[str, type[Policy]] = {"full": Full, "window": Window, "statekv": StateKV, "infinipot": InfiniPotV}
+POLICIES: dict[str, type[Policy]] = {"full": Full, "window": Window, "statekv": StateKV, "infinipot": InfiniPotV,
+                                     "infinipot-stream": InfiniPotVStream}
+BUDGETED = ("infinipot", "infinipot-stream")  # policies whose one size setting is `budget`, not `capacity`
 
 
 def make_policy(name: str, **settings: Any) -> Policy:
@@ -247,4 +336,4 @@ def policy_from_size(name: str, size: int) -> Policy:
     `budget`; `full` takes none."""
     if name == "full":
         return make_policy(name)
-    return make_policy(name, **({"budget": size} if name == "infinipot" else {"capacity": size}))
+    return make_policy(name, **({"budget": size} if name in BUDGETED else {"capacity": size}))

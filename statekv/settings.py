@@ -20,7 +20,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-POLICY_NAMES = ("full", "window", "statekv", "infinipot")
+POLICY_NAMES = ("full", "window", "statekv", "infinipot", "infinipot-stream")
+BUDGETED = ("infinipot", "infinipot-stream")  # policies whose size is `budget` (statekv.policies.BUDGETED)
 ANSWER_FROM = ("chunks", "state")
 LAYOUT_NAMES = ("prefix-first", "video-first")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
@@ -39,10 +40,10 @@ class PrefillSettings:
     the cache (a resume refuses to change it)."""
 
     policy: str = _setting("statekv", "carried-state policy", choices=POLICY_NAMES)
-    capacity: int | None = _setting(4096, "carried tokens per layer and KV head (statekv, window; the budget of "
-                                    "infinipot); full takes none", type=int)
+    capacity: int | None = _setting(4096, "carried tokens per layer and KV head (statekv, window; the memory "
+                                    "budget of infinipot and infinipot-stream); full takes none", type=int)
     policy_options: dict[str, Any] = _setting(dict, "the policy's other settings (StateKV's decay, InfiniPot-V's "
-                                              "recent share and TaR weight)", flag=False)
+                                              "target, recent share and TaR weight)", flag=False)
     answer_from: str = _setting("chunks", "what the cache stores and answers from: every chunk's KV (chunks) or only "
                                 "the bounded carried state (state: with --policy infinipot, bytes that do not grow "
                                 "with the video)", choices=ANSWER_FROM)
@@ -134,7 +135,7 @@ class PrefillSettings:
         `budget`, the others' `capacity`; `full` has none)."""
         if self.policy == "full":
             return dict(self.policy_options)
-        size = "budget" if self.policy == "infinipot" else "capacity"
+        size = "budget" if self.policy in BUDGETED else "capacity"
         return {size: self.capacity, **self.policy_options}
 
     @property
@@ -151,7 +152,7 @@ class PrefillSettings:
         `PrefillConfig.to_dict()`); `unrecorded` sets what caches do not record (`vision_batch_frames`)."""
         policy = dict(prefill["policy"])
         name = policy.pop("name")
-        size = policy.pop("budget" if name == "infinipot" else "capacity", None)
+        size = policy.pop("budget" if name in BUDGETED else "capacity", None)
         sampling = dict(prefill["sampling"])
         compression = dict(prefill.get("compression") or {})
         values = dict(policy=name, policy_options=policy, answer_from=prefill.get("answer_from", "chunks"),

@@ -4,7 +4,10 @@
     window:4096          recency baseline, the 4096 most recent tokens carried
     statekv:4096         StateKV with capacity 4096 (per layer and KV head)
     statekv:4096:0.9     StateKV with an accumulating decay of 0.9
-    infinipot:4096       InfiniPot-V carried state with a budget of 4096 tokens (newest 25 %, TaR, VaN)
+    infinipot:4096       InfiniPot-V as published: a 4096-token memory compressed block-wise to 75 % of its
+                         frames when full (newest 25 % of the frames, TaR against them, VaN)
+    infinipot-stream:4096
+                         statekv's per-chunk InfiniPot-V variant (docs/methods.md says how it differs)
     infinipot-cache:4096 InfiniPot-V as the stored cache: only the 4096-token state is kept and answered from
     topk:64:8            Full prefill; each question attends to the 64 best chunks per layer + the last 8
     rekv:4096:64:8       ReKV: sliding-window prefill (4096 tokens) + top-64 retrieval + the last 8 chunks
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from statekv.compression import Guided
-from statekv.policies import Full, InfiniPotV, Policy, StateKV, Window
+from statekv.policies import Full, InfiniPotV, InfiniPotVStream, Policy, StateKV, Window
 from statekv.retrieval import Segments, TopK
 
 
@@ -88,6 +91,15 @@ def _infinipot(args: list[str]) -> Setting:
     return Setting(name, InfiniPotV(budget=budget, recent=recent))
 
 
+def _infinipot_stream(args: list[str]) -> Setting:
+    if len(args) not in (1, 2):
+        raise ValueError("'infinipot-stream' takes infinipot-stream:BUDGET or infinipot-stream:BUDGET:RECENT_FRACTION")
+    budget = _positive_int(args[0], "infinipot-stream budget")
+    recent = float(args[1]) if len(args) == 2 else 0.25
+    name = f"infinipot-stream:{budget}" + (f":{recent:g}" if len(args) == 2 else "")
+    return Setting(name, InfiniPotVStream(budget=budget, recent=recent))
+
+
 def _infinipot_cache(args: list[str]) -> Setting:
     inner = _infinipot(args)
     return Setting(inner.name.replace("infinipot", "infinipot-cache", 1), inner.policy, answer_from="state")
@@ -145,6 +157,7 @@ def _streamkv_guided(args: list[str]) -> Setting:
 
 SETTING_KINDS: dict[str, Callable[[list[str]], Setting]] = {
     "full": _full, "window": _window, "statekv": _statekv, "infinipot": _infinipot, "infinipot-cache": _infinipot_cache,
+    "infinipot-stream": _infinipot_stream,
     "topk": _retrieving("topk", TopK, False), "rekv": _retrieving("rekv", TopK, True),
     "segments": _retrieving("segments", Segments, False), "streamkv": _retrieving("streamkv", Segments, True),
     "guided": _guided, "streamkv-guided": _streamkv_guided,

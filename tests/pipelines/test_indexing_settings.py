@@ -41,7 +41,7 @@ def test_a_state_only_infinipot_run_stores_no_chunks(tiny_checkpoints, tmp_path)
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"policy": "lru"}, "--policy: unknown policy 'lru'; valid: full, window, statekv, infinipot"),
+    ({"policy": "lru"}, "--policy: unknown policy 'lru'; valid: full, window, statekv, infinipot, infinipot-stream"),
     ({"answer_from": "all"}, "--answer-from: unknown value 'all'"),
     ({"answer_from": "state", "compress_keep": 0.5}, "--answer-from state stores none"),
 ])

@@ -46,6 +46,10 @@ def test_settings_parse_and_full_comes_first():
     assert settings[2].int8 and settings[2].policy.capacity == 32
     assert parse_setting("statekv:8:0.5").policy.decay == 0.5
     assert parse_setting("infinipot:64:0.5").policy.recent == 0.5
+    assert parse_setting("infinipot:64").policy.name == "infinipot"  # the published rule
+    stream = parse_setting("infinipot-stream:64:0.5")
+    assert (stream.name, stream.policy.name, stream.policy.recent) == ("infinipot-stream:64:0.5", "infinipot-stream",
+                                                                       0.5)
     rekv = parse_setting("rekv:128:8:2")
     assert rekv.name == "rekv:128:8:2" and rekv.policy.capacity == 128 and rekv.ask["retrieval"].k == 8
     assert parse_setting("segments:4").ask["retrieval"].recent == 0 and not parse_setting("topk:4").is_reference

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from statekv.policies import Full, InfiniPotV, LayerState, StateKV, Window, make_policy
+from statekv.policies import Full, InfiniPotVStream, LayerState, StateKV, Window, make_policy
 
 
 def layer(start: int, n: int, heads: int = 2, dim: int = 4) -> LayerState:
@@ -77,7 +77,7 @@ def test_make_policy_by_name_and_settings_round_trip():
         make_policy("lru")
 
 
-# --- InfiniPot-V ------------------------------------------------------------------------------------------------
+# --- infinipot-stream: statekv's per-chunk InfiniPot-V variant (the published rule: test_infinipot.py) ----------
 
 
 def random_chunk(start: int, n: int, heads: int = 2, dim: int = 8, *, seed: int, keys: torch.Tensor | None = None,
@@ -95,15 +95,15 @@ def run_chunks(policy, chunks):
     return state
 
 
-def test_infinipot_with_budget_at_least_all_tokens_is_full():
+def test_infinipot_stream_with_budget_at_least_all_tokens_is_full():
     chunks = [random_chunk(6 * i, 6, seed=i) for i in range(5)]
-    got, ref = run_chunks(InfiniPotV(budget=30), chunks), run_chunks(Full(), chunks)
+    got, ref = run_chunks(InfiniPotVStream(budget=30), chunks), run_chunks(Full(), chunks)
     for a, b in ((got.keys, ref.keys), (got.values, ref.values), (got.token_index, ref.token_index)):
         assert torch.equal(a, b)
 
 
-def test_infinipot_budget_holds_for_any_length():
-    policy = InfiniPotV(budget=10, recent=0.3, tar=0.5)
+def test_infinipot_stream_budget_holds_for_any_length():
+    policy = InfiniPotVStream(budget=10, recent=0.3, tar=0.5)
     state = None
     for i in range(40):
         state = policy.update(state, random_chunk(4 * i, 4, seed=i), None)
@@ -112,31 +112,31 @@ def test_infinipot_budget_holds_for_any_length():
     assert state.token_index[:, -3:].tolist() == [[157, 158, 159]] * 2  # newest 30 % of the budget kept
 
 
-def test_infinipot_temporal_redundancy_drops_the_tokens_that_repeat_the_previous_chunk():
+def test_infinipot_stream_temporal_redundancy_drops_the_tokens_that_repeat_the_previous_chunk():
     """Chunk 2 repeats chunk 1 at its first 4 spatial positions and is new at the last 4: with the whole
     non-recent budget given to TaR, the repeated tokens are the ones dropped (reversing novelty would keep them)."""
     first = random_chunk(0, 8, seed=0)
     fresh = random_chunk(8, 8, seed=1).keys
     second_keys = torch.cat([first.keys[:, :4], fresh[:, 4:]], dim=1)
     second = random_chunk(8, 8, seed=1, keys=second_keys)
-    state = run_chunks(InfiniPotV(budget=12, recent=0.0, tar=1.0), [first, second])
+    state = run_chunks(InfiniPotVStream(budget=12, recent=0.0, tar=1.0), [first, second])
     assert state.token_index.tolist() == [list(range(8)) + [12, 13, 14, 15]] * 2
 
 
-def test_infinipot_value_norm_fills_what_temporal_redundancy_leaves():
+def test_infinipot_stream_value_norm_fills_what_temporal_redundancy_leaves():
     values = torch.ones(2, 8, 8)
     values[:, [1, 6]] *= 10.0  # two tokens with large values
-    state = run_chunks(InfiniPotV(budget=2, recent=0.0, tar=0.0),
+    state = run_chunks(InfiniPotVStream(budget=2, recent=0.0, tar=0.0),
                        [random_chunk(0, 8, seed=0, values=values), random_chunk(8, 8, seed=1)])
     assert state.token_index.tolist() == [[1, 6]] * 2  # the large-norm tokens survive, the newer chunk does not
     # TaR first, then VaN from what is left: the novel tokens of chunk 2 and then the large values
-    state = run_chunks(InfiniPotV(budget=4, recent=0.0, tar=0.5),
+    state = run_chunks(InfiniPotVStream(budget=4, recent=0.0, tar=0.5),
                        [random_chunk(0, 8, seed=0, values=values), random_chunk(8, 8, seed=1)])
     assert set(state.token_index[0].tolist()) >= {1, 6} and state.size == 4
 
 
-def test_infinipot_all_recent_is_a_window():
+def test_infinipot_stream_all_recent_is_a_window():
     chunks = [random_chunk(5 * i, 5, seed=i) for i in range(6)]
-    got, ref = run_chunks(InfiniPotV(budget=12, recent=1.0), chunks), run_chunks(Window(12), chunks)
+    got, ref = run_chunks(InfiniPotVStream(budget=12, recent=1.0), chunks), run_chunks(Window(12), chunks)
     assert torch.equal(got.token_index, ref.token_index) and torch.equal(got.keys, ref.keys)
-    assert make_policy("infinipot", budget=12, recent=1.0) == InfiniPotV(budget=12, recent=1.0)
+    assert make_policy("infinipot-stream", budget=12, recent=1.0) == InfiniPotVStream(budget=12, recent=1.0)

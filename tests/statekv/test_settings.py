@@ -27,7 +27,10 @@ def model(tiny_checkpoints) -> str:
                     guidance_prompt="Who is there?", **PIXELS),
     PrefillSettings(policy="infinipot", capacity=40, policy_options={"recent": 0.5, "tar": 0.25},
                     answer_from="state", min_frames=2, **PIXELS),
-], ids=["defaults", "full-video-first", "window", "statekv-decay-compressed", "infinipot-state"])
+    PrefillSettings(policy="infinipot", capacity=64, policy_options={"target": 0.5}, **PIXELS),
+    PrefillSettings(policy="infinipot-stream", capacity=40, policy_options={"recent": 0.5}, **PIXELS),
+], ids=["defaults", "full-video-first", "window", "statekv-decay-compressed", "infinipot-state", "infinipot-target",
+        "infinipot-stream"])
 def test_the_engine_records_its_settings_and_the_record_reads_back(model, settings):
     """Engine.from_settings(s) records a config whose reading is s again, and an engine built from that reading
     records the same config: a resume continues with exactly the settings the cache was made with."""
