@@ -75,3 +75,16 @@ def check_index_input(spec: str, storage_options: Any = None) -> None:
         found = fs.glob(path) if is_glob else fs.exists(path)
     if not found:
         raise FileNotFoundError(f"input {spec!r}: no such file, directory or prefix")
+
+
+def quiet_transformers() -> None:
+    """No weight-loading / writing progress bars unless -v: they would drown the command's own output. And each
+    transformers message once: its own handler prints it, and with CI set transformers also propagates it to the
+    root logger, whose handler (ours) printed it a second time."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_propagation()
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        hf_logging.disable_progress_bar()

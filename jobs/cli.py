@@ -462,17 +462,6 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _quiet_transformers() -> None:
-    """No weight-loading / writing progress bars unless -v: they would drown the command's own output. And each
-    transformers message once: its own handler prints it, and with CI set transformers also propagates it to the
-    root logger, whose handler (ours) printed it a second time."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_propagation()
-    if not logging.getLogger().isEnabledFor(logging.INFO):
-        hf_logging.disable_progress_bar()
-
-
 def _engine(model: str, args: argparse.Namespace, settings: Any = None):
     """Load the model with prefill `settings` (a `PrefillSettings`; default: the defaults), after the device check
     (which needs torch but no model)."""
@@ -481,8 +470,10 @@ def _engine(model: str, args: argparse.Namespace, settings: Any = None):
     from statekv import Engine
     from statekv.settings import PrefillSettings
 
+    from jobs.checks import quiet_transformers
+
     _set_threads(getattr(args, "threads", DEFAULT_THREADS))
-    _quiet_transformers()
+    quiet_transformers()
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     return Engine.from_settings(model, settings if settings is not None else PrefillSettings(), device=args.device,
                                 dtype=dtype)
@@ -727,9 +718,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from jobs import eval as eval_job
+    from jobs.checks import quiet_transformers
 
     _check_device(args)  # the model was checked with the flags (before torch loads)
-    _quiet_transformers()
+    quiet_transformers()
     return eval_job.run(args)
 
 
@@ -751,9 +743,10 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     path = Path(args.dir).expanduser()
     if (path / "config.json").exists():
         raise FileExistsError(f"{args.dir!r}: holds a checkpoint already (config.json); choose another folder")
+    from jobs.checks import quiet_transformers
     from statekv.testing.checkpoints import save_tiny_checkpoint
 
-    _quiet_transformers()
+    quiet_transformers()
     save_tiny_checkpoint(path, args.family, seed=args.seed)
     print(f"wrote a tiny random {args.family} checkpoint to {path.resolve()} (random weights: answers are noise)")
     print(f"try: statekv prefill VIDEO --model {args.dir} --out caches/VIDEO_ID")

@@ -4,6 +4,11 @@ Compares each setting with `Full` on the same videos and questions (KL and top-1
 token, greedy agreement, stored bytes, bytes read per question, latency; prefill FLOPs with `--flops`); with
 `--dataset` (a multiple-choice table in VideoMME's layout) it also scores accuracy. Progress goes to stderr. Writes report.json, report.md and
 fidelity.png to --out and prints the Markdown table. Random weights say nothing about real accuracy.
+
+`--proxy` measures accuracy where it means something: the shipped proxy model (statekv/proxy: a tiny Qwen2-VL
+trained here on generated videos whose one-word answers sit in known frames) on its held-out videos of each
+`--lengths`, every question type, every setting (by default every method at two budgets); with `--reference` it
+also checks that `Full` through statekv answers as the plain transformers model does.
 """
 
 from __future__ import annotations
@@ -19,9 +24,18 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The harness's flags (shared by `python -m jobs.eval` and `statekv eval`)."""
-    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    p.add_argument("--settings", nargs="+", default=["window:4096", "statekv:4096"], metavar="SPEC",
-                   help="settings to compare with full: full, window:N, statekv:N[:DECAY], any +int8")
+    p.add_argument("--model", help="checkpoint directory or hub id (with --proxy: the shipped proxy model)")
+    p.add_argument("--settings", nargs="+", metavar="SPEC",
+                   help="settings to compare with full: full, window:N, statekv:N[:DECAY], infinipot:N, topk:K, "
+                        "adaptive:K, segments:K, guided:KEEP, ..., any +int8 (statekv/eval/settings.py lists them; "
+                        f"default {' '.join(DEFAULT_SETTINGS)}, with --proxy {' '.join(PROXY_SETTINGS)})")
+    p.add_argument("--proxy", action="store_true",
+                   help="evaluate on the proxy task's held-out videos (accuracy per question type and length)")
+    p.add_argument("--lengths", default="16,32,48", help="with --proxy: video lengths in frames, comma-separated")
+    p.add_argument("--videos-per-length", type=int, default=10, help="with --proxy: held-out videos per length")
+    p.add_argument("--types", help="with --proxy: question types, comma-separated (default: all)")
+    p.add_argument("--reference", action="store_true",
+                   help="with --proxy: also answer with the plain transformers model; Full must agree with it")
     p.add_argument("--video", action="append", default=[], help="a video (repeat; with --question)")
     p.add_argument("--question", action="append", default=[], help="a question asked about every --video")
     p.add_argument("--questions-file", type=Path, help="JSONL rows {video, question} (open questions)")
@@ -41,21 +55,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(check=functools.partial(check_arguments, p))
 
 
+DEFAULT_SETTINGS = ["window:4096", "statekv:4096"]
+# the proxy's videos hold 4 tokens a chunk (2 frames): 32-96 video tokens at 16-48 frames; budgets of 16 and 32
+# tokens, retrieval of 2 and 4 chunks, write-time compression to a quarter and a half
+PROXY_SETTINGS = ["window:16", "window:32", "statekv:16", "statekv:32", "infinipot:16", "infinipot:32",
+                  "infinipot-stream:16", "infinipot-stream:32", "infinipot-cache:32", "topk:2", "topk:4",
+                  "adaptive:2", "adaptive:4", "segments:2", "segments:4", "guided:0.25", "guided:0.5", "full+int8"]
+
+
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors (exit 2) before anything heavy: the model path is checked first (exit 1, no torch import),
-    then what to evaluate and the settings. Sets `args.model` (checked), `args.items` and `args.parsed_settings`."""
+    then what to evaluate and the settings. Sets `args.model` (checked), `args.items`, `args.videos` (in-memory
+    videos by name: the proxy's) and `args.parsed_settings`."""
     from jobs.checks import check_model
 
     if args.flops and args.no_flops:
         p.error("--flops and --no-flops contradict each other")
+    if not args.proxy:
+        given = [f for f, v in (("--reference", args.reference), ("--types", args.types)) if v]
+        if given:
+            p.error(f"{given[0]} goes with --proxy")
+        if args.model is None:
+            p.error("the following arguments are required: --model (or --proxy)")
+    elif args.video or args.question or args.questions_file or args.dataset:
+        p.error("--proxy evaluates its own held-out videos: drop --video/--question/--questions-file/--dataset")
+    if args.proxy and args.model is None:
+        from statekv.proxy import checkpoint_path
+
+        args.model = str(checkpoint_path())
     args.model = check_model(args.model)
     try:
-        args.items = _items(args)
+        args.items, args.videos = _proxy_items(args) if args.proxy else (_items(args), None)
         from statekv.eval import parse_settings
 
-        args.parsed_settings = parse_settings(args.settings)
+        args.parsed_settings = parse_settings(args.settings or (PROXY_SETTINGS if args.proxy else DEFAULT_SETTINGS))
     except (ValueError, OSError) as err:
         p.error(str(err))
+
+
+def _proxy_items(args: argparse.Namespace):
+    from statekv.proxy.evaluate import proxy_items
+    from statekv.proxy.task import QUESTION_TYPES
+
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        raise ValueError(f"--lengths: comma-separated frame counts, got {args.lengths!r}") from None
+    if any(n < 2 for n in lengths) or args.videos_per_length < 1:
+        raise ValueError("--lengths must be >= 2 frames and --videos-per-length >= 1")
+    types = tuple(t.strip() for t in args.types.split(",")) if args.types else QUESTION_TYPES
+    return proxy_items(lengths, args.videos_per_length, types)
 
 
 def _items(args: argparse.Namespace):
@@ -93,14 +142,40 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     sampling = statekv.SamplingConfig(fps=args.fps) if args.fps else None
     engine = statekv.Engine.from_pretrained(args.model, device=args.device, dtype=dtype, sampling=sampling)
+    max_new_tokens = args.max_new_tokens
+    if args.proxy:
+        from statekv.proxy.evaluate import MAX_NEW_TOKENS
+
+        max_new_tokens = min(max_new_tokens, MAX_NEW_TOKENS)  # one-word answers
     with tempfile.TemporaryDirectory(prefix="statekv-eval-") as tmp:
-        report = run_fidelity(engine, items, settings, store_root=args.store or tmp,
-                              max_new_tokens=args.max_new_tokens, measure_flops=args.flops,
+        report = run_fidelity(engine, items, settings, store_root=args.store or tmp, max_new_tokens=max_new_tokens,
+                              measure_flops=args.flops, videos=args.videos,
                               progress=lambda line: print(f"[eval] {line}", file=sys.stderr, flush=True))
+        if args.reference:
+            _check_full_against_the_plain_model(args, engine, report)
         paths = report.write(args.out, plot=not args.no_plot)
     print(report.to_markdown())
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return 0
+
+
+def _check_full_against_the_plain_model(args: argparse.Namespace, engine, report) -> None:
+    """--reference: the plain transformers model answers every proxy item; record and print how often `Full`
+    through statekv gave the same answer (it must be always: otherwise accuracy measures statekv, not the model)."""
+    from statekv.models import ADAPTERS
+    from statekv.proxy.evaluate import plain_model_answers
+
+    adapter = engine.adapter
+    model = ADAPTERS[adapter.model.config.model_type].model_class.from_pretrained(args.model, dtype=adapter.dtype)
+    frames = args.videos[args.items[0].video][0]
+    size = adapter.frame_size(frames.shape[1], frames.shape[2], engine.sampling)
+    plain = plain_model_answers(model.eval(), adapter, args.items, args.videos, size, layout=engine.layout)
+    full = {r.item: r.predicted for r in report.items if r.setting == "full"}
+    same = sum(full[k] == v for k, v in plain.items())
+    report.meta["full_agrees_with_plain_model"] = same / len(plain)
+    report.meta["plain_model_accuracy"] = sum(plain[i.item_id] == i.expected for i in args.items) / len(plain)
+    print(f"[eval] Full through statekv answered as the plain transformers model on {same}/{len(plain)} questions",
+          file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     try:
         args.check(args)
+        from jobs.checks import quiet_transformers
+
+        quiet_transformers()
         sys.exit(run(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"statekv eval: error: {e}", file=sys.stderr)

@@ -24,7 +24,8 @@ SPAWNS = ("subprocess.", "run_reporting_imports(", "sys.executable")
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark tests by what they use, so that a developer's fast lane can leave them out (CI runs everything):
     `s3` (the loopback S3 server, also the "s3" case of `store_root`), `ray` (the session's Ray cluster) and
-    `subprocess` (the test's body starts a Python process). The fast lane is in the README."""
+    `subprocess` (the test's body, or a helper of its module it calls, starts a Python process). The fast lane is
+    in the README."""
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         params = getattr(getattr(item, "callspec", None), "params", {})
@@ -33,13 +34,25 @@ def pytest_collection_modifyitems(config, items) -> None:
         if "ray_cluster" in names:
             item.add_marker(pytest.mark.ray)
         function = getattr(item, "function", None)
-        if function is not None:
-            try:
-                source = inspect.getsource(function)
-            except (OSError, TypeError):
-                continue
-            if any(s in source for s in SPAWNS):
-                item.add_marker(pytest.mark.subprocess)
+        if function is not None and _spawns(function):
+            item.add_marker(pytest.mark.subprocess)
+
+
+def _source(function) -> str:
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
+
+
+def _spawns(function) -> bool:
+    """Whether a test's body, or a function of its own module that it calls (`_run_prefill(...)`), starts a
+    process."""
+    source = _source(function)
+    helpers = [v for name, v in vars(inspect.getmodule(function)).items()
+               if inspect.isfunction(v) and v is not function and f"{name}(" in source
+               and v.__module__ == function.__module__]
+    return any(s in text for text in (source, *map(_source, helpers)) for s in SPAWNS)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,9 @@
 Each video is prefilled once per setting into a store (`store_root/<setting>/<video_id>`), exactly as the indexing
 pipeline does, and every question is answered from the stored cache, loaded cold and lazily through a `ReadMeter`,
 so "bytes read per question" and "answer latency" are what a service pays for a cache it does not hold yet.
+
+Scored items (multiple choice, or open questions with an exact `expected` answer such as the proxy task's) add
+accuracy: overall with its standard error, and per question type (`EvalItem.kind`).
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 
 from statekv.eval.choice import choice_prompt, letter_token_ids, predicted_letter
-from statekv.eval.items import EvalItem
+from statekv.eval.items import EvalItem, normalise_answer
 from statekv.eval.metering import ReadMeter
 from statekv.eval.metrics import first_token_kl, greedy_agreement
 from statekv.eval.settings import Setting
@@ -48,8 +52,9 @@ class ItemResult:
     answer_s: float
     bytes_read: int
     read_requests: int
-    predicted: str | None = None
+    predicted: str | None = None  # the letter chosen, or an open question's normalised answer
     correct: bool | None = None
+    kind: str | None = None  # the item's question type
 
 
 @dataclass
@@ -81,6 +86,8 @@ class FidelityReport:
             items = [r for r in self.items if r.setting == name]
             videos = [v for v in self.videos if v.setting == name]
             scored = [r for r in items if r.correct is not None]
+            accuracy = _mean(float(r.correct) for r in scored) if scored else None
+            kinds = sorted({r.kind for r in scored if r.kind is not None})
             flops = [v.prefill_flops for v in videos if v.prefill_flops is not None]
             out.append({
                 "setting": name,
@@ -88,7 +95,10 @@ class FidelityReport:
                 "first_token_kl": _mean(r.first_token_kl for r in items),
                 "top1_agreement": _mean(float(r.top1_agree) for r in items),
                 "greedy_agreement": _mean(r.greedy_agreement for r in items),
-                "accuracy": _mean(float(r.correct) for r in scored) if scored else None,
+                "accuracy": accuracy,
+                # binomial standard error: differences between settings within ~2 of it are not significant
+                "accuracy_se": math.sqrt(accuracy * (1 - accuracy) / len(scored)) if scored else None,
+                "accuracy_by_kind": {k: _mean(float(r.correct) for r in scored if r.kind == k) for k in kinds},
                 "prefill_flops": _mean(flops) if flops else None,
                 "prefill_s": _mean(v.prefill_s for v in videos),
                 "stored_bytes": _mean(v.stored_bytes for v in videos),
@@ -115,6 +125,20 @@ class FidelityReport:
                 f"{_fmt(None if r['prefill_flops'] is None else r['prefill_flops'] / 1e9, '.3f')} | "
                 f"{r['stored_bytes'] / 1e6:.3f} | {r['bytes_read_per_question'] / 1e6:.3f} | "
                 f"{r['first_token_s_p50']:.3f} |")
+        return "\n".join(lines) + "\n" + self._kinds_markdown(rows)
+
+    @staticmethod
+    def _kinds_markdown(rows: list[dict[str, Any]]) -> str:
+        """Accuracy per question type (with its standard error overall), when the items have types."""
+        kinds = sorted({k for r in rows for k in r["accuracy_by_kind"]})
+        if not kinds:
+            return ""
+        lines = ["", "| setting | accuracy (± s.e.) | " + " | ".join(kinds) + " |",
+                 "|" + " --- |" * (len(kinds) + 2)]
+        for r in rows:
+            by_kind = r["accuracy_by_kind"]
+            lines.append(f"| {r['setting']} | {r['accuracy']:.3f} ± {r['accuracy_se']:.3f} | "
+                         + " | ".join(_fmt(by_kind.get(k), ".2f") for k in kinds) + " |")
         return "\n".join(lines) + "\n"
 
     def write(self, out_dir: str | os.PathLike, *, plot: bool = True) -> dict[str, Path]:
@@ -160,8 +184,12 @@ def _question_text(item: EvalItem) -> str:
 
 def run_fidelity(engine: Any, items: list[EvalItem], settings: list[Setting], *, store_root: str | os.PathLike,
                  max_new_tokens: int = 16, measure_flops: bool = False, storage_options: Any = None,
-                 progress: Callable[[str], None] | None = None) -> FidelityReport:
+                 progress: Callable[[str], None] | None = None,
+                 videos: Mapping[str, tuple[Any, float]] | None = None) -> FidelityReport:
     """Answer every item under every setting (the first setting must be the `Full` reference); see the module doc.
+
+    `videos` maps an item's `video` name to its frames ((T, H, W, 3) uint8) and fps, for videos that are not files
+    (the proxy task's generated ones); other names are paths.
 
     `engine` supplies the loaded model, sampling and step settings; each setting replaces only its policy (and its
     kept cache and compression). `measure_flops` counts each prefill's FLOPs (`statekv.profiling.count_flops`:
@@ -174,6 +202,7 @@ def run_fidelity(engine: Any, items: list[EvalItem], settings: list[Setting], *,
     if not settings or not settings[0].is_reference:
         raise ValueError("the first setting must be the reference 'full' (use parse_settings)")
     root = os.fspath(store_root).rstrip("/")
+    frames_of = dict(videos or {})
     videos = list(dict.fromkeys(item.video for item in items))
     choice_counts = {len(i.options) for i in items if i.is_choice}
     letters = {n: letter_token_ids(engine.adapter.tokenizer, n) for n in choice_counts}
@@ -191,7 +220,7 @@ def run_fidelity(engine: Any, items: list[EvalItem], settings: list[Setting], *,
         for v, video in enumerate(videos, 1):
             where = f"setting {s}/{len(settings)} {setting.name}, video {v}/{len(videos)} {Path(video).name}"
             uri = f"{root}/{_slug(setting.name)}/{_video_key(video)}"
-            cost = _prefill(run, setting, video, uri, measure_flops, storage_options)
+            cost = _prefill(run, setting, video, uri, measure_flops, storage_options, frames_of.get(video))
             report.videos.append(cost)
             say(f"{where}: prefilled {cost.chunks} chunks in {cost.prefill_s:.2f} s"
                 + ("" if cost.prefill_flops is None else f" ({cost.prefill_flops / 1e9:.3g} GFLOPs)"))
@@ -210,19 +239,25 @@ def run_fidelity(engine: Any, items: list[EvalItem], settings: list[Setting], *,
                 if item.is_choice:
                     result.predicted = predicted_letter(first_logits, letters[len(item.options)])
                     result.correct = result.predicted == item.answer
+                elif item.expected is not None:
+                    text = engine.adapter.tokenizer.decode(result.answer_tokens, skip_special_tokens=True)
+                    result.predicted = normalise_answer(text)
+                    result.correct = result.predicted == item.expected
                 report.items.append(result)
         logger.info("evaluated %s on %d videos, %d questions", setting.name, len(videos), len(items))
     return report
 
 
-def _prefill(run: Any, setting: Setting, video: str, uri: str, measure_flops: bool, storage_options: Any) -> VideoCost:
+def _prefill(run: Any, setting: Setting, video: str, uri: str, measure_flops: bool, storage_options: Any,
+             frames: tuple[Any, float] | None) -> VideoCost:
+    source, extra = (video, {}) if frames is None else (frames[0], {"fps": frames[1]})
     start = time.perf_counter()
     if measure_flops:
         with count_flops() as counter:
-            manifest = prefill_to_store(run, video, uri, int8=setting.int8, storage_options=storage_options)
+            manifest = prefill_to_store(run, source, uri, int8=setting.int8, storage_options=storage_options, **extra)
         flops: int | None = int(counter.get_total_flops())
     else:
-        manifest = prefill_to_store(run, video, uri, int8=setting.int8, storage_options=storage_options)
+        manifest = prefill_to_store(run, source, uri, int8=setting.int8, storage_options=storage_options, **extra)
         flops = None
     totals = manifest["totals"]
     return VideoCost(setting.name, video, flops, time.perf_counter() - start, int(totals["bytes"]),
@@ -241,5 +276,5 @@ def _ask(run: Any, setting: Setting, item: EvalItem, uri: str, max_new_tokens: i
     result = ItemResult(setting=setting.name, video=item.video, item=item.item_id or item.question,
                         first_token_kl=0.0, top1_agree=True, greedy_agreement=1.0, answer_tokens=answer.token_ids,
                         first_token_s=loaded + answer.first_token_s, answer_s=total, bytes_read=meter.bytes_read,
-                        read_requests=meter.requests)
+                        read_requests=meter.requests, kind=item.kind)
     return result, answer.scores[0]

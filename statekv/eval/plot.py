@@ -1,7 +1,8 @@
 """Fidelity against budget, one PNG: for each cost a user pays (bytes stored per video, bytes read per question,
 prefill FLOPs when counted) two panels — KL of the first answer token against `Full` (symlog axis, so `Full`'s KL
-of exactly 0 is drawn where it is) and top-1 agreement — with one line per method across its budgets, `Full` as
-the reference point, a legend, and the summary table under the panels."""
+of exactly 0 is drawn where it is) and top-1 agreement — and a third, accuracy (with its standard error), when the
+items are scored; one line per method across its budgets, `Full` as the reference point, a legend, and the
+summary table under the panels."""
 
 from __future__ import annotations
 
@@ -55,11 +56,15 @@ def fidelity_figure(summary: list[dict[str, Any]]) -> Any:
     kls = [row["first_token_kl"] for row in summary if row["first_token_kl"] > 0]
     linthresh = 10 ** math.floor(math.log10(min(kls))) if kls else 1e-6
 
-    fig = plt.figure(figsize=(4.6 * len(costs) + 1.5, 7.2 + 0.32 * len(summary)), layout="constrained")
-    grid = fig.add_gridspec(3, len(costs), height_ratios=[1, 1, 0.15 + 0.1 * len(summary)])
+    metrics = ["first_token_kl", "top1_agreement"] + (
+        ["accuracy"] if any(row.get("accuracy") is not None for row in summary) else [])
+    heights = [3.6] * len(metrics) + [0.6 + 0.3 * len(summary)]  # inches: a panel row each, then the table
+    fig = plt.figure(figsize=(4.6 * len(costs) + 1.5, sum(heights)), layout="constrained")
+    grid = fig.add_gridspec(len(metrics) + 1, len(costs), height_ratios=heights)
     colors = plt.get_cmap("tab10")
     for col, (key, label, scale) in enumerate(costs):
-        kl_ax, top1_ax = fig.add_subplot(grid[0, col]), fig.add_subplot(grid[1, col])
+        axes = {metric: fig.add_subplot(grid[row, col]) for row, metric in enumerate(metrics)}
+        kl_ax, top1_ax = axes["first_token_kl"], axes["top1_agreement"]
         for m, (method, points) in enumerate(methods.items()):
             points = sorted((p for p in points if p[1].get(key) is not None), key=lambda p: p[0])
             if not points:
@@ -68,15 +73,18 @@ def fidelity_figure(summary: list[dict[str, Any]]) -> Any:
             reference = method == "full"
             style = dict(color="black", marker="*", markersize=13, linestyle="none", zorder=2) if reference else \
                 dict(color=colors(m % 10), marker="o", markersize=5, linewidth=1.6, zorder=3)
-            for ax, metric in ((kl_ax, "first_token_kl"), (top1_ax, "top1_agreement")):
+            for metric, ax in axes.items():
                 ax.plot(xs, [p[1][metric] for p in points], label="full (reference)" if reference else method,
                         **style)
+                if metric == "accuracy":
+                    ax.errorbar(xs, [p[1][metric] for p in points], yerr=[p[1]["accuracy_se"] for p in points],
+                                fmt="none", ecolor=style["color"], alpha=0.5, capsize=2)
                 if not reference and len(points) > 1:  # the budget of each point, small, beside it
                     for x, (budget, row) in zip(xs, points):
                         ax.annotate(f"{budget:g}", (x, row[metric]), textcoords="offset points", xytext=(4, 4),
                                     fontsize=7, color=style["color"])
         values = [row[key] * scale for row in summary if row.get(key) is not None]
-        for ax in (kl_ax, top1_ax):
+        for ax in axes.values():
             if values and min(values) > 0 and max(values) / min(values) > 20:
                 ax.set_xscale("log")
             ax.grid(True, alpha=0.3)
@@ -84,10 +92,12 @@ def fidelity_figure(summary: list[dict[str, Any]]) -> Any:
         kl_ax.set_ylim(bottom=0)
         kl_ax.set(title=f"fidelity vs {label}", ylabel="KL(Full ‖ setting), first token" if col == 0 else None)
         top1_ax.set(xlabel=label, ylim=(-0.05, 1.05), ylabel="top-1 agreement with Full" if col == 0 else None)
+        if "accuracy" in axes:
+            axes["accuracy"].set(xlabel=label, ylim=(-0.05, 1.05), ylabel="accuracy (± s.e.)" if col == 0 else None)
     handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", title="method (point labels: budget)", fontsize=8)
 
-    table_ax = fig.add_subplot(grid[2, :])
+    table_ax = fig.add_subplot(grid[len(metrics), :])
     table_ax.axis("off")
     header, cells = _table(summary, costs)
     table = table_ax.table(cellText=cells, colLabels=header, loc="center", cellLoc="left", colLoc="left")

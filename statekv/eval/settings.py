@@ -10,6 +10,8 @@
                          statekv's per-chunk InfiniPot-V variant (docs/methods.md says how it differs)
     infinipot-cache:4096 InfiniPot-V as the stored cache: only the 4096-token state is kept and answered from
     topk:64:8            Full prefill; each question attends to the 64 best chunks per layer + the last 8
+    adaptive:64:8        Full prefill; top-k retrieval whose 64 x layers chunks are shared across layers by how
+                         concentrated each layer's scores are (TopK(adaptive_budget=True)) + the last 8
     rekv:4096:64:8       ReKV: sliding-window prefill (4096 tokens) + top-64 retrieval + the last 8 chunks
     segments:64:8        Full prefill; StreamKV segment retrieval (whole scenes up to 64 chunks + the last 8)
     streamkv:4096:64:8   StreamKV: sliding-window prefill + segment retrieval
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from statekv.compression import Guided
@@ -115,7 +118,7 @@ def _retrieval_args(kind: str, args: list[str]) -> tuple[int, int]:
     return k, recent
 
 
-def _retrieving(kind: str, cls: type, windowed: bool) -> Callable[[list[str]], Setting]:
+def _retrieving(kind: str, cls: Callable[..., Any], windowed: bool) -> Callable[[list[str]], Setting]:
     def parse(args: list[str]) -> Setting:
         policy: Policy = Full()
         if windowed:
@@ -159,6 +162,7 @@ SETTING_KINDS: dict[str, Callable[[list[str]], Setting]] = {
     "full": _full, "window": _window, "statekv": _statekv, "infinipot": _infinipot, "infinipot-cache": _infinipot_cache,
     "infinipot-stream": _infinipot_stream,
     "topk": _retrieving("topk", TopK, False), "rekv": _retrieving("rekv", TopK, True),
+    "adaptive": _retrieving("adaptive", partial(TopK, adaptive_budget=True), False),
     "segments": _retrieving("segments", Segments, False), "streamkv": _retrieving("streamkv", Segments, True),
     "guided": _guided, "streamkv-guided": _streamkv_guided,
 }

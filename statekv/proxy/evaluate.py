@@ -10,23 +10,19 @@ the method.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from statekv.eval.items import EvalItem
+from statekv.eval.items import normalise_answer as normalise  # the harness's rule, one place
 from statekv.proxy.task import QUESTION_TYPES, ProxyVideo, held_out_seed, make_video
 from statekv.testing.reference_inputs import reference_inputs
 
 logger = logging.getLogger(__name__)
 
 MAX_NEW_TOKENS = 4  # a one-word answer and its end token, with room to see a wrong longer one
-
-
-def normalise(text: str) -> str:
-    """An answer as compared: lower case, no surrounding space or punctuation."""
-    return re.sub(r"^\W+|\W+$", "", text.strip().lower())
 
 
 @dataclass
@@ -90,12 +86,42 @@ def held_out_videos(length: int, count: int) -> list[ProxyVideo]:
     return [make_video(length, held_out_seed(length, i)) for i in range(count)]
 
 
+def proxy_items(lengths: list[int] | tuple[int, ...], videos_per_length: int, types: tuple[str, ...] = QUESTION_TYPES
+                ) -> tuple[list[EvalItem], dict[str, tuple[Any, float]]]:
+    """The held-out videos as the fidelity harness's items (`statekv eval --proxy`): every question type about
+    each video, with its exact answer and type, and the videos' frames and fps by name (`run_fidelity(videos=)`)."""
+    unknown = set(types) - set(QUESTION_TYPES)
+    if unknown:
+        raise ValueError(f"unknown question types {sorted(unknown)}; valid: {', '.join(QUESTION_TYPES)}")
+    items: list[EvalItem] = []
+    videos: dict[str, tuple[Any, float]] = {}
+    for length in lengths:
+        for i, video in enumerate(held_out_videos(length, videos_per_length)):
+            name = f"proxy-{length}f-{i:03d}"
+            videos[name] = (video.frames, video.fps)
+            items += [EvalItem(video=name, question=video.questions[t].text, expected=video.questions[t].answer,
+                               kind=t, item_id=f"{name}/{t}") for t in types]
+    return items, videos
+
+
+def plain_model_answers(reference: Any, adapter: Any, items: list[EvalItem], videos: dict[str, tuple[Any, float]],
+                        frame_size: tuple[int, int], *, layout: str = "prefix-first") -> dict[str, str]:
+    """{item_id: normalised answer} of the plain transformers model (`reference`) for proxy items, over the
+    processor's sequence at the engine's `frame_size`: what `Full` through statekv must answer too."""
+    out = {}
+    for item in items:
+        frames, fps = videos[item.video]
+        out[item.item_id] = normalise(reference_answer(reference, adapter, frames, fps, item.question, frame_size,
+                                                       layout=layout))
+    return out
+
+
 @torch.inference_mode()
-def reference_answer(model: Any, adapter: Any, video: ProxyVideo, question: str, frame_size: tuple[int, int], *,
-                     layout: str = "prefix-first", max_new_tokens: int = MAX_NEW_TOKENS) -> str:
-    """The plain transformers model's greedy answer over the processor's sequence for `video` (at `frame_size`,
-    the engine's) and `question`."""
-    inputs = reference_inputs(adapter, video.frames, question, layout, tuple(frame_size), video.fps)
+def reference_answer(model: Any, adapter: Any, frames: Any, fps: float, question: str, frame_size: tuple[int, int],
+                     *, layout: str = "prefix-first", max_new_tokens: int = MAX_NEW_TOKENS) -> str:
+    """The plain transformers model's greedy answer over the processor's sequence for a video's `frames` at `fps`
+    (resized to `frame_size`, the engine's) and `question`."""
+    inputs = reference_inputs(adapter, frames, question, layout, tuple(frame_size), fps)
     if hasattr(model.model, "rope_deltas"):
         model.model.rope_deltas = None  # positions from these input_ids, not a last call's
     eos = adapter.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -133,7 +159,8 @@ def evaluate(engine: Any, *, lengths: list[int] | tuple[int, ...], videos_per_le
                 row.correct += got == q.answer
                 record = {"length": length, "video": i, "type": t, "answer": q.answer, "engine": got}
                 if reference is not None:
-                    ref = normalise(reference_answer(reference, engine.adapter, video, q.text, cache.video.frame_size,
+                    ref = normalise(reference_answer(reference, engine.adapter, video.frames, video.fps, q.text,
+                                                     cache.video.frame_size,
                                                      layout=engine.layout))
                     row.reference_correct += ref == q.answer
                     row.agree += ref == got

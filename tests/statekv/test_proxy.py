@@ -67,3 +67,79 @@ def test_report_tables():
         evaluate(None, lengths=[8], videos_per_length=1, types=("colour",))
     assert normalise(" Red.\n") == "red"
     assert report.markdown().splitlines()[-1] == "| 32 | 0.50 | – | 0.50 |"
+
+
+# --- the proxy in the fidelity harness (`statekv eval --proxy`, issue 22 point 2) -----------------------------------
+
+
+def test_proxy_items_carry_exact_answers_types_and_frames():
+    from statekv.proxy.evaluate import held_out_videos, proxy_items
+
+    items, videos = proxy_items([8, 12], 2, types=("shape", "first"))
+    assert len(items) == 2 * 2 * 2 and sorted(videos) == ["proxy-12f-000", "proxy-12f-001", "proxy-8f-000",
+                                                          "proxy-8f-001"]
+    video = held_out_videos(12, 2)[1]
+    frames, fps = videos["proxy-12f-001"]
+    assert frames.shape[0] == 12 and (frames == video.frames).all() and fps == video.fps
+    first = next(i for i in items if i.item_id == "proxy-12f-001/first")
+    assert (first.kind, first.expected, first.question) == ("first", video.questions["first"].answer,
+                                                            video.questions["first"].text)
+    assert first.is_scored and not first.is_choice
+    with pytest.raises(ValueError, match="unknown question types"):
+        proxy_items([8], 1, types=("colour",))
+
+
+def test_open_answers_are_scored_per_type_with_their_standard_error(engine, tmp_path):
+    """The harness scores an open answer by its normalised text against `expected`, per question type, and the
+    accuracy's standard error is the binomial one; a wrong expected answer is scored wrong (the score is real)."""
+    from dataclasses import replace
+
+    from statekv.eval import parse_settings, run_fidelity
+    from statekv.proxy.evaluate import proxy_items
+
+    items, videos = proxy_items([16], 2, types=("shape", "first"))
+    lied = [replace(i, expected="hexagon") if i.kind == "shape" and i.video.endswith("000") else i for i in items]
+    report = run_fidelity(engine, lied, parse_settings([]), store_root=tmp_path, max_new_tokens=4, videos=videos)
+    rows = {r.item: r for r in report.items}
+    assert rows["proxy-16f-000/shape"].correct is False and rows["proxy-16f-001/shape"].correct is True
+    assert rows["proxy-16f-001/shape"].predicted == next(i.expected for i in items if i.item_id == "proxy-16f-001/shape")
+    (full,) = report.summary()
+    correct = [r.correct for r in report.items]
+    p = sum(correct) / len(correct)
+    assert full["accuracy"] == pytest.approx(p) and full["accuracy_se"] == pytest.approx((p * (1 - p) / 4) ** 0.5)
+    assert full["accuracy_by_kind"]["shape"] == 0.5
+    assert "| setting | accuracy (± s.e.) | first | shape |" in report.to_markdown()
+
+
+def test_eval_proxy_command_checks_full_against_the_plain_model(tmp_path):
+    """`statekv eval --proxy` on the shipped model: Full through statekv answers every question as the plain
+    transformers model does (recorded in the report), accuracy per type is printed, the plot has its accuracy row."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.eval", "--proxy", "--lengths", "8", "--videos-per-length", "1", "--reference",
+         "--settings", "topk:1", "adaptive:1", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "answered as the plain transformers model on 6/6 questions" in out.stderr
+    assert "| setting | accuracy (± s.e.) | after | count | first | last | repeat | shape |" in out.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["meta"]["full_agrees_with_plain_model"] == 1.0
+    assert [r["setting"] for r in report["summary"]] == ["full", "topk:1", "adaptive:1"]
+    assert (tmp_path / "out" / "fidelity.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reference", "--model", "m"], "--reference goes with --proxy"),
+    (["--proxy", "--video", "a.mp4", "--question", "q"], "--proxy evaluates its own held-out videos"),
+    (["--proxy", "--lengths", "16,x"], "--lengths: comma-separated frame counts"),
+    (["--proxy", "--types", "shape,colour"], "unknown question types"),
+    ([], "--model (or --proxy)")])
+def test_eval_proxy_usage_errors(argv, message, capsys):
+    from jobs.eval import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
