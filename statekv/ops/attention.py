@@ -85,7 +85,7 @@ def attention_reference(
     The torch key-score path (CPU, or any device without triton). One pass per query block: base-2 logits, their
     denormal-free exp2 relative to the row max (`probability_floor`: probabilities below it are exactly 0, and none
     is subnormal), the output and the per-key mass from the same values, each normalised by the row sum as it is
-    reduced (the output rows after P @ V, the mass as (1 / row sum) @ P).
+    reduced (the output rows after P @ V, then P itself for the mass).
     """
     B, H, Hkv, q_len, kv_len, D = check_attention_shapes(query, key, value)
     if block_q < 1:
@@ -111,7 +111,9 @@ def attention_reference(
         o = torch.matmul(e, v).mul_(inv)  # (B, Hkv, G*n, D)
         out[:, start:end] = o.view(B, Hkv, G, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, H, D).to(query.dtype)
         if scores is not None:
-            scores += torch.matmul(inv.transpose(-1, -2), e).squeeze(-2)  # (B, Hkv, kv): sum_i e_ij / rowsum_i
+            # (B, Hkv, kv): sum_i e_ij / rowsum_i. Elementwise, not as a (1/rowsum) @ e matvec: about as fast, and a
+            # FLOP counter then sees the same matmuls as Full's attention (tests/statekv/test_bench_prefill.py)
+            scores += e.mul_(inv).sum(dim=2)
     return out, scores
 
 
