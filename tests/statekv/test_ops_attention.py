@@ -368,3 +368,26 @@ def test_torch_path_produces_no_subnormals(spread):
     assert mode.count == 0
     assert subnormal_count(scores) == 0 and subnormal_count(out) == 0
     assert subnormal_count(subnormal * 1.0) == 1  # ... and after it: no global mode was changed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_with_extreme_logits_equals_float64_softmax(dtype):
+    """Logits in the thousands (a plain float32 softmax of them is one-hot up to subnormals and zeros): the base-2
+    logits and exp2 of the torch path, and its additive causal bias on the chunk's keys, still give the float64
+    softmax's output and key scores, and the same top keys per KV head (what the StateKV policy keeps)."""
+    B, H, Hkv, q_len, kv_len, D = 1, 8, 4, 24, 90, 16
+    query, key, value = peaked_qkv(B, H, Hkv, q_len, kv_len, D, spread=30.0, seed=3)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    scaling = D**-0.5
+    want_out, want_scores = float64_attention(query, key, value, scaling)
+    for block_q in (7, 128):
+        with SubnormalOutputs() as mode:
+            out, scores = attention(query, key, value, scaling=scaling, key_scores=True, block_q=block_q,
+                                    backend="torch")
+        assert mode.count == 0
+        assert out.dtype == dtype and scores.dtype == torch.float32
+        tol = 2e-3 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.double(), want_out, atol=tol, rtol=tol)
+        torch.testing.assert_close(scores.double(), want_scores, atol=tol * q_len, rtol=tol)
+        top = want_scores.topk(16, dim=-1)
+        assert torch.equal(scores.double().gather(-1, top.indices) > 0.5, top.values > 0.5)
