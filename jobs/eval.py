@@ -36,6 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--types", help="with --proxy: question types, comma-separated (default: all)")
     p.add_argument("--reference", action="store_true",
                    help="with --proxy: also answer with the plain transformers model; Full must agree with it")
+    p.add_argument("--floors", nargs="?", type=Path, const=Path("shipped"), metavar="FILE",
+                   help="with --proxy: the regression guard — evaluate the held-out set and settings recorded in "
+                        "FILE (default: the shipped weights' floors) and exit 1 when a setting's accuracy falls "
+                        "below its floor or Full stops answering as the plain model")
+    p.add_argument("--record-floors", type=Path, metavar="FILE",
+                   help="with --proxy: write each setting's accuracy less --margin to FILE as its floor")
+    p.add_argument("--margin", type=float, default=0.05,
+                   help="with --record-floors: how far below the measured accuracy a floor lies")
     p.add_argument("--video", action="append", default=[], help="a video (repeat; with --question)")
     p.add_argument("--question", action="append", default=[], help="a question asked about every --video")
     p.add_argument("--questions-file", type=Path, help="JSONL rows {video, question} (open questions)")
@@ -72,7 +80,8 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.flops and args.no_flops:
         p.error("--flops and --no-flops contradict each other")
     if not args.proxy:
-        given = [f for f, v in (("--reference", args.reference), ("--types", args.types)) if v]
+        given = [f for f, v in (("--reference", args.reference), ("--types", args.types),
+                                ("--floors", args.floors), ("--record-floors", args.record_floors)) if v]
         if given:
             p.error(f"{given[0]} goes with --proxy")
         if args.model is None:
@@ -85,12 +94,30 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.model = str(checkpoint_path())
     args.model = check_model(args.model)
     try:
+        if args.floors is not None:
+            _take_the_floors_set(args)
         args.items, args.videos = _proxy_items(args) if args.proxy else (_items(args), None)
         from statekv.eval import parse_settings
 
         args.parsed_settings = parse_settings(args.settings or (PROXY_SETTINGS if args.proxy else DEFAULT_SETTINGS))
     except (ValueError, OSError) as err:
         p.error(str(err))
+
+
+def _take_the_floors_set(args: argparse.Namespace) -> None:
+    """--floors: the held-out set and the settings are the file's (a guard compares like with like), and Full is
+    checked against the plain model."""
+    from statekv.proxy.floors import FLOORS, read_floors
+
+    if str(args.floors) == "shipped":
+        args.floors = FLOORS
+    args.floors_record = read_floors(args.floors, args.model)
+    record = args.floors_record
+    args.lengths = ",".join(str(n) for n in record["lengths"])
+    args.videos_per_length = record["videos_per_length"]
+    args.types = ",".join(record["types"])
+    args.settings = list(record["floors"])
+    args.reference = True
 
 
 def _proxy_items(args: argparse.Namespace):
@@ -156,7 +183,37 @@ def run(args: argparse.Namespace) -> int:
         paths = report.write(args.out, plot=not args.no_plot)
     print(report.to_markdown())
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    if args.record_floors is not None:
+        _record_floors(args, report)
+    if args.floors is not None:
+        return _guard(args, report)
     return 0
+
+
+def _record_floors(args: argparse.Namespace, report) -> None:
+    from statekv.proxy.floors import make_floors
+
+    floors = make_floors(report.summary(), model_dir=args.model, lengths=[int(n) for n in args.lengths.split(",")],
+                         videos_per_length=args.videos_per_length, types=list(dict.fromkeys(i.kind for i in args.items)),
+                         margin=args.margin, command="python -m jobs.eval " + " ".join(sys.argv[1:]))
+    args.record_floors.write_text(json.dumps(floors, indent=1) + "\n")
+    print(f"wrote the floors to {args.record_floors}", file=sys.stderr)
+
+
+def _guard(args: argparse.Namespace, report) -> int:
+    """--floors: exit status 1, with one line per failure, when a setting is below its floor or Full does not
+    answer as the plain transformers model."""
+    from statekv.proxy.floors import below_floors
+
+    failures = below_floors(report.summary(), args.floors_record)
+    agreement = report.meta.get("full_agrees_with_plain_model")
+    if agreement is not None and agreement < 1.0:
+        failures.insert(0, f"full: answered as the plain transformers model on {agreement:.1%} of the questions")
+    for line in failures:
+        print(f"statekv eval: below the floor: {line}", file=sys.stderr)
+    if not failures:
+        print(f"[eval] every setting at or above its floor ({args.floors})", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _check_full_against_the_plain_model(args: argparse.Namespace, engine, report) -> None:

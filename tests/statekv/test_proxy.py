@@ -133,6 +133,7 @@ def test_eval_proxy_command_checks_full_against_the_plain_model(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--reference", "--model", "m"], "--reference goes with --proxy"),
+    (["--floors", "--model", "m"], "--floors goes with --proxy"),
     (["--proxy", "--video", "a.mp4", "--question", "q"], "--proxy evaluates its own held-out videos"),
     (["--proxy", "--lengths", "16,x"], "--lengths: comma-separated frame counts"),
     (["--proxy", "--types", "shape,colour"], "unknown question types"),
@@ -143,3 +144,63 @@ def test_eval_proxy_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+# --- the regression guard (issue 22 point 4) -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_no_setting_falls_below_its_recorded_floor(tmp_path):
+    """CI's guard: the shipped floors' held-out set and settings (every method at its default budget) through
+    `statekv eval --proxy --floors`; Full answers as the plain model, and no setting is below its floor."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "jobs.eval", "--proxy", "--floors", "--no-plot",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "every setting at or above its floor" in out.stderr
+
+
+def test_floors_name_each_setting_below_them_and_belong_to_their_weights(tmp_path):
+    import json
+
+    from statekv.proxy.floors import FLOORS, below_floors, make_floors, read_floors, weights_digest
+
+    shipped = read_floors(FLOORS, proxy.checkpoint_path())
+    assert shipped["weights"] == weights_digest(proxy.checkpoint_path()) and "full" in shipped["floors"]
+    summary = [{"setting": "full", "accuracy": 0.9}, {"setting": "topk:4", "accuracy": 0.6}]
+    floors = make_floors(summary, model_dir=proxy.checkpoint_path(), lengths=[16], videos_per_length=1,
+                         types=["shape"], margin=0.1, command="python -m jobs.eval ...")
+    assert floors["floors"] == {"full": 0.8, "topk:4": 0.5} and floors["measured"]["topk:4"] == 0.6
+    assert below_floors(summary, floors) == []
+    dropped = [{"setting": "full", "accuracy": 0.75}, {"setting": "topk:4", "accuracy": 0.6}]
+    assert below_floors(dropped, floors) == ["full: accuracy 0.750 is below its floor 0.800 (recorded 0.900)"]
+    assert below_floors(summary[:1], floors) == ["topk:4: not evaluated (the floors file lists it)"]
+    other = tmp_path / "floors.json"
+    other.write_text(json.dumps({**floors, "weights": "0" * 16}))
+    with pytest.raises(ValueError, match="recorded for weights 0000000000000000, not these .*--record-floors"):
+        read_floors(other, proxy.checkpoint_path())
+    other.write_text("{}")
+    with pytest.raises(ValueError, match="floors.json.*needs the keys"):
+        read_floors(other, proxy.checkpoint_path())
+
+
+def test_the_guard_fails_naming_the_setting_below_its_floor(tmp_path):
+    """The guard can fail: a floor no setting can reach makes `--floors` exit 1 with one line naming it."""
+    import json
+    import subprocess
+    import sys
+
+    from statekv.proxy.floors import weights_digest
+
+    floors = tmp_path / "floors.json"
+    floors.write_text(json.dumps({"weights": weights_digest(proxy.checkpoint_path()), "lengths": [8],
+                                  "videos_per_length": 1, "types": ["shape"], "measured": {"full": 1.0},
+                                  "floors": {"full": 0.0, "topk:1": 1.01}}))
+    out = subprocess.run([sys.executable, "-m", "jobs.eval", "--proxy", "--floors", str(floors), "--no-plot",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 1, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if "below the floor" in line]
+    assert len(lines) == 1 and lines[0].startswith("statekv eval: below the floor: topk:1: accuracy ")
+    assert lines[0].endswith("is below its floor 1.010 (recorded nan)")
