@@ -22,6 +22,15 @@ import tempfile
 from pathlib import Path
 
 
+DEFAULT_SETTINGS = ["window:4096", "statekv:4096"]
+# the proxy's videos hold 4 tokens a chunk (2 frames): 32-96 video tokens at 16-48 frames; budgets of 16 and 32
+# tokens, retrieval of 2 and 4 chunks, write-time compression to a quarter and a half
+PROXY_SETTINGS = ["window:16", "window:32", "statekv:16", "statekv:32", "infinipot:16", "infinipot:32",
+                  "infinipot-stream:16", "infinipot-stream:32", "infinipot-cache:32", "topk:2", "topk:4",
+                  "adaptive:2", "adaptive:4", "segments:2", "segments:4", "guided:0.25", "guided:0.5", "full+int8"]
+SHIPPED_FLOORS = Path("<the shipped weights' floors>")  # what a bare --floors means
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The harness's flags (shared by `python -m jobs.eval` and `statekv eval`)."""
     p.add_argument("--model", help="checkpoint directory or hub id (with --proxy: the shipped proxy model)")
@@ -36,13 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--types", help="with --proxy: question types, comma-separated (default: all)")
     p.add_argument("--reference", action="store_true",
                    help="with --proxy: also answer with the plain transformers model; Full must agree with it")
-    p.add_argument("--floors", nargs="?", type=Path, const=Path("shipped"), metavar="FILE",
+    p.add_argument("--floors", nargs="?", type=Path, const=SHIPPED_FLOORS, metavar="FILE",
                    help="with --proxy: the regression guard — evaluate the held-out set and settings recorded in "
                         "FILE (default: the shipped weights' floors) and exit 1 when a setting's accuracy falls "
                         "below its floor or Full stops answering as the plain model")
     p.add_argument("--record-floors", type=Path, metavar="FILE",
                    help="with --proxy: write each setting's accuracy less --margin to FILE as its floor")
-    p.add_argument("--margin", type=float, default=0.05,
+    p.add_argument("--margin", type=float, default=0.1,
                    help="with --record-floors: how far below the measured accuracy a floor lies")
     p.add_argument("--video", action="append", default=[], help="a video (repeat; with --question)")
     p.add_argument("--question", action="append", default=[], help="a question asked about every --video")
@@ -61,14 +70,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.set_defaults(check=functools.partial(check_arguments, p))
-
-
-DEFAULT_SETTINGS = ["window:4096", "statekv:4096"]
-# the proxy's videos hold 4 tokens a chunk (2 frames): 32-96 video tokens at 16-48 frames; budgets of 16 and 32
-# tokens, retrieval of 2 and 4 chunks, write-time compression to a quarter and a half
-PROXY_SETTINGS = ["window:16", "window:32", "statekv:16", "statekv:32", "infinipot:16", "infinipot:32",
-                  "infinipot-stream:16", "infinipot-stream:32", "infinipot-cache:32", "topk:2", "topk:4",
-                  "adaptive:2", "adaptive:4", "segments:2", "segments:4", "guided:0.25", "guided:0.5", "full+int8"]
 
 
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -109,7 +110,7 @@ def _take_the_floors_set(args: argparse.Namespace) -> None:
     checked against the plain model."""
     from statekv.proxy.floors import FLOORS, read_floors
 
-    if str(args.floors) == "shipped":
+    if args.floors == SHIPPED_FLOORS:
         args.floors = FLOORS
     args.floors_record = read_floors(args.floors, args.model)
     record = args.floors_record
