@@ -85,22 +85,19 @@ def _statekv(args: list[str]) -> Setting:
     return Setting(name, StateKV(capacity=capacity, decay=decay))
 
 
-def _infinipot(args: list[str]) -> Setting:
-    if len(args) not in (1, 2):
-        raise ValueError("'infinipot' takes infinipot:BUDGET or infinipot:BUDGET:RECENT_FRACTION")
-    budget = _positive_int(args[0], "infinipot budget")
-    recent = float(args[1]) if len(args) == 2 else 0.25
-    name = f"infinipot:{budget}" + (f":{recent:g}" if len(args) == 2 else "")
-    return Setting(name, InfiniPotV(budget=budget, recent=recent))
+def _budgeted(kind: str, cls: type[Policy]) -> Callable[[list[str]], Setting]:
+    """The parser of an InfiniPot-V kind: KIND:BUDGET[:RECENT_FRACTION]."""
+    def parse(args: list[str]) -> Setting:
+        if len(args) not in (1, 2):
+            raise ValueError(f"'{kind}' takes {kind}:BUDGET or {kind}:BUDGET:RECENT_FRACTION")
+        budget = _positive_int(args[0], f"{kind} budget")
+        recent = float(args[1]) if len(args) == 2 else 0.25
+        name = f"{kind}:{budget}" + (f":{recent:g}" if len(args) == 2 else "")
+        return Setting(name, cls(budget=budget, recent=recent))
+    return parse
 
 
-def _infinipot_stream(args: list[str]) -> Setting:
-    if len(args) not in (1, 2):
-        raise ValueError("'infinipot-stream' takes infinipot-stream:BUDGET or infinipot-stream:BUDGET:RECENT_FRACTION")
-    budget = _positive_int(args[0], "infinipot-stream budget")
-    recent = float(args[1]) if len(args) == 2 else 0.25
-    name = f"infinipot-stream:{budget}" + (f":{recent:g}" if len(args) == 2 else "")
-    return Setting(name, InfiniPotVStream(budget=budget, recent=recent))
+_infinipot = _budgeted("infinipot", InfiniPotV)
 
 
 def _infinipot_cache(args: list[str]) -> Setting:
@@ -160,7 +157,7 @@ def _streamkv_guided(args: list[str]) -> Setting:
 
 SETTING_KINDS: dict[str, Callable[[list[str]], Setting]] = {
     "full": _full, "window": _window, "statekv": _statekv, "infinipot": _infinipot, "infinipot-cache": _infinipot_cache,
-    "infinipot-stream": _infinipot_stream,
+    "infinipot-stream": _budgeted("infinipot-stream", InfiniPotVStream),
     "topk": _retrieving("topk", TopK, False), "rekv": _retrieving("rekv", TopK, True),
     "adaptive": _retrieving("adaptive", partial(TopK, adaptive_budget=True), False),
     "segments": _retrieving("segments", Segments, False), "streamkv": _retrieving("streamkv", Segments, True),
