@@ -70,6 +70,9 @@ def live_cpu_tensors() -> tuple[int, int]:
     return len(tensors), sum(t.untyped_storage().nbytes() for t in tensors if t.device.type == "cpu")
 
 
+BOUND = 512 * 1024  # bytes of Python heap a 4x longer prefill may add (see below)
+
+
 def test_python_heap_and_live_tensors_stay_flat_over_a_4x_longer_video(tiny_checkpoints, tmp_path):
     """Regression (issue #21 point 2): a `keep_chunks=False` prefill into the store (the CLI's path) must hold
     nothing per chunk beyond metadata. Peak RSS grew by ~0.3 MB per chunk of the tiny model (the store writer's held
@@ -119,10 +122,13 @@ def test_python_heap_and_live_tensors_stay_flat_over_a_4x_longer_video(tiny_chec
         short, long = prefill(6, "short"), prefill(24, "long", census=True)
     finally:
         torch.set_num_threads(threads)
+    # tracemalloc sees every thread of the process: in the whole suite, the session's servers and pools add
+    # ~120 KiB of their own over the prefill (167 KiB held measured there, 47 KiB alone), so the bound is 512 KiB:
+    # a third of what a writer holding every row adds
     held = long["held"][24] - long["held"][6]
-    assert held < 128 * 1024, f"Python heap held at chunk 24 {held / 1024:.0f} KiB more than at chunk 6"
+    assert held < BOUND, f"Python heap held at chunk 24 {held / 1024:.0f} KiB more than at chunk 6"
     growth = long["peak"] - short["peak"]
-    assert growth < 128 * 1024, f"Python heap peak {short['peak'] / 2**20:.2f} MiB (6 chunks) -> " \
+    assert growth < BOUND, f"Python heap peak {short['peak'] / 2**20:.2f} MiB (6 chunks) -> " \
                                 f"{long['peak'] / 2**20:.2f} MiB (24 chunks)"
     (n_mid, bytes_mid), (n_end, bytes_end) = long["tensors"][6], long["tensors"][24]
     assert n_end <= n_mid and bytes_end <= bytes_mid, f"live CPU tensors at chunk 6 {n_mid} ({bytes_mid} B), " \
