@@ -66,3 +66,47 @@ def test_a_further_stage_starts_from_the_earlier_weights_and_keeps_its_record(tr
     assert abs(record["train_wall_s_all_stages"] - earlier["train_wall_s"] - record["train_wall_s"]) < 0.2
     a, c = (load_file(str(d / "model.safetensors")) for d in (trained / "a", tmp_path / "c"))
     assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_questions_in_one_row_get_the_logits_of_their_own_sequences(tmp_path):
+    """Training puts every question about a video into one row (the video once, then one block per question that
+    sees the video and itself, at the positions right after the video): each block's logits must be those of the
+    processor's one-question sequence, the model computing its own positions, as the engine answers it."""
+    from jobs.train_proxy import Batches, build_model, build_parser
+
+    args = build_parser().parse_args(["--out", str(tmp_path), *SMALL])
+    model, _, adapter = build_model(args, tmp_path)
+    model.eval()
+    batches = Batches(adapter, [8], 2, 0)
+    types = list(batches.types)
+    rows = batches.draw(length=10, seeds=[5, 6], jitter=0.0, noise=0.0)
+    assert rows["types"] == types * 2
+    with torch.no_grad():
+        together = model(**rows["inputs"]).logits
+        for row, seed in enumerate([5, 6]):
+            single = batches.draw_single(length=10, seeds=[seed] * len(types), types=types)
+            alone = model(**single["inputs"]).logits
+            answers = (rows["labels"][row] != -100).nonzero().flatten().tolist()
+            blocks = [answers[2 * i:2 * i + 2] for i in range(len(types))]  # one answer token and <|im_end|> each
+            for i, block in enumerate(blocks):
+                own = (single["labels"][i] != -100).nonzero().flatten().tolist()
+                assert rows["labels"][row, block].tolist() == single["labels"][i, own].tolist()
+                torch.testing.assert_close(together[row, [p - 1 for p in block]], alone[i, [p - 1 for p in own]],
+                                           atol=1e-5, rtol=1e-5)
+
+
+def test_state_targets_hold_what_count_after_and_repeat_answer():
+    """The language-model state head's per-token targets say, at the right chunks, what the questions ask."""
+    from jobs.train_proxy import state_labels
+    from statekv.proxy.task import COUNT_WORDS, make_video
+
+    for seed in range(20):
+        video = make_video(24, seed, jitter=6.0, noise=2.0)
+        seen, after, again = state_labels(video, 4)
+        assert len(seen) == 4 * video.num_chunks
+        assert COUNT_WORDS[int(seen.max()) - 1] == video.questions["count"].answer
+        chunks = sorted({i // 4 for i in after.nonzero()[0]})
+        assert [video.chunk_colours[c] for c in chunks] == [video.questions["after"].answer]
+        back = {video.chunk_colours[i // 4] for i in again.nonzero()[0]}
+        assert back == {video.questions["repeat"].answer}
+        assert min(i // 4 for i in again.nonzero()[0]) == video.repeat_segments[1]
