@@ -80,7 +80,8 @@ class FidelityReport:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per setting: means over items and videos (accuracy only for multiple-choice items)."""
+        """One row per setting: means over items and videos (accuracy only for scored items: multiple choice, or
+        open questions with an exact answer)."""
         out = []
         for name in self.settings:
             items = [r for r in self.items if r.setting == name]
@@ -203,12 +204,12 @@ def run_fidelity(engine: Any, items: list[EvalItem], settings: list[Setting], *,
         raise ValueError("the first setting must be the reference 'full' (use parse_settings)")
     root = os.fspath(store_root).rstrip("/")
     frames_of = dict(videos or {})
-    videos = list(dict.fromkeys(item.video for item in items))
+    names = list(dict.fromkeys(item.video for item in items))  # each video once, in order
     choice_counts = {len(i.options) for i in items if i.is_choice}
     letters = {n: letter_token_ids(engine.adapter.tokenizer, n) for n in choice_counts}
     report = FidelityReport(settings=[s.name for s in settings],
                             meta={"model": engine.adapter.name_or_path, "max_new_tokens": max_new_tokens,
-                                  "videos": len(videos), "questions": len(items),
+                                  "videos": len(names), "questions": len(items),
                                   "device": str(engine.device), "dtype": str(engine.adapter.dtype)})
     reference: dict[int, tuple[torch.Tensor, list[int]]] = {}
     for s, setting in enumerate(settings, 1):
@@ -217,8 +218,8 @@ def run_fidelity(engine: Any, items: list[EvalItem], settings: list[Setting], *,
         run.answer_from = setting.answer_from
         run.compression = setting.compression
         asked = 0
-        for v, video in enumerate(videos, 1):
-            where = f"setting {s}/{len(settings)} {setting.name}, video {v}/{len(videos)} {Path(video).name}"
+        for v, video in enumerate(names, 1):
+            where = f"setting {s}/{len(settings)} {setting.name}, video {v}/{len(names)} {Path(video).name}"
             uri = f"{root}/{_slug(setting.name)}/{_video_key(video)}"
             cost = _prefill(run, setting, video, uri, measure_flops, storage_options, frames_of.get(video))
             report.videos.append(cost)
@@ -244,7 +245,7 @@ def run_fidelity(engine: Any, items: list[EvalItem], settings: list[Setting], *,
                     result.predicted = normalise_answer(text)
                     result.correct = result.predicted == item.expected
                 report.items.append(result)
-        logger.info("evaluated %s on %d videos, %d questions", setting.name, len(videos), len(items))
+        logger.info("evaluated %s on %d videos, %d questions", setting.name, len(names), len(items))
     return report
 
 
