@@ -220,14 +220,14 @@ def _guard(args: argparse.Namespace, report) -> int:
 def _check_full_against_the_plain_model(args: argparse.Namespace, engine, report) -> None:
     """--reference: the plain transformers model answers every proxy item; record and print how often `Full`
     through statekv gave the same answer (it must be always: otherwise accuracy measures statekv, not the model)."""
-    from statekv.models import ADAPTERS
     from statekv.proxy.evaluate import plain_model_answers
+    from statekv.testing.reference import reference_model
 
     adapter = engine.adapter
-    model = ADAPTERS[adapter.model.config.model_type].model_class.from_pretrained(args.model, dtype=adapter.dtype)
+    model = reference_model(args.model, dtype=adapter.dtype)
     frames = args.videos[args.items[0].video][0]
     size = adapter.frame_size(frames.shape[1], frames.shape[2], engine.sampling)
-    plain = plain_model_answers(model.eval(), adapter, args.items, args.videos, size, layout=engine.layout)
+    plain = plain_model_answers(model, adapter, args.items, args.videos, size, layout=engine.layout)
     full = {r.item: r.predicted for r in report.items if r.setting == "full"}
     same = sum(full[k] == v for k, v in plain.items())
     report.meta["full_agrees_with_plain_model"] = same / len(plain)

@@ -38,14 +38,14 @@ class ReferenceReport:
         assert self.tokens == self.reference_tokens, (self.tokens, self.reference_tokens)
 
 
-def reference_model(path: str, attn_implementation: str = "sdpa") -> Any:
-    """The same checkpoint loaded as its plain transformers class (no statekv attention)."""
+def reference_model(path: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> Any:
+    """The same checkpoint loaded as its plain transformers class (no statekv attention), on the CPU."""
     from transformers import AutoConfig
 
     from statekv.models import ADAPTERS
 
     cls = ADAPTERS[AutoConfig.from_pretrained(path).model_type].model_class
-    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation).eval()
+    return cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).eval()
 
 
 def model_forward(model: Any, inputs: dict[str, Any], extra_ids: list[int] | None = None, **kwargs: Any) -> Any:
