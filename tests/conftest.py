@@ -21,18 +21,28 @@ FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 SPAWNS = ("subprocess.", "run_reporting_imports(", "sys.executable")
 
 
+# fixtures that start Ray: the session's local cluster, and `ray start --head` processes (tests/infra/ray_head.py)
+RAY_FIXTURES = {"ray_cluster", "ray_head", "token_head"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the `xdist_group` marks
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark tests by what they use, so that a developer's fast lane can leave them out (CI runs everything):
-    `s3` (the loopback S3 server, also the "s3" case of `store_root`), `ray` (the session's Ray cluster) and
-    `subprocess` (the test's body, or a helper of its module it calls, starts a Python process). The fast lane is
-    in the README."""
+    `s3` (the loopback S3 server, also the "s3" case of `store_root`), `ray` (a Ray cluster: the session's, or a
+    head a test starts) and `subprocess` (the test's body, or a helper of its module it calls, starts a Python
+    process). The fast lane is in the README.
+
+    Every `ray` test is also put in one `xdist_group`: under `pytest -n 2 --dist loadgroup` (the README's command)
+    they all run on one worker, in order, beside one session cluster, as they would in a serial run; the other
+    worker takes the rest."""
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "s3_server" in names or params.get("store_root") == "s3":
             item.add_marker(pytest.mark.s3)
-        if "ray_cluster" in names:
+        if names & RAY_FIXTURES:
             item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.xdist_group("ray"))
         function = getattr(item, "function", None)
         if function is not None and _spawns(function):
             item.add_marker(pytest.mark.subprocess)
@@ -53,6 +63,23 @@ def _spawns(function) -> bool:
                if inspect.isfunction(v) and v is not function and f"{name}(" in source
                and v.__module__ == function.__module__]
     return any(s in text for text in (source, *map(_source, helpers)) for s in SPAWNS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_adapter_loads():
+    """Each local checkpoint is loaded once per test process; later loads get a copy (tests/shared_adapters.py)."""
+    import statekv.engine
+    import statekv.models
+    from tests.shared_adapters import SharedLoads
+
+    if os.environ.get("STATEKV_TEST_FRESH_LOADS") == "1":
+        yield None
+        return
+    real = statekv.models.load_adapter
+    shared = SharedLoads(real)
+    statekv.models.load_adapter = statekv.engine.load_adapter = shared
+    yield shared
+    statekv.models.load_adapter = statekv.engine.load_adapter = real
 
 
 @pytest.fixture(scope="session")

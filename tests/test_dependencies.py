@@ -58,3 +58,17 @@ def test_every_imported_test_dependency_is_declared(folder):
         if not dists & declared:
             missing.append(f"{module} (imported in {where}; provided by {', '.join(sorted(dists))})")
     assert not missing, "undeclared in pyproject.toml [dev]: " + "; ".join(missing)
+
+
+def test_ci_runs_the_readme_test_command_with_what_it_needs():
+    """`.ci/run` runs the README's test command word for word, and what that command asks of pytest is declared:
+    `-n` (two workers) needs pytest-xdist in `[dev]`, and the suite's default `--dist loadgroup` is what keeps every
+    Ray test on one worker (tests/conftest.py)."""
+    readme = (REPO / "README.md").read_text()
+    command = re.search(r"Run the tests:\s*```bash\n(.+?)\n```", readme).group(1)
+    assert command in (REPO / ".ci" / "run").read_text().splitlines()
+    if re.search(r"\s-n\s", command):
+        assert "pytest-xdist" in _declared()
+        tomllib = pytest.importorskip("tomllib")
+        addopts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+        assert "--dist loadgroup" in addopts
