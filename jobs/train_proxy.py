@@ -3,6 +3,8 @@
     python -m jobs.train_proxy                       # the shipped checkpoint (statekv/proxy/weights/qwen2_vl)
     python -m jobs.train_proxy --out /tmp/p --steps 20 --hidden 32 --layers 1 --lengths 8   # a smoke run
     python -m jobs.train_proxy --init /tmp/stage1 --seed 1 --lr 1e-3 --out /tmp/stage2     # a further stage
+    python -m jobs.train_proxy --steps 2400 --lengths 8,16,24,32,48,64,80,96,112,128 \
+        --first-lengths 8,16,24,32,40,48 --first-steps 800 --out /tmp/long   # a length curriculum to 128 frames
 
 The model is the real `Qwen2VLForConditionalGeneration` fed what the processor builds
 (`statekv.testing.reference_inputs`: the chat template around the video, M-RoPE positions as the model computes
