@@ -3,6 +3,8 @@
     python -m jobs.train_proxy                       # the shipped checkpoint (statekv/proxy/weights/qwen2_vl)
     python -m jobs.train_proxy --out /tmp/p --steps 20 --hidden 32 --layers 1 --lengths 8   # a smoke run
     python -m jobs.train_proxy --init /tmp/stage1 --seed 1 --lr 1e-3 --out /tmp/stage2     # a further stage
+    python -m jobs.train_proxy --steps 2400 --lengths 8,16,24,32,48,64,80,96,112,128 \
+        --first-lengths 8,16,24,32,40,48 --first-steps 800 --out /tmp/long   # a length curriculum to 128 frames
 
 The model is the real `Qwen2VLForConditionalGeneration` fed what the processor builds
 (`statekv.testing.reference_inputs`: the chat template around the video, M-RoPE positions as the model computes
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="videos per step (each asked every question type, in one row)")
     p.add_argument("--lengths", default="8,16,24,32,40,48",
                    help="video lengths (frames, comma-separated) trained on, drawn uniformly per step")
+    p.add_argument("--first-lengths", default=None,
+                   help="a length curriculum: the lengths drawn during the first --first-steps steps (e.g. the short "
+                   "ones, cheaper per step), --lengths after them; one learning-rate schedule over all steps")
+    p.add_argument("--first-steps", type=int, default=0, help="steps drawn from --first-lengths")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warm-up then cosine)")
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-token vision loss")
     p.add_argument("--state-weight", type=float, default=0.5,
@@ -304,6 +310,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     lengths = _lengths(args.lengths)
+    first_lengths = _lengths(args.first_lengths) if args.first_lengths else lengths
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, adapter = build_model(args, out)
@@ -326,9 +333,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     history: list[dict[str, float]] = []
     recent: dict[str, list[bool]] = {t: [] for t in batches.types}  # training answers right, per question type
     load_at_start = os.getloadavg()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(range(args.steps), desc="train proxy", unit="step", dynamic_ncols=True, file=sys.stderr)
     for step in bar:
+        batches.lengths = first_lengths if step < args.first_steps else lengths
         b = batches.draw()
         outputs = model(**b["inputs"], output_hidden_states=args.state_weight > 0)
         logits = outputs.logits[:, :-1]  # (B, L-1, V)
@@ -376,6 +384,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             bar.write(f"step {step + 1}: " + " ".join(f"{k.removeprefix('train_acc_')} {v:.2f}" for k, v in
                                                       record.items() if k.startswith("train_acc_")), file=sys.stderr)
     wall_s = time.perf_counter() - start
+    # CPU time of this process: with one thread, about what the run takes on a quiet machine (the wall time
+    # also counts the time other processes held the cores)
+    cpu_s = time.process_time() - cpu_start
     hook.remove()
     model.eval()
     model.save_pretrained(out)  # the head is not part of the model: dropped here
@@ -384,7 +395,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "script": "python -m jobs.train_proxy " + " ".join(sys.argv[1:]),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                  if k not in ("out", "plot")},
-        "seed": args.seed, "steps": args.steps, "train_wall_s": round(wall_s, 1),
+        "seed": args.seed, "steps": args.steps, "train_wall_s": round(wall_s, 1), "train_cpu_s": round(cpu_s, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "machine": {**machine(), "load_average_at_start_1_5_15": [round(x, 2) for x in load_at_start]},
         "torch_threads": args.threads,

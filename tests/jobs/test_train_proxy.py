@@ -31,7 +31,7 @@ def test_training_writes_a_checkpoint_the_engine_loads_and_its_record(trained):
     out = trained / "a"
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 4 and record["seed"] == 3 and record["script"].startswith("python -m jobs.train_proxy")
-    assert record["train_wall_s"] > 0 and record["machine"]["cores"] >= 1
+    assert record["train_wall_s"] > 0 and 0 < record["train_cpu_s"] and record["machine"]["cores"] >= 1
     held = record["held_out"]
     assert held["lengths"] == [8] and set(held["accuracy"]["8"]) == {"shape", "after", "first", "last", "count",
                                                                       "repeat"}
@@ -48,6 +48,26 @@ def test_training_writes_a_checkpoint_the_engine_loads_and_its_record(trained):
 def test_training_is_deterministic_given_its_seed(trained):
     a, b = (load_file(str(trained / run / "model.safetensors")) for run in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_length_curriculum_draws_the_first_lengths_then_the_others(tmp_path, monkeypatch):
+    """--first-lengths for the first --first-steps steps, --lengths after them (the held-out checks aside)."""
+    from jobs.train_proxy import Batches
+
+    frames, draw = [], Batches.draw
+
+    def spy(self, **kwargs):  # the frames of each training batch's videos, from its video tokens (4 per 2 frames)
+        out = draw(self, **kwargs)
+        ids = out["inputs"]["input_ids"]
+        frames.append(sorted({int((row == self.adapter.video_token_id).sum()) // 2 for row in ids}))
+        return out
+
+    monkeypatch.setattr(Batches, "draw", spy)
+    small = list(SMALL)
+    small[small.index("--lengths") + 1] = "12"
+    assert main(["--out", str(tmp_path), "--steps", "3", "--first-lengths", "8", "--first-steps", "2",
+                 *small]) == 0
+    assert frames == [[8], [8], [12]]
 
 
 def test_too_small_a_vocabulary_is_refused(tmp_path):
