@@ -261,8 +261,9 @@ class RetrievalContext:
     With `query="question"` the passes before the answer's own run the bare question (`question`: its inputs,
     embeddings and positions after the video), not the prompt: the selection pass (`selecting=True`) chooses, and
     its tail is discarded (`end_pass`); the prompt then attends to what it chose. Queries and chunk keys are
-    un-rotated (`unrotate(x (H, n, D), positions (R, n))`, the adapter's) before scoring; every chunk's keys of a
-    layer are read to summarise them before RoPE (a stored cache holds only post-RoPE summary keys).
+    un-rotated (`unrotate(x (H, n, D), positions (R, n))`, the adapter's) before scoring; the chunks' pre-RoPE
+    summary keys are written at prefill (`ChunkKV.pre_rope_summaries`, a column of the store's summaries files), so
+    a stored cache is scored without reading K/V, as with the prompt's query.
     """
 
     def __init__(self, retrieval: Retrieval, chunks: Any, prefix: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
@@ -287,7 +288,6 @@ class RetrievalContext:
         self._context: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._meta: dict[int, Any] = {}
         self._base: dict[int, torch.Tensor] = {}  # query="question": pre-RoPE summary keys per layer
-        self._base_read: dict[int, dict[int, Any]] = {}  # the chunks read to make them (until the layer chooses)
 
     @property
     def pending(self) -> bool:
@@ -316,18 +316,19 @@ class RetrievalContext:
         return torch.stack([c.keys[layer].float().mean(dim=1) for c in self.chunks])
 
     def _pre_rope_summaries(self, layer: int) -> torch.Tensor:
+        """A stored cache: its summaries files' pre-RoPE column (no K/V read). Chunks in memory: the means the
+        engine computed at prefill, or (chunks read back whole) their keys un-rotated here, reading nothing."""
         if layer not in self._base:
-            read = self._read(layer, list(range(len(self.chunks))))
-            means = [self.unrotate(c.keys[layer], c.position_ids[:, c.token_index(layer)]).mean(dim=1)
-                     for _, c in sorted(read.items())]
-            self._base[layer] = torch.stack(means) if means else torch.empty(0, 1, 1)
-            self._base_read[layer] = read
+            if hasattr(self.chunks, "summary_keys"):
+                self._base[layer] = self.chunks.summary_keys(layer, pre_rope=True)
+            else:
+                means = [c.pre_rope_summaries[layer] if c.pre_rope_summaries is not None else
+                         self.unrotate(c.keys[layer], c.position_ids[:, c.token_index(layer)]).mean(dim=1)
+                         for c in self.chunks]
+                self._base[layer] = torch.stack([m.float().cpu() for m in means]) if means else torch.empty(0, 1, 1)
         return self._base[layer]
 
     def _read(self, layer: int, indices: list[int]) -> dict[int, Any]:
-        held = self._base_read.pop(layer, None)
-        if held is not None:  # read whole to summarise it: the chosen ones are in it
-            return {i: held[i] for i in indices}
         if hasattr(self.chunks, "read_layer"):
             return self.chunks.read_layer(layer, indices)
         return {i: self.chunks[i] for i in indices}

@@ -21,7 +21,7 @@ import statekv.decoding
 from statekv import Engine, Full
 from statekv.retrieval import RetrievalContext, TopK
 from statekv.testing.checkpoints import save_family_checkpoint
-from statekv.testing.reference import reference_model
+from statekv.testing.reference import model_forward, reference_model
 from statekv.testing.reference_inputs import reference_inputs
 from statekv.testing.selection import capture_decoder_inputs
 from statekv.testing.videos import synthetic_frames
@@ -188,3 +188,96 @@ def test_question_query_over_every_chunk_is_full_attention(setup):
         got = engine.ask(cache, QUESTION, max_new_tokens=4, output_scores=True, retrieval=r)
         torch.testing.assert_close(torch.stack(got.scores), torch.stack(full.scores), rtol=0, atol=1e-5)
         assert got.token_ids == full.token_ids
+
+
+def stored(engine, cache, uri, *, pre_rope=True):
+    """`cache` written to `uri` as a store writes it (`pre_rope=False`: as caches were written before pre-RoPE
+    summary keys existed)."""
+    from dataclasses import replace
+
+    from statekv.store import save_cache
+
+    if not pre_rope:
+        cache = replace(cache, chunks=[replace(c, pre_rope_summaries=None) for c in cache.chunks])
+    save_cache(cache, uri)
+    return uri
+
+
+def test_a_stored_cache_is_scored_from_its_summaries_file(setup, tmp_path, monkeypatch):
+    """The pre-RoPE summary keys are written at prefill: a lazily loaded cache chooses as the in-memory one does and
+    reads no more than the prompt's rule (summaries, then the chosen chunks' layers), far less than the video."""
+    from statekv.eval import ReadMeter
+    from statekv.store import load_cache
+    from statekv.store.fs import resolve
+
+    family, path, engine, frames, cache = setup
+    uri = stored(engine, cache, str(tmp_path / "clip"))
+    fs, _ = resolve(uri)
+
+    def read(retrieval):
+        meter = ReadMeter(fs)
+        lazy = load_cache(uri, filesystem=meter)
+        chosen = statekv_selection(engine, lazy, retrieval, monkeypatch)
+        return chosen, meter.bytes_read, lazy
+
+    chosen, question_bytes, lazy = read(TopK(k=2, query="question"))
+    assert chosen == statekv_selection(engine, cache, TopK(k=2, query="question"), monkeypatch)
+    assert lazy.chunks.loaded == []  # no chunk read whole
+    _, prompt_bytes, _ = read(TopK(k=2))
+    _, full_bytes, _ = read(TopK(k=cache.num_chunks))
+    assert question_bytes <= 1.1 * prompt_bytes < full_bytes, (question_bytes, prompt_bytes, full_bytes)
+
+
+def test_an_old_cache_names_itself_and_the_fix(setup, tmp_path):
+    from statekv.store import load_cache
+
+    family, path, engine, frames, cache = setup
+    uri = stored(engine, cache, str(tmp_path / "old"), pre_rope=False)
+    old = load_cache(uri)
+    engine.ask(old, QUESTION, max_new_tokens=1, retrieval=TopK(k=2))  # today's rule still answers
+    with pytest.raises(ValueError) as info:
+        engine.ask(old, QUESTION, max_new_tokens=1, retrieval=TopK(k=2, query="question"))
+    message = str(info.value)
+    assert "\n" not in message and uri in message and "re-index" in message and "pre-RoPE" in message
+
+
+@torch.inference_mode()
+def test_pre_rope_summaries_are_the_plain_models_keys_before_rope(family_checkpoint):
+    """Every family (M-RoPE sections, interleaved M-RoPE, 1-D, Qwen3.5's partial rotary on its attention layers):
+    the chunk summaries the engine writes at prefill equal the means of the keys the plain transformers model has
+    before its rotary embedding (captured after `k_proj`, and after `k_norm` where the family normalises keys)."""
+    engine = Engine.from_pretrained(family_checkpoint, policy=Full(), device="cpu", dtype=torch.float32,
+                                    sampling=SMALL)
+    frames = synthetic_frames(4, 56, 84, seed=3)
+    cache = engine.prefill(frames, fps=2.0)
+    model = reference_model(family_checkpoint)
+    text = model.config.get_text_config()
+    kv_heads = text.num_key_value_heads
+    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    seen: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(model.model.language_model.layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None:  # a linear-attention layer
+            continue
+        module = getattr(attn, "k_norm", None) or attn.k_proj
+
+        def hook(m, args, out, i=i):
+            seen[i] = out.detach().reshape(out.shape[1], kv_heads, dim).clone()  # (L, Hkv, D)
+        handles.append(module.register_forward_hook(hook))
+    inputs = reference_inputs(engine.adapter, frames, QUESTION, "prefix-first", cache.video.frame_size,
+                              cache.video.sampled_fps)
+    try:
+        model_forward(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen and set(seen) == set(engine.adapter.layout.attention_layers)
+    lo = cache.prefix_len
+    for c in cache.chunks:
+        for layer, keys in seen.items():
+            want = keys[lo:lo + c.num_tokens].float().mean(0)  # (Hkv, D)
+            torch.testing.assert_close(c.pre_rope_summaries[layer], want, rtol=0, atol=2e-5)
+            post = c.keys[layer].float().mean(1)
+            assert (post - want).abs().max() > 1e-3  # RoPE moved them: the check is not trivially true
+        lo += c.num_tokens
