@@ -102,12 +102,17 @@ def _add_retrieval_args(parser: argparse.ArgumentParser) -> None:
                        help="also the last N chunks, always (default: 0 with --top-k, 8 with --segments)")
     group.add_argument("--adaptive", action="store_true",
                        help="with --top-k: share K x layers across layers, more to those whose scores concentrate")
+    group.add_argument("--query", choices=["prompt", "question"],
+                       help="with --top-k: what scores the chunks — the whole prompt after RoPE (default) or, as ReKV "
+                            "publishes it, the bare question before RoPE")
 
 
 def _check_retrieval_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors (exit 2) for retrieval flags that need another."""
     if args.top_k is None and args.segments is None and (args.recent is not None or args.adaptive):
         parser.error(f"{'--recent' if args.recent is not None else '--adaptive'} needs --top-k or --segments")
+    if args.top_k is None and args.query is not None:
+        parser.error("--query goes with --top-k")
     if args.segments is not None and args.adaptive:
         parser.error("--adaptive goes with --top-k, not --segments")
 
@@ -148,7 +153,8 @@ def _retrieval(args: argparse.Namespace) -> Any:
     """The library's retrieval setting from the flags (None without --top-k / --segments)."""
     from statekv.retrieval import retrieval_setting
 
-    return retrieval_setting(top_k=args.top_k, segments=args.segments, recent=args.recent, adaptive=args.adaptive)
+    return retrieval_setting(top_k=args.top_k, segments=args.segments, recent=args.recent, adaptive=args.adaptive,
+                             query=args.query)
 
 
 def _format_evidence(evidence: list[Any]) -> str:
@@ -559,8 +565,8 @@ def cmd_ask_service(args: argparse.Namespace) -> int:
                             "temperature": args.temperature, "top_p": args.top_p}
     if args.seed is not None:
         body["seed"] = args.seed
-    retrieval = {k: v for k, v in (("top_k", args.top_k), ("segments", args.segments), ("recent", args.recent))
-                 if v is not None}
+    retrieval = {k: v for k, v in (("top_k", args.top_k), ("segments", args.segments), ("recent", args.recent),
+                                   ("query", args.query)) if v is not None}
     if args.adaptive:
         retrieval["adaptive"] = True
     if retrieval:

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory or hub id (with --proxy: the shipped proxy model)")
     p.add_argument("--settings", nargs="+", metavar="SPEC",
                    help="settings to compare with full: full, window:N, statekv:N[:DECAY], infinipot:N, topk:K, "
-                        "adaptive:K, segments:K, guided:KEEP, ..., any +int8 (statekv/eval/settings.py lists them; "
+                        "topk:K:question (ReKV's query), adaptive:K, segments:K, guided:KEEP, ..., any +int8 (statekv/eval/settings.py lists them; "
                         f"default {' '.join(DEFAULT_SETTINGS)}, with --proxy {' '.join(PROXY_SETTINGS)})")
     p.add_argument("--proxy", action="store_true",
                    help="evaluate on the proxy task's held-out videos (accuracy per question type and length)")

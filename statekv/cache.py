@@ -63,6 +63,9 @@ class ChunkKV:
     # write-time compression (statekv.compression.Guided): per layer the int64 (m,) ascending indices, among the
     # chunk's n tokens, of the tokens whose K/V is stored (the same for every KV head); None: all n are stored
     kept: list[torch.Tensor | None] | None = None
+    # per layer the float32 (Hkv, D) mean of the stored keys *before* RoPE (ReKV's block key, for
+    # TopK(query="question")); set by the engine, which knows the family's rotary embedding; None: not computed
+    pre_rope_summaries: list[torch.Tensor | None] | None = None
 
     @property
     def num_tokens(self) -> int:

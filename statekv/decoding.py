@@ -15,7 +15,9 @@ Retrieval questions (`AnswerRequest.retrieval`) attend to a context of their own
 own tail. Their attention is one call over [context | tail] per question, the computation of answering it with a
 transformers cache holding [prefix | chosen chunks | question | answer]. An adaptive budget runs the question's
 prompt once more first: a probe pass over the prefix alone that only measures each layer's chunk scores (its tail
-and token are discarded). The video's whole KV is built on the device only when a plain question needs it, so a
+and token are discarded). With `TopK(query="question")` (ReKV's published query) the passes before the answer's
+own run the bare question instead of the prompt, and the last of them chooses the chunks; its tail is discarded
+as well. The video's whole KV is built on the device only when a plain question needs it, so a
 decoder of retrieval questions on a lazily loaded cache reads only the chosen chunks.
 
 Host syncs: greedy tokens stay on the device and feed the next step directly; the tokens are read back every
@@ -290,14 +292,14 @@ class BatchDecoder:
         d = Decoding(request, prompt, position=prompt.next_position, stream=stream,
                      generator=torch.Generator().manual_seed(request.seed) if request.seed is not None else None)
         if request.retrieval is not None:
-            d.retrieval = self._retrieval(request.retrieval)
+            d.retrieval = self._retrieval(request.retrieval, request.question, prompt)
         if self.hybrid:
             d.cache = self._fresh_cache(d)
         d.slot = len(self.active)
         self.active.append(d)
         return d
 
-    def _retrieval(self, retrieval: Retrieval) -> RetrievalContext:
+    def _retrieval(self, retrieval: Retrieval, question: str, prompt: AnswerInputs) -> RetrievalContext:
         """A question's retrieval context over this decoder's cache (ValueError if the cache cannot retrieve)."""
         c = self.cache
         if c.config.answer_from == "state":
@@ -306,10 +308,24 @@ class BatchDecoder:
         if len(c.chunks) != c.num_chunks:
             raise ValueError(f"retrieval needs every chunk addressable: the cache holds {len(c.chunks)} of "
                              f"{c.num_chunks} (load it from its store, lazily)")
+        bare = self._bare_question(question, prompt) if retrieval.by_question else None
         prefix = self.prefix()
+        a, kwargs = self.adapter, self.decoder_kwargs
         return RetrievalContext(retrieval, c.chunks, lambda layer: (prefix.keys[layer], prefix.values[layer]),
                                 frame_times=c.video.timestamps, duration=c.video.duration,
-                                frame_seconds=1.0 / c.video.sampled_fps, segments=c.scenes or None)
+                                frame_seconds=1.0 / c.video.sampled_fps, segments=c.scenes or None,
+                                unrotate=lambda x, pos: a.unrotate(x, pos, **kwargs), question=bare)
+
+    def _bare_question(self, question: str, prompt: AnswerInputs) -> AnswerInputs:
+        """ReKV's retrieval input: the question's own tokens, no chat template, at the text positions right after
+        the video (where the prompt starts)."""
+        a = self.adapter
+        ids = torch.tensor(a.text_ids(question), dtype=torch.long)
+        if not len(ids):
+            raise ValueError("query='question' scores with the question's tokens, and the question has none")
+        start = int(prompt.position_ids[0, 0])
+        return AnswerInputs(prompt_ids=ids, embeds=a.embed(ids), position_ids=a.text_positions(start, len(ids)),
+                            next_position=start + len(ids))
 
     def _fresh_cache(self, d: Decoding) -> DynamicCache:
         """A hybrid question's transformers cache: copies of the linear layers' states after the video (decoding
@@ -342,8 +358,9 @@ class BatchDecoder:
         parts, positions, sizes = [], [], []
         for d in rows:
             if d.steps == 0:
-                parts.append(d.prompt.embeds)
-                positions.append(d.prompt.position_ids)
+                inputs = d.prompt if d.retrieval is None else d.retrieval.pass_inputs(d.prompt)
+                parts.append(inputs.embeds)
+                positions.append(inputs.position_ids)
             else:
                 parts.append(next(embeds).unsqueeze(0))
                 positions.append(a.text_positions(d.position, 1))
@@ -361,8 +378,8 @@ class BatchDecoder:
         greedy = logits.argmax(dim=-1, keepdim=True)  # (B, 1) on the device: no sync
         first = must_read = False
         for i, (d, q) in enumerate(zip(rows, sizes)):
-            if d.retrieval is not None and d.retrieval.probe:  # the pass only measured: the prompt runs again
-                d.retrieval.end_probe()
+            if d.retrieval is not None and d.retrieval.pending:  # the pass only measured or chose: the prompt runs
+                d.retrieval.end_pass()
                 if self.hybrid:
                     d.cache = self._fresh_cache(d)
                 continue

@@ -369,6 +369,7 @@ class Engine:
                 if kept is not None:
                     chunk = keep_tokens(chunk, next(kept))
                 if self.answer_from == "chunks":
+                    chunk.pre_rope_summaries = pre_rope_summaries(a, chunk, inputs.decoder_kwargs)
                     if sink is not None:
                         sink(chunk)
                     if keep_chunks:
@@ -479,6 +480,21 @@ class Engine:
                                     f"template gives for layout {layout!r} ({len(expected)} tokens): a wrong layout "
                                     f"or another chat template")
         self._checked[id(cache)] = cache
+
+
+def pre_rope_summaries(adapter: VideoLMAdapter, chunk: ChunkKV, decoder_kwargs: dict[str, Any]
+                       ) -> list[torch.Tensor | None]:
+    """Per layer the float32 (Hkv, D) mean of the chunk's stored keys before RoPE (each un-rotated at its own
+    position by the family's adapter): ReKV's block key, which `TopK(query="question")` scores; the store keeps it
+    beside the post-RoPE summary so a question reads no K/V to score."""
+    out: list[torch.Tensor | None] = []
+    for layer, k in enumerate(chunk.keys):
+        if k is None:  # a linear-attention layer
+            out.append(None)
+            continue
+        positions = chunk.position_ids[:, chunk.token_index(layer)]
+        out.append(adapter.unrotate(k, positions, **decoder_kwargs).mean(dim=1).cpu())
+    return out
 
 
 def build_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor] | None],

@@ -6,6 +6,11 @@ summary key and attends to [prefix | the selected chunks in temporal order | the
 fixed while the answer is decoded. Only the selected chunks' K/V are read, layer by layer, so the bytes a question
 costs grow with `k`, not with the length of the video.
 
+Which queries score (`TopK(query=...)`): "prompt" (statekv's rule) scores with the question's own first pass, the
+whole text after the video, queries and summary keys after RoPE; "question" (ReKV as published) first runs the
+bare question (no chat template) in a pass of its own whose tail is discarded, and scores with its queries and the
+chunks' keys *before* RoPE (both un-rotated with the positions they were rotated at; `unrotate`, the adapter's).
+
 `TopK` selects chunks; `Segments` (StreamKV) groups consecutive chunks into scenes and selects whole scenes; both can
 share a total budget across layers adaptively (`adaptive=True`: layers whose scores concentrate on few chunks get
 more of the budget). Retrieval settings are small objects without model knowledge, like policies.
@@ -134,6 +139,9 @@ class SegmentTracker:
         return self._closed + open_one
 
 
+QUERIES = ("prompt", "question")  # what scores the chunks (see the module docstring)
+
+
 @dataclass(frozen=True)
 class Retrieval:
     """Base class: which chunks each layer attends to when a question is asked (`k` chunks + the last `recent`)."""
@@ -151,6 +159,11 @@ class Retrieval:
     @property
     def adaptive(self) -> bool:
         return False
+
+    @property
+    def by_question(self) -> bool:
+        """Whether chunks are scored with the bare question before RoPE (TopK's `query="question"`)."""
+        return getattr(self, "query", "prompt") == "question"
 
     def settings(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self)}
@@ -179,7 +192,13 @@ class TopK(Retrieval):
     (a small first pass of the question over the prefix alone measures each layer's concentration)."""
 
     adaptive_budget: bool = False
+    query: str = "prompt"  # "question": ReKV's published query, the bare question before RoPE
     name: ClassVar[str] = "topk"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.query not in QUERIES:
+            raise ValueError(f"query must be one of {', '.join(QUERIES)}, got {self.query!r}")
 
     @property
     def adaptive(self) -> bool:
@@ -238,11 +257,20 @@ class RetrievalContext:
     [prefix | chosen chunks in temporal order] as the layer's context; later passes attend to the same context.
     An adaptive budget first runs a probe pass (`probe=True`: contexts are the prefix alone and only the scores
     are recorded), then `end_probe` splits the budget over the layers by how concentrated their scores were.
+
+    With `query="question"` the passes before the answer's own run the bare question (`question`: its inputs,
+    embeddings and positions after the video), not the prompt: the selection pass (`selecting=True`) chooses, and
+    its tail is discarded (`end_pass`); the prompt then attends to what it chose. Queries and chunk keys are
+    un-rotated (`unrotate(x (H, n, D), positions (R, n))`, the adapter's) before scoring; the chunks' pre-RoPE
+    summary keys are written at prefill (`ChunkKV.pre_rope_summaries`, a column of the store's summaries files), so
+    a stored cache is scored without reading K/V, as with the prompt's query.
     """
 
     def __init__(self, retrieval: Retrieval, chunks: Any, prefix: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
                  *, frame_times: Sequence[float], duration: float, frame_seconds: float,
-                 segments: list[tuple[int, int]] | None = None) -> None:
+                 segments: list[tuple[int, int]] | None = None,
+                 unrotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 question: Any = None) -> None:
         self.retrieval = retrieval
         self.chunks = chunks
         self.prefix = prefix  # layer -> the prefix's (keys, values) (1, Hkv, P, D) on the answer's device
@@ -250,15 +278,55 @@ class RetrievalContext:
         self.segments = segments
         self.budgets: dict[int, int] | None = None
         self.probe = retrieval.adaptive  # the first pass only measures (see `end_probe`)
+        self.by_question = retrieval.by_question
+        if self.by_question and (unrotate is None or question is None):
+            raise ValueError("query='question' needs the bare question's inputs and the model's RoPE (unrotate)")
+        self.unrotate, self.question = unrotate, question
+        self.selecting = self.by_question  # the bare question's pass chooses; the prompt runs after it
         self.scores: dict[int, torch.Tensor] = {}
         self.selected: dict[int, list[int]] = {}
         self._context: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._meta: dict[int, Any] = {}
+        self._base: dict[int, torch.Tensor] = {}  # query="question": pre-RoPE summary keys per layer
+
+    @property
+    def pending(self) -> bool:
+        """Whether the next pass of the question only measures or chooses (its tail and token are discarded)."""
+        return self.probe or self.selecting
+
+    def pass_inputs(self, prompt: Any) -> Any:
+        """The inputs of the question's next pass: the bare question before the answer's own with
+        query="question", else the prompt."""
+        return self.question if self.by_question and self.pending else prompt
+
+    def end_pass(self) -> None:
+        """After a pass that only measured (adaptive probe) or chose (the bare question's)."""
+        if self.probe:
+            self.end_probe()
+        else:
+            self.selecting = False
 
     def summaries(self, layer: int) -> torch.Tensor:
+        """(C, Hkv, D) summary keys at `layer`: the stored (post-RoPE) means, or with query="question" the means of
+        the chunks' keys before RoPE (each stored key un-rotated at its own position)."""
+        if self.by_question:
+            return self._pre_rope_summaries(layer)
         if hasattr(self.chunks, "summary_keys"):
             return self.chunks.summary_keys(layer)
         return torch.stack([c.keys[layer].float().mean(dim=1) for c in self.chunks])
+
+    def _pre_rope_summaries(self, layer: int) -> torch.Tensor:
+        """A stored cache: its summaries files' pre-RoPE column (no K/V read). Chunks in memory: the means the
+        engine computed at prefill, or (chunks read back whole) their keys un-rotated here, reading nothing."""
+        if layer not in self._base:
+            if hasattr(self.chunks, "summary_keys"):
+                self._base[layer] = self.chunks.summary_keys(layer, pre_rope=True)
+            else:
+                means = [c.pre_rope_summaries[layer] if c.pre_rope_summaries is not None else
+                         self.unrotate(c.keys[layer], c.position_ids[:, c.token_index(layer)]).mean(dim=1)
+                         for c in self.chunks]
+                self._base[layer] = torch.stack([m.float().cpu() for m in means]) if means else torch.empty(0, 1, 1)
+        return self._base[layer]
 
     def _read(self, layer: int, indices: list[int]) -> dict[int, Any]:
         if hasattr(self.chunks, "read_layer"):
@@ -272,6 +340,8 @@ class RetrievalContext:
             return self._context[layer]
         key, value = self.prefix(layer)
         summaries = self.summaries(layer)
+        if self.by_question:  # ReKV: the bare question's queries before RoPE
+            query = self.unrotate(query, self.question.position_ids)
         scores = chunk_scores(fold_query(query, key.shape[1]), summaries) if len(summaries) else summaries[:, 0, 0]
         self.scores[layer] = scores.cpu()
         if self.probe:
@@ -326,21 +396,21 @@ RETRIEVALS: dict[str, type[Retrieval]] = {"topk": TopK, "segments": Segments}
 
 
 def retrieval_setting(*, top_k: int | None = None, segments: int | None = None, recent: int | None = None,
-                      adaptive: bool = False) -> Retrieval | None:
+                      adaptive: bool = False, query: str | None = None) -> Retrieval | None:
     """The setting a user names (the service's `retrieval` object, `statekv ask`'s flags): `top_k` (ReKV) or
-    `segments` (StreamKV) chunks per layer, `recent` (None: the kind's default) and `adaptive` (top_k only). None
-    when neither kind is given; ValueError naming what does not go together."""
+    `segments` (StreamKV) chunks per layer, `recent` (None: the kind's default), `adaptive` and `query` (top_k
+    only; None: "prompt"). None when neither kind is given; ValueError naming what does not go together."""
     if top_k is not None and segments is not None:
         raise ValueError("give top_k or segments, not both")
     if top_k is None and segments is None:
-        if recent is not None or adaptive:
-            raise ValueError("recent and adaptive need top_k or segments")
+        if recent is not None or adaptive or query is not None:
+            raise ValueError("recent, adaptive and query need top_k or segments")
         return None
     extra = {} if recent is None else {"recent": recent}
     if top_k is not None:
-        return TopK(k=top_k, adaptive_budget=adaptive, **extra)
-    if adaptive:
-        raise ValueError("adaptive goes with top_k, not segments")
+        return TopK(k=top_k, adaptive_budget=adaptive, query=query or "prompt", **extra)
+    if adaptive or query is not None:
+        raise ValueError(f"{'adaptive' if adaptive else 'query'} goes with top_k, not segments")
     return Segments(k=segments, **extra)
 
 

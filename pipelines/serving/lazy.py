@@ -43,9 +43,10 @@ class HeldChunks(Sequence[ChunkKV]):
     def __iter__(self) -> Iterator[ChunkKV]:
         return iter(self._read(lambda: list(self._chunks)))
 
-    def summary_keys(self, layer: int) -> torch.Tensor:
-        """(C, Hkv, D) summary keys of every chunk at `layer` (read once, then held)."""
-        return self._read(lambda: self._chunks.summary_keys(layer))
+    def summary_keys(self, layer: int, *, pre_rope: bool = False) -> torch.Tensor:
+        """(C, Hkv, D) summary keys of every chunk at `layer` (read once, then held); `pre_rope`: the means of the
+        keys before RoPE (ReKV's query, `TopK(query="question")`)."""
+        return self._read(lambda: self._chunks.summary_keys(layer, pre_rope=pre_rope))
 
     def read_layer(self, layer: int, indices: Iterable[int]) -> dict[int, ChunkKV]:
         """The chunks `indices` holding `layer`'s K/V only (read once, then held)."""

@@ -35,7 +35,8 @@ class RetrievalRequest(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
-        "oneOf": [{"required": ["top_k"]}, {"required": ["segments"], "not": {"required": ["adaptive"]}}]})
+        "oneOf": [{"required": ["top_k"]}, {"required": ["segments"],
+                                            "not": {"anyOf": [{"required": ["adaptive"]}, {"required": ["query"]}]}}]})
 
     top_k: int = Field(None, ge=1, le=MAX_RETRIEVAL_CHUNKS, examples=[64], json_schema_extra=_no_default,
                        description="ReKV: the k chunks per layer whose summary keys score highest for the question")
@@ -45,6 +46,10 @@ class RetrievalRequest(BaseModel):
                         description="the last `recent` chunks too, always (default: 0 with top_k, 8 with segments)")
     adaptive: bool = Field(False, description="top_k only: share k x layers across layers, more to the layers whose "
                                               "scores concentrate on few chunks")
+    query: Literal["prompt", "question"] = Field(
+        None, json_schema_extra=_no_default,
+        description="top_k only: what scores the chunks — the whole prompt after RoPE (default) or, as ReKV "
+                    "publishes it, the bare question before RoPE")
 
     @model_validator(mode="after")
     def _one_kind(self) -> "RetrievalRequest":
@@ -52,12 +57,14 @@ class RetrievalRequest(BaseModel):
             raise ValueError("give exactly one of top_k and segments")
         if "segments" in self.model_fields_set and "adaptive" in self.model_fields_set:
             raise ValueError("adaptive: only with top_k")
+        if "segments" in self.model_fields_set and "query" in self.model_fields_set:
+            raise ValueError("query: only with top_k")
         return self
 
     def setting(self) -> Retrieval:
         """The library's retrieval setting for this request."""
         return retrieval_setting(top_k=self.top_k, segments=self.segments, recent=self.recent,
-                                 adaptive=self.adaptive)
+                                 adaptive=self.adaptive, query=self.query)
 
 
 class AskRequestBase(BaseModel):

@@ -10,6 +10,9 @@
                          statekv's per-chunk InfiniPot-V variant (docs/methods.md says how it differs)
     infinipot-cache:4096 InfiniPot-V as the stored cache: only the 4096-token state is kept and answered from
     topk:64:8            Full prefill; each question attends to the 64 best chunks per layer + the last 8
+    topk:64:question     ... scored as ReKV publishes it: the bare question's queries before RoPE
+                         (TopK(query="question")); a trailing ":question" (or ":prompt", the default) goes on every
+                         top-k kind (topk, adaptive, rekv)
     adaptive:64:8        Full prefill; top-k retrieval whose 64 x layers chunks are shared across layers by how
                          concentrated each layer's scores are (TopK(adaptive_budget=True)) + the last 8
     rekv:4096:64:8       ReKV: sliding-window prefill (4096 tokens) + top-64 retrieval + the last 8 chunks
@@ -33,7 +36,7 @@ from typing import Any
 
 from statekv.compression import Guided
 from statekv.policies import Full, InfiniPotV, InfiniPotVStream, Policy, StateKV, Window
-from statekv.retrieval import Segments, TopK
+from statekv.retrieval import QUERIES, Segments, TopK
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,10 @@ def _retrieval_args(kind: str, args: list[str]) -> tuple[int, int]:
     return k, recent
 
 
-def _retrieving(kind: str, cls: Callable[..., Any], windowed: bool) -> Callable[[list[str]], Setting]:
+def _retrieving(kind: str, cls: Callable[..., Any], windowed: bool, *, queries: bool = False
+                ) -> Callable[[list[str]], Setting]:
+    """A retrieval kind's parser: [WINDOW:]K[:RECENT], and with `queries` (top-k kinds) an optional last
+    argument naming what scores the chunks ("prompt", the default, or "question": ReKV's published query)."""
     def parse(args: list[str]) -> Setting:
         policy: Policy = Full()
         if windowed:
@@ -123,9 +129,16 @@ def _retrieving(kind: str, cls: Callable[..., Any], windowed: bool) -> Callable[
                 raise ValueError(f"'{kind}' takes WINDOW:K[:RECENT]")
             policy = Window(_positive_int(args[0], f"{kind} window"))
             args = args[1:]
+        query = "prompt"
+        if args and args[-1] in QUERIES:
+            if not queries:
+                raise ValueError(f"'{kind}' takes no query ({args[-1]!r}); only the top-k kinds do")
+            query, args = args[-1], args[:-1]
         k, recent = _retrieval_args(kind, args)
-        name = ":".join([kind, *([str(policy.capacity)] if windowed else []), str(k)] + ([str(recent)] if recent else []))
-        return Setting(name, policy, {"retrieval": cls(k=k, recent=recent)})
+        name = ":".join([kind, *([str(policy.capacity)] if windowed else []), str(k)] + ([str(recent)] if recent else [])
+                        + ([query] if query != "prompt" else []))
+        extra = {"query": query} if queries else {}
+        return Setting(name, policy, {"retrieval": cls(k=k, recent=recent, **extra)})
     return parse
 
 
@@ -158,8 +171,8 @@ def _streamkv_guided(args: list[str]) -> Setting:
 SETTING_KINDS: dict[str, Callable[[list[str]], Setting]] = {
     "full": _full, "window": _window, "statekv": _statekv, "infinipot": _infinipot, "infinipot-cache": _infinipot_cache,
     "infinipot-stream": _budgeted("infinipot-stream", InfiniPotVStream),
-    "topk": _retrieving("topk", TopK, False), "rekv": _retrieving("rekv", TopK, True),
-    "adaptive": _retrieving("adaptive", partial(TopK, adaptive_budget=True), False),
+    "topk": _retrieving("topk", TopK, False, queries=True), "rekv": _retrieving("rekv", TopK, True, queries=True),
+    "adaptive": _retrieving("adaptive", partial(TopK, adaptive_budget=True), False, queries=True),
     "segments": _retrieving("segments", Segments, False), "streamkv": _retrieving("streamkv", Segments, True),
     "guided": _guided, "streamkv-guided": _streamkv_guided,
 }

@@ -304,6 +304,22 @@ class VideoLMAdapter:
                                   use_cache=cache is not None, **kwargs)
         return out.last_hidden_state[0]
 
+    def rotary(self, position_ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text stack's rotary embedding at positions (R, n): float32 (cos, sin), each (n, rotary dims), as its
+        decoder layers apply them (M-RoPE sections or interleaving, partial rotary: the family's `rotary_emb` decides).
+        `kwargs`: the video's decoder kwargs (a family whose RoPE base is per video reads it there)."""
+        pos = position_ids.to(self.device)
+        pos = pos.unsqueeze(1) if self.position_rows > 1 else pos  # as `decode` passes them
+        probe = torch.zeros((), dtype=torch.float32, device=self.device)  # rotary_emb reads only its device, dtype
+        cos, sin = self.language_model.rotary_emb(probe, pos)
+        return cos[0].float(), sin[0].float()
+
+    def unrotate(self, x: torch.Tensor, position_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Keys or queries x (H, n, D) as the attention saw them (after RoPE at positions (R, n)) -> the same before
+        RoPE, float32 (ReKV scores with pre-RoPE queries and keys; statekv/retrieval.py)."""
+        cos, sin = self.rotary(position_ids, **kwargs)
+        return unrotate(x, cos.to(x.device), sin.to(x.device))
+
     @property
     def language_model(self) -> Any:
         return self.model.model.language_model
@@ -362,6 +378,19 @@ class VideoLMAdapter:
         close = self.video_close_tokens
         moved = before[:len(before) - self.video_open_tokens]
         return torch.tensor(after[:close] + moved + after[close:], dtype=torch.long)
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo `x_rot * cos + rotate_half(x_rot) * sin` (transformers' RoPE on the first `cos.shape[-1]` dims; the
+    rest pass through): x (..., n, D), cos/sin (n, Dr) -> float32. Dividing by cos² + sin² also undoes a RoPE
+    variant's attention scaling (cos and sin scaled alike)."""
+    x = x.float()
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    half = r // 2
+    turned = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)  # rotate_half
+    back = (rot * cos - turned * sin) / (cos * cos + sin * sin)
+    return torch.cat([back, rest], dim=-1)
 
 
 def _check_layout(layout: str) -> None:

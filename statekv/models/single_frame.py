@@ -273,6 +273,11 @@ class SingleFrameAdapter(VideoLMAdapter):
         with self._frequencies(theta):
             return super().decode(embeds, position_ids, cache, **kwargs)
 
+    def rotary(self, position_ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """At the video's RoPE base (`statekv_rope_theta` among its decoder kwargs)."""
+        with self._frequencies(kwargs.get("statekv_rope_theta")):
+            return super().rotary(position_ids)
+
     @contextmanager
     def _frequencies(self, theta: float | None) -> Iterator[None]:
         """RoPE at base `theta` for one call (the plain base when None or equal)."""

@@ -117,8 +117,10 @@ def chunk_schema(layers: list[int], int8: bool, kept: bool = False) -> pa.Schema
 SUMMARY_ROWS_PER_GROUP = 256  # chunks per row group of the summaries file: one layer's keys of 256 chunks per read
 
 
-def summary_schema(layers: list[int]) -> pa.Schema:
-    """The retrieval index: one row per chunk, per layer its float32 (Hkv, D) mean key and that cell's CRC-32.
+def summary_schema(layers: list[int], pre_rope: bool = False) -> pa.Schema:
+    """The retrieval index: one row per chunk, per layer its float32 (Hkv, D) mean key and that cell's CRC-32;
+    `pre_rope`: also the mean of its keys before the rotary embedding (ReKV's block key, `TopK(query="question")`;
+    the engine computes it, the store only keeps it) and that cell's CRC-32. Caches written before have none.
 
     The same summary keys are in the chunk rows (covered by their CRC); this side file holds them contiguously, so
     scoring every chunk of a long video reads one column chunk per 256 chunks instead of one per chunk."""
@@ -127,7 +129,20 @@ def summary_schema(layers: list[int]) -> pa.Schema:
         t = layer_tag(layer)
         fields += [pa.field(f"summary_k_{t}", pa.binary(), nullable=False),
                    pa.field(f"summary_crc_{t}", pa.int64(), nullable=False)]
+        if pre_rope:
+            fields += [pa.field(pre_rope_column(layer), pa.binary(), nullable=False),
+                       pa.field(pre_rope_crc_column(layer), pa.int64(), nullable=False)]
     return pa.schema(fields)
+
+
+def pre_rope_column(layer: int) -> str:
+    """The summaries-file column of a layer's pre-RoPE mean keys."""
+    return f"summary_pre_k_{layer_tag(layer)}"
+
+
+def pre_rope_crc_column(layer: int) -> str:
+    """Its cell CRC (a `summary_crc_` column: recorded in the footer like the others)."""
+    return f"summary_crc_pre_{layer_tag(layer)}"
 
 
 def prefix_schema(layers: list[int]) -> pa.Schema:

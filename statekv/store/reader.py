@@ -413,14 +413,18 @@ class _Store:
             raise CacheCorruptError(self.video_id, f"chunks {sorted(missing)}", "not found where the manifest says")
         return out
 
-    def read_summaries(self, layer: int, indices: list[int]) -> torch.Tensor:
+    def read_summaries(self, layer: int, indices: list[int], *, pre_rope: bool = False) -> torch.Tensor:
         """(C, Hkv, D) float32 summary (mean) keys of `indices` at `layer`, reading only that column — from the
-        summaries files (one range per 256 chunks) or, for a cache without them, from the chunk rows."""
+        summaries files (one range per 256 chunks) or, for a cache without them, from the chunk rows. `pre_rope`:
+        the means of the keys before RoPE (summaries files written since they exist; ValueError naming the cache
+        and the fix otherwise)."""
         t = F.layer_tag(layer)
         index_files = [f for f in self.m["files"] if f["kind"] == "summaries"]
         files = index_files or self.chunk_files
         firsts = [f["first_chunk"] for f in files]
-        cols = ["chunk_index", f"summary_k_{t}"] + ([f"summary_crc_{t}"] if index_files else [])
+        key, crc = (F.pre_rope_column(layer), F.pre_rope_crc_column(layer)) if pre_rope else \
+            (f"summary_k_{t}", f"summary_crc_{t}")
+        cols = ["chunk_index", key] + ([crc] if index_files else [])
         by_file: dict[str, tuple[dict[str, Any], set[int]]] = {}
         for index in indices:
             entry = files[bisect.bisect_right(firsts, index) - 1]
@@ -429,16 +433,18 @@ class _Store:
         found: dict[int, bytes] = {}
         for entry, rgs in by_file.values():
             pf = self.open(entry)
+            if pre_rope and (not index_files or key not in pf.schema_arrow.names):
+                raise ValueError(f"cache {self.uri!r} has no pre-RoPE summary keys (indexed before statekv stored "
+                                 f"them), which query='question' scores with: re-index it (mode 'overwrite')")
             table = self._read(entry, "summaries", lambda: pf.read_row_groups(sorted(rgs), columns=cols), pf)
             rows = table.to_pylist()
             self._check_order(entry, pf, sorted(rgs), [r["chunk_index"] for r in rows])
             for row in rows:
                 if index_files:
                     sp = f"file {entry['path']}, chunk {row['chunk_index']}, layer {layer}, summary"
-                    self._check_cell(entry, row["chunk_index"] - entry["first_chunk"], f"summary_crc_{t}",
-                                     row[f"summary_crc_{t}"], sp)
-                    self._check_crc(row[f"summary_crc_{t}"], sp, row[f"summary_k_{t}"])
-                found[row["chunk_index"]] = row[f"summary_k_{t}"]
+                    self._check_cell(entry, row["chunk_index"] - entry["first_chunk"], crc, row[crc], sp)
+                    self._check_crc(row[crc], sp, row[key])
+                found[row["chunk_index"]] = row[key]
         missing = [i for i in indices if i not in found]
         if missing:
             raise CacheCorruptError(self.video_id, f"chunks {missing}", "not found where the manifest says")
@@ -539,7 +545,7 @@ class LazyChunks(Sequence[ChunkKV]):
         self._store = store
         self.indices = indices
         self._loaded: dict[int, ChunkKV] = {}
-        self._summaries: dict[int, torch.Tensor] = {}
+        self._summaries: dict[tuple[int, bool], torch.Tensor] = {}  # (layer, pre_rope) -> (C, Hkv, D)
         self._layer_chunks: dict[tuple[int, int], ChunkKV] = {}  # (layer, chunk) -> that layer's K/V only
 
     def __len__(self) -> int:
@@ -590,11 +596,12 @@ class LazyChunks(Sequence[ChunkKV]):
         summaries = sum(t.numel() * t.element_size() for t in self._summaries.values())
         return whole + layers + summaries
 
-    def summary_keys(self, layer: int) -> torch.Tensor:
-        """(C, Hkv, D) float32 summary keys of every chunk at `layer` (the retrieval index), without K/V."""
-        if layer not in self._summaries:
-            self._summaries[layer] = self._store.read_summaries(layer, self.indices)
-        return self._summaries[layer]
+    def summary_keys(self, layer: int, *, pre_rope: bool = False) -> torch.Tensor:
+        """(C, Hkv, D) float32 summary keys of every chunk at `layer` (the retrieval index), without K/V;
+        `pre_rope`: the means of the keys before RoPE (ValueError for a cache stored without them)."""
+        if (layer, pre_rope) not in self._summaries:
+            self._summaries[(layer, pre_rope)] = self._store.read_summaries(layer, self.indices, pre_rope=pre_rope)
+        return self._summaries[(layer, pre_rope)]
 
     @property
     def loaded(self) -> list[int]:

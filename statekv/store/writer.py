@@ -288,7 +288,7 @@ class CacheWriter:
         self._file.add(row)
         if self._file.num_rows % self.chunks_per_row_group == 0:
             self._file.flush_row_group()
-        self._add_summaries(chunk.index, row)
+        self._add_summaries(chunk, row)
         self._next_index += 1
         self._tokens += chunk.num_tokens
 
@@ -327,18 +327,28 @@ class CacheWriter:
         self._chunk_files.append(entry)
         self._file = None
 
-    def _add_summaries(self, index: int, row: dict[str, Any]) -> None:
-        """The chunk's summary keys also go to this attempt's summaries file (the retrieval index)."""
+    def _add_summaries(self, chunk: ChunkKV, row: dict[str, Any]) -> None:
+        """The chunk's summary keys also go to this attempt's summaries file (the retrieval index), with its
+        pre-RoPE mean keys when the chunk carries them (every chunk of the file does, or none)."""
+        index, pre = chunk.index, chunk.pre_rope_summaries
         if self._summaries is None:
             rel = f"{self.attempt}/summaries-{len(self._chunk_files):05d}.parquet"
-            self._summaries = _ParquetFile(self.fs, join(self.path, rel), rel, F.summary_schema(self._kv_layers),
-                                           "summaries", buffer_bytes=self.buffer_bytes)
+            schema = F.summary_schema(self._kv_layers, pre_rope=pre is not None)
+            self._summaries = _ParquetFile(self.fs, join(self.path, rel), rel, schema, "summaries",
+                                           buffer_bytes=self.buffer_bytes)
             self._summaries_first = index
+        has_pre = F.pre_rope_column(self._kv_layers[0]) in self._summaries.schema.names
+        if has_pre != (pre is not None):
+            raise ValueError(f"chunk {index} {'has' if pre is not None else 'lacks'} pre-RoPE summary keys, the "
+                             f"chunks before it {'have' if has_pre else 'do not'} (the engine sets them for all)")
         entry = {"chunk_index": index}
         for layer in self._kv_layers:
             t = F.layer_tag(layer)
             entry[f"summary_k_{t}"] = row[f"summary_k_{t}"]
             entry[f"summary_crc_{t}"] = F.crc32(row[f"summary_k_{t}"])
+            if pre is not None:
+                data = serde.to_bytes(pre[layer].float().cpu().contiguous())
+                entry[F.pre_rope_column(layer)], entry[F.pre_rope_crc_column(layer)] = data, F.crc32(data)
         self._summaries.add(entry)
         if self._summaries.num_rows % F.SUMMARY_ROWS_PER_GROUP == 0:
             self._summaries.flush_row_group()

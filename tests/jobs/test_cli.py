@@ -489,6 +489,7 @@ def _evidence_lines(evidence) -> list[str]:
 
 @pytest.mark.parametrize("flags, setting", [(["--top-k", "2", "--recent", "1"], ("topk", 2, 1, False)),
                                             (["--top-k", "3", "--adaptive"], ("topk", 3, None, True)),
+                                            (["--top-k", "2", "--query", "question"], ("topk-question", 2, None, False)),
                                             (["--segments", "4", "--recent", "0"], ("segments", 4, 0, False))])
 def test_ask_with_retrieval_prints_the_evidence(capsys, long_cache, tiny_checkpoints, flags, setting):
     """The answer from the chosen chunks (the engine's), then one line per chunk with its time range; the same in
@@ -500,7 +501,11 @@ def test_ask_with_retrieval_prints_the_evidence(capsys, long_cache, tiny_checkpo
 
     name, k, recent, adaptive = setting
     extra = {} if recent is None else {"recent": recent}
-    retrieval = TopK(k=k, adaptive_budget=adaptive, **extra) if name == "topk" else Segments(k=k, **extra)
+    if name.startswith("topk"):
+        retrieval = TopK(k=k, adaptive_budget=adaptive, query="question" if name == "topk-question" else "prompt",
+                         **extra)
+    else:
+        retrieval = Segments(k=k, **extra)
     engine = Engine.from_pretrained(tiny_checkpoints["qwen2_vl"], device="cpu")
     cache = load_cache(long_cache)
     want = engine.ask(cache, "What happens?", max_new_tokens=4, retrieval=retrieval)
@@ -532,6 +537,9 @@ def test_ask_without_retrieval_has_no_evidence(capsys, long_cache):
 @pytest.mark.parametrize("flags, message", [
     (["--recent", "2"], "--recent needs --top-k or --segments"), (["--adaptive"], "--adaptive needs --top-k"),
     (["--segments", "2", "--adaptive"], "--adaptive goes with --top-k, not --segments"),
+    (["--query", "question"], "--query goes with --top-k"), (["--segments", "2", "--query", "question"],
+                                                              "--query goes with --top-k"),
+    (["--top-k", "2", "--query", "bare"], "argument --query: invalid choice"),
     (["--top-k", "0"], "argument --top-k: must be >= 1, got 0"), (["--top-k", "x"], "argument --top-k: 'x' is not an integer"),
     (["--top-k", "2", "--recent", "-1"], "argument --recent: must be >= 0, got -1"),
     (["--top-k", "2", "--segments", "2"], "argument --segments: not allowed with argument --top-k")])

@@ -25,6 +25,7 @@ TOKENS = 4
 CHUNKS = 24  # of long_a and long_b: 2 frames each
 SETTINGS = [({"top_k": 2, "recent": 1}, TopK(k=2, recent=1)),
             ({"top_k": 3, "adaptive": True}, TopK(k=3, adaptive_budget=True)),
+            ({"top_k": 2, "query": "question"}, TopK(k=2, query="question")),
             ({"segments": 4, "recent": 1}, Segments(k=4, recent=1)),
             ({"segments": 5}, Segments(k=5))]
 
@@ -101,6 +102,7 @@ BAD = [({"top_k": "3"}, "retrieval.top_k"), ({"top_k": 1.5}, "retrieval.top_k"),
        ({"segments": -1}, "retrieval.segments"), ({"top_k": 2, "recent": -1}, "retrieval.recent"),
        ({"top_k": 2, "recent": None}, "retrieval.recent"), ({"top_k": 2, "adaptive": "yes"}, "retrieval.adaptive"),
        ({"top_k": 2, "k": 3}, "retrieval.k"), ({"segments": 2, "adaptive": True}, "adaptive: only with top_k"),
+       ({"top_k": 2, "query": "bare"}, "retrieval.query"), ({"segments": 2, "query": "question"}, "query: only with top_k"),
        ({"top_k": 2, "segments": 2}, "exactly one of top_k and segments"), ({}, "exactly one of top_k and segments"),
        ({"recent": 2}, "exactly one of top_k and segments"), ("top_k", "retrieval"), ([64], "retrieval"),
        (64, "retrieval")]
@@ -122,8 +124,11 @@ def test_retrieval_is_in_the_schema(client):
     ask = parts["AskRequest"]["properties"]["retrieval"]
     assert {"$ref": "#/components/schemas/RetrievalRequest"} in ask["anyOf"] and "evidence" in ask["description"]
     r = parts["RetrievalRequest"]
-    assert r["additionalProperties"] is False and set(r["properties"]) == {"top_k", "segments", "recent", "adaptive"}
-    assert r["oneOf"] == [{"required": ["top_k"]}, {"required": ["segments"], "not": {"required": ["adaptive"]}}]
+    assert r["additionalProperties"] is False and set(r["properties"]) == {"top_k", "segments", "recent", "adaptive",
+                                                                             "query"}
+    assert r["oneOf"] == [{"required": ["top_k"]}, {"required": ["segments"], "not": {"anyOf": [
+        {"required": ["adaptive"]}, {"required": ["query"]}]}}]
+    assert r["properties"]["query"]["enum"] == ["prompt", "question"]
     for name in ("top_k", "segments"):
         assert (r["properties"][name]["minimum"], r["properties"][name]["maximum"]) == (1, MAX_RETRIEVAL_CHUNKS)
     assert r["properties"]["recent"]["minimum"] == 0

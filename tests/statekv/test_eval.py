@@ -14,6 +14,7 @@ from statekv.eval import (EvalItem, ReadMeter, first_token_kl, greedy_agreement,
                           parse_settings, run_fidelity)
 from statekv.eval.choice import choice_prompt, letter_token_ids
 from statekv.eval.plot import fidelity_figure, method_of
+from statekv.retrieval import TopK
 from statekv.store.fs import resolve
 from statekv.testing.videos import synthetic_frames, write_video
 from statekv.video import SamplingConfig
@@ -53,6 +54,16 @@ def test_settings_parse_and_full_comes_first():
     rekv = parse_setting("rekv:128:8:2")
     assert rekv.name == "rekv:128:8:2" and rekv.policy.capacity == 128 and rekv.ask["retrieval"].k == 8
     assert parse_setting("segments:4").ask["retrieval"].recent == 0 and not parse_setting("topk:4").is_reference
+    for spec, name, window, k, recent, query in (("topk:4:question", "topk:4:question", None, 4, 0, "question"),
+                                                 ("topk:4:2:question", "topk:4:2:question", None, 4, 2, "question"),
+                                                 ("topk:4:prompt", "topk:4", None, 4, 0, "prompt"),
+                                                 ("rekv:64:4:question", "rekv:64:4:question", 64, 4, 0, "question")):
+        s = parse_setting(spec)  # ReKV's published query: a trailing ":question" on the top-k kinds
+        r = s.ask["retrieval"]
+        assert (s.name, getattr(s.policy, "capacity", None), r.k, r.recent, r.query) == (name, window, k, recent, query)
+    assert parse_setting("adaptive:3:question").ask["retrieval"] == TopK(k=3, adaptive_budget=True, query="question")
+    with pytest.raises(ValueError, match="'segments' takes no query"):
+        parse_setting("segments:4:question")
     for bad in ("window", "window:0", "nope:3", "statekv:x"):
         with pytest.raises(ValueError):
             parse_setting(bad)

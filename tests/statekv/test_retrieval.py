@@ -90,10 +90,14 @@ def test_segment_retrieval_takes_whole_scenes():
 
 
 def test_retrieval_settings_round_trip_and_validate():
-    for r in (TopK(k=8, recent=2), TopK(k=3, adaptive_budget=True), Segments(k=16, recent=4)):
+    for r in (TopK(k=8, recent=2), TopK(k=3, adaptive_budget=True), TopK(k=2, query="question"),
+              Segments(k=16, recent=4)):
         assert make_retrieval(r.settings()) == r
+    assert make_retrieval({"name": "topk", "k": 2}).query == "prompt"  # settings recorded before the option
     with pytest.raises(ValueError, match="top_k"):
         TopK(k=0)
+    with pytest.raises(ValueError, match="query must be one of prompt, question, got 'bare'"):
+        TopK(k=2, query="bare")
     with pytest.raises(ValueError, match="unknown retrieval"):
         make_retrieval({"name": "nope"})
 
@@ -122,9 +126,12 @@ def test_retrieval_setting_names_what_users_give():
     assert retrieval_setting(top_k=4, recent=2, adaptive=True) == TopK(k=4, recent=2, adaptive_budget=True)
     assert retrieval_setting(segments=4) == Segments(k=4, recent=8)
     assert retrieval_setting(segments=4, recent=0) == Segments(k=4, recent=0)
+    assert retrieval_setting(top_k=4, query="question") == TopK(k=4, query="question")
     for bad, message in (({"top_k": 1, "segments": 1}, "not both"), ({"recent": 1}, "need top_k or segments"),
                          ({"adaptive": True}, "need top_k or segments"), ({"segments": 2, "adaptive": True},
                                                                          "adaptive goes with top_k"),
+                         ({"query": "question"}, "need top_k or segments"),
+                         ({"segments": 2, "query": "question"}, "query goes with top_k"),
                          ({"top_k": 0}, "top_k must be a positive integer")):
         with pytest.raises(ValueError, match=message):
             retrieval_setting(**bad)
