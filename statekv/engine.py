@@ -486,14 +486,15 @@ def pre_rope_summaries(adapter: VideoLMAdapter, chunk: ChunkKV, decoder_kwargs: 
                        ) -> list[torch.Tensor | None]:
     """Per layer the float32 (Hkv, D) mean of the chunk's stored keys before RoPE (each un-rotated at its own
     position by the family's adapter): ReKV's block key, which `TopK(query="question")` scores; the store keeps it
-    beside the post-RoPE summary so a question reads no K/V to score."""
+    beside the post-RoPE summary so a question reads no K/V to score. They stay on the keys' device (the writer
+    moves them to the host with the rest of the chunk): no host sync per layer during a prefill."""
     out: list[torch.Tensor | None] = []
     for layer, k in enumerate(chunk.keys):
         if k is None:  # a linear-attention layer
             out.append(None)
             continue
         positions = chunk.position_ids[:, chunk.token_index(layer)]
-        out.append(adapter.unrotate(k, positions, **decoder_kwargs).mean(dim=1).cpu())
+        out.append(adapter.unrotate(k, positions, **decoder_kwargs).mean(dim=1))
     return out
 
 
