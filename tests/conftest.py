@@ -21,8 +21,12 @@ FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 SPAWNS = ("subprocess.", "run_reporting_imports(", "sys.executable")
 
 
-# fixtures that start Ray: the session's local cluster, and `ray start --head` processes (tests/infra/ray_head.py)
-RAY_FIXTURES = {"ray_cluster", "ray_head", "token_head"}
+# fixtures that start Ray, by the xdist group their tests run in: the session's local cluster (`ray.init` in the
+# test process: one per process, so its tests share one worker), and heads of their own (`ray start --head`,
+# tests/infra/ray_head.py: their ports lie below the kernel's ephemeral range, where `ray.init`'s processes take
+# theirs, and their temp dirs are their own, so they run beside the session cluster)
+RAY_GROUPS = {"ray_cluster": "ray", "ray_head": "ray-heads", "token_head": "ray-heads"}
+RAY_FIXTURES = set(RAY_GROUPS)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the `xdist_group` marks
@@ -32,17 +36,19 @@ def pytest_collection_modifyitems(config, items) -> None:
     head a test starts) and `subprocess` (the test's body, or a helper of its module it calls, starts a Python
     process). The fast lane is in the README.
 
-    Every `ray` test is also put in one `xdist_group`: under `pytest -n 2 --dist loadgroup` (the README's command)
-    they all run on one worker, in order, beside one session cluster, as they would in a serial run; the other
-    worker takes the rest."""
+    Every `ray` test is also put in an `xdist_group` (RAY_GROUPS): under `pytest -n 2 --dist loadgroup` (the
+    README's command) the tests of the session cluster run on one worker, in order, beside one cluster, as they
+    would in a serial run; the tests that start heads of their own form a second group, and the rest spread over
+    both workers."""
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "s3_server" in names or params.get("store_root") == "s3":
             item.add_marker(pytest.mark.s3)
-        if names & RAY_FIXTURES:
+        groups = sorted({RAY_GROUPS[name] for name in names & RAY_FIXTURES})
+        if groups:
             item.add_marker(pytest.mark.ray)
-            item.add_marker(pytest.mark.xdist_group("ray"))
+            item.add_marker(pytest.mark.xdist_group(groups[0]))  # "ray" wins: the session cluster is per process
         function = getattr(item, "function", None)
         if function is not None and _spawns(function):
             item.add_marker(pytest.mark.subprocess)

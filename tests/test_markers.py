@@ -1,12 +1,13 @@
 """tests/conftest.py marks what a test uses, and that marking decides how the suite runs: the fast lane leaves out
-`ray`, `s3` and `subprocess` tests, and under `-n 2 --dist loadgroup` every `ray` test runs on one worker. A test
-that starts Ray without its mark would run beside the session cluster on the other worker, or in the fast lane."""
+`ray`, `s3` and `subprocess` tests, and under `-n 2 --dist loadgroup` every test of the session's Ray cluster runs on
+one worker (and those that start Ray heads of their own in a second group). A test that starts Ray without its mark
+would start a second session cluster on the other worker, or run in the fast lane."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.conftest import RAY_FIXTURES
+from tests.conftest import RAY_FIXTURES, RAY_GROUPS
 
 
 def _group(item: pytest.Item) -> str | None:
@@ -19,9 +20,13 @@ def test_every_test_that_starts_ray_is_marked_and_grouped(request):
     ray = [item for item in items if RAY_FIXTURES & set(getattr(item, "fixturenames", ()))]
     if not ray:
         pytest.skip("no test of this run starts Ray (a single file, or the fast lane)")
-    assert [i.nodeid for i in ray if i.get_closest_marker("ray") is None or _group(i) != "ray"] == []
-    # and nothing else is pinned to the Ray worker: the other worker takes the rest
-    assert [i.nodeid for i in items if _group(i) == "ray" and i not in ray] == []
+    def expected(item: pytest.Item) -> str:
+        names = set(item.fixturenames)
+        return "ray" if "ray_cluster" in names else RAY_GROUPS[sorted(names & RAY_FIXTURES)[0]]
+
+    assert [i.nodeid for i in ray if i.get_closest_marker("ray") is None or _group(i) != expected(i)] == []
+    # and nothing else is pinned to a Ray group: both workers take the rest
+    assert [i.nodeid for i in items if _group(i) in set(RAY_GROUPS.values()) and i not in ray] == []
 
 
 def test_ray_fixtures_are_the_ones_that_start_ray():
