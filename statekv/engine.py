@@ -42,6 +42,7 @@ from statekv.decoding import DEFAULT_SYNC_EVERY, AnswerRequest, BatchDecoder
 from statekv.device_cache import DEFAULT_DEVICE_CACHE_BYTES, DeviceCacheLRU, DeviceVideo
 from statekv.errors import PrefillConfigMismatchError, VideoError
 from statekv.models import LAYOUTS, VideoLMAdapter, load_adapter
+from statekv.models.base import unrotate
 from statekv.policies import LayerState, Policy, StateKV, make_policy
 from statekv.retrieval import Evidence, Retrieval, SegmentRule, SegmentTracker
 from statekv.settings import PrefillSettings
@@ -488,13 +489,14 @@ def pre_rope_summaries(adapter: VideoLMAdapter, chunk: ChunkKV, decoder_kwargs: 
     position by the family's adapter): ReKV's block key, which `TopK(query="question")` scores; the store keeps it
     beside the post-RoPE summary so a question reads no K/V to score. They stay on the keys' device (the writer
     moves them to the host with the rest of the chunk): no host sync per layer during a prefill."""
+    cos, sin = adapter.rotary(chunk.position_ids, **decoder_kwargs)  # once per chunk: (n, rotary dims)
     out: list[torch.Tensor | None] = []
     for layer, k in enumerate(chunk.keys):
         if k is None:  # a linear-attention layer
             out.append(None)
             continue
-        positions = chunk.position_ids[:, chunk.token_index(layer)]
-        out.append(adapter.unrotate(k, positions, **decoder_kwargs).mean(dim=1))
+        stored = chunk.token_index(layer).to(cos.device)  # the layer's stored tokens (all n unless compressed)
+        out.append(unrotate(k, cos[stored].to(k.device), sin[stored].to(k.device)).mean(dim=1))
     return out
 
 
